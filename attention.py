@@ -1,0 +1,234 @@
+"""
+Attention: the Transformer, the "copying" end of the bench and the foundation the other files build on.
+
+Every token attends to every earlier token, so the model can look anything up verbatim: copying a string,
+recalling the value stored under a key. The price is a state (the key/value cache) that grows with the
+sequence, and time that grows with its square. On long noisy streams with a sparse signal, attention also
+has to find the needle again at every step, and positional encodings trained at one length may not carry
+to a longer one: this is where the recurrent models of this repo are meant to win (DESIGN.md, C1 and C2).
+`rmt.py`, `titans.py` and `hrm.py` import `Block` from here, because they are built on it.
+
+Reading list
+  1. Vaswani et al., "Attention Is All You Need", arXiv 1706.03762 (scaled dot-product attention, Eq. 1).
+  2. Su et al., "RoFormer: rotary position embedding", arXiv 2104.09864 (RoPE, Eq. 34).
+  3. Kazemnejad et al., "The Impact of Positional Encoding on Length Generalization", arXiv 2305.19466 (NoPE).
+  4. karpathy/nanoGPT `model.py`: the layout of this file (pre-norm block, scaled residual init).
+
+Glossary (the same letters are used in all five files)
+  B batch, T time (sequence length), D model width, H heads, K head dim (D = H*K), V vocabulary.
+  q, k, v    queries, keys, values, each (B, H, T, K)
+  window w   with a window, query i sees keys j with i - w < j <= i (causal) or |i - j| < w (bidirectional)
+  theta_i    RoPE frequency base**(-2i/K) for the i-th pair of channels
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 32     # V
+    d_model: int = 64        # D
+    n_layers: int = 2        # number of Blocks
+    n_heads: int = 2         # H; head dim K = D / H
+    mlp_ratio: int = 4       # hidden width of the MLP is mlp_ratio * D
+    pos: str = "rope"        # "rope" (rotary) or "none" (NoPE: causal masking alone carries order)
+    rope_base: float = 10000.0
+    window: int | None = None  # sliding-window attention: see the glossary; None attends to everything
+    causal: bool = True      # False for bidirectional models (HRM on grid puzzles)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.pos not in ("rope", "none"):
+            raise ValueError(f"pos must be 'rope' or 'none', not {self.pos!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None, not {self.window}")
+        self.head_dim = self.d_model // self.n_heads  # K
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference: softmax(q k^T / sqrt(K) + mask) v, written out (Vaswani et al. Eq. 1)
+# ---------------------------------------------------------------------------------------------------------
+
+def attention_mask(T, causal=True, window=None, device=None):
+    """Boolean (T, T) mask, True where query i may attend to key j."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    allowed = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool, device=device)
+    if window is not None:
+        allowed = allowed & ((i - j) < window) & ((j - i) < window)
+    return allowed
+
+
+def attention_ref(q, k, v, causal=True, window=None):
+    """Scaled dot-product attention with the softmax written by hand: the spec `attention` is tested against.
+
+    Args:
+        q, k, v: (B, H, T, K)
+        causal: query i only sees keys j <= i
+        window: if set, query i only sees keys with |i - j| < window (and j <= i when causal)
+    Returns:
+        (B, H, T, K)
+    """
+    T, K = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(K)                 # (B, H, T, T)
+    scores = scores.masked_fill(~attention_mask(T, causal, window, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v                        # every row has >= 1 key: itself
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast core: PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels where possible)
+# ---------------------------------------------------------------------------------------------------------
+
+def attention(q, k, v, causal=True, window=None):
+    """Same contract as `attention_ref`, on `F.scaled_dot_product_attention`.
+
+    Args:
+        q, k, v: (B, H, T, K)
+    Returns:
+        (B, H, T, K)
+    """
+    if window is None or window >= q.shape[-2]:     # a window as long as the sequence is no window at all
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    # A dense (T, T) mask costs O(T^2) memory; fine at this repo's sizes, and the fused kernels still run.
+    mask = attention_mask(q.shape[-2], causal, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoFormer Eq. 34): rotate each pair of channels by an angle proportional to the
+# position, so q.k depends on the positions only through their difference.
+# ---------------------------------------------------------------------------------------------------------
+
+def rotary(positions, head_dim, base=10000.0):
+    """cos and sin tables for the given integer positions (T,), each (T, K/2)."""
+    theta = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * theta[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate channel pairs (x[..., :K/2], x[..., K/2:]) of x (B, H, T, K) by the angles in cos, sin (T, K/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
+        self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x, rope=None):
+        """x: (B, T, D), rope: None or the (cos, sin) tables of `rotary` for these T positions -> (B, T, D)."""
+        c = self.config
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, K)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = attention(q, k, v, causal=c.causal, window=c.window)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)). Imported by rmt, titans, hrm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.norm2 = RMSNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None):
+        """x: (B, T, D) -> (B, T, D)"""
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(model, n_layers):
+    """GPT-2 style init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layers)."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    # Runs after the blanket init above, or it would be overwritten (STYLE.md 10).
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    """A decoder-only (or, with causal=False, encoder-only) Transformer LM: tokens (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, config.n_layers)
+
+    def forward(self, tokens):
+        """tokens: LongTensor (B, T) -> logits (B, T, V)"""
+        c = self.config
+        x = self.embed(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        rope = rotary(positions, c.head_dim, c.rope_base) if c.pos == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.head(self.norm(x))
+
+    def state_size(self, seq_len):
+        """Floats per sequence kept at inference: the key/value cache, 2 * D per layer per cached token."""
+        c = self.config
+        cached = seq_len if c.window is None else min(seq_len, c.window)
+        return 2 * c.d_model * c.n_layers * cached
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=32))
+    tokens = torch.randint(0, 32, (2, 50))
+    print(f"Transformer: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"logits {tuple(model(tokens).shape)} for tokens {tuple(tokens.shape)}")
+    q, k, v = torch.randn(3, 2, 2, 37, 16, dtype=torch.float64).unbind(0)
+    for causal, window in [(True, None), (True, 5), (False, None), (False, 5)]:
+        err = (attention(q, k, v, causal, window) - attention_ref(q, k, v, causal, window)).abs().max().item()
+        print(f"attention vs attention_ref, causal={causal!s:5} window={window!s:4}: max |diff| = {err:.1e}")

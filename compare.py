@@ -1,0 +1,492 @@
+"""
+compare.py: train every model on every task at matched size, and show when filtering beats copying.
+
+    python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
+    python compare.py --preset smoke     # the CI run: every model and task, tiny, well under a minute
+    python compare.py --models attention --tasks copy,mqar --seeds 0,1
+
+This is the one file that knows every model and every task. For each (model, task) it sweeps a few learning
+rates on seed 0 (Zoology's protocol: recurrent models train only in a narrow window), keeps the one with the
+best validation accuracy at the training length, runs the other seeds at that rate, then tests at the
+training length and beyond. Budgets (steps, batch, schedule) are set per task and are the same for every
+model. Every finished run is written to results/<preset>.json at once, so an interrupted run resumes where it
+stopped; --fresh starts over. The table, results/<preset>.md and the plots are made from that file.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import attention
+import tasks
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------------------
+# Models: one registry, `build_model(name, vocab_size, **overrides)`
+# ---------------------------------------------------------------------------------------------------------
+
+MODELS = {  # name -> (model class, config class, options that define the variant)
+    "attention": (attention.Transformer, attention.TransformerConfig, {}),
+    "attention_nope": (attention.Transformer, attention.TransformerConfig, {"pos": "none"}),
+}
+
+
+def build_model(name, vocab_size, **overrides):
+    """A fresh model: tokens (B, T) -> logits (B, T, V). `overrides` set fields of the model's config."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    model_class, config_class, variant = MODELS[name]
+    fields = config_class.__dataclass_fields__
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}")
+    return model_class(config_class(vocab_size=vocab_size, **{**variant, **overrides}))
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets: per task, the training lengths (each batch draws one uniformly from [lo, hi]), the test lengths,
+# the steps and the task's options. Budgets are per task and equal for every model.
+# ---------------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "smoke": dict(
+        models=list(MODELS), size=dict(d_model=32, n_layers=1), batch_size=16, lrs=[3e-3], seeds=[0],
+        eval_examples=32, tasks={
+            "copy": dict(train=[2, 6], test=[6, 12], steps=30),
+            "mqar": dict(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
+            "flipflop": dict(train=[32, 32], test=[32, 128], steps=30),
+            "selective_copy": dict(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
+            "babilong": dict(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
+        }),
+    "quick": dict(
+        models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=32, lrs=[1e-3, 3e-3], seeds=[0],
+        eval_examples=256, tasks={
+            "copy": dict(train=[4, 16], test=[16, 32], steps=600),
+            "mqar": dict(train=[64, 64], test=[64, 256], steps=600, options=dict(n_pairs=8, vocab_size=128)),
+            "flipflop": dict(train=[64, 64], test=[64, 512, 2048], steps=400),
+            "selective_copy": dict(train=[48, 48], test=[48, 192], steps=600, options=dict(n_data=4)),
+            "babilong": dict(train=[64, 64], test=[64, 256, 1024], steps=600, options=dict(max_facts=4)),
+        }),
+    "full": dict(
+        models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 3e-3, 1e-2],
+        seeds=[0, 1], eval_examples=512, tasks={
+            "copy": dict(train=[5, 50], test=[50, 100, 200], steps=3000),
+            "mqar": dict(train=[256, 256], test=[256, 1024], steps=3000,
+                         options=dict(n_pairs=32, vocab_size=256)),
+            "flipflop": dict(train=[256, 256], test=[256, 1024, 4096], steps=2000),
+            "selective_copy": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000,
+                                   options=dict(n_data=8)),
+            "babilong": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000),
+        }),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and evaluation: usable from Python with any object that follows the task contract of tasks.py
+# ---------------------------------------------------------------------------------------------------------
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
+          warmup=0.1, clip=1.0, progress=False):
+    """AdamW, linear warm-up then cosine decay, gradient clipping; each batch draws its length from
+    [lo, hi] = train_lengths. Returns the list of training losses."""
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    n_warm = max(1, int(warmup * steps))
+    schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
+    lo, hi = train_lengths
+    losses = []
+    for _ in tqdm(range(steps), desc="train", leave=False, disable=not progress):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        x, y = task.sample(batch_size, length, g, device)
+        with autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def generate(model, prompt, n_new):
+    """Greedy decoding: append the argmax token n_new times. Recomputes the prefix each step (tiny scale)."""
+    seq = prompt
+    for _ in range(n_new):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.shape[1]:]
+
+
+@torch.no_grad()
+def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
+    """Accuracy at one length. Returns token_acc (scored positions right), exact (every scored position of an
+    example right), and where the task defines them gen_exact (greedy generation, e.g. copy) and by_depth
+    (accuracy in four bins of the deciding fact's depth, e.g. babilong)."""
+    model.to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    batch = max(1, min(n_examples, max_tokens // length))
+    right = total = exact = seen = gen_exact = 0
+    depth_right, depth_total = [0] * 4, [0] * 4
+    while seen < n_examples:
+        b = min(batch, n_examples - seen)
+        if hasattr(task, "sample_with_depth"):
+            x, y, depth = task.sample_with_depth(b, length, g, device)
+        else:
+            x, y, depth = *task.sample(b, length, g, device), None
+        with autocast(device):
+            pred = model(x).argmax(-1)
+        scored = y != tasks.IGNORE
+        ok = (pred == y) & scored
+        right, total = right + ok.sum().item(), total + scored.sum().item()
+        exact += (ok.sum(1) == scored.sum(1)).sum().item()
+        if depth is not None:
+            row_ok = ok.sum(1) == scored.sum(1)
+            bins = (depth * 4).long().clamp(0, 3)
+            for k in range(4):
+                depth_right[k] += (row_ok & (bins == k)).sum().item()
+                depth_total[k] += (bins == k).sum().item()
+        if hasattr(task, "prompt_length"):
+            p = task.prompt_length(length)
+            with autocast(device):
+                out = generate(model, x[:, :p], length)
+            gen_exact += (out == y[:, p - 1:p - 1 + length]).all(1).sum().item()
+        seen += b
+    result = {"token_acc": right / max(total, 1), "exact": exact / seen}
+    if hasattr(task, "prompt_length"):
+        result["gen_exact"] = gen_exact / seen
+    if hasattr(task, "sample_with_depth"):
+        result["by_depth"] = [r / t if t else None for r, t in zip(depth_right, depth_total)]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run (model, task, lr, seed), self-contained so that worker processes can run it
+# ---------------------------------------------------------------------------------------------------------
+
+def run_one(spec):
+    """Train and test one model on one task; returns the record saved in results/<preset>.json."""
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    task = tasks.TASKS[spec["task"]](**spec["task_options"])
+    torch.manual_seed(spec["seed"])
+    model = build_model(spec["model"], task.vocab_size, **spec["model_options"])
+    start = time.time()
+    losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
+                   seed=spec["seed"])
+    train_time = time.time() - start
+    hi = spec["train"][1]
+    val = evaluate(model, task, hi, spec["eval_examples"], device, seed=10_000 + spec["seed"])
+    metrics = {str(L): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"])
+               for L in spec["test"]}
+    return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(L) for L in spec["test"]},
+            "examples_seen": spec["steps"] * spec["batch_size"], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
+            "val_token_acc": val["token_acc"], "metrics": metrics}
+
+
+def run_key(spec):
+    return f"{spec['model']}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results: atomic saves, resumption, the table
+# ---------------------------------------------------------------------------------------------------------
+
+def git_commit():
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
+        commit = run("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_json(path, obj):
+    """Write to a temporary file, then rename: a killed process never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def best_runs(runs):
+    """For each (model, task): the runs at the learning rate with the best mean validation accuracy."""
+    by_cell = {}
+    for r in runs:
+        by_cell.setdefault((r["model"], r["task"]), {}).setdefault(r["lr"], []).append(r)
+    best = {}
+    for cell, by_lr in by_cell.items():
+        lr = max(by_lr, key=lambda lr: sum(r["val_token_acc"] for r in by_lr[lr]) / len(by_lr[lr]))
+        best[cell] = by_lr[lr]
+    return best
+
+
+def table(runs, metric, task_names, model_names):
+    """A markdown table, models x task@length, mean (and +- half the spread) over seeds at the best lr."""
+    best = best_runs(runs)
+    cols = []
+    for t in task_names:
+        lengths = next((r["test"] for (m, tt), rs in best.items() for r in rs if tt == t), [])
+        cols += [(t, L) for L in lengths]
+    header = "| model | " + " | ".join(f"{t}@{L}" for t, L in cols) + " |"
+    lines = [header, "|" + "---|" * (len(cols) + 1)]
+    for m in model_names:
+        cells = []
+        for t, L in cols:
+            vals = [r["metrics"][str(L)].get(metric) for r in best.get((m, t), [])]
+            vals = [v for v in vals if v is not None]
+            if not vals:
+                cells.append("")
+                continue
+            mean = sum(vals) / len(vals)
+            spread = f"±{(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else ""
+            cells.append(f"{mean:.2f}{spread}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def details(runs, task_names, model_names):
+    """Per (model, task) at its best lr: parameters, state size, lr, seeds, steps, examples, wall time."""
+    best = best_runs(runs)
+    lines = ["| model | task | params | state floats (per test length) | best lr | seeds | steps | examples "
+             "| wall s |", "|" + "---|" * 9]
+    for m in model_names:
+        for t in task_names:
+            rs = best.get((m, t))
+            if not rs:
+                continue
+            r = rs[0]
+            state = ", ".join(f"{v:,}" for v in r["state_size"].values())
+            lines.append(f"| {m} | {t} | {r['params']:,} | {state} | {r['lr']:g} | {len(rs)} | {r['steps']} "
+                         f"| {r['examples_seen']:,} | {sum(x['wall_time_s'] for x in rs) / len(rs):.1f} |")
+    return "\n".join(lines)
+
+
+def report(results, task_names, model_names):
+    runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
+    meta = results["meta"]
+    parts = [f"# compare.py, preset `{meta['preset']}`", "",
+             f"Command: `{meta['command']}`  ",
+             f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
+             f"wall time {meta.get('wall_time_s', 0):.0f} s", "",
+             "## Token accuracy on scored positions (training length first; best lr per model and task)", "",
+             table(runs, "token_acc", task_names, model_names), "",
+             "## Exact match: every scored position of an example right (copy: greedy generation)", "",
+             table(runs, "gen_exact", ["copy"], model_names) if "copy" in task_names else "", "",
+             table(runs, "exact", [t for t in task_names if t != "copy"], model_names), "",
+             "## Runs", "", details(runs, task_names, model_names), ""]
+    return "\n".join(parts)
+
+
+def plot(results, path, task_names, model_names):
+    """Accuracy against test length, one panel per task, the training length marked. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
+    best = best_runs(runs)
+    fig, axes = plt.subplots(1, len(task_names), figsize=(3.2 * len(task_names), 3), squeeze=False)
+    for ax, t in zip(axes[0], task_names):
+        for m in model_names:
+            rs = best.get((m, t))
+            if rs:
+                Ls = rs[0]["test"]
+                acc = [sum(r["metrics"][str(L)]["token_acc"] for r in rs) / len(rs) for L in Ls]
+                ax.plot(Ls, acc, marker="o", label=m)
+                ax.axvline(rs[0]["train"][1], color="gray", ls=":", lw=1)
+        ax.set(title=t, xscale="log", xlabel="test length", ylim=(-0.02, 1.02))
+    axes[0][0].set_ylabel("token accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, never a traceback
+        self.exit(2, f"compare.py: error: {message}\n")
+
+
+def csv(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v.strip()]
+
+
+def parse_args(argv):
+    p = Parser(description="Train every model on every task and compare them.")
+    p.add_argument("--preset", choices=list(PRESETS), help="default: full on CUDA, quick otherwise")
+    p.add_argument("--models", type=csv(str), help=f"comma-separated, from: {', '.join(MODELS)}")
+    p.add_argument("--tasks", type=csv(str), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
+    p.add_argument("--seeds", type=csv(int), help="comma-separated seeds (the first one runs the lr sweep)")
+    p.add_argument("--lrs", type=csv(float), help="comma-separated learning rates to sweep")
+    p.add_argument("--steps", type=int, help="override every task's number of training steps")
+    p.add_argument("--test-lengths", type=csv(int), help="override every task's test lengths")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--workers", type=int, help="runs at once (default: 1 on CPU, 4 per GPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for <preset>.json/.md/.png")
+    p.add_argument("--fresh", action="store_true", help="ignore saved runs and start over")
+    args = p.parse_args(argv)
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        p.error(f"unknown device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"device {args.device!r} asked for, but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"device {args.device!r} is not supported; use cpu or cuda")
+    args.device = str(device)
+    args.preset = args.preset or ("full" if device.type == "cuda" else "quick")
+    preset = PRESETS[args.preset]
+    args.models = args.models or preset["models"]
+    args.tasks = args.tasks or list(preset["tasks"])
+    for m in args.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for t in args.tasks:
+        if t not in tasks.TASKS:
+            p.error(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
+        if t not in preset["tasks"]:
+            p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    if args.seeds is not None and not args.seeds:
+        p.error("--seeds is empty")
+    if args.lrs is not None and (not args.lrs or min(args.lrs) <= 0):
+        p.error("--lrs must be positive numbers")
+    for t in args.tasks:  # ask each task whether it can make what we will ask of it
+        s = preset["tasks"][t]
+        for L in (args.test_lengths or s["test"]) + s["train"]:
+            try:
+                tasks.TASKS[t](**s.get("options", {})).sample(1, L, 0)
+            except ValueError as e:
+                p.error(str(e))
+    return args
+
+
+def make_specs(args, lr_by_cell=None):
+    """The runs to do: the lr sweep on the first seed, or (given the best lr per cell) the other seeds."""
+    preset = PRESETS[args.preset]
+    seeds = args.seeds or preset["seeds"]
+    lrs = args.lrs or preset["lrs"]
+    specs = []
+    for t in args.tasks:
+        s = preset["tasks"][t]
+        for m in args.models:
+            base = dict(model=m, task=t, task_options=s.get("options", {}), model_options=preset["size"],
+                        train=s["train"], test=args.test_lengths or s["test"], steps=args.steps or s["steps"],
+                        batch_size=preset["batch_size"], eval_examples=preset["eval_examples"],
+                        device=args.device)
+            if lr_by_cell is None:
+                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
+            else:
+                specs += [dict(base, lr=lr_by_cell[(m, t)], seed=sd) for sd in seeds[1:]]
+    return specs
+
+
+def same_run(saved, spec):
+    """A saved run counts only if everything that defines it is unchanged (device aside)."""
+    return all(saved.get(k) == v for k, v in spec.items() if k not in ("device", "threads"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.preset}.json")
+    results = {"runs": {}}
+    if os.path.exists(path) and not args.fresh:
+        with open(path) as f:
+            results = json.load(f)
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    workers = args.workers or (4 * gpus if args.device == "cuda" else 1)
+    results["meta"] = dict(preset=args.preset, command="python compare.py " + " ".join(sys.argv[1:] if argv is None
+                           else argv), device=args.device, torch=torch.__version__, commit=git_commit(),
+                           device_name=torch.cuda.get_device_name(0) if gpus else "CPU", workers=workers)
+    print(f"preset {args.preset!r} on {results['meta']['device_name']} ({args.device}), {workers} worker(s); "
+          f"results in {path}")
+    start = time.time()
+    try:
+        for phase in ("lr sweep", "seeds"):
+            lr_by_cell = None
+            if phase == "seeds":
+                lr_by_cell = {c: rs[0]["lr"] for c, rs in best_runs(results["runs"].values()).items()}
+            specs = make_specs(args, lr_by_cell)
+            todo = [s for s in specs if not same_run(results["runs"].get(run_key(s), {}), s)]
+            if len(todo) < len(specs):
+                print(f"{phase}: {len(specs) - len(todo)} of {len(specs)} runs already done, skipping them")
+            for record in run_all(todo, workers, gpus, phase):
+                results["runs"][run_key(record)] = record
+                save_json(path, results)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished runs are saved in {path}; run the same command again to resume")
+        return 130
+    results["meta"]["wall_time_s"] = round(time.time() - start, 1)
+    save_json(path, results)
+    text = report(results, args.tasks, args.models)
+    with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
+        f.write(text)
+    print(text)
+    plot(results, os.path.join(args.out, f"{args.preset}_length.png"), args.tasks, args.models)
+    return 0
+
+
+def run_all(specs, workers, gpus, phase):
+    """Yield finished records as they complete: in this process, or in worker processes sharing the GPUs."""
+    bar = tqdm(total=len(specs), desc=phase, disable=not specs)
+    if workers == 1:
+        for s in specs:
+            bar.set_postfix_str(run_key(s))
+            yield run_one(s)
+            bar.update()
+        return
+    for i, s in enumerate(specs):          # round-robin over GPUs; on CPU, share the cores
+        if gpus:
+            s["device"] = f"cuda:{i % gpus}"
+        else:
+            s["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, s) for s in specs]
+        for fut in as_completed(futures):
+            yield fut.result()
+            bar.update()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
