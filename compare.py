@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attention
+import ssm
 import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +39,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MODELS = {  # name -> (model class, config class, options that define the variant)
     "attention": (attention.Transformer, attention.TransformerConfig, {}),
     "attention_nope": (attention.Transformer, attention.TransformerConfig, {"pos": "none"}),
+    "ssm": (ssm.Mamba, ssm.MambaConfig, {}),
 }
 
 

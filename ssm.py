@@ -1,0 +1,304 @@
+"""
+A Mamba-2 style selective state-space model: the "filtering" end of the bench.
+
+The model reads a stream once, left to right, and keeps a fixed-size state h per head: at every token it
+decays the state by a data-dependent amount and writes the token into it, h_t = exp(dt_t A) h_{t-1} +
+dt_t x_t B_t^T, then reads it out with y_t = h_t C_t. Because dt, B and C depend on the token ("selection"),
+it can ignore noise and hold on to what matters, for any length, at constant cost per token: this is why it
+should win on long noisy streams (flipflop, babilong; DESIGN.md C2). Because the state has a fixed size
+(H * K * N floats per layer), it cannot copy or recall more than that state holds (copy, mqar; C1). N is the
+dial of that trade-off.
+
+A loop over time is slow on a GPU (T small kernel launches). Mamba-2's SSD algorithm computes the same thing
+in chunks of C tokens with a handful of matrix multiplications: inside a chunk it is a masked attention-like
+product, across chunks a short recurrence over chunk states. `ssd_scan` is that algorithm in plain PyTorch;
+`ssd_scan_ref` is the loop it is tested against.
+
+Reading list
+  1. Dao & Gu, "Transformers are SSMs" (Mamba-2, SSD), arXiv 2405.21060: §6 and Listing 1 (the chunked
+     algorithm), the `ssd_minimal.py` file of state-spaces/mamba.
+  2. Gu & Dao, "Mamba", arXiv 2312.00752: selection (§3.2, Algorithm 2), the block, the dt and A inits.
+  3. johnma2006/mamba-minimal `model.py`: a readable single-file Mamba-1.
+
+Glossary (paper -> here)
+  B batch, T time, D model width, E = expand*D inner width, H heads, K head dim (E = H*K; the paper's P),
+  N state size (d_state), C chunk length (the paper's Q; `chunk_size` below).
+  x_t (B, T, H, K)  input per head          dt_t (B, T, H) step size > 0 (softplus)
+  A (H,) < 0        decay rate per head      a_t = dt_t * A <= 0, the log of the decay at step t
+  B_t, C_t (B, T, N) input and output maps, shared by all heads (one group)
+  h_t (B, H, K, N)  the state: h_t = exp(a_t) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t   (Mamba-2 Eq. 2)
+  segsum(a)[i, j] = a_{j+1} + ... + a_i for j <= i (else -inf): the log of the decay from step j to i.
+  We discretise B with an Euler step (dt * B), as Mamba-2 does; A's step is exact (exp(dt * A)).
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MambaConfig:
+    vocab_size: int = 32   # V
+    d_model: int = 64      # D
+    n_layers: int = 2      # number of blocks, each = SSM mixer + MLP (as the Transformer's attention + MLP)
+    expand: int = 2        # E = expand * D
+    head_dim: int = 32     # K; H = E / K heads
+    d_state: int = 16      # N, the dial of the copy/filter trade-off
+    d_conv: int = 4        # width of the short causal depthwise convolution
+    chunk_size: int = 64   # C, the SSD chunk length (a speed knob: results do not depend on it)
+    dt_min: float = 1e-3   # softplus(dt_bias) is initialised log-uniform in [dt_min, dt_max]
+    dt_max: float = 1e-1
+    mlp_ratio: int = 4     # hidden width of the MLP is mlp_ratio * D
+
+    def __post_init__(self):
+        self.d_inner = self.expand * self.d_model  # E
+        if self.d_inner % self.head_dim:
+            raise ValueError(f"expand * d_model = {self.d_inner} is not divisible by head_dim={self.head_dim}")
+        self.n_heads = self.d_inner // self.head_dim  # H
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference: the recurrence, one step at a time (the spec)
+# ---------------------------------------------------------------------------------------------------------
+
+def ssd_scan_ref(x, dt, A, B, C, chunk_size=64, initial_state=None):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and y_t = h_t C_t, as a loop over t.
+
+    Args:
+        x: (B, T, H, K), dt: (B, T, H) > 0, A: (H,) < 0, B and C: (B, T, N)
+        chunk_size: unused (kept so both functions have one signature)
+        initial_state: (B, H, K, N) or None (zeros)
+    Returns:
+        y: (B, T, H, K), final_state: (B, H, K, N)
+    """
+    b, T, H, K = x.shape
+    h = x.new_zeros(b, H, K, B.shape[-1]) if initial_state is None else initial_state
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t] * A)                                             # (B, H)
+        h = decay[:, :, None, None] * h + torch.einsum("bh,bhk,bn->bhkn", dt[:, t], x[:, t], B[:, t])
+        ys.append(torch.einsum("bhkn,bn->bhk", h, C[:, t]))
+    return torch.stack(ys, dim=1), h
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast core: chunked SSD (Mamba-2 §6), four batched matmul steps, no loop over time
+# ---------------------------------------------------------------------------------------------------------
+
+def segsum(a):
+    """(..., C) -> (..., C, C): out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
+
+    Each entry is summed directly over its own segment, so it is <= 0 and exp() of it never overflows;
+    the tempting cumsum[i] - cumsum[j] loses precision by cancellation at long C.
+    """
+    C = a.shape[-1]
+    z = a[..., :, None].expand(*a.shape, C)                                         # z[..., k, j] = a[k]
+    below = torch.ones(C, C, dtype=torch.bool, device=a.device).tril(-1)            # keep k > j
+    z = z.masked_fill(~below, 0).cumsum(dim=-2)                                     # sum over j < k <= i
+    return z.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
+    """Same contract as `ssd_scan_ref`, computed chunk by chunk with matrix multiplications.
+
+    Args:
+        x: (B, T, H, K), dt: (B, T, H) > 0, A: (H,) < 0, B and C: (B, T, N), any T >= 1
+        chunk_size: C, the chunk length; the result does not depend on it
+        initial_state: (B, H, K, N) or None (zeros)
+    Returns:
+        y: (B, T, H, K), final_state: (B, H, K, N)
+    """
+    b, T, H, K = x.shape
+    N, Q = B.shape[-1], chunk_size
+    pad = (-T) % Q            # padded steps have dt = 0: no decay (exp 0 = 1) and no input, so h is unchanged
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = (T + pad) // Q
+    xdt = (x * dt[..., None]).view(b, c, Q, H, K)                                   # dt_t x_t
+    B, C = B.view(b, c, Q, N), C.view(b, c, Q, N)
+    a = (dt * A).view(b, c, Q, H).permute(0, 3, 1, 2)                               # (B, H, c, Q), <= 0
+    a_cum = a.cumsum(dim=-1)                                                        # log decay since chunk start
+
+    # 1. Inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
+    decay = torch.exp(segsum(a))                                                    # (B, H, c, Q, Q)
+    scores = torch.einsum("bcin,bcjn->bcij", C, B)[:, None] * decay                 # (B, H, c, Q, Q)
+    y_diag = torch.einsum("bhcij,bcjhk->bcihk", scores, xdt)
+
+    # 2. The state each chunk leaves behind, from its own tokens only: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)                                     # (B, H, c, Q)
+    chunk_states = torch.einsum("bcjn,bhcj,bcjhk->bchkn", B, to_end, xdt)          # (B, c, H, K, N)
+
+    # 3. Across chunks: the state entering chunk z = sum over earlier chunks s of their states, decayed by the
+    #    total decay of chunks s+1..z-1; the initial state is chunk "-1". An (c+1)^2 matmul, cheap for c <= ~256.
+    h0 = x.new_zeros(b, 1, H, K, N) if initial_state is None else initial_state[:, None]
+    chunk_states = torch.cat([h0, chunk_states], dim=1)                             # (B, c+1, H, K, N)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))                  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzs,bshkn->bzhkn", chunk_decay, chunk_states)           # after chunk z-1
+    entering, final_state = states[:, :-1], states[:, -1]
+
+    # 4. What the entering state contributes inside each chunk: y_i += exp(a_1 + ... + a_i) h_entering C_i
+    y_off = torch.einsum("bcin,bchkn,bhci->bcihk", C, entering, torch.exp(a_cum))
+    y = (y_diag + y_off).reshape(b, c * Q, H, K)[:, :T]
+    return y, final_state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
+        self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class SSMMixer(nn.Module):
+    """The Mamba-2 mixer: in_proj -> causal conv on (x, B, C) -> SiLU -> SSD scan (+ D skip) -> gated norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        E, N, H = c.d_inner, c.d_state, c.n_heads
+        self.in_proj = nn.Linear(c.d_model, 2 * E + 2 * N + H, bias=False)            # z, (x, B, C), dt
+        self.conv = nn.Conv1d(E + 2 * N, E + 2 * N, c.d_conv, groups=E + 2 * N, padding=c.d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = RMSNorm(E)
+        self.out_proj = nn.Linear(E, c.d_model, bias=False)
+
+    def reset_ssm_parameters(self):
+        """The special inits of Mamba; called after any blanket init, which would overwrite them."""
+        c = self.config
+        # dt = softplus(dt_bias) log-uniform in [dt_min, dt_max]; dt_bias = softplus^-1(dt) = dt + log(1 - e^-dt)
+        dt = torch.exp(torch.rand(c.n_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        with torch.no_grad():
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log.copy_(torch.log(torch.empty(c.n_heads).uniform_(1, 16)))    # A in [-16, -1] (Mamba-2)
+            self.D.fill_(1.0)
+
+    def forward(self, u):
+        """u: (B, T, D) -> (B, T, D)"""
+        c = self.config
+        b, T, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([c.d_inner, c.d_inner + 2 * c.d_state, c.n_heads], dim=-1)
+        xBC = F.silu(self.conv(xBC.transpose(1, 2))[..., :T].transpose(1, 2))          # causal: drop the tail
+        x, B, C = xBC.split([c.d_inner, c.d_state, c.d_state], dim=-1)
+        x = x.reshape(b, T, c.n_heads, c.head_dim)
+        f32 = torch.promote_types(u.dtype, torch.float32)                             # fp32, or fp64 in tests
+        with torch.autocast(u.device.type, enabled=False):                            # the scan runs in f32
+            dt = F.softplus(dt.to(f32) + self.dt_bias)                                 # (B, T, H) > 0
+            A = -torch.exp(self.A_log.to(f32))                                         # (H,) < 0
+            x = x.to(f32)
+            y, _ = ssd_scan(x, dt, A, B.to(f32), C.to(f32), c.chunk_size)
+            y = y + self.D[:, None] * x
+        y = y.reshape(b, T, c.d_inner).to(u.dtype)
+        return self.out_proj(self.norm(y * F.silu(z)))
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1, self.mixer = RMSNorm(config.d_model), SSMMixer(config)
+        self.norm2, self.mlp = RMSNorm(config.d_model), MLP(config)
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+class Mamba(nn.Module):
+    """A Mamba-2 style LM: tokens (B, T) -> logits (B, T, V). Causal by construction."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        for name, p in self.named_parameters():                 # blanket init, as the Transformer's
+            if p.dim() >= 2 and "conv" not in name:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("proj.bias") or name.endswith("fc.bias"):
+                nn.init.zeros_(p)
+        for block in self.blocks:                               # then the SSM's own inits, not overwritten
+            block.mixer.reset_ssm_parameters()
+            nn.init.normal_(block.mixer.out_proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+            nn.init.normal_(block.mlp.proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def forward(self, tokens):
+        """tokens: LongTensor (B, T) -> logits (B, T, V)"""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def state_size(self, seq_len=None):
+        """Floats per sequence kept at inference, whatever the length: per layer the SSM state (H * K * N)
+        and the last d_conv - 1 inputs of the convolution."""
+        c = self.config
+        return c.n_layers * (c.n_heads * c.head_dim * c.d_state + (c.d_conv - 1) * (c.d_inner + 2 * c.d_state))
+
+
+def benchmark(fn, b, T, H, K, N, device, repeats=5):
+    """Median fwd+bwd time (ms) of one scan, and peak memory (GiB, CUDA only), on random fp32 inputs."""
+    x = torch.randn(b, T, H, K, device=device, requires_grad=True)
+    dt = F.softplus(torch.randn(b, T, H, device=device) - 3).requires_grad_()
+    A = (-torch.rand(H, device=device) - 0.5).requires_grad_()
+    Bm, Cm = (torch.randn(b, T, N, device=device).requires_grad_() for _ in range(2))
+    times = []
+    for i in range(repeats + 1):                                    # the first run warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fn(x, dt, A, Bm, Cm, chunk_size=64)[0].sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+    return sorted(times[1:])[repeats // 2], peak
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = Mamba(MambaConfig(vocab_size=32))
+    tokens = torch.randint(0, 32, (2, 50))
+    print(f"Mamba: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)}, "
+          f"state {model.state_size():,} floats per sequence at any length")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False                # honest fp32
+    shape = dict(b=8, H=8, K=32, N=64)
+    T_cmp = 4096 if device == "cuda" else 1024
+    print(f"fwd+bwd of one scan, fp32, B=8 H=8 K=32 N=64, chunk 64, on {name} (torch {torch.__version__}):")
+    fast, mem = benchmark(ssd_scan, T=T_cmp, device=device, **shape)
+    slow, _ = benchmark(ssd_scan_ref, T=T_cmp, device=device, repeats=1, **shape)
+    print(f"  T={T_cmp:5d}  ssd_scan {fast:9.2f} ms   ssd_scan_ref {slow:9.1f} ms   speed-up {slow / fast:6.0f}x")
+    for T in ([1024, 4096, 16384] if device == "cuda" else []):
+        ms, mem = benchmark(ssd_scan, T=T, device=device, **shape)
+        print(f"  T={T:5d}  ssd_scan {ms:9.2f} ms   peak memory {mem:5.2f} GiB")

@@ -1,0 +1,100 @@
+"""attention.py: the fused core against the hand-written reference, window semantics, RoPE, causality."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention import Transformer, TransformerConfig, apply_rotary, attention, attention_ref, rotary
+
+
+def qkv(T, B=2, H=3, K=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, B, H, T, K, generator=g, dtype=torch.float64).unbind(0)
+
+
+def attention_loop(q, k, v, causal, window):
+    """A third, independent spelling of the window rule: one query at a time over an explicit key list."""
+    T, K = q.shape[-2], q.shape[-1]
+    out = torch.zeros_like(q)
+    for i in range(T):
+        keys = [j for j in range(T) if (j <= i or not causal) and (window is None or abs(i - j) < window)]
+        s = q[..., i:i + 1, :] @ k[..., keys, :].transpose(-2, -1) / math.sqrt(K)
+        out[..., i, :] = (torch.softmax(s, -1) @ v[..., keys, :])[..., 0, :]
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 2, 13, 37])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 4, 40])
+def test_core_equals_reference_and_loop(T, causal, window):
+    q, k, v = qkv(T)
+    fast, ref = attention(q, k, v, causal, window), attention_ref(q, k, v, causal, window)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ref, attention_loop(q, k, v, causal, window), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_equals_pytorch_builtin(causal):
+    q, k, v = qkv(29)
+    torch.testing.assert_close(attention_ref(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+def test_window_one_sees_only_itself():
+    q, k, v = qkv(9)
+    torch.testing.assert_close(attention(q, k, v, causal=True, window=1), v)
+
+
+def test_gradcheck():
+    q, k, v = (t.requires_grad_() for t in qkv(5, B=1, H=2, K=4))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, True, 3), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, False, None), (q, k, v))
+
+
+def test_rope_scores_depend_only_on_offset():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 1, 16, generator=g, dtype=torch.float64).unbind(0)
+    def score(i, j):
+        cos, sin = rotary(torch.tensor([i, j]), 16)
+        qi = apply_rotary(q, cos[:1].double(), sin[:1].double())
+        kj = apply_rotary(k, cos[1:].double(), sin[1:].double())
+        return (qi * kj).sum().item()
+    assert score(3, 1) == pytest.approx(score(103, 101), rel=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3)])
+def test_model_is_causal(options):
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=11, d_model=16, n_heads=2, **options)).double().eval()
+    x = torch.randint(0, 11, (2, 17))
+    t = 8
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randint(0, 11, (2, 17 - t - 1))
+    a, b = model(x), model(x2)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1])
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_bidirectional_model_sees_the_future():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=11, d_model=16, causal=False)).double().eval()
+    x = torch.randint(0, 11, (1, 10))
+    x2 = x.clone()
+    x2[0, -1] = (x[0, -1] + 1) % 11
+    assert not torch.allclose(model(x)[:, 0], model(x2)[:, 0])
+
+
+def test_state_size_is_the_kv_cache():
+    cfg = TransformerConfig(d_model=32, n_layers=3)
+    assert Transformer(cfg).state_size(100) == 2 * 32 * 3 * 100
+    assert Transformer(TransformerConfig(d_model=32, n_layers=3, window=16)).state_size(100) == 2 * 32 * 3 * 16
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError):
+        TransformerConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError):
+        TransformerConfig(pos="alibi")
+    with pytest.raises(ValueError):
+        TransformerConfig(window=0)

@@ -1,0 +1,135 @@
+"""tasks.py: determinism, vocabularies, answers that follow from the prefix alone, no leak, clear errors."""
+from collections import Counter
+
+import pytest
+import torch
+
+from tasks import IGNORE, TASKS, BabiLong
+
+LENGTHS = {"copy": 9, "mqar": 64, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60}
+
+
+def oracle_copy(task, x, t):
+    sep = (x == task.sep).nonzero()[0, 0]
+    return x[1 + t - sep]
+
+
+def oracle_mqar(task, x, t):
+    pairs = x[:2 * task.n_pairs].view(-1, 2)
+    return pairs[(pairs[:, 0] == x[t]).nonzero()[0, 0], 1]
+
+
+def oracle_flipflop(task, x, t):
+    writes = [j for j in range(0, t, 2) if x[j] == task.w]
+    return x[writes[-1] + 1]
+
+
+def oracle_selective_copy(task, x, t):
+    first_marker = (x == task.marker).nonzero()[0, 0]
+    data = x[:first_marker][x[:first_marker] != 0]
+    return data[t - first_marker]
+
+
+def oracle_babilong(task, x, t):
+    """Replay the story read from x[:t+1]: persons move, grab and drop; then answer the question."""
+    where, holder, obj_at = {}, {}, {}
+    i = 0
+    while i < t - 2:
+        if x[i] in task.person:
+            p, verb, arg = x[i].item(), x[i + 1].item(), x[i + 2].item()
+            if verb == task.move:
+                where[p] = arg
+            elif verb == task.grab:
+                holder[arg] = p
+            else:
+                obj_at[arg] = where[holder.pop(arg)]
+            i += 3
+        else:
+            i += 1
+    assert x[t - 2] == task.question and x[t] == task.answer
+    e = x[t - 1].item()
+    return where[e] if e in task.person else where[holder[e]] if e in holder else obj_at[e]
+
+
+ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "flipflop": oracle_flipflop,
+           "flipflop_sparse": oracle_flipflop, "selective_copy": oracle_selective_copy,
+           "babilong": oracle_babilong}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_same_seed_same_batch(name):
+    task = TASKS[name]()
+    a, b = task.sample(4, LENGTHS[name], seed=3), task.sample(4, LENGTHS[name], seed=3)
+    c = task.sample(4, LENGTHS[name], seed=torch.Generator().manual_seed(3))
+    d = task.sample(4, LENGTHS[name], seed=4)
+    for u, v, w in zip(a, b, c):
+        assert torch.equal(u, v) and torch.equal(u, w)
+    assert not torch.equal(a[0], d[0])
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_shapes_and_vocabulary(name):
+    task = TASKS[name]()
+    x, y = task.sample(8, LENGTHS[name], seed=0)
+    assert x.shape == y.shape and x.dtype == y.dtype == torch.long
+    assert x.min() >= 0 and x.max() < task.vocab_size
+    scored = y != IGNORE
+    assert scored.any() and y[scored].min() >= 0 and y[scored].max() < task.vocab_size
+    assert len(task.names) == task.vocab_size
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_answer_follows_from_the_prefix(name):
+    """An oracle that reads only x[b, :t+1] reproduces y[b, t] at every scored position."""
+    task = TASKS[name]()
+    x, y = task.sample(64, LENGTHS[name], seed=1)
+    n = 0
+    for b, t in (y != IGNORE).nonzero().tolist():
+        assert ORACLES[name](task, x[b, :t + 1], t) == y[b, t], (name, b, t)
+        n += 1
+    assert n >= 8
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_answer_not_visible_at_the_scored_position(name):
+    """If the answer leaked into x at its own position (an off-by-one in the shift), a lookup table from
+    x[b, t] to y[b, t] would score near 1. It must stay near chance."""
+    task = TASKS[name]()
+    x, y = task.sample(256, LENGTHS[name], seed=2)
+    scored = y != IGNORE
+    pairs = Counter(zip(x[scored].tolist(), y[scored].tolist()))
+    best = Counter()
+    for (inp, ans), c in pairs.items():
+        best[inp] = max(best[inp], c)
+    assert sum(best.values()) / scored.sum().item() < 0.6
+
+
+def test_babilong_depth_points_at_the_deciding_fact():
+    task = BabiLong()
+    x, y, depth = task.sample_with_depth(32, 80, seed=0)
+    assert ((depth >= 0) & (depth < 1)).all()
+    starts = (depth * 80).round().long()
+    assert all(x[b, starts[b]] in task.person for b in range(32))
+
+
+@pytest.mark.parametrize("name, options, length", [
+    ("copy", {}, 0),
+    ("mqar", dict(n_pairs=8), 31),
+    ("flipflop", {}, 3),
+    ("selective_copy", dict(n_data=8), 15),
+    ("babilong", dict(max_facts=8), 26),
+])
+def test_impossible_lengths_raise(name, options, length):
+    with pytest.raises(ValueError, match="too short"):
+        TASKS[name](**options).sample(2, length)
+
+
+def test_impossible_options_raise():
+    with pytest.raises(ValueError, match="distinct keys"):
+        TASKS["mqar"](n_pairs=200, vocab_size=256)
+    with pytest.raises(ValueError):
+        TASKS["flipflop"](p_ignore=1.0)
+    with pytest.raises(ValueError):
+        TASKS["babilong"](min_facts=5, max_facts=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        TASKS["copy"]().sample(0, 5)
