@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attention
+import rmt
 import ssm
 import tasks
 
@@ -40,6 +41,7 @@ MODELS = {  # name -> (model class, config class, options that define the varian
     "attention": (attention.Transformer, attention.TransformerConfig, {}),
     "attention_nope": (attention.Transformer, attention.TransformerConfig, {"pos": "none"}),
     "ssm": (ssm.Mamba, ssm.MambaConfig, {}),
+    "rmt": (rmt.RMT, rmt.RMTConfig, {}),
 }
 
 
@@ -75,13 +77,13 @@ PRESETS = {
             "babilong": dict(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
         }),
     "quick": dict(
-        models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=32, lrs=[1e-3, 3e-3], seeds=[0],
+        models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 1e-2], seeds=[0],
         eval_examples=256, tasks={
-            "copy": dict(train=[4, 16], test=[16, 32], steps=600),
-            "mqar": dict(train=[64, 64], test=[64, 256], steps=600, options=dict(n_pairs=8, vocab_size=128)),
-            "flipflop": dict(train=[64, 64], test=[64, 512, 2048], steps=400),
-            "selective_copy": dict(train=[48, 48], test=[48, 192], steps=600, options=dict(n_data=4)),
-            "babilong": dict(train=[64, 64], test=[64, 256, 1024], steps=600, options=dict(max_facts=4)),
+            "copy": dict(train=[2, 8], test=[8, 16], steps=1000),
+            "mqar": dict(train=[16, 16], test=[16, 64], steps=1000, options=dict(n_pairs=4, vocab_size=32)),
+            "flipflop": dict(train=[32, 32], test=[32, 256, 1024], steps=500),
+            "selective_copy": dict(train=[32, 32], test=[32, 128], steps=1000, options=dict(n_data=4)),
+            "babilong": dict(train=[48, 48], test=[48, 192, 768], steps=1000, options=dict(max_facts=4)),
         }),
     "full": dict(
         models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 3e-3, 1e-2],
@@ -89,10 +91,10 @@ PRESETS = {
             "copy": dict(train=[5, 50], test=[50, 100, 200], steps=3000),
             "mqar": dict(train=[256, 256], test=[256, 1024], steps=3000,
                          options=dict(n_pairs=32, vocab_size=256)),
-            "flipflop": dict(train=[256, 256], test=[256, 1024, 4096], steps=2000),
+            "flipflop": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=2000),
             "selective_copy": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000,
                                    options=dict(n_data=8)),
-            "babilong": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000),
+            "babilong": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=3000),
         }),
 }
 
@@ -106,10 +108,17 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
+def stages(train_lengths):
+    """[lo, hi] -> [[lo, hi]]; a curriculum [[lo1, hi1], [lo2, hi2], ...] stays as it is."""
+    return [list(train_lengths)] if isinstance(train_lengths[0], int) else [list(s) for s in train_lengths]
+
+
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False):
-    """AdamW, linear warm-up then cosine decay, gradient clipping; each batch draws its length from
-    [lo, hi] = train_lengths. Returns the list of training losses."""
+    """AdamW, linear warm-up then cosine decay, gradient clipping. Each batch draws its length uniformly from
+    train_lengths = [lo, hi], or, for a curriculum [[lo1, hi1], [lo2, hi2], ...], from the stage that the
+    step falls in (equal shares of the steps; RMT's segment-count curriculum, given to every model alike).
+    Returns the list of training losses."""
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -119,9 +128,10 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
-    lo, hi = train_lengths
+    plan = stages(train_lengths)
     losses = []
-    for _ in tqdm(range(steps), desc="train", leave=False, disable=not progress):
+    for step in tqdm(range(steps), desc="train", leave=False, disable=not progress):
+        lo, hi = plan[step * len(plan) // steps]
         length = int(torch.randint(lo, hi + 1, (1,), generator=g))
         x, y = task.sample(batch_size, length, g, device)
         with autocast(device):
@@ -203,7 +213,7 @@ def run_one(spec):
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
                    seed=spec["seed"])
     train_time = time.time() - start
-    hi = spec["train"][1]
+    hi = stages(spec["train"])[-1][1]
     val = evaluate(model, task, hi, spec["eval_examples"], device, seed=10_000 + spec["seed"])
     metrics = {str(L): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"])
                for L in spec["test"]}
@@ -326,7 +336,7 @@ def plot(results, path, task_names, model_names):
                 Ls = rs[0]["test"]
                 acc = [sum(r["metrics"][str(L)]["token_acc"] for r in rs) / len(rs) for L in Ls]
                 ax.plot(Ls, acc, marker="o", label=m)
-                ax.axvline(rs[0]["train"][1], color="gray", ls=":", lw=1)
+                ax.axvline(stages(rs[0]["train"])[-1][1], color="gray", ls=":", lw=1)
         ax.set(title=t, xscale="log", xlabel="test length", ylim=(-0.02, 1.02))
     axes[0][0].set_ylabel("token accuracy")
     axes[0][-1].legend(fontsize=7)
@@ -395,7 +405,7 @@ def parse_args(argv):
         p.error("--lrs must be positive numbers")
     for t in args.tasks:  # ask each task whether it can make what we will ask of it
         s = preset["tasks"][t]
-        for L in (args.test_lengths or s["test"]) + s["train"]:
+        for L in (args.test_lengths or s["test"]) + sum(stages(s["train"]), []):
             try:
                 tasks.TASKS[t](**s.get("options", {})).sample(1, L, 0)
             except ValueError as e:

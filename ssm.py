@@ -112,7 +112,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
         y: (B, T, H, K), final_state: (B, H, K, N)
     """
     b, T, H, K = x.shape
-    N, Q = B.shape[-1], chunk_size
+    N, Q = B.shape[-1], min(chunk_size, T)   # a chunk longer than the sequence would only add padding
     pad = (-T) % Q            # padded steps have dt = 0: no decay (exp 0 = 1) and no input, so h is unchanged
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))

@@ -127,3 +127,16 @@ def test_training_learns_flipflop():
     losses = compare.train(model, task, steps=150, batch_size=32, lr=3e-3, train_lengths=[16, 16])
     assert sum(losses[-10:]) < sum(losses[:10])
     assert compare.evaluate(model, task, 16, n_examples=256)["token_acc"] > 0.75
+
+
+def test_curriculum_draws_lengths_stage_by_stage():
+    seen = []
+
+    class Recorder(tasks.FlipFlop):
+        def sample(self, batch_size, length, seed=0, device="cpu"):
+            seen.append(length)
+            return super().sample(batch_size, length, seed, device)
+
+    model = compare.build_model("attention", 5, d_model=16, n_layers=1)
+    compare.train(model, Recorder(), steps=6, batch_size=2, lr=1e-3, train_lengths=[[4, 4], [8, 9], [16, 16]])
+    assert seen[:2] == [4, 4] and set(seen[2:4]) <= {8, 9} and seen[4:] == [16, 16]
