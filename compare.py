@@ -232,6 +232,9 @@ def run_key(spec):
 # ---------------------------------------------------------------------------------------------------------
 
 def git_commit():
+    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT where there is no .git."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
         commit = run("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
@@ -249,14 +252,19 @@ def save_json(path, obj):
 
 
 def best_runs(runs):
-    """For each (model, task): the runs at the learning rate with the best mean validation accuracy."""
+    """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
+    lr): best mean validation accuracy, ties broken by the lower final training loss. Seeds added later at
+    that lr never change the choice."""
     by_cell = {}
     for r in runs:
         by_cell.setdefault((r["model"], r["task"]), {}).setdefault(r["lr"], []).append(r)
     best = {}
     for cell, by_lr in by_cell.items():
-        lr = max(by_lr, key=lambda lr: sum(r["val_token_acc"] for r in by_lr[lr]) / len(by_lr[lr]))
-        best[cell] = by_lr[lr]
+        sweep = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
+        def score(lr):
+            rs = [r for r in by_lr[lr] if r["seed"] in sweep]
+            return (sum(r["val_token_acc"] for r in rs) / len(rs), -sum(r["final_loss"] for r in rs) / len(rs))
+        best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
 
 

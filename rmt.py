@@ -127,6 +127,8 @@ if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     print(f"inference on {device}, batch 8, S={model.config.segment_len}, M={model.config.n_mem}:")
+    with torch.no_grad():
+        model(torch.randint(0, 32, (8, 1024), device=device))   # warm-up: the first call pays for CUDA's start
     for T in ([1024, 4096, 16384, 65536] if device == "cuda" else [256, 1024, 4096]):
         x = torch.randint(0, 32, (8, T), device=device)
         if device == "cuda":

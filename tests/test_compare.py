@@ -140,3 +140,14 @@ def test_curriculum_draws_lengths_stage_by_stage():
     model = compare.build_model("attention", 5, d_model=16, n_layers=1)
     compare.train(model, Recorder(), steps=6, batch_size=2, lr=1e-3, train_lengths=[[4, 4], [8, 9], [16, 16]])
     assert seen[:2] == [4, 4] and set(seen[2:4]) <= {8, 9} and seen[4:] == [16, 16]
+
+
+def test_best_lr_is_chosen_on_the_sweep_seed_only():
+    """A later seed at the chosen lr must not move the choice to another lr (where only seed 0 ran)."""
+    run = lambda lr, seed, val, loss=1.0: dict(model="m", task="t", lr=lr, seed=seed, val_token_acc=val,  # noqa
+                                               final_loss=loss)
+    runs = [run(1e-3, 0, 0.9), run(3e-3, 0, 0.95), run(3e-3, 1, 0.5)]
+    assert [r["seed"] for r in compare.best_runs(runs)[("m", "t")]] == [0, 1]
+    assert compare.best_runs(runs)[("m", "t")][0]["lr"] == 3e-3
+    tie = [run(1e-3, 0, 1.0, loss=0.2), run(3e-3, 0, 1.0, loss=0.1)]
+    assert compare.best_runs(tie)[("m", "t")][0]["lr"] == 3e-3
