@@ -1,0 +1,128 @@
+"""titans.py: the chunked dual form against the token loop (outputs, state, gradients), the delta rule,
+the state carry, recall beyond the window, causality."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compare
+from titans import Titans, TitansConfig, neural_memory, neural_memory_ref
+
+
+def inputs(T, memory, b=2, H=2, K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)   # noqa: E731
+    q, k = F.normalize(r(b, H, T, K), dim=-1), F.normalize(r(b, H, T, K), dim=-1)
+    gates = (0.2 * u(b, H, T), 0.05 + 0.9 * u(b, H, T), 0.1 * u(b, H, T))
+    weights = (0.3 * r(b, H, K, K),) if memory == "linear" else (0.5 * r(b, H, K, 6), 0.3 * r(b, H, 6, K))
+    momentum = tuple(0.1 * torch.randn_like(W) for W in weights)
+    return q, k, r(b, H, T, K), *gates, weights, momentum
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("T", [1, 13, 64])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_dual_form_equals_token_loop(memory, T, chunk_size):
+    args = inputs(T, memory)
+    y, (W, S) = neural_memory(*args, chunk_size=chunk_size)
+    y_ref, (W_ref, S_ref) = neural_memory_ref(*args, chunk_size=chunk_size)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(W + S, W_ref + S_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_gradients_equal_token_loop(memory):
+    """Gradients w.r.t. q, k, v, the three gates and the initial weights and momentum agree."""
+    q, k, v, theta, eta, alpha, weights, momentum = inputs(13, memory)
+    leaves = [q, k, v, theta, eta, alpha, *weights, *momentum]
+    for t in leaves:
+        t.requires_grad_()
+    probe = torch.randn(2, 2, 13, 4, dtype=torch.float64)
+    grads = []
+    for fn in (neural_memory, neural_memory_ref):
+        y, (W, S) = fn(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=4)
+        out = (y * probe).sum() + sum(w.sum() for w in W) + sum(s.square().sum() for s in S)
+        grads.append(torch.autograd.grad(out, leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck():
+    q, k, v, theta, eta, alpha, weights, momentum = inputs(5, "mlp", b=1, H=1, K=2)
+    args = [t.requires_grad_() for t in (q, k, v, theta, eta, alpha)]
+    fn = lambda *a: neural_memory(*a, weights, momentum, chunk_size=2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_linear_memory_without_momentum_is_the_gated_delta_rule():
+    q, k, v, theta, _, alpha, (W0,), _ = inputs(20, "linear")
+    eta = torch.zeros_like(theta)
+    y, ((W,), _) = neural_memory(q, k, v, theta, eta, alpha, (W0,), chunk_size=1)
+    W_loop, ys = W0, []
+    for t in range(20):                                    # W <- (1 - alpha) W - 2 theta k^T (k W - v)
+        kt, vt, qt = k[:, :, t, None], v[:, :, t, None], q[:, :, t, None]
+        err = kt @ W_loop - vt
+        W_loop = (1 - alpha[:, :, t, None, None]) * W_loop - 2 * theta[:, :, t, None, None] * kt.mT @ err
+        ys.append(qt @ W_loop)
+    torch.testing.assert_close(y, torch.cat(ys, dim=2))
+    torch.testing.assert_close(W, W_loop)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_state_carry(memory):
+    """The whole sequence equals the two halves with (weights, momentum) carried, split at a chunk border."""
+    q, k, v, theta, eta, alpha, weights, momentum = inputs(40, memory)
+    y, (W, S) = neural_memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=8)
+    half = lambda t, s: t[:, :, s]  # noqa: E731
+    a, b = slice(0, 24), slice(24, 40)
+    y1, (W1, S1) = neural_memory(*(half(t, a) for t in (q, k, v, theta, eta, alpha)), weights, momentum, 8)
+    y2, (W2, S2) = neural_memory(*(half(t, b) for t in (q, k, v, theta, eta, alpha)), W1, S1, 8)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=2), y)
+    for x, z in zip(W + S, W2 + S2):
+        torch.testing.assert_close(x, z)
+
+
+def test_a_key_written_early_is_recalled_far_beyond_any_window():
+    """By construction: 3 orthonormal keys written at t = 0, 1, 2 with theta = 0.5 (one exact delta-rule step
+    each), no momentum, no forgetting; then 300 tokens with theta = 0; the queries at the end read the values."""
+    K, T = 4, 306
+    keys = torch.eye(K, dtype=torch.float64)[:3]
+    values = torch.randn(3, K, dtype=torch.float64)
+    k = torch.cat([keys, F.normalize(torch.randn(T - 6, K, dtype=torch.float64), dim=-1), keys])[None, None]
+    v = torch.cat([values, torch.randn(T - 3, K, dtype=torch.float64)])[None, None]
+    theta = torch.zeros(1, 1, T, dtype=torch.float64)
+    theta[..., :3] = 0.5
+    zeros = torch.zeros_like(theta)
+    y, _ = neural_memory(k, k, v, theta, zeros, zeros, (torch.zeros(1, 1, K, K, dtype=torch.float64),),
+                         chunk_size=1)
+    torch.testing.assert_close(y[0, 0, -3:], values)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(use_attention=False, memory="linear")])
+def test_model_is_causal(options):
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(vocab_size=11, d_model=16, chunk_size=4, window=5, **options)).double().eval()
+    x = torch.randint(0, 11, (2, 23))
+    x2 = x.clone()
+    x2[:, 10:] = (x[:, 10:] + 1) % 11
+    a, b = model(x), model(x2)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_lmm_has_no_attention_and_a_constant_state():
+    m = Titans(TitansConfig(use_attention=False))
+    assert not any("attn" in name for name, _ in m.named_parameters())
+    assert m.state_size(100) == m.state_size(10_000)
+    hybrid = Titans(TitansConfig(window=32))
+    assert hybrid.state_size(10_000) == hybrid.state_size(32) > hybrid.state_size(8)
+
+
+def test_trains_on_a_bench_task():
+    torch.manual_seed(0)
+    import tasks
+    task = tasks.FlipFlop()
+    model = compare.build_model("titans", task.vocab_size, d_model=32, n_layers=1)
+    losses = compare.train(model, task, steps=60, batch_size=16, lr=3e-3, train_lengths=[32, 32])
+    assert all(map(lambda x: x == x, losses)) and sum(losses[-10:]) < 0.8 * sum(losses[:10])

@@ -1,0 +1,308 @@
+"""
+Titans: a neural long-term memory that learns while it reads, beside sliding-window attention.
+
+The memory is a small network M (a matrix, or a 2-layer MLP) whose *weights* are the recurrent state. At each
+token it takes one gradient step on an associative loss, ||M(k_t) - v_t||^2, so it stores "key k_t maps to
+value v_t", with momentum (past surprise) and a forgetting gate; reading is a forward pass M(q_t). Because the
+write is proportional to the prediction error, a pair it already knows costs nothing and an overwrite replaces
+the old value. Beside it runs sliding-window attention, which copies exactly inside its window. The hybrid
+(Memory-as-Gate, MAG) should copy like attention inside the window and recall or filter like a recurrent
+model beyond it (DESIGN.md C4).
+
+Training needs a parallel form. Following the paper (§3.2), the sequence is cut into chunks of C tokens and
+every gradient inside a chunk is taken at the weights of the chunk start; then the whole chunk is a few
+batched matmuls (the "dual form", as in TTT) and the loop runs over chunks only. C = 1 is exact online
+gradient descent; a larger C is a different, cheaper model (the surprise of a token ignores what earlier
+tokens of its chunk wrote). `neural_memory_ref` is the same computation token by token, with the gradients
+taken by autograd: the spec that `neural_memory` is tested against.
+
+Reading list
+  1. Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663: Eqs. 8-15
+     (the memory), §3.2 and Eqs. 16-18 (chunked training), Eqs. 26-28 (MAG), §4.4 (conv, norms, gates).
+  2. Sun et al., "Learning to (Learn at Test Time)" (TTT), arXiv 2407.04620: the dual form.
+  3. Yang et al., "Gated Delta Networks", arXiv 2412.06464: the linear memory with eta = 0.
+  4. lucidrains/titans-pytorch `neural_memory.py`: a public implementation (with torch.func).
+
+Glossary (paper -> here)
+  B batch, T time, D model width, H heads, K head dim, C chunk size, V vocabulary.
+  q, k, v (B, H, T, K)      queries, keys, values per head; q and k have unit norm
+  weights                   the memory M: (W,) for a linear map, (W1, W2) for an MLP, each (B, H, in, out)
+  momentum S                the same shapes: S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)   (Eq. 10)
+  M_t = (1 - alpha_t) M_{t-1} + S_t                                                                    (Eq. 13)
+  theta, eta, alpha (B, H, T) per-token inner learning rate, momentum decay, forgetting gate, all in [0, 1)
+  t'                        the first token of t's chunk: gradients are taken at M_{t'-1}              (Eq. 16)
+  beta_i, a_i               running products of (1 - alpha) and of eta inside a chunk (exp of cumsums)
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import Block, RMSNorm, TransformerConfig, init_weights, rotary
+
+
+@dataclass
+class TitansConfig:
+    vocab_size: int = 32      # V
+    d_model: int = 64         # D
+    n_layers: int = 2
+    n_heads: int = 2          # H; memory head dim K = D / H
+    mlp_ratio: int = 2        # 2, not the Transformer's 4: pays for the memory branch (parameters matched)
+    memory: str = "mlp"       # "linear" (a K x K matrix) or "mlp" (K -> memory_expand * K -> K, SiLU)
+    memory_expand: int = 1
+    chunk_size: int = 16      # C: gradients inside a chunk are taken at the chunk-start weights
+    window: int = 32          # sliding-window attention span
+    use_attention: bool = True  # False: the memory alone (the paper's LMM)
+    d_conv: int = 4           # short causal depthwise conv on q, k, v (binds a key to the value after it)
+    theta_max: float = 0.1    # theta = theta_max * sigmoid(.): small inner steps keep the inner loop stable
+    pos: str = "rope"
+
+    def __post_init__(self):
+        if self.memory not in ("linear", "mlp"):
+            raise ValueError(f"memory must be 'linear' or 'mlp', not {self.memory!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        self.attn = TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                                      n_heads=self.n_heads, mlp_ratio=self.mlp_ratio, pos=self.pos,
+                                      window=self.window, causal=True)
+        self.head_dim = self.attn.head_dim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The memory network: an L-layer MLP without biases (L = 1 is a linear map), applied per batch row and head
+# ---------------------------------------------------------------------------------------------------------
+
+def memory_forward(weights, x):
+    """M(x): x (B, H, n, in) -> (B, H, n, out), SiLU between layers."""
+    for i, W in enumerate(weights):
+        x = x @ W
+        if i < len(weights) - 1:
+            x = F.silu(x)
+    return x
+
+
+def memory_gradients(weights, k, v):
+    """The gradient of l = ||M(k_j) - v_j||^2 for each token j, in factored form: for every weight W_l a pair
+    (inp_l, err_l) of shapes (B, H, n, in_l) and (B, H, n, out_l) with grad_j W_l = inp_l[j]^T err_l[j].
+    Backpropagation written out, so that no per-token weight copy is ever made."""
+    xs, pres = [k], []
+    for i, W in enumerate(weights):
+        pres.append(xs[-1] @ W)
+        xs.append(F.silu(pres[-1]) if i < len(weights) - 1 else pres[-1])
+    err = 2 * (xs[-1] - v)
+    factors = []
+    for i in reversed(range(len(weights))):
+        factors.append((xs[i], err))
+        if i > 0:
+            s = torch.sigmoid(pres[i - 1])
+            err = (err @ weights[i].transpose(-1, -2)) * s * (1 + pres[i - 1] * (1 - s))   # silu'(h)
+    return factors[::-1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference: token by token, gradients from autograd at the chunk-start weights (the spec)
+# ---------------------------------------------------------------------------------------------------------
+
+def neural_memory_ref(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16):
+    """Read and update the memory one token at a time: update with token t, then read M_t(q_t).
+
+    Args:
+        q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1)
+        weights: tuple of (B, H, in, out), the memory at the start; momentum: the same shapes, or None (zeros)
+        chunk_size: C; gradients for tokens t' .. t'+C-1 are taken at the weights before token t'
+    Returns:
+        y (B, H, T, out), and the final (weights, momentum)
+    """
+    momentum = tuple(torch.zeros_like(W) for W in weights) if momentum is None else momentum
+    ys = []
+    for t in range(q.shape[2]):
+        if t % chunk_size == 0:
+            start = weights
+        with torch.enable_grad():
+            ws = [W if W.requires_grad else W.detach().requires_grad_() for W in start]
+            loss = (memory_forward(ws, k[:, :, t:t + 1]) - v[:, :, t:t + 1]).pow(2).sum()
+            grads = torch.autograd.grad(loss, ws, create_graph=True)
+        th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
+        momentum = tuple(et * S - th * g for S, g in zip(momentum, grads))               # Eq. 10
+        weights = tuple((1 - al) * W + S for W, S in zip(weights, momentum))             # Eq. 13
+        ys.append(memory_forward(weights, q[:, :, t:t + 1]))
+    return torch.cat(ys, dim=2), (weights, momentum)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast core: the chunked dual form, a few batched matmuls per chunk
+# ---------------------------------------------------------------------------------------------------------
+
+def segsum(x):
+    """(..., C) -> (..., C, C): out[..., i, j] = x[j+1] + ... + x[i] for j <= i, -inf above (as in ssm.py)."""
+    C = x.shape[-1]
+    z = x[..., :, None].expand(*x.shape, C)
+    z = z.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1), 0).cumsum(dim=-2)
+    return z.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+
+
+def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16):
+    """Same contract as `neural_memory_ref`. Inside a chunk with start state (W0, S0) and chunk-start gradients
+    u_j = inp_j^T err_j, unrolling Eqs. 10 and 13 gives, for every position i of the chunk,
+
+        W_i = beta_i W0 + f_i S0 - sum_{j <= i} G_ij u_j,   G = D_beta D_eta diag(theta),   f = D_beta a,
+
+    with D_beta[i, m] = beta_i / beta_m and D_eta[m, j] = a_m / a_j (exp of segment sums, never a division).
+    Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself.
+    """
+    momentum = tuple(torch.zeros_like(W) for W in weights) if momentum is None else momentum
+    log_keep, log_eta = torch.log1p(-alpha), torch.log(eta)                     # log(1 - alpha), log(eta) <= 0
+    ys = []
+    for s in range(0, q.shape[2], chunk_size):                                  # the only loop: over chunks
+        c = slice(s, s + chunk_size)
+        D_beta, D_eta = torch.exp(segsum(log_keep[..., c])), torch.exp(segsum(log_eta[..., c]))  # (B, H, C, C)
+        beta = torch.exp(log_keep[..., c].cumsum(-1))[..., None]                # (B, H, C, 1)
+        a = torch.exp(log_eta[..., c].cumsum(-1))[..., None]
+        G = (D_beta @ D_eta) * theta[..., None, c]                               # (B, H, C, C), lower triangular
+        f = D_beta @ a                                                           # (B, H, C, 1)
+        factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
+        x = q[:, :, c]                                                           # read: layer by layer
+        for i, (W0, S0, (inp, err)) in enumerate(zip(weights, momentum, factors)):
+            x = beta * (x @ W0) + f * (x @ S0) - ((x @ inp.transpose(-1, -2)) * G) @ err
+            if i < len(weights) - 1:
+                x = F.silu(x)
+        ys.append(x)
+        g_end = G[..., -1, :, None]                                              # (B, H, C, 1): row i = last
+        c_end = theta[..., c, None] * D_eta[..., -1, :, None]                    # theta_j a_last / a_j
+        weights = tuple(beta[..., -1:, :] * W0 + f[..., -1:, :] * S0 - inp.transpose(-1, -2) @ (g_end * err)
+                        for W0, S0, (inp, err) in zip(weights, momentum, factors))
+        momentum = tuple(a[..., -1:, :] * S0 - inp.transpose(-1, -2) @ (c_end * err)
+                         for S0, (inp, err) in zip(momentum, factors))
+    return torch.cat(ys, dim=2), (weights, momentum)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The memory layer, the hybrid block, the model
+# ---------------------------------------------------------------------------------------------------------
+
+class NeuralMemory(nn.Module):
+    """x (B, T, D) -> (B, T, D): q, k, v with a short causal conv and SiLU, unit-norm q and k, per-token
+    gates, the memory update and read in fp32, then a norm and an output gate (paper §4.4)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        D, H, K = c.d_model, c.n_heads, c.head_dim
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.conv = nn.Conv1d(3 * D, 3 * D, c.d_conv, groups=3 * D, padding=c.d_conv - 1)
+        self.gates = nn.Linear(D, 3 * H)                                         # theta, eta, alpha logits
+        sizes = [K, K] if c.memory == "linear" else [K, c.memory_expand * K, K]
+        self.memory_init = nn.ParameterList(nn.Parameter(torch.empty(H, i, o)) for i, o in zip(sizes, sizes[1:]))
+        self.norm = RMSNorm(D)
+        self.out_gate = nn.Linear(D, D, bias=False)
+        self.proj = nn.Linear(D, D, bias=False)
+
+    def reset_memory_parameters(self):
+        """Titans' own inits; called after any blanket init, which would overwrite them."""
+        H = self.config.n_heads
+        with torch.no_grad():
+            self.gates.bias.copy_(torch.tensor([0.0] * H + [math.log(9)] * H + [-5.0] * H))  # eta 0.9, alpha 0.007
+            for i, W in enumerate(self.memory_init):                            # last layer 0: M(x) = 0 at first
+                nn.init.normal_(W, std=W.shape[1] ** -0.5) if i < len(self.memory_init) - 1 else nn.init.zeros_(W)
+
+    def forward(self, x):
+        c = self.config
+        B, T, D = x.shape
+        qkv = F.silu(self.conv(self.qkv(x).transpose(1, 2))[..., :T].transpose(1, 2))    # causal conv
+        q, k, v = qkv.view(B, T, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)        # 3 x (B, H, T, K)
+        theta, eta, alpha = torch.sigmoid(self.gates(x)).view(B, T, 3, c.n_heads).permute(2, 0, 3, 1)
+        f32 = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):                               # memory maths in f32
+            q, k, v = F.normalize(q.to(f32), dim=-1), F.normalize(k.to(f32), dim=-1), v.to(f32)
+            weights = tuple(W.to(f32).expand(B, *W.shape) for W in self.memory_init)
+            y, _ = neural_memory(q, k, v, c.theta_max * theta.to(f32), eta.to(f32), alpha.to(f32), weights,
+                                 chunk_size=c.chunk_size)
+        y = self.norm(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
+        return self.proj(y * F.silu(self.out_gate(x)))
+
+
+class TitansBlock(Block):
+    """The Transformer Block of attention.py with a memory branch beside its attention (MAG, paper Eq. 28):
+    x + SWA(norm(x)) + memory(norm(x)), then the MLP. The paper combines the branches by multiplying their
+    normalised outputs; we add them, the memory branch carrying its own output gate, which keeps the attention
+    path as in a plain Transformer. With use_attention=False the attention branch is dropped (LMM)."""
+
+    def __init__(self, config):
+        super().__init__(config.attn)
+        self.memory = NeuralMemory(config)
+        if not config.use_attention:
+            del self.attn
+
+    def forward(self, x, rope=None):
+        h = self.norm1(x)
+        x = x + self.memory(h) + (self.attn(h, rope) if hasattr(self, "attn") else 0)
+        return x + self.mlp(self.norm2(x))
+
+
+class Titans(nn.Module):
+    """tokens (B, T) -> logits (B, T, V). Causal: the window is causal and the memory reads M_t after token t."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(TitansBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, config.n_layers)
+        for block in self.blocks:                                  # after the blanket init
+            block.memory.reset_memory_parameters()
+            nn.init.normal_(block.memory.proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def forward(self, tokens):
+        c = self.config
+        x = self.embed(tokens)
+        rope = rotary(torch.arange(tokens.shape[1], device=tokens.device), c.head_dim) if c.pos == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.head(self.norm(x))
+
+    def state_size(self, seq_len):
+        """Floats per sequence at inference, per layer: memory weights and momentum, the conv's last d_conv-1
+        inputs, and the window's key/value cache (2 * D per cached token)."""
+        c = self.config
+        memory = sum(W.numel() for W in self.blocks[0].memory.memory_init)
+        window = 2 * c.d_model * min(seq_len, c.window) if c.use_attention else 0
+        return c.n_layers * (2 * memory + (c.d_conv - 1) * 3 * c.d_model + window)
+
+
+if __name__ == "__main__":
+    torch.set_flush_denormal(True)  # CPU: products of many decays underflow to subnormals, which are very slow
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(vocab_size=32))
+    tokens = torch.randint(0, 32, (2, 50))
+    print(f"Titans (MAG): {sum(p.numel() for p in model.parameters()):,} parameters, logits "
+          f"{tuple(model(tokens).shape)}, state {model.state_size(50):,} floats per sequence")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"fwd+bwd of one neural_memory call, MLP memory, B=4 H=4 K=32, chunk 16, fp32, on {name}:")
+    for T in ([512, 2048, 8192] if device == "cuda" else [256, 1024]):
+        times = {}
+        for fn in (neural_memory, neural_memory_ref):
+            if fn is neural_memory_ref and T > 2048:
+                continue
+            g = torch.Generator(device).manual_seed(0)
+            q, k, v = (F.normalize(torch.randn(4, 4, T, 32, device=device, generator=g), dim=-1) for _ in range(3))
+            gates = [torch.rand(4, 4, T, device=device, generator=g).requires_grad_() for _ in range(3)]
+            theta, eta, alpha = gates[0] * 0.1, gates[1] * 0.9, gates[2] * 0.01
+            weights = (torch.randn(4, 4, 32, 64, device=device, requires_grad=True),
+                       torch.zeros(4, 4, 64, 32, device=device, requires_grad=True))
+            for i in range(2):                                      # the first run warms up
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn(q, k, v, theta, eta, alpha, weights, chunk_size=16)[0].sum().backward(retain_graph=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[fn.__name__] = (time.perf_counter() - start) * 1e3
+        ref = times.get("neural_memory_ref")
+        speed = f"   neural_memory_ref {ref:9.1f} ms   speed-up {ref / times['neural_memory']:5.0f}x" if ref else ""
+        print(f"  T={T:5d}  neural_memory {times['neural_memory']:8.1f} ms{speed}")
