@@ -96,8 +96,7 @@ PRESETS = {
         models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 3e-3, 1e-2],
         seeds=[0, 1], eval_examples=512, tasks={
             "copy": dict(train=[5, 50], test=[50, 100, 200], steps=3000),
-            "mqar": dict(train=[256, 256], test=[256, 1024], steps=3000,
-                         options=dict(n_pairs=16, vocab_size=256, power_a=1.0)),  # uniform gaps
+            "mqar": dict(train=[128, 128], test=[128, 512], steps=3000, options=dict(n_pairs=8, vocab_size=128)),
             "flipflop": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=2000),
             "selective_copy": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000,
                                    options=dict(n_data=8)),

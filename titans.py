@@ -151,32 +151,41 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
         W_i = beta_i W0 + f_i S0 - sum_{j <= i} G_ij u_j,   G = D_beta D_eta diag(theta),   f = D_beta a,
 
     with D_beta[i, m] = beta_i / beta_m and D_eta[m, j] = a_m / a_j (exp of segment sums, never a division).
-    Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself.
+    Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself. The gate matrices
+    do not depend on the memory, so they are built for all chunks at once; only the gradients, the read and
+    the state update run in the loop over chunks.
     """
+    B, H, T, _ = q.shape
+    C = min(chunk_size, T)
+    n, pad = -(-T // C), (-T) % C
     momentum = tuple(torch.zeros_like(W) for W in weights) if momentum is None else momentum
-    log_keep, log_eta = torch.log1p(-alpha), torch.log(eta)                     # log(1 - alpha), log(eta) <= 0
+    # Padded tokens: zero inputs and theta = 0, log-gates 0; they come after every real token of the last
+    # chunk, so the lower-triangular G and D_eta give them no say in it, and the state is read at its last
+    # real row.
+    q, k, v = (F.pad(x, (0, 0, 0, pad)).view(B, H, n, C, -1) for x in (q, k, v))
+    theta, log_keep, log_eta = (F.pad(x, (0, pad)).view(B, H, n, C)
+                                for x in (theta, torch.log1p(-alpha), torch.log(eta)))    # logs <= 0
+    D_beta, D_eta = torch.exp(segsum(log_keep)), torch.exp(segsum(log_eta))       # (B, H, n, C, C)
+    beta, a = torch.exp(log_keep.cumsum(-1))[..., None], torch.exp(log_eta.cumsum(-1))[..., None]
+    G = (D_beta @ D_eta) * theta[..., None, :]                                    # lower triangular
+    f = D_beta @ a                                                                # (B, H, n, C, 1)
     ys = []
-    for s in range(0, q.shape[2], chunk_size):                                  # the only loop: over chunks
-        c = slice(s, s + chunk_size)
-        D_beta, D_eta = torch.exp(segsum(log_keep[..., c])), torch.exp(segsum(log_eta[..., c]))  # (B, H, C, C)
-        beta = torch.exp(log_keep[..., c].cumsum(-1))[..., None]                # (B, H, C, 1)
-        a = torch.exp(log_eta[..., c].cumsum(-1))[..., None]
-        G = (D_beta @ D_eta) * theta[..., None, c]                               # (B, H, C, C), lower triangular
-        f = D_beta @ a                                                           # (B, H, C, 1)
+    for c in range(n):                                                            # the only loop: over chunks
+        last = C - 1 if c < n - 1 else (T - 1) % C
         factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
-        x = q[:, :, c]                                                           # read: layer by layer
+        x = q[:, :, c]                                                            # read, layer by layer
         for i, (W0, S0, (inp, err)) in enumerate(zip(weights, momentum, factors)):
-            x = beta * (x @ W0) + f * (x @ S0) - ((x @ inp.transpose(-1, -2)) * G) @ err
+            x = beta[:, :, c] * (x @ W0) + f[:, :, c] * (x @ S0) - ((x @ inp.mT) * G[:, :, c]) @ err
             if i < len(weights) - 1:
                 x = F.silu(x)
         ys.append(x)
-        g_end = G[..., -1, :, None]                                              # (B, H, C, 1): row i = last
-        c_end = theta[..., c, None] * D_eta[..., -1, :, None]                    # theta_j a_last / a_j
-        weights = tuple(beta[..., -1:, :] * W0 + f[..., -1:, :] * S0 - inp.transpose(-1, -2) @ (g_end * err)
+        g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
+        c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]           # theta_j a_last / a_j
+        b_end, f_end, a_end = (z[:, :, c, last:last + 1] for z in (beta, f, a))   # (B, H, 1, 1)
+        weights = tuple(b_end * W0 + f_end * S0 - inp.mT @ (g_end * err)
                         for W0, S0, (inp, err) in zip(weights, momentum, factors))
-        momentum = tuple(a[..., -1:, :] * S0 - inp.transpose(-1, -2) @ (c_end * err)
-                         for S0, (inp, err) in zip(momentum, factors))
-    return torch.cat(ys, dim=2), (weights, momentum)
+        momentum = tuple(a_end * S0 - inp.mT @ (c_end * err) for S0, (inp, err) in zip(momentum, factors))
+    return torch.cat(ys, dim=2)[:, :, :T], (weights, momentum)
 
 
 # ---------------------------------------------------------------------------------------------------------
