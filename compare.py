@@ -84,7 +84,7 @@ PRESETS = {
             "babilong": dict(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
         }),
     "quick": dict(
-        models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 1e-2], seeds=[0],
+        models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 1e-2], seeds=[0],
         eval_examples=256, tasks={
             "copy": dict(train=[2, 8], test=[8, 16], steps=1000),
             "mqar": dict(train=[16, 16], test=[16, 64], steps=1000, options=dict(n_pairs=4, vocab_size=32)),
@@ -238,15 +238,17 @@ def run_key(spec):
 # ---------------------------------------------------------------------------------------------------------
 
 def git_commit():
-    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT where there is no .git."""
-    if not os.path.isdir(os.path.join(ROOT, ".git")) and os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
+    """The commit of this code (+dirty if tracked files changed); $GIT_COMMIT where git cannot tell (a copy of
+    the working tree without its history, as on a rented GPU)."""
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
-        commit = run("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+        commit = run("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = dirty = ""
+    if not commit:
+        return os.environ.get("GIT_COMMIT", "unknown")
+    return commit + ("+dirty" if dirty else "")
 
 
 def save_json(path, obj):
