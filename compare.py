@@ -355,6 +355,9 @@ def plot(results, path, task_names, model_names):
                 ax.plot(Ls, acc, marker="o", label=m)
                 ax.axvline(stages(rs[0]["train"])[-1][1], color="gray", ls=":", lw=1)
         ax.set(title=t, xscale="log", xlabel="test length", ylim=(-0.02, 1.02))
+        ax.minorticks_off()
+        lengths = sorted({L for m in model_names for r in best.get((m, t), []) for L in r["test"]})
+        ax.set_xticks(lengths, [str(L) for L in lengths], fontsize=7)
     axes[0][0].set_ylabel("token accuracy")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
@@ -481,6 +484,8 @@ def main(argv=None):
             if len(todo) < len(specs):
                 print(f"{phase}: {len(specs) - len(todo)} of {len(specs)} runs already done, skipping them")
             for record in run_all(todo, workers, gpus, phase):
+                record.update(commit=results["meta"]["commit"], torch=torch.__version__,
+                              device_name=results["meta"]["device_name"])
                 results["runs"][run_key(record)] = record
                 save_json(path, results)
     except KeyboardInterrupt:

@@ -45,7 +45,7 @@ class MambaConfig:
     d_model: int = 64      # D
     n_layers: int = 2      # number of blocks, each = SSM mixer + MLP (as the Transformer's attention + MLP)
     expand: int = 2        # E = expand * D
-    head_dim: int = 32     # K; H = E / K heads
+    n_heads: int = 4       # H; head dim K = E / H
     d_state: int = 16      # N, the dial of the copy/filter trade-off
     d_conv: int = 4        # width of the short causal depthwise convolution
     chunk_size: int = 64   # C, the SSD chunk length (a speed knob: results do not depend on it)
@@ -55,9 +55,9 @@ class MambaConfig:
 
     def __post_init__(self):
         self.d_inner = self.expand * self.d_model  # E
-        if self.d_inner % self.head_dim:
-            raise ValueError(f"expand * d_model = {self.d_inner} is not divisible by head_dim={self.head_dim}")
-        self.n_heads = self.d_inner // self.head_dim  # H
+        if self.d_inner % self.n_heads:
+            raise ValueError(f"expand * d_model = {self.d_inner} is not divisible by n_heads={self.n_heads}")
+        self.head_dim = self.d_inner // self.n_heads  # K
 
 
 # ---------------------------------------------------------------------------------------------------------

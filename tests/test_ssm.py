@@ -61,7 +61,7 @@ def test_long_sequence_is_finite_in_float32():
 
 def test_model_is_causal():
     torch.manual_seed(0)
-    model = Mamba(MambaConfig(vocab_size=11, d_model=16, head_dim=8, chunk_size=4)).double().eval()
+    model = Mamba(MambaConfig(vocab_size=11, d_model=16, n_heads=4, chunk_size=4)).double().eval()
     x = torch.randint(0, 11, (2, 19))
     x2 = x.clone()
     x2[:, 10:] = torch.randint(0, 11, (2, 9))
@@ -71,7 +71,7 @@ def test_model_is_causal():
 
 
 def test_dt_init_is_log_uniform_in_range():
-    model = Mamba(MambaConfig(d_model=64, expand=8, head_dim=1))  # 512 heads, enough to see the spread
+    model = Mamba(MambaConfig(d_model=64, expand=8, n_heads=512))  # 512 heads, enough to see the spread
     dt = F.softplus(model.blocks[0].mixer.dt_bias)
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
     assert (dt < 1e-2).float().mean().item() == pytest.approx(0.5, abs=0.1)  # log-uniform: half below 1e-2
