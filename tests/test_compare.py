@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_smoke_preset_end_to_end(tmp_path):
-    assert compare.main(["--preset", "smoke", "--out", str(tmp_path)]) == 0
+    """Every model on every task, in worker processes as by default (2 on a 2-core machine)."""
+    assert compare.main(["--preset", "smoke", "--workers", "2", "--out", str(tmp_path)]) == 0
     runs = json.load(open(tmp_path / "smoke.json"))["runs"]
     preset = compare.PRESETS["smoke"]
     assert len(runs) == len(preset["models"]) * len(preset["tasks"]) * len(preset["lrs"])
@@ -30,7 +31,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
     argv = ["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop,mqar", "--steps", "3",
-            "--out", str(tmp_path)]
+            "--workers", "1", "--out", str(tmp_path)]  # one worker: the patched run_one runs in this process
     real, calls = compare.run_one, []
 
     def interrupted_after_two(spec):
