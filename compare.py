@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attention
+import hrm
 import rmt
 import ssm
 import tasks
@@ -49,6 +50,8 @@ MODELS = {  # name -> (model class, config class, options that define the varian
     "titans": (titans.Titans, titans.TitansConfig, {}),
     "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
     "attention_swa": (attention.Transformer, attention.TransformerConfig, {"window": 32}),
+    "hrm": (hrm.HRM, hrm.HRMConfig, {}),
+    "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
 }
 
 
@@ -64,6 +67,11 @@ def build_model(name, vocab_size, **overrides):
     return model_class(config_class(vocab_size=vocab_size, **{**variant, **overrides}))
 
 
+def reads_grids(name):
+    """Whether a model can run bidirectionally, as grid tasks (the maze) need: attention and HRM can."""
+    return "causal" in MODELS[name][1].__dataclass_fields__
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -75,13 +83,15 @@ def n_params(model):
 
 PRESETS = {
     "smoke": dict(
-        models=list(MODELS), size=dict(d_model=32, n_layers=1), batch_size=16, lrs=[3e-3], seeds=[0],
+        models=list(MODELS), size=dict(d_model=32, n_layers=2), batch_size=16, lrs=[3e-3], seeds=[0],
         eval_examples=32, tasks={
             "copy": dict(train=[2, 6], test=[6, 12], steps=30),
             "mqar": dict(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
             "flipflop": dict(train=[32, 32], test=[32, 128], steps=30),
             "selective_copy": dict(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
             "babilong": dict(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
+            "maze": dict(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2],
+                         options=dict(canvas=7, n_train=20)),
         }),
     "quick": dict(
         models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=64,
@@ -102,6 +112,9 @@ PRESETS = {
             "selective_copy": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000,
                                    options=dict(n_data=8)),
             "babilong": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=3000),
+            "maze": dict(train=[6, 6], test=[6, 8], steps=2000, segments=[1, 2, 4, 8, 16], models=["attention", "hrm"],
+                         size=dict(d_model=128, n_heads=4, n_layers=4),
+                         options=dict(canvas=17, n_train=1000, min_path=30)),
         }),
 }
 
@@ -135,15 +148,17 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
+    sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
     plan = stages(train_lengths)
     losses = []
     for step in tqdm(range(steps), desc="train", leave=False, disable=not progress):
         lo, hi = plan[step * len(plan) // steps]
         length = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        x, y = task.sample(batch_size, length, g, device)
-        with autocast(device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE)
+        x, y = sample(batch_size, length, g, device)
+        with autocast(device):   # HRM: deep supervision, a loss on every segment
+            outputs = model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
+        loss = sum(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE)
+                   for logits in outputs) / len(outputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -163,10 +178,11 @@ def generate(model, prompt, n_new):
 
 
 @torch.no_grad()
-def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
+def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None):
     """Accuracy at one length. Returns token_acc (scored positions right), exact (every scored position of an
     example right), and where the task defines them gen_exact (greedy generation, e.g. copy) and by_depth
-    (accuracy in four bins of the deciding fact's depth, e.g. babilong)."""
+    (accuracy in four bins of the deciding fact's depth, e.g. babilong). `segments`: HRM's test-time segments."""
+    forward = model if segments is None else lambda x: model(x, segments=segments)
     model.to(device).eval()
     g = torch.Generator().manual_seed(seed)
     batch = max(1, min(n_examples, max_tokens // length))
@@ -179,7 +195,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
         else:
             x, y, depth = *task.sample(b, length, g, device), None
         with autocast(device):
-            pred = model(x).argmax(-1)
+            pred = forward(x).argmax(-1)
         scored = y != tasks.IGNORE
         ok = (pred == y) & scored
         right, total = right + ok.sum().item(), total + scored.sum().item()
@@ -224,7 +240,13 @@ def run_one(spec):
     val = evaluate(model, task, hi, spec["eval_examples"], device, seed=10_000 + spec["seed"])
     metrics = {str(L): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"])
                for L in spec["test"]}
-    return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(L) for L in spec["test"]},
+    if spec.get("test_segments") and hasattr(model, "segment_logits"):   # HRM: accuracy vs test-time segments
+        for L in spec["test"]:
+            metrics[str(L)]["by_segments"] = {
+                str(s): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"],
+                                 segments=s) for s in spec["test_segments"]}
+    tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
+    return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
             "examples_seen": spec["steps"] * spec["batch_size"], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
             "val_token_acc": val["token_acc"], "metrics": metrics}
@@ -319,6 +341,25 @@ def details(runs, task_names, model_names):
     return "\n".join(lines)
 
 
+def segments_table(runs, model_names):
+    """Grid tasks: exact match against HRM's test-time segments; fixed-depth models have one number."""
+    best = best_runs(runs)
+    rows = [(m, rs) for m in model_names for (mm, t), rs in best.items() if mm == m and t == "maze"]
+    counts = sorted({int(s) for _, rs in rows for r in rs for v in r["metrics"].values()
+                     for s in v.get("by_segments", {})})
+    lines = ["| model | maze size | fixed depth | " + " | ".join(f"{s} seg" for s in counts) + " |",
+             "|" + "---|" * (len(counts) + 3)]
+    for m, rs in rows:
+        for L in rs[0]["test"]:
+            mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
+            by = rs[0]["metrics"][str(L)].get("by_segments")
+            cells = [f"{mean(lambda r: r['metrics'][str(L)]['by_segments'][str(s)]['exact']):.2f}" if by else ""
+                     for s in counts]
+            fixed = "" if by else f"{mean(lambda r: r['metrics'][str(L)]['exact']):.2f}"
+            lines.append(f"| {m} | {L}x{L} | {fixed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(results, task_names, model_names):
     runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
     meta = results["meta"]
@@ -331,18 +372,16 @@ def report(results, task_names, model_names):
              "## Exact match: every scored position of an example right (copy: greedy generation)", "",
              table(runs, "gen_exact", ["copy"], model_names) if "copy" in task_names else "", "",
              table(runs, "exact", [t for t in task_names if t != "copy"], model_names), "",
+             *(["## Maze: exact match against test-time segments (trained with the preset's segments)", "",
+                segments_table(runs, model_names), ""] if "maze" in task_names else []),
              "## Runs", "", details(runs, task_names, model_names), ""]
     return "\n".join(parts)
 
 
 def plot(results, path, task_names, model_names):
     """Accuracy against test length, one panel per task, the training length marked. Needs matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
     best = best_runs(runs)
@@ -365,6 +404,44 @@ def plot(results, path, task_names, model_names):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"plot: {path}")
+
+
+def plot_segments(results, path, model_names):
+    """Maze exact match against test-time segments, one line per (model, maze size); fixed depth is flat."""
+    plt = pyplot()
+    if plt is None:
+        return
+    best = best_runs([r for r in results["runs"].values() if r["task"] == "maze" and r["model"] in model_names])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for (m, _), rs in sorted(best.items()):
+        for L, ls in zip(rs[0]["test"], ("-", "--", ":")):
+            by = rs[0]["metrics"][str(L)].get("by_segments")
+            counts = [int(s) for s in by] if by else None
+            if by:
+                acc = [sum(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs) / len(rs) for s in counts]
+                ax.plot(counts, acc, marker="o", ls=ls, label=f"{m}, {L}x{L}")
+            else:
+                ax.axhline(sum(r["metrics"][str(L)]["exact"] for r in rs) / len(rs), ls=ls, color="k", lw=1,
+                           label=f"{m} (fixed depth), {L}x{L}")
+    ax.set(xscale="log", xlabel="test-time segments", ylabel="exact match (whole path right)", ylim=(-0.02, 1.02),
+           title="maze: recurrent depth at test time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def pyplot():
+    """matplotlib.pyplot, or None (with a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,6 +484,7 @@ def parse_args(argv):
     args.device = str(device)
     args.preset = args.preset or ("full" if device.type == "cuda" else "quick")
     preset = PRESETS[args.preset]
+    args.chosen_models = args.models is not None     # else each task may name its own models (the maze)
     args.models = args.models or preset["models"]
     args.tasks = args.tasks or list(preset["tasks"])
     for m in args.models:
@@ -439,15 +517,22 @@ def make_specs(args, lr_by_cell=None):
     """The runs to do: the lr sweep on the first seed, or (given the best lr per cell) the other seeds."""
     preset = PRESETS[args.preset]
     seeds = args.seeds or preset["seeds"]
-    lrs = args.lrs or preset["lrs"]
     specs = []
     for t in args.tasks:
         s = preset["tasks"][t]
-        for m in args.models:
-            base = dict(model=m, task=t, task_options=s.get("options", {}), model_options=preset["size"],
+        lrs = args.lrs or s.get("lrs", preset["lrs"])
+        grid = not getattr(tasks.TASKS[t], "causal", True)
+        for m in args.models if args.chosen_models else s.get("models", args.models):
+            if grid and not reads_grids(m):
+                continue                                  # a causal-only model has no place on a grid task
+            options = {**preset["size"], **s.get("size", {}), **s.get("model_options", {}).get(m, {}),
+                       **({"causal": False} if grid else {})}
+            base = dict(model=m, task=t, task_options=s.get("options", {}), model_options=options,
                         train=s["train"], test=args.test_lengths or s["test"], steps=args.steps or s["steps"],
                         batch_size=preset["batch_size"], eval_examples=preset["eval_examples"],
                         device=args.device)
+            if "segments" in s:
+                base["test_segments"] = s["segments"]
             if lr_by_cell is None:
                 specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
             else:
@@ -501,7 +586,11 @@ def main(argv=None):
     with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
         f.write(text)
     print(text)
-    plot(results, os.path.join(args.out, f"{args.preset}_length.png"), args.tasks, args.models)
+    if [t for t in args.tasks if t != "maze"]:
+        plot(results, os.path.join(args.out, f"{args.preset}_length.png"), [t for t in args.tasks if t != "maze"],
+             args.models)
+    if "maze" in args.tasks:
+        plot_segments(results, os.path.join(args.out, f"{args.preset}_segments.png"), args.models)
     return 0
 
 

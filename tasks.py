@@ -11,14 +11,21 @@ seed always gives the same batch. Nothing is downloaded; `python tasks.py` print
   flipflop        remember the last written bit in a noisy stream  filtering (Liu et al., arXiv 2306.00946)
   selective_copy  reproduce data tokens scattered in noise         both      (Mamba §4.1, arXiv 2312.00752)
   babilong        where is a person / object, facts lost in noise  filtering (BABILong, arXiv 2406.10149)
+  maze            mark the shortest path through a perfect maze    depth     (HRM, arXiv 2506.21734)
+
+The maze is a grid task, not a next-token one: x is the whole grid, y marks the path on it, and models read
+it bidirectionally (`Maze.causal = False`); its training set is fixed and small (`sample_train`).
 
 Contract: `TASKS[name](**options)` builds a task with `.vocab_size`, `.names` (a printable name per token id)
 and `.sample(batch_size, length, seed=0, device="cpu") -> (x, y)`; `seed` is an int or a torch.Generator.
 What `length` means is each task's own difficulty knob (the string length for copy, the sequence length for
 the rest). An impossible request raises ValueError with a message that says why.
 """
+import random
+from collections import deque
 from functools import partial
 
+import numpy as np
 import torch
 
 IGNORE = -100  # the target value that the loss and the metrics skip
@@ -283,6 +290,130 @@ class BabiLong:
         return x, y
 
 
+class Maze:
+    """Mark the shortest path through a perfect maze (HRM §3.1, after Lehnert et al. arXiv 2402.14083): a grid task.
+
+    length = n: a maze of n x n cells made by a randomised depth-first search, written into a (2n+1) x (2n+1)
+    grid of walls `#` and open squares `.`, with a start S and a goal G on two distinct cells. A perfect maze has
+    exactly one path between any two squares, so the shortest path (found by breadth-first search) is the only
+    one and the label is unambiguous. The grid sits in the top-left corner of a fixed `canvas` x `canvas` of walls
+    (T = canvas**2 tokens, read row by row), so mazes of every size share one row stride and a position offset
+    means the same thing at every size: a model trained on small mazes can be tested on larger ones.
+    y marks every open square `.` as `o` (on the path) or `.` (not); walls, S and G are not scored.
+    Nothing is causal here (`causal = False`): a model reads the whole grid at once, and x never contains `o`.
+
+    Data-scarce by design (HRM, TRM): `sample_train` draws from a fixed set of `n_train` mazes per size, under
+    one of the 8 symmetries of the square; `sample` draws fresh mazes that are in no training set.
+
+    Example (n=2, canvas 5):  x  # # # # #    y  . . . . .    (y shown with walls and S, G as `.`:
+                                 # S . . #       . . o o .     they are not scored)
+                                 # # # . #       . . . o .
+                                 # G . . #       . . o o .
+                                 # # # # #       . . . . .
+    """
+    causal = False
+    min_length = 2
+    WALL, OPEN, START, GOAL, PATH = range(5)
+
+    def __init__(self, canvas=17, n_train=1000, min_path=0, train_seed=1234):
+        if canvas < 5 or n_train < 1:
+            raise ValueError(f"maze: canvas must be >= 5 and n_train >= 1, got {canvas} and {n_train}")
+        self.canvas, self.n_train, self.min_path, self.train_seed = canvas, n_train, min_path, train_seed
+        self.vocab_size = 5
+        self.names = ["#", ".", "S", "G", "o"]
+        self._train_sets = {}                                     # n -> (x, y) of the fixed training mazes
+
+    def _maze(self, n, rng):
+        """One (2n+1) x (2n+1) grid of token ids (walls, open, S, G) and its path mask (open squares only)."""
+        for _ in range(100):                                      # resample until the path is long enough
+            grid = np.full((2 * n + 1, 2 * n + 1), self.WALL)
+            seen = np.zeros((n, n), bool)
+            stack = [(rng.randrange(n), rng.randrange(n))]
+            seen[stack[0]] = True
+            grid[2 * stack[0][0] + 1, 2 * stack[0][1] + 1] = self.OPEN
+            while stack:                                          # recursive backtracker, without recursion
+                r, c = stack[-1]
+                nbrs = [(r + dr, c + dc) for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0))
+                        if 0 <= r + dr < n and 0 <= c + dc < n and not seen[r + dr, c + dc]]
+                if not nbrs:
+                    stack.pop()
+                    continue
+                nr, nc = rng.choice(nbrs)
+                grid[r + nr + 1, c + nc + 1] = grid[2 * nr + 1, 2 * nc + 1] = self.OPEN  # knock the wall down
+                seen[nr, nc] = True
+                stack.append((nr, nc))
+            (sr, sc), (gr, gc) = [(2 * (i // n) + 1, 2 * (i % n) + 1) for i in rng.sample(range(n * n), 2)]
+            parent = {(sr, sc): None}                             # breadth-first search from S
+            queue = deque([(sr, sc)])
+            while queue:
+                r, c = queue.popleft()
+                for rr, cc in ((r, c + 1), (r + 1, c), (r, c - 1), (r - 1, c)):
+                    if grid[rr, cc] != self.WALL and (rr, cc) not in parent:
+                        parent[rr, cc] = (r, c)
+                        queue.append((rr, cc))
+            path, square = np.zeros(grid.shape, bool), (gr, gc)
+            while square is not None:                             # walk back from G
+                path[square] = True
+                square = parent[square]
+            if path.sum() >= self.min_path:
+                grid[sr, sc], grid[gr, gc] = self.START, self.GOAL
+                return grid, path
+        raise ValueError(f"maze: no path of >= {self.min_path} squares found in 100 mazes of {n}x{n} cells")
+
+    def _batch(self, grids, paths, device):
+        """Place (2n+1)-sized grids in the canvas; y scores the open squares only."""
+        B, side = len(grids), grids[0].shape[0]
+        x = np.full((B, self.canvas, self.canvas), self.WALL)
+        x[:, :side, :side] = grids
+        y = np.full(x.shape, IGNORE)
+        y[:, :side, :side] = np.where(np.array(grids) == self.OPEN, np.where(paths, self.PATH, self.OPEN), IGNORE)
+        to = lambda a: torch.from_numpy(a.reshape(B, -1)).long().to(device)  # noqa: E731
+        return to(x), to(y)
+
+    def _check_size(self, batch_size, n):
+        _check(batch_size, n, self.min_length, "maze")
+        if 2 * n + 1 > self.canvas:
+            raise ValueError(f"maze: {n}x{n} cells need a canvas of {2 * n + 1}, this one is {self.canvas}")
+
+    def train_set(self, n):
+        """The fixed training mazes of size n: lists of grids and path masks (made once, seed `train_seed`)."""
+        if n not in self._train_sets:
+            rng = random.Random(self.train_seed * 1000 + n)
+            self._train_sets[n] = [self._maze(n, rng) for _ in range(self.n_train)]
+        return self._train_sets[n]
+
+    def sample_train(self, batch_size, length, seed=0, device="cpu"):
+        """A batch from the fixed training set, each maze under a random rotation / reflection."""
+        self._check_size(batch_size, length)
+        g, pool = _generator(seed), self.train_set(length)
+        grids, paths = [], []
+        for _ in range(batch_size):
+            grid, path = pool[rand_int(len(pool), g)]
+            k, flip = rand_int(4, g), rand_int(2, g)
+            grid, path = np.rot90(grid, k), np.rot90(path, k)
+            grids.append(grid.T if flip else grid)
+            paths.append(path.T if flip else path)
+        return self._batch(grids, paths, device)
+
+    def sample(self, batch_size, length, seed=0, device="cpu"):
+        """Fresh mazes, none of them (up to symmetry) in the training set: the test set."""
+        self._check_size(batch_size, length)
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
+        seen = {_canonical(grid) for grid, _ in self.train_set(length)}
+        grids, paths = [], []
+        while len(grids) < batch_size:
+            grid, path = self._maze(length, rng)
+            if _canonical(grid) not in seen:
+                grids.append(grid)
+                paths.append(path)
+        return self._batch(grids, paths, device)
+
+
+def _canonical(grid):
+    """The same key for a grid and its 8 rotations / reflections."""
+    return min(np.ascontiguousarray(t).tobytes() for k in range(4) for t in (np.rot90(grid, k), np.rot90(grid, k).T))
+
+
 TASKS = {
     "copy": Copy,
     "mqar": MQAR,
@@ -290,6 +421,7 @@ TASKS = {
     "flipflop_sparse": partial(FlipFlop, p_ignore=0.98),
     "selective_copy": SelectiveCopy,
     "babilong": BabiLong,
+    "maze": Maze,
 }
 
 
@@ -297,6 +429,14 @@ if __name__ == "__main__":
     examples = {"copy": 5, "mqar": 40, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
                 "babilong": 40}
     for name, make in TASKS.items():
+        if name == "maze":
+            task = make(canvas=9)
+            x, y = task.sample(1, 4, seed=0)
+            rows = [" ".join(task.names[v] if v != IGNORE and v == task.PATH else task.names[u]
+                             for u, v in zip(x[0, r * 9:(r + 1) * 9].tolist(), y[0, r * 9:(r + 1) * 9].tolist()))
+                    for r in range(9)]
+            print("maze (vocab 5, 4x4 cells in a 9x9 canvas; the target path drawn as o):\n    " + "\n    ".join(rows))
+            continue
         task = make()
         x, y = task.sample(1, examples[name], seed=0)
         print(f"{name} (vocab {task.vocab_size}, length {examples[name]}):\n    {render(task, x, y)}")

@@ -4,9 +4,11 @@ from collections import Counter
 import pytest
 import torch
 
-from tasks import IGNORE, TASKS, BabiLong
+from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical
 
-LENGTHS = {"copy": 9, "mqar": 64, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60}
+LENGTHS = {"copy": 9, "mqar": 64, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60,
+           "maze": 5}
+SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
 def oracle_copy(task, x, t):
@@ -78,7 +80,7 @@ def test_shapes_and_vocabulary(name):
     assert len(task.names) == task.vocab_size
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", SEQUENCE_TASKS)
 def test_every_answer_follows_from_the_prefix(name):
     """An oracle that reads only x[b, :t+1] reproduces y[b, t] at every scored position."""
     task = TASKS[name]()
@@ -90,7 +92,7 @@ def test_every_answer_follows_from_the_prefix(name):
     assert n >= 8
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", SEQUENCE_TASKS)
 def test_answer_not_visible_at_the_scored_position(name):
     """If the answer leaked into x at its own position (an off-by-one in the shift), a lookup table from
     x[b, t] to y[b, t] would score near 1. It must stay near chance."""
@@ -118,6 +120,7 @@ def test_babilong_depth_points_at_the_deciding_fact():
     ("flipflop", {}, 3),
     ("selective_copy", dict(n_data=8), 15),
     ("babilong", dict(max_facts=8), 26),
+    ("maze", {}, 1),
 ])
 def test_impossible_lengths_raise(name, options, length):
     with pytest.raises(ValueError, match="too short"):
@@ -133,3 +136,68 @@ def test_impossible_options_raise():
         TASKS["babilong"](min_facts=5, max_facts=2)
     with pytest.raises(ValueError, match="batch_size"):
         TASKS["copy"]().sample(0, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The maze: a grid task, checked with its own oracle (a breadth-first search written here)
+# ---------------------------------------------------------------------------------------------------------
+
+def bfs_path(grid, start, goal):
+    """The squares of a shortest path from start to goal over non-wall squares, by breadth-first search."""
+    parent, frontier = {start: None}, [start]
+    while frontier:
+        nxt = []
+        for r, c in frontier:
+            for q in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if grid[q] != Maze.WALL and q not in parent:
+                    parent[q] = (r, c)
+                    nxt.append(q)
+        frontier = nxt
+    path, q = set(), goal
+    while q is not None:
+        path.add(q)
+        q = parent[q]
+    return path, len(parent)
+
+
+@pytest.mark.parametrize("split", ["sample", "sample_train"])
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_maze_is_perfect_and_the_target_is_the_shortest_path(split, n):
+    task = Maze(canvas=15, n_train=20)
+    x, y = getattr(task, split)(16, n, seed=5)
+    side = 2 * n + 1
+    for b in range(16):
+        grid, target = x[b].view(15, 15), y[b].view(15, 15)
+        assert (grid[side:] == Maze.WALL).all() and (grid[:, side:] == Maze.WALL).all()  # the canvas is wall
+        open_ = grid != Maze.WALL
+        n_open = open_.sum().item()
+        assert n_open == 2 * n * n - 1     # n^2 cells + (n^2 - 1) knocked-down walls: a spanning tree of cells
+        edges = (open_[1:] & open_[:-1]).sum() + (open_[:, 1:] & open_[:, :-1]).sum()
+        assert edges == n_open - 1         # a tree on the open squares: no loops, so exactly one path
+        start = tuple((grid == Maze.START).nonzero()[0].tolist())
+        goal = tuple((grid == Maze.GOAL).nonzero()[0].tolist())
+        path, reached = bfs_path(grid, start, goal)
+        assert reached == n_open           # connected
+        marked = {tuple(q) for q in (target == Maze.PATH).nonzero().tolist()} | {start, goal}
+        assert marked == path
+        assert ((target != IGNORE) == (grid == Maze.OPEN)).all()   # only open squares are scored
+        assert (grid != Maze.PATH).all()                             # the answer is not in the input
+
+
+def test_maze_same_seed_same_mazes_and_test_mazes_are_not_training_mazes():
+    task = Maze(canvas=11, n_train=50)
+    for split in (task.sample, task.sample_train):
+        a, b = split(8, 4, seed=1), split(8, 4, seed=1)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not torch.equal(a[0], split(8, 4, seed=2)[0])
+    train = {_canonical(g.numpy()) for g in task.sample_train(400, 4, seed=0)[0].view(-1, 11, 11)[:, :9, :9]}
+    assert len(train) <= 50                                         # a fixed pool, seen under symmetries
+    test = {_canonical(g.numpy()) for g in task.sample(200, 4, seed=0)[0].view(-1, 11, 11)[:, :9, :9]}
+    assert not train & test
+
+
+def test_maze_bad_sizes_raise():
+    with pytest.raises(ValueError, match="canvas"):
+        Maze(canvas=11).sample(2, 6)
+    with pytest.raises(ValueError, match="no path"):
+        Maze(canvas=7, min_path=40).sample(2, 3)

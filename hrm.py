@@ -1,0 +1,207 @@
+"""
+HRM: the Hierarchical Reasoning Model, the "depth" end of the bench.
+
+Some inputs are small but need many sequential steps of computation: finding the one path through a maze,
+solving a Sudoku. A fixed stack of layers can only do as many steps as it has layers. HRM re-uses a few
+layers many times instead: a fast low-level module L updates its state several times for every update of a
+slow high-level module H, and the pair runs again and again over the same input, so the depth grows with
+compute, not with parameters; at test time it can simply run longer. It pays in compute per example, and on
+the bench's long streams it has no memory across the sequence beyond attention's (DESIGN.md, C3).
+
+Two tricks make it trainable. The one-step gradient: only the last L and the last H update of a pass are
+on the autograd graph, everything before runs under no_grad, so training memory does not grow with the number
+of cycles (the paper justifies it by the implicit-function theorem at a fixed point; TRM shows the fixed point
+is not reached and that back-propagating through the whole last cycle trains much better: `gradient`).
+Deep supervision: the pass (a "segment") is repeated, each segment gets its own loss, and the state carried
+from one segment to the next is detached, so each segment learns to improve on the last one's answer.
+Not included: the ACT halting head (evaluation runs a fixed number of segments, as the official code does),
+the puzzle embedding, EMA of the weights.
+
+Reading list
+  1. Wang et al., "Hierarchical Reasoning Model", arXiv 2506.21734 (§2: the modules, the one-step gradient,
+     deep supervision; §3.1: Maze-Hard).
+  2. Jolicoeur-Martineau, "Less is More: Recursive Reasoning with Tiny Networks" (TRM), arXiv 2510.04871
+     (§2.3 and §4: the fixed point is not reached; back-propagate through the last whole cycle).
+  3. sapientinc/HRM `models/hrm/hrm_act_v1.py` (official); SamsungSAILMontreal/TinyRecursiveModels.
+  4. ARC Prize, "The Hidden Drivers of HRM's Performance on ARC-AGI" (2025): the outer loop of supervised
+     segments, not the H/L hierarchy, carries most of the gain.
+
+Glossary (B, T, D, V as in attention.py)
+  x          the embedded input (B, T, D), on the same (unit) scale as the states, since it is added to them
+  z_H, z_L   the high- and low-level states (B, T, D): the carry from one segment to the next
+  f_L, f_H   the L and H modules (a few attention.Blocks each):
+             z_L <- f_L(z_L + z_H + x)      z_H <- f_H(z_H + z_L)       (input injection by addition)
+  N          H_cycles: H updates per segment       (the paper's N)
+  L_cycles   L updates per H update                (the paper's T; T is the sequence length here)
+  segment    N * L_cycles L updates and N H updates, in the order L..L H L..L H ...; logits = head(z_H)
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from attention import Block, RMSNorm, TransformerConfig, init_weights, rotary
+
+
+@dataclass
+class HRMConfig:
+    vocab_size: int = 32     # V
+    d_model: int = 64        # D
+    n_layers: int = 2        # Blocks in all: half in H, half in L, so parameters match a Transformer of n_layers
+    n_heads: int = 2         # H (attention heads)
+    mlp_ratio: int = 4       # MLP width is mlp_ratio * D
+    pos: str = "rope"        # positions inside the Blocks: "rope" or "none"
+    causal: bool = True      # True on the sequence tasks; False on grid puzzles (the maze)
+    H_cycles: int = 2        # N: H updates per segment
+    L_cycles: int = 2        # L updates per H update
+    segments: int = 2        # supervised segments per training example (deep supervision)
+    eval_segments: int | None = None  # segments at test time; None: as many as in training
+    gradient: str = "one_step"  # "one_step": last L and H update on the graph (HRM); "last_cycle" (TRM)
+
+    def __post_init__(self):
+        if self.n_layers < 2:
+            raise ValueError(f"HRM needs n_layers >= 2 (one Block for H, one for L), got {self.n_layers}")
+        if min(self.H_cycles, self.L_cycles, self.segments) < 1:
+            raise ValueError("H_cycles, L_cycles and segments must be >= 1")
+        if self.gradient not in ("one_step", "last_cycle"):
+            raise ValueError(f"gradient must be 'one_step' or 'last_cycle', not {self.gradient!r}")
+        self.block = TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                                       n_heads=self.n_heads, mlp_ratio=self.mlp_ratio, pos=self.pos,
+                                       causal=self.causal)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two modules
+# ---------------------------------------------------------------------------------------------------------
+
+class ReasoningModule(nn.Module):
+    """f_H or f_L: add the injection to the state, run the Blocks, normalise.
+
+    The Blocks are attention.py's pre-norm ones; the official code uses post-norm Blocks instead. Either way the
+    state leaves every update at unit scale (here: the final RMSNorm), or it would grow from cycle to cycle."""
+
+    def __init__(self, config, n_blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config.block) for _ in range(n_blocks))
+        self.norm = RMSNorm(config.d_model)
+
+    def forward(self, z, injection, rope=None):
+        """z, injection: (B, T, D) -> the new state (B, T, D)"""
+        h = z + injection
+        for block in self.blocks:
+            h = block(h, rope)
+        return self.norm(h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+class HRM(nn.Module):
+    """tokens (B, T) -> logits (B, T, V) after `eval_segments` segments; `segment_logits` for training."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.L = ReasoningModule(config, config.n_layers - config.n_layers // 2)
+        self.H = ReasoningModule(config, config.n_layers // 2)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # The states start from fixed random vectors, the same at every position (HRM's H_init / L_init).
+        self.register_buffer("z_init", torch.randn(2, config.d_model).clamp(-2, 2))
+        init_weights(self, config.n_layers)
+        # After the blanket init (STYLE.md 10): the input is added to unit-scale states, so it needs unit scale
+        # too (the official code scales an embedding of std 1/sqrt(D) by sqrt(D)).
+        nn.init.normal_(self.embed.weight, std=1.0)
+
+    def schedule(self):
+        """The updates of one segment in order, and how many of the last ones are on the autograd graph."""
+        c = self.config
+        updates = (["L"] * c.L_cycles + ["H"]) * c.H_cycles            # L L H L L H for N = L_cycles = 2
+        n_grad = 2 if c.gradient == "one_step" else c.L_cycles + 1     # last L and H, or the whole last cycle
+        return updates, n_grad
+
+    def segment(self, x, z_H, z_L, rope=None):
+        """One segment. x, z_H, z_L: (B, T, D) -> (logits (B, T, V), z_H, z_L detached for the next segment)."""
+        updates, n_grad = self.schedule()
+        for i, which in enumerate(updates):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= len(updates) - n_grad):
+                if which == "L":
+                    z_L = self.L(z_L, z_H + x, rope)         # L sees the plan z_H and the input x
+                else:
+                    z_H = self.H(z_H, z_L, rope)             # H sees only the result of L
+        return self.head(z_H), z_H.detach(), z_L.detach()
+
+    def start(self, tokens):
+        """The embedded input, the RoPE tables and the initial states for these tokens."""
+        B, T = tokens.shape
+        x = self.embed(tokens)
+        rope = rotary(torch.arange(T, device=tokens.device), self.config.block.head_dim) \
+            if self.config.pos == "rope" else None
+        z_H, z_L = (z.to(x.dtype).expand(B, T, -1) for z in self.z_init)
+        return x, rope, z_H, z_L
+
+    def segment_logits(self, tokens, segments=None):
+        """Deep supervision: the logits of every segment, a list of (B, T, V); put a loss on each. The carry is
+        detached between segments, so each loss trains one segment only."""
+        x, rope, z_H, z_L = self.start(tokens)
+        out = []
+        for _ in range(segments or self.config.segments):
+            logits, z_H, z_L = self.segment(x, z_H, z_L, rope)
+            out.append(logits)
+        return out
+
+    def forward(self, tokens, segments=None):
+        """tokens: LongTensor (B, T) -> logits (B, T, V) of the last of `segments` segments (default: the
+        config's eval_segments, or its training segments)."""
+        c = self.config
+        return self.segment_logits(tokens, segments or c.eval_segments or c.segments)[-1]
+
+    def state_size(self, seq_len):
+        """Floats per sequence kept at inference on a causal task: a key/value cache of 2 * D per token for
+        every Block call of every segment (each call attends over its own input), plus the two states."""
+        c = self.config
+        n_L, n_H = c.n_layers - c.n_layers // 2, c.n_layers // 2
+        calls = (n_L * c.L_cycles + n_H) * c.H_cycles * (c.eval_segments or c.segments)
+        return 2 * c.d_model * seq_len * (calls + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory benchmark: `python hrm.py`
+# ---------------------------------------------------------------------------------------------------------
+
+def training_memory(H_cycles, L_cycles, gradient="one_step", device="cpu", batch=32, T=289, d_model=128):
+    """One training step of deep supervision (2 segments): bytes of activations saved for backward (counted
+    by autograd's saved-tensor hooks, on any device) and, on CUDA, the peak memory allocated."""
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(vocab_size=5, d_model=d_model, n_layers=4, n_heads=4, causal=False, H_cycles=H_cycles,
+                          L_cycles=L_cycles, gradient=gradient)).to(device)
+    tokens = torch.randint(0, 5, (batch, T), device=device)
+    saved = {}
+    def pack(t):
+        saved[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = sum(logits.logsumexp(-1).mean() for logits in model.segment_logits(tokens))
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+    return sum(saved.values()), peak
+
+
+if __name__ == "__main__":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = HRM(HRMConfig(vocab_size=5, n_layers=4, causal=False))
+    tokens = torch.randint(0, 5, (2, 49))
+    print(f"HRM: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)} "
+          f"for tokens {tuple(tokens.shape)}")
+    batch = 32 if device == "cuda" else 4
+    print(f"training memory, batch {batch}, T=289, D=128, 2+2 Blocks, 2 segments, on {device}:")
+    for gradient in ("one_step", "last_cycle"):
+        for N, Lc in ((1, 2), (2, 2), (2, 4), (4, 4)):
+            saved, peak = training_memory(N, Lc, gradient, device, batch)
+            peak = f", peak allocated {peak / 2 ** 20:7.1f} MiB" if peak is not None else ""
+            print(f"  {gradient:10} H_cycles={N} L_cycles={Lc} ({N * Lc:2} L updates): "
+                  f"activations saved for backward {saved / 2 ** 20:7.1f} MiB{peak}")
