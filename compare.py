@@ -77,8 +77,11 @@ def n_params(model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Presets: per task, the training lengths (each batch draws one uniformly from [lo, hi]), the test lengths,
-# the steps and the task's options. Budgets are per task and equal for every model.
+# Presets. Per task: the training lengths (each batch draws one uniformly from [lo, hi], or a curriculum of
+# such stages), the test lengths, the steps and the task's options; optionally the models that run it (else
+# the preset's), `seeded` (the headline cells that get the extra seeds), `size` and per-model
+# `model_options` (HRM's training segments), `segments` (HRM's test-time segments to evaluate), `lrs`.
+# `dial`: the extra state sizes trained at each cell's best lr. Budgets are per task, equal for every model.
 # ---------------------------------------------------------------------------------------------------------
 
 PRESETS = {
@@ -92,30 +95,35 @@ PRESETS = {
             "babilong": dict(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
             "maze": dict(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2],
                          options=dict(canvas=7, n_train=20)),
-        }),
+        },
+        dial=dict(tasks=["mqar"], sweep={"ssm": {"d_state": [4]}})),
     "quick": dict(
         models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=64,
-        lrs=[1e-3, 1e-2], seeds=[0],
-        eval_examples=256, tasks={
+        lrs=[1e-3, 1e-2], seeds=[0], eval_examples=256, tasks={
             "copy": dict(train=[2, 8], test=[8, 16], steps=1000),
-            "mqar": dict(train=[16, 16], test=[16, 64], steps=1000, options=dict(n_pairs=4, vocab_size=32)),
+            "mqar": dict(train=[32, 32], test=[32, 128], steps=1000, options=dict(n_pairs=8, vocab_size=64)),
             "flipflop": dict(train=[32, 32], test=[32, 256, 1024], steps=500),
-            "selective_copy": dict(train=[32, 32], test=[32, 128], steps=1000, options=dict(n_data=4)),
-            "babilong": dict(train=[48, 48], test=[48, 192, 768], steps=1000, options=dict(max_facts=4)),
         }),
     "full": dict(
-        models=list(MODELS), size=dict(d_model=64, n_layers=2), batch_size=64, lrs=[1e-3, 3e-3, 1e-2],
-        seeds=[0, 1], eval_examples=512, tasks={
-            "copy": dict(train=[5, 50], test=[50, 100, 200], steps=3000),
-            "mqar": dict(train=[128, 128], test=[128, 512], steps=3000, options=dict(n_pairs=8, vocab_size=128)),
-            "flipflop": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=2000),
-            "selective_copy": dict(train=[256, 256], test=[256, 1024, 4096], steps=3000,
-                                   options=dict(n_data=8)),
-            "babilong": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=3000),
-            "maze": dict(train=[6, 6], test=[6, 8], steps=2000, segments=[1, 2, 4, 8, 16], models=["attention", "hrm"],
+        models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
+        lrs=[1e-3, 3e-3], seeds=[0, 1], eval_examples=256, tasks={
+            "copy": dict(train=[5, 32], test=[32, 64, 128], steps=500, seeded=["attention", "ssm"]),
+            "mqar": dict(train=[64, 64], test=[64, 256], steps=500, options=dict(n_pairs=16, vocab_size=128),
+                         seeded=["attention", "ssm"]),
+            "flipflop": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
+                             seeded=["attention", "ssm", "rmt"]),
+            "selective_copy": dict(train=[256, 256], test=[256, 1024], steps=500, options=dict(n_data=8),
+                                   seeded=["attention", "ssm"]),
+            "babilong": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
+                             seeded=["attention", "ssm", "rmt", "titans"]),
+            "maze": dict(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
+                         models=["attention", "hrm", "hrm_last_cycle"], seeded=["attention", "hrm"],
                          size=dict(d_model=128, n_heads=4, n_layers=4),
+                         model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                          options=dict(canvas=17, n_train=1000, min_path=30)),
-        }),
+        },
+        dial=dict(tasks=["mqar", "flipflop"],
+                  sweep={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]}, "titans": {"memory_expand": [4]}})),
 }
 
 
@@ -143,7 +151,8 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
+                            fused=torch.device(device).type == "cuda")   # fewer kernel launches per step
     n_warm = max(1, int(warmup * steps))
     schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -253,7 +262,8 @@ def run_one(spec):
 
 
 def run_key(spec):
-    return f"{spec['model']}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
+    dial = "".join(f"[{k}={v}]" for k, v in spec.get("dial", {}).items())
+    return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,8 +271,10 @@ def run_key(spec):
 # ---------------------------------------------------------------------------------------------------------
 
 def git_commit():
-    """The commit of this code (+dirty if tracked files changed); $GIT_COMMIT where git cannot tell (a copy of
-    the working tree without its history, as on a rented GPU)."""
+    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set: a copy of the working
+    tree on a rented GPU may have no history, or a stale one."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
         commit = run("rev-parse", "--short", "HEAD").stdout.strip()
@@ -270,7 +282,7 @@ def git_commit():
     except (OSError, subprocess.SubprocessError):
         commit = dirty = ""
     if not commit:
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
     return commit + ("+dirty" if dirty else "")
 
 
@@ -288,6 +300,8 @@ def best_runs(runs):
     that lr never change the choice."""
     by_cell = {}
     for r in runs:
+        if r.get("dial"):
+            continue                  # the dial's extra state sizes are not cells of the table
         by_cell.setdefault((r["model"], r["task"]), {}).setdefault(r["lr"], []).append(r)
     best = {}
     for cell, by_lr in by_cell.items():
@@ -360,8 +374,38 @@ def segments_table(runs, model_names):
     return "\n".join(lines)
 
 
+def dial_points(runs, task, model_names):
+    """(model, label, state floats by length, token accuracy by length) for each model at its default size (best
+    lr, mean over seeds) and at each dial size."""
+    points = []
+    for (m, t), rs in best_runs(runs).items():
+        if t == task and m in model_names:
+            acc = {L: sum(r["metrics"][L]["token_acc"] for r in rs) / len(rs) for L in rs[0]["metrics"]}
+            points.append((m, "default", rs[0]["state_size"], acc))
+    for r in runs:
+        if r.get("dial") and r["task"] == task and r["model"] in model_names:
+            label = ", ".join(f"{k}={v}" for k, v in r["dial"].items())
+            points.append((r["model"], label, r["state_size"], {L: v["token_acc"] for L, v in r["metrics"].items()}))
+    return sorted(points, key=lambda p: (p[0], min(p[2].values())))
+
+
+def dial_table(runs, dial_tasks, model_names):
+    lines = []
+    for t in dial_tasks:
+        points = dial_points(runs, t, model_names)
+        if not points:
+            continue
+        lengths = list(points[0][3])
+        lines += [f"| model | size | state floats @{lengths[-1]} | " + " | ".join(f"{t}@{L}" for L in lengths) + " |",
+                  "|" + "---|" * (len(lengths) + 3)]
+        lines += [f"| {m} | {label} | {state[lengths[-1]]:,} | " + " | ".join(f"{acc[L]:.2f}" for L in lengths) + " |"
+                  for m, label, state, acc in points] + [""]
+    return "\n".join(lines)
+
+
 def report(results, task_names, model_names):
     runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
+    dial_tasks = [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]
     meta = results["meta"]
     parts = [f"# compare.py, preset `{meta['preset']}`", "",
              f"Command: `{meta['command']}`  ",
@@ -374,6 +418,8 @@ def report(results, task_names, model_names):
              table(runs, "exact", [t for t in task_names if t != "copy"], model_names), "",
              *(["## Maze: exact match against test-time segments (trained with the preset's segments)", "",
                 segments_table(runs, model_names), ""] if "maze" in task_names else []),
+             *(["## The dial: token accuracy against inference state size (floats per sequence)", "",
+                dial_table(runs, dial_tasks, model_names)] if dial_tasks else []),
              "## Runs", "", details(runs, task_names, model_names), ""]
     return "\n".join(parts)
 
@@ -432,6 +478,31 @@ def plot_segments(results, path, model_names):
     print(f"plot: {path}")
 
 
+def plot_dial(results, path, task_names, model_names):
+    """The dial: accuracy against state size at the training length and at the longest test length."""
+    plt = pyplot()
+    runs = [r for r in results["runs"].values() if r["model"] in model_names]
+    tasks_ = [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]
+    if plt is None or not tasks_:
+        return
+    fig, axes = plt.subplots(1, 2 * len(tasks_), figsize=(3.2 * 2 * len(tasks_), 3), squeeze=False)
+    for i, t in enumerate(tasks_):
+        points = dial_points(runs, t, model_names)
+        lengths = list(points[0][3])
+        for ax, L in zip(axes[0][2 * i:], (lengths[0], lengths[-1])):
+            for m in dict.fromkeys(p[0] for p in points):
+                xs = [(p[2][L], p[3][L]) for p in points if p[0] == m]
+                ax.plot(*zip(*sorted(xs)), marker="o", label=m)
+            ax.set(title=f"{t} @ {L}" + (" (train)" if L == lengths[0] else ""), xscale="log",
+                   xlabel="state floats per sequence", ylim=(-0.02, 1.02))
+    axes[0][0].set_ylabel("token accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def pyplot():
     """matplotlib.pyplot, or None (with a message) when matplotlib is not installed."""
     try:
@@ -442,6 +513,109 @@ def pyplot():
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost against length: `python compare.py --bench`
+# ---------------------------------------------------------------------------------------------------------
+
+def timed(fn, device, repeats=3):
+    """Median seconds of fn() after one warm-up call, and the peak memory (MiB) it allocated on CUDA."""
+    fn()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
+
+
+def bench(model_names, lengths, device, size, vocab_size=32, batch=1):
+    """For each model and length: a training step's forward+backward time and peak memory, a no-grad forward's
+    time per token and peak memory (the whole sequence in one call: prefill, not token-by-token decoding), the
+    inference state size. bf16 autocast on CUDA as in training, fp32 on CPU."""
+    rows = []
+    for name in model_names:
+        for T in lengths:
+            torch.manual_seed(0)
+            model = build_model(name, vocab_size, **size).to(device)
+            tokens = torch.randint(0, vocab_size, (batch, T), device=device)
+            row = dict(model=name, length=T, params=n_params(model), state_floats=model.state_size(T))
+
+            def train_step():
+                with autocast(device):
+                    outputs = model.segment_logits(tokens) if hasattr(model, "segment_logits") else [model(tokens)]
+                sum(o.float().logsumexp(-1).mean() for o in outputs).backward()
+
+            def infer():
+                with torch.no_grad(), autocast(device):
+                    model(tokens)
+            try:
+                row["train_ms"], row["train_mib"] = timed(train_step, device)
+                row["infer_s"], row["infer_mib"] = timed(infer, device)
+                row["train_ms"] *= 1e3
+                row["infer_us_per_token"] = row.pop("infer_s") * 1e6 / (batch * T)
+            except torch.OutOfMemoryError:
+                row["oom"] = True
+            del model
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(bench_line(row), flush=True)
+    return rows
+
+
+def bench_line(r):
+    if r.get("oom"):
+        return f"| {r['model']} | {r['length']:,} | {r['state_floats']:,} | out of memory | | | |"
+    mib = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
+    return (f"| {r['model']} | {r['length']:,} | {r['state_floats']:,} | {r['train_ms']:,.1f} | {mib(r['train_mib'])} "
+            f"| {r['infer_us_per_token']:.2f} | {mib(r['infer_mib'])} |")
+
+
+def bench_main(args):
+    lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if args.device.startswith("cuda") else [256, 1024, 4096])
+    models = args.models if args.chosen_models else ["attention", "ssm", "rmt", "titans", "hrm"]
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    dtype = "bf16 autocast" if args.device.startswith("cuda") else "fp32"
+    size = PRESETS[args.preset]["size"]
+    head = [f"# compare.py --bench: cost against length", "",
+            f"Command: `python compare.py {' '.join(args.argv)}`  ",
+            f"Device: {name}, {dtype}, torch {torch.__version__}, commit {git_commit()}; batch 1, model size {size}, "
+            "median of 3 after a warm-up", "",
+            "| model | length | state floats | fwd+bwd ms | fwd+bwd peak MiB | inference us/token | inference peak MiB |",
+            "|---|---|---|---|---|---|---|"]
+    print("\n".join(head))
+    rows = bench(models, lengths, args.device, size)
+    os.makedirs(args.out, exist_ok=True)
+    save_json(os.path.join(args.out, "bench.json"), dict(device_name=name, dtype=dtype, torch=torch.__version__,
+                                                         commit=git_commit(), size=size, rows=rows))
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write("\n".join(head + [bench_line(r) for r in rows]) + "\n")
+    plt = pyplot()
+    if plt is None:
+        return 0
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    for ax, key, label in zip(axes, ("train_ms", "infer_us_per_token", "train_mib"),
+                              ("fwd+bwd ms (batch 1)", "inference us / token", "fwd+bwd peak MiB")):
+        for m in models:
+            pts = [(r["length"], r[key]) for r in rows if r["model"] == m and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{name}, {dtype}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "bench.png"), dpi=120)
+    plt.close(fig)
+    print(f"plot: {os.path.join(args.out, 'bench.png')}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -467,11 +641,14 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, help="override every task's number of training steps")
     p.add_argument("--test-lengths", type=csv(int), help="override every task's test lengths")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core up "
-                   "to 4, or 4 per GPU)")
+    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, up "
+                   "to 4 on CPU and 16 per GPU)")
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for <preset>.json/.md/.png")
     p.add_argument("--fresh", action="store_true", help="ignore saved runs and start over")
+    p.add_argument("--bench", action="store_true", help="measure time and memory against length (--test-lengths "
+                   "sets the lengths) instead of training")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -503,6 +680,10 @@ def parse_args(argv):
         p.error("--seeds is empty")
     if args.lrs is not None and (not args.lrs or min(args.lrs) <= 0):
         p.error("--lrs must be positive numbers")
+    if args.bench:
+        if args.test_lengths and min(args.test_lengths) < 1:
+            p.error("--test-lengths must be >= 1")
+        return args
     for t in args.tasks:  # ask each task whether it can make what we will ask of it
         s = preset["tasks"][t]
         for L in (args.test_lengths or s["test"]) + sum(stages(s["train"]), []):
@@ -513,8 +694,9 @@ def parse_args(argv):
     return args
 
 
-def make_specs(args, lr_by_cell=None):
-    """The runs to do: the lr sweep on the first seed, or (given the best lr per cell) the other seeds."""
+def make_specs(args, phase="lr sweep", lr_by_cell=None):
+    """The runs of one phase: the lr sweep on the first seed; then, at each cell's best lr, the other seeds
+    (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed)."""
     preset = PRESETS[args.preset]
     seeds = args.seeds or preset["seeds"]
     specs = []
@@ -533,10 +715,14 @@ def make_specs(args, lr_by_cell=None):
                         device=args.device)
             if "segments" in s:
                 base["test_segments"] = s["segments"]
-            if lr_by_cell is None:
+            if phase == "lr sweep":
                 specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
-            else:
+            elif phase == "seeds" and (args.chosen_models or m in s.get("seeded", [m])):
                 specs += [dict(base, lr=lr_by_cell[(m, t)], seed=sd) for sd in seeds[1:]]
+            elif phase == "dial" and t in preset.get("dial", {}).get("tasks", []):
+                for field, values in preset["dial"]["sweep"].get(m, {}).items():
+                    specs += [dict(base, lr=lr_by_cell[(m, t)], seed=seeds[0], dial={field: v},
+                                   model_options={**options, field: v}) for v in values]
     return specs
 
 
@@ -547,6 +733,8 @@ def same_run(saved, spec):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.bench:
+        return bench_main(args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.preset}.json")
     results = {"runs": {}}
@@ -556,7 +744,8 @@ def main(argv=None):
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     # Tiny models leave a device mostly idle: several runs at once use it better (on a 2-core CPU, two
     # one-thread workers train about 1.5x faster than one two-thread process).
-    workers = args.workers or (4 * gpus if args.device == "cuda" else min(4, os.cpu_count() or 1))
+    workers = args.workers or (min(16 * gpus, os.cpu_count() or 1) if args.device == "cuda"
+                               else min(4, os.cpu_count() or 1))
     results["meta"] = dict(preset=args.preset, command="python compare.py " + " ".join(sys.argv[1:] if argv is None
                            else argv), device=args.device, torch=torch.__version__, commit=git_commit(),
                            device_name=torch.cuda.get_device_name(0) if gpus else "CPU", workers=workers)
@@ -564,11 +753,9 @@ def main(argv=None):
           f"results in {path}")
     start = time.time()
     try:
-        for phase in ("lr sweep", "seeds"):
-            lr_by_cell = None
-            if phase == "seeds":
-                lr_by_cell = {c: rs[0]["lr"] for c, rs in best_runs(results["runs"].values()).items()}
-            specs = make_specs(args, lr_by_cell)
+        for phase in ("lr sweep", "seeds", "dial"):
+            lr_by_cell = {c: rs[0]["lr"] for c, rs in best_runs(results["runs"].values()).items()}
+            specs = make_specs(args, phase, lr_by_cell)
             todo = [s for s in specs if not same_run(results["runs"].get(run_key(s), {}), s)]
             if len(todo) < len(specs):
                 print(f"{phase}: {len(specs) - len(todo)} of {len(specs)} runs already done, skipping them")
@@ -589,6 +776,7 @@ def main(argv=None):
     if [t for t in args.tasks if t != "maze"]:
         plot(results, os.path.join(args.out, f"{args.preset}_length.png"), [t for t in args.tasks if t != "maze"],
              args.models)
+    plot_dial(results, os.path.join(args.out, f"{args.preset}_dial.png"), args.tasks, args.models)
     if "maze" in args.tasks:
         plot_segments(results, os.path.join(args.out, f"{args.preset}_segments.png"), args.models)
     return 0

@@ -19,6 +19,10 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert compare.main(["--preset", "smoke", "--workers", "2", "--out", str(tmp_path)]) == 0
     runs = json.load(open(tmp_path / "smoke.json"))["runs"]
     preset = compare.PRESETS["smoke"]
+    dial = {k: r for k, r in runs.items() if r.get("dial")}
+    assert sorted(dial) == ["ssm[d_state=4]/mqar/lr=0.003/seed=0"]
+    assert dial["ssm[d_state=4]/mqar/lr=0.003/seed=0"]["model_options"]["d_state"] == 4
+    runs = {k: r for k, r in runs.items() if k not in dial}
     cells = [(m, t) for t in preset["tasks"] for m in preset["models"]
              if getattr(tasks.TASKS[t], "causal", True) or compare.reads_grids(m)]   # grid tasks: no SSM/RMT/Titans
     assert sorted((r["model"], r["task"]) for r in runs.values()) == sorted(cells * len(preset["lrs"]))
@@ -33,6 +37,7 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert r["params"] > 0 and r["examples_seen"] == r["steps"] * r["batch_size"]
     text = (tmp_path / "smoke.md").read_text()
     assert "| attention |" in text and "copy@" in text and "| hrm | 3x3 |" in text
+    assert "## The dial" in text and "| ssm | d_state=4 |" in text
     assert (tmp_path / "smoke_segments.png").exists() == (compare.pyplot() is not None)
 
 
@@ -159,3 +164,15 @@ def test_best_lr_is_chosen_on_the_sweep_seed_only():
     assert compare.best_runs(runs)[("m", "t")][0]["lr"] == 3e-3
     tie = [run(1e-3, 0, 1.0, loss=0.2), run(3e-3, 0, 1.0, loss=0.1)]
     assert compare.best_runs(tie)[("m", "t")][0]["lr"] == 3e-3
+
+
+def test_bench_records_cost_and_state_against_length(tmp_path):
+    assert compare.main(["--bench", "--models", "attention,ssm,hrm", "--test-lengths", "16,48",
+                         "--out", str(tmp_path)]) == 0
+    rows = json.load(open(tmp_path / "bench.json"))["rows"]
+    assert [(r["model"], r["length"]) for r in rows] == [(m, L) for m in ("attention", "ssm", "hrm") for L in (16, 48)]
+    assert all(r["train_ms"] > 0 and r["infer_us_per_token"] > 0 for r in rows)
+    state = {(r["model"], r["length"]): r["state_floats"] for r in rows}
+    assert state["attention", 48] == 3 * state["attention", 16]      # the KV cache grows with the sequence
+    assert state["ssm", 48] == state["ssm", 16]                        # the recurrent state does not
+    assert "| ssm | 48 |" in (tmp_path / "bench.md").read_text()
