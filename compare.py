@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from multiprocessing import get_context
+from queue import Queue
 
 import torch
 import torch.nn.functional as F
@@ -100,19 +101,19 @@ PRESETS = {
     "quick": dict(
         models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=64,
         lrs=[1e-3, 1e-2], seeds=[0], eval_examples=256, tasks={
-            "copy": dict(train=[2, 8], test=[8, 16], steps=1000),
-            "mqar": dict(train=[32, 32], test=[32, 128], steps=1000, options=dict(n_pairs=8, vocab_size=64)),
+            "copy": dict(train=[2, 8], test=[8, 16], steps=800),
+            "mqar": dict(train=[16, 16], test=[16, 64], steps=800, options=dict(n_pairs=4, vocab_size=32)),
             "flipflop": dict(train=[32, 32], test=[32, 256, 1024], steps=500),
         }),
     "full": dict(
         models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=[1e-3, 3e-3], seeds=[0, 1], eval_examples=256, tasks={
-            "copy": dict(train=[5, 32], test=[32, 64, 128], steps=500, seeded=["attention", "ssm"]),
-            "mqar": dict(train=[64, 64], test=[64, 256], steps=500, options=dict(n_pairs=16, vocab_size=128),
+            "copy": dict(train=[2, 16], test=[16, 32, 64], steps=600, seeded=["attention", "ssm"]),
+            "mqar": dict(train=[32, 32], test=[32, 128], steps=1200, options=dict(n_pairs=8, vocab_size=64),
                          seeded=["attention", "ssm"]),
             "flipflop": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
                              seeded=["attention", "ssm", "rmt"]),
-            "selective_copy": dict(train=[256, 256], test=[256, 1024], steps=500, options=dict(n_data=8),
+            "selective_copy": dict(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
                                    seeded=["attention", "ssm"]),
             "babilong": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
                              seeded=["attention", "ssm", "rmt", "titans"]),
@@ -707,6 +708,8 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
         for m in args.models if args.chosen_models else s.get("models", args.models):
             if grid and not reads_grids(m):
                 continue                                  # a causal-only model has no place on a grid task
+            if phase != "lr sweep" and (m, t) not in lr_by_cell:
+                continue
             options = {**preset["size"], **s.get("size", {}), **s.get("model_options", {}).get(m, {}),
                        **({"causal": False} if grid else {})}
             base = dict(model=m, task=t, task_options=s.get("options", {}), model_options=options,
@@ -752,18 +755,39 @@ def main(argv=None):
     print(f"preset {args.preset!r} on {results['meta']['device_name']} ({args.device}), {workers} worker(s); "
           f"results in {path}")
     start = time.time()
+
+    def done(spec):
+        return same_run(results["runs"].get(run_key(spec), {}), spec)
+
+    def follow_ups(record):
+        """Once a cell's lr sweep is complete: its other seeds and its dial runs, at the chosen lr."""
+        cell = (record["model"], record["task"])
+        if record.get("dial") or record["seed"] != sweep_seed or not all(done(s) for s in sweeps[cell]):
+            return []
+        lr = {cell: best_runs(results["runs"][run_key(s)] for s in sweeps[cell])[cell][0]["lr"]}
+        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, lr) if not done(s)]
+
+    def save(record):
+        record.update(commit=results["meta"]["commit"], torch=torch.__version__,
+                      device_name=results["meta"]["device_name"])
+        results["runs"][run_key(record)] = record
+        save_json(path, results)
+        return follow_ups(record)
+
+    sweep_seed = (args.seeds or PRESETS[args.preset]["seeds"])[0]
+    sweeps = {}
+    for s in make_specs(args, "lr sweep"):
+        sweeps.setdefault((s["model"], s["task"]), []).append(s)
+    todo = [s for specs in sweeps.values() for s in specs if not done(s)]
+    for specs in sweeps.values():   # cells swept in an earlier, interrupted run may still owe their follow-ups
+        if all(done(s) for s in specs):
+            todo += follow_ups(results["runs"][run_key(specs[0])])
+    n_all = sum(len(v) for v in sweeps.values())
+    if len(todo) < n_all:
+        print(f"{n_all - sum(not done(s) for v in sweeps.values() for s in v)} of {n_all} lr-sweep runs already "
+              "done, skipping them")
     try:
-        for phase in ("lr sweep", "seeds", "dial"):
-            lr_by_cell = {c: rs[0]["lr"] for c, rs in best_runs(results["runs"].values()).items()}
-            specs = make_specs(args, phase, lr_by_cell)
-            todo = [s for s in specs if not same_run(results["runs"].get(run_key(s), {}), s)]
-            if len(todo) < len(specs):
-                print(f"{phase}: {len(specs) - len(todo)} of {len(specs)} runs already done, skipping them")
-            for record in run_all(todo, workers, gpus, phase):
-                record.update(commit=results["meta"]["commit"], torch=torch.__version__,
-                              device_name=results["meta"]["device_name"])
-                results["runs"][run_key(record)] = record
-                save_json(path, results)
+        run_all(todo, workers, gpus, save)
     except KeyboardInterrupt:
         print(f"\nstopped: the finished runs are saved in {path}; run the same command again to resume")
         return 130
@@ -782,27 +806,46 @@ def main(argv=None):
     return 0
 
 
-def run_all(specs, workers, gpus, phase):
-    """Yield finished records as they complete: in this process, or in worker processes sharing the GPUs."""
-    bar = tqdm(total=len(specs), desc=phase, disable=not specs)
+def slow_first(spec):
+    """Scheduling order: the slowest runs first (the maze, then the models with loops inside a step), so that
+    no long run starts last and keeps the others waiting."""
+    return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
+
+
+def run_all(specs, workers, gpus, on_done):
+    """Run the specs, in this process or in worker processes sharing the GPUs; on_done(record) saves a finished
+    run and returns the runs it unlocks (a cell's seeds and dial, once its lr sweep is done), which join the queue
+    at once: no phase waits for the slowest run of the one before."""
+    bar = tqdm(total=len(specs), desc="runs", disable=not specs)
+    queue = sorted(specs, key=slow_first)
     if workers == 1:
-        for s in specs:
-            bar.set_postfix_str(run_key(s))
-            yield run_one(s)
+        while queue:
+            spec = queue.pop(0)
+            bar.set_postfix_str(run_key(spec))
+            new = on_done(run_one(spec))
+            queue += new
+            bar.total += len(new)
             bar.update()
         return
-    for i, s in enumerate(specs):          # round-robin over GPUs; on CPU, share the cores
-        if gpus:
-            s["device"] = f"cuda:{i % gpus}"
-        else:
-            s["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    finished, n_submitted, n_done = Queue(), 0, 0
     # Workers ignore Ctrl-C; the main process gets it, and leaving the block then terminates them.
     ignore_ctrl_c = dict(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     with get_context("spawn").Pool(workers, **ignore_ctrl_c) as pool:
-        for record in pool.imap_unordered(run_one, specs):
-            yield record
+        while queue or n_done < n_submitted:
+            for spec in queue:                     # round-robin over GPUs; on CPU, share the cores
+                if gpus:
+                    spec["device"] = f"cuda:{n_submitted % gpus}"
+                else:
+                    spec["threads"] = max(1, (os.cpu_count() or 1) // workers)
+                pool.apply_async(run_one, (spec,), callback=finished.put, error_callback=finished.put)
+                n_submitted += 1
+            record, queue = finished.get(), []
+            n_done += 1
+            if isinstance(record, BaseException):
+                raise record
+            queue = sorted(on_done(record), key=slow_first)
+            bar.total += len(queue)
             bar.update()
-
 
 if __name__ == "__main__":
     sys.exit(main())
