@@ -411,7 +411,9 @@ def report(results, task_names, model_names):
     parts = [f"# compare.py, preset `{meta['preset']}`", "",
              f"Command: `{meta['command']}`  ",
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
-             f"wall time {meta.get('wall_time_s', 0):.0f} s", "",
+             f"wall time {meta.get('wall_time_s', 0):.0f} s"
+             + (f" (resumed: {meta['runs_already_done']} runs were done before)" if meta.get("runs_already_done")
+                else ""), "",
              "## Token accuracy on scored positions (training length first; best lr per model and task)", "",
              table(runs, "token_acc", task_names, model_names), "",
              "## Exact match: every scored position of an example right (copy: greedy generation)", "",
@@ -749,11 +751,10 @@ def main(argv=None):
     # one-thread workers train about 1.5x faster than one two-thread process).
     workers = args.workers or (min(16 * gpus, os.cpu_count() or 1) if args.device == "cuda"
                                else min(4, os.cpu_count() or 1))
-    results["meta"] = dict(preset=args.preset, command="python compare.py " + " ".join(sys.argv[1:] if argv is None
-                           else argv), device=args.device, torch=torch.__version__, commit=git_commit(),
-                           device_name=torch.cuda.get_device_name(0) if gpus else "CPU", workers=workers)
-    print(f"preset {args.preset!r} on {results['meta']['device_name']} ({args.device}), {workers} worker(s); "
-          f"results in {path}")
+    meta = dict(preset=args.preset, command="python compare.py " + " ".join(args.argv), device=args.device,
+                torch=torch.__version__, commit=git_commit(),
+                device_name=torch.cuda.get_device_name(0) if gpus else "CPU", workers=workers)
+    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s); results in {path}")
     start = time.time()
 
     def done(spec):
@@ -768,8 +769,7 @@ def main(argv=None):
         return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, lr) if not done(s)]
 
     def save(record):
-        record.update(commit=results["meta"]["commit"], torch=torch.__version__,
-                      device_name=results["meta"]["device_name"])
+        record.update(commit=meta["commit"], torch=torch.__version__, device_name=meta["device_name"])
         results["runs"][run_key(record)] = record
         save_json(path, results)
         return follow_ups(record)
@@ -782,27 +782,30 @@ def main(argv=None):
     for specs in sweeps.values():   # cells swept in an earlier, interrupted run may still owe their follow-ups
         if all(done(s) for s in specs):
             todo += follow_ups(results["runs"][run_key(specs[0])])
-    n_all = sum(len(v) for v in sweeps.values())
-    if len(todo) < n_all:
-        print(f"{n_all - sum(not done(s) for v in sweeps.values() for s in v)} of {n_all} lr-sweep runs already "
-              "done, skipping them")
-    try:
-        run_all(todo, workers, gpus, save)
-    except KeyboardInterrupt:
-        print(f"\nstopped: the finished runs are saved in {path}; run the same command again to resume")
-        return 130
-    results["meta"]["wall_time_s"] = round(time.time() - start, 1)
-    save_json(path, results)
-    text = report(results, args.tasks, args.models)
+    n_all, n_done = sum(len(v) for v in sweeps.values()), sum(done(s) for v in sweeps.values() for s in v)
+    if n_done:
+        print(f"{n_done} of {n_all} lr-sweep runs already done, skipping them")
+    if todo or "meta" not in results:     # with nothing to run, the report keeps the meta of the run that ran
+        results["meta"] = dict(meta, runs_already_done=len(results["runs"]))
+        try:
+            run_all(todo, workers, gpus, save)
+        except KeyboardInterrupt:
+            print(f"\nstopped: the finished runs are saved in {path}; run the same command again to resume")
+            return 130
+        results["meta"]["wall_time_s"] = round(time.time() - start, 1)
+        save_json(path, results)
+    models = args.models if args.chosen_models else list(dict.fromkeys(   # with the tasks' own (the maze's)
+        args.models + [m for t in args.tasks for m in PRESETS[args.preset]["tasks"][t].get("models", [])]))
+    text = report(results, args.tasks, models)
     with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
         f.write(text)
     print(text)
     if [t for t in args.tasks if t != "maze"]:
         plot(results, os.path.join(args.out, f"{args.preset}_length.png"), [t for t in args.tasks if t != "maze"],
-             args.models)
-    plot_dial(results, os.path.join(args.out, f"{args.preset}_dial.png"), args.tasks, args.models)
+             models)
+    plot_dial(results, os.path.join(args.out, f"{args.preset}_dial.png"), args.tasks, models)
     if "maze" in args.tasks:
-        plot_segments(results, os.path.join(args.out, f"{args.preset}_segments.png"), args.models)
+        plot_segments(results, os.path.join(args.out, f"{args.preset}_segments.png"), models)
     return 0
 
 
