@@ -334,7 +334,8 @@ def table(runs, metric, task_names, model_names):
             mean = sum(vals) / len(vals)
             spread = f"±{(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else ""
             cells.append(f"{mean:.2f}{spread}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        if any(cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -462,18 +463,20 @@ def plot_segments(results, path, model_names):
         return
     best = best_runs([r for r in results["runs"].values() if r["task"] == "maze" and r["model"] in model_names])
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for (m, _), rs in sorted(best.items()):
+    for i, ((m, _), rs) in enumerate(sorted(best.items())):
         for L, ls in zip(rs[0]["test"], ("-", "--", ":")):
             by = rs[0]["metrics"][str(L)].get("by_segments")
             counts = [int(s) for s in by] if by else None
             if by:
                 acc = [sum(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs) / len(rs) for s in counts]
-                ax.plot(counts, acc, marker="o", ls=ls, label=f"{m}, {L}x{L}")
+                ax.plot(counts, acc, marker="o", ls=ls, color=f"C{i}", label=f"{m}, {L}x{L}")
+                ax.set_xticks(counts, [str(s) for s in counts])
             else:
                 ax.axhline(sum(r["metrics"][str(L)]["exact"] for r in rs) / len(rs), ls=ls, color="k", lw=1,
                            label=f"{m} (fixed depth), {L}x{L}")
     ax.set(xscale="log", xlabel="test-time segments", ylabel="exact match (whole path right)", ylim=(-0.02, 1.02),
            title="maze: recurrent depth at test time")
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -498,6 +501,7 @@ def plot_dial(results, path, task_names, model_names):
                 ax.plot(*zip(*sorted(xs)), marker="o", label=m)
             ax.set(title=f"{t} @ {L}" + (" (train)" if L == lengths[0] else ""), xscale="log",
                    xlabel="state floats per sequence", ylim=(-0.02, 1.02))
+            ax.minorticks_off()
     axes[0][0].set_ylabel("token accuracy")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
