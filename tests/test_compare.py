@@ -176,3 +176,31 @@ def test_bench_records_cost_and_state_against_length(tmp_path):
     assert state["attention", 48] == 3 * state["attention", 16]      # the KV cache grows with the sequence
     assert state["ssm", 48] == state["ssm", 16]                        # the recurrent state does not
     assert "| ssm | 48 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, monkeypatch):
+    """Interrupted after a cell's lr sweep finished but before its extra seed and dial ran: the restart runs
+    exactly those two, at the chosen lr, and the same command with the same seeds gives the same numbers."""
+    argv = ["--preset", "smoke", "--models", "ssm", "--tasks", "mqar", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
+            "--steps", "3", "--workers", "1", "--out", str(tmp_path)]
+    real, calls = compare.run_one, []
+
+    def stop_after_the_sweep(spec):
+        if spec["seed"] == 1 or spec.get("dial"):
+            raise KeyboardInterrupt
+        calls.append(compare.run_key(spec))
+        return real(spec)
+
+    monkeypatch.setattr(compare, "run_one", stop_after_the_sweep)
+    assert compare.main(argv) == 130
+    assert sorted(calls) == ["ssm/mqar/lr=0.001/seed=0", "ssm/mqar/lr=0.003/seed=0"]
+    calls.clear()
+    monkeypatch.setattr(compare, "run_one", lambda spec: calls.append(compare.run_key(spec)) or real(spec))
+    assert compare.main(argv) == 0
+    lr = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())[("ssm", "mqar")][0]["lr"]
+    assert sorted(calls) == sorted([f"ssm/mqar/lr={lr:g}/seed=1", f"ssm[d_state=4]/mqar/lr={lr:g}/seed=0"])
+
+    first = json.load(open(tmp_path / "smoke.json"))["runs"]
+    assert compare.main(argv + ["--fresh", "--out", str(tmp_path / "again")]) == 0
+    again = json.load(open(tmp_path / "again" / "smoke.json"))["runs"]
+    assert {k: r["metrics"] for k, r in first.items()} == {k: r["metrics"] for k, r in again.items()}  # CPU: exact
