@@ -92,11 +92,13 @@ def attention(q, k, v, causal=True, window=None):
     Returns:
         (B, H, T, K)
     """
+    ### BEGIN SOLUTION
     if window is None or window >= q.shape[-2]:     # a window as long as the sequence is no window at all
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     # A dense (T, T) mask costs O(T^2) memory; fine at this repo's sizes, and the fused kernels still run.
     mask = attention_mask(q.shape[-2], causal, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -89,12 +89,14 @@ class RMT(nn.Module):
             logits (B, s, V), next memory (B, M, D)
         """
         c = self.config
+        ### BEGIN SOLUTION
         M, s = c.n_mem, tokens.shape[1]
         x = torch.cat([memory + self.read_emb, self.embed(tokens), memory + self.write_emb], dim=1)  # (B, 2M+s, D)
         rope = rotary(self.positions(s, tokens.device), c.block.head_dim) if c.pos == "rope" else None
         for block in self.blocks:
             x = block(x, rope)
         return self.head(self.norm(x[:, M:M + s])), self.mem_norm(x[:, M + s:])
+        ### END SOLUTION
 
     def forward(self, tokens, memory=None, return_memory=False):
         """tokens: (B, T), any T (the last segment may be short); memory: (B, M, D) to continue a stream.

@@ -155,6 +155,7 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     do not depend on the memory, so they are built for all chunks at once; only the gradients, the read and
     the state update run in the loop over chunks.
     """
+    ### BEGIN SOLUTION
     B, H, T, _ = q.shape
     C = min(chunk_size, T)
     n, pad = -(-T // C), (-T) % C
@@ -186,6 +187,7 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
                         for W0, S0, (inp, err) in zip(weights, momentum, factors))
         momentum = tuple(a_end * S0 - inp.mT @ (c_end * err) for S0, (inp, err) in zip(momentum, factors))
     return torch.cat(ys, dim=2)[:, :, :T], (weights, momentum)
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------

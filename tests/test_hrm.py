@@ -2,11 +2,12 @@
 import pytest
 import torch
 
+from conftest import GRADE_SEED
 from hrm import HRM, HRMConfig, training_memory
 
 
 def make(gradient="one_step", causal=True, **kw):
-    torch.manual_seed(0)
+    torch.manual_seed(GRADE_SEED)
     cfg = dict(vocab_size=7, d_model=16, n_layers=4, n_heads=2, H_cycles=2, L_cycles=3, segments=2, causal=causal,
                gradient=gradient)
     return HRM(HRMConfig(**{**cfg, **kw})).double()

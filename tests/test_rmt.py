@@ -2,11 +2,12 @@
 import pytest
 import torch
 
+from conftest import GRADE_SEED
 from rmt import RMT, RMTConfig
 
 
 def model(**options):
-    torch.manual_seed(0)
+    torch.manual_seed(GRADE_SEED)
     config = dict(vocab_size=13, d_model=16, n_heads=2, n_mem=3, segment_len=5)
     return RMT(RMTConfig(**{**config, **options})).double().eval()
 
@@ -21,6 +22,22 @@ def test_forward_equals_segments_by_hand():
     full, final = m(x, return_memory=True)
     torch.testing.assert_close(full, torch.cat(logits, dim=1))
     torch.testing.assert_close(final, memory)
+
+
+def test_segment_step_is_read_segment_write():
+    """The recurrence step spelled out: [memory + read embeddings ; the segment ; memory + write embeddings]
+    through the Blocks with RoPE at the model's positions; logits from the segment's outputs, the next memory
+    from the normalised outputs at the write slots."""
+    from attention import rotary
+    m = model()
+    tokens, memory = torch.randint(0, 13, (2, 4)), torch.randn(2, 3, 16, dtype=torch.float64)   # a short segment
+    x = torch.cat([memory + m.read_emb, m.embed(tokens), memory + m.write_emb], dim=1)
+    rope = rotary(m.positions(4, tokens.device), m.config.block.head_dim)
+    for block in m.blocks:
+        x = block(x, rope)
+    logits, new_memory = m.segment_step(tokens, memory)
+    torch.testing.assert_close(logits, m.head(m.norm(x[:, 3:7])), rtol=0, atol=1e-12)
+    torch.testing.assert_close(new_memory, m.mem_norm(x[:, 7:]), rtol=0, atol=1e-12)
 
 
 def test_state_carry():

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 import compare
+from conftest import GRADE_SEED, lengths
 from titans import Titans, TitansConfig, neural_memory, neural_memory_ref
 
 
-def inputs(T, memory, b=2, H=2, K=4, seed=0):
+def inputs(T, memory, b=2, H=2, K=4, seed=GRADE_SEED):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)   # noqa: E731
@@ -20,7 +21,7 @@ def inputs(T, memory, b=2, H=2, K=4, seed=0):
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
-@pytest.mark.parametrize("T", [1, 13, 64])
+@pytest.mark.parametrize("T", lengths([1, 13, 64]))
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
 def test_dual_form_equals_token_loop(memory, T, chunk_size):
     args = inputs(T, memory)
