@@ -450,10 +450,7 @@ def plot(results, path, task_names, model_names):
         ax.set_xticks(lengths, [str(L) for L in lengths], fontsize=7)
     axes[0][0].set_ylabel("token accuracy")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def plot_segments(results, path, model_names):
@@ -478,10 +475,7 @@ def plot_segments(results, path, model_names):
            title="maze: recurrent depth at test time")
     ax.minorticks_off()
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def plot_dial(results, path, task_names, model_names):
@@ -504,9 +498,13 @@ def plot_dial(results, path, task_names, model_names):
             ax.minorticks_off()
     axes[0][0].set_ylabel("token accuracy")
     axes[0][-1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     print(f"plot: {path}")
 
 
@@ -618,10 +616,7 @@ def bench_main(args):
         ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{name}, {dtype}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "bench.png"), dpi=120)
-    plt.close(fig)
-    print(f"plot: {os.path.join(args.out, 'bench.png')}")
+    save_figure(fig, os.path.join(args.out, "bench.png"))
     return 0
 
 
