@@ -4,13 +4,16 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
     python compare.py --preset smoke     # the CI run: every model and task, tiny, well under a minute
     python compare.py --models attention --tasks copy,mqar --seeds 0,1
+    python compare.py --bench            # time, peak memory and state size against length, every model
 
 This is the one file that knows every model and every task. For each (model, task) it sweeps a few learning
 rates on seed 0 (Zoology's protocol: recurrent models train only in a narrow window), keeps the one with the
 best validation accuracy at the training length, runs the other seeds at that rate, then tests at the
-training length and beyond. Budgets (steps, batch, schedule) are set per task and are the same for every
-model. Every finished run is written to results/<preset>.json at once, so an interrupted run resumes where it
-stopped; --fresh starts over. The table, results/<preset>.md and the plots are made from that file.
+training length and beyond; HRM is also tested with more segments than it trained with (the maze), and the
+recurrent models are retrained at other state sizes (the dial). Budgets (steps, batch, schedule) are set per
+task and are the same for every model. Runs go to worker processes (several share a GPU); every finished run
+is written to results/<preset>.json at once, so an interrupted run resumes where it stopped; --fresh starts
+over. The tables, results/<preset>.md and the plots are made from that file.
 """
 import argparse
 import json
