@@ -122,7 +122,15 @@ class HRM(nn.Module):
         return updates, n_grad
 
     def segment(self, x, z_H, z_L, rope=None):
-        """One segment. x, z_H, z_L: (B, T, D) -> (logits (B, T, V), z_H, z_L detached for the next segment)."""
+        """One segment: the updates of `schedule()` in order, z_L <- f_L(z_L, z_H + x) for "L" and
+        z_H <- f_H(z_H, z_L) for "H". Only the last n_grad updates are on the autograd graph; the ones before run
+        with gradients off (when gradients are on at all), so training memory does not grow with the cycles.
+
+        Args:
+            x: (B, T, D) the embedded input; z_H, z_L: (B, T, D) the carry; rope: RoPE tables or None
+        Returns:
+            logits = head(z_H) (B, T, V), and z_H, z_L detached: the next segment's carry, which no gradient crosses
+        """
         ### BEGIN SOLUTION
         updates, n_grad = self.schedule()
         for i, which in enumerate(updates):

@@ -81,7 +81,10 @@ class RMT(nn.Module):
         return torch.cat([torch.arange(M), M + torch.arange(s), M + S + torch.arange(M)]).to(device)
 
     def segment_step(self, tokens, memory):
-        """One segment: the recurrence step.
+        """One segment: the recurrence step. The Blocks read [memory + read_emb ; embed(tokens) ; memory +
+        write_emb] (2M + s positions, RoPE at `positions(s)`, causal); the logits come from the segment's s
+        outputs (after the final norm and the head), the next memory from the M outputs at the write slots,
+        normalised by mem_norm.
 
         Args:
             tokens: (B, s) with s <= S, memory: (B, M, D)
