@@ -321,7 +321,8 @@ class Maze:
         self.canvas, self.n_train, self.min_path, self.train_seed = canvas, n_train, min_path, train_seed
         self.vocab_size = 5
         self.names = ["#", ".", "S", "G", "o"]
-        self._train_sets = {}                                     # n -> (x, y) of the fixed training mazes
+        self._train_sets = {}     # n -> [(grid, path)] of the fixed training mazes
+        self._train_keys = {}     # n -> their keys up to symmetry, which test mazes must avoid
 
     def _maze(self, n, rng):
         """One (2n+1) x (2n+1) grid of token ids (walls, open, S, G) and its path mask (open squares only)."""
@@ -380,6 +381,7 @@ class Maze:
         if n not in self._train_sets:
             rng = random.Random(self.train_seed * 1000 + n)
             self._train_sets[n] = [self._maze(n, rng) for _ in range(self.n_train)]
+            self._train_keys[n] = {_canonical(grid) for grid, _ in self._train_sets[n]}
         return self._train_sets[n]
 
     def sample_train(self, batch_size, length, seed=0, device="cpu"):
@@ -399,7 +401,8 @@ class Maze:
         """Fresh mazes, none of them (up to symmetry) in the training set: the test set."""
         self._check_size(batch_size, length)
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
-        seen = {_canonical(grid) for grid, _ in self.train_set(length)}
+        self.train_set(length)
+        seen = self._train_keys[length]
         grids, paths = [], []
         while len(grids) < batch_size:
             grid, path = self._maze(length, rng)
