@@ -1,19 +1,28 @@
 """
 compare.py: train every model on every task at matched size, and show when filtering beats copying.
 
-    python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
-    python compare.py --preset smoke     # the CI run: every model and task, tiny, well under a minute
-    python compare.py --models attention --tasks copy,mqar --seeds 0,1
-    python compare.py --bench            # time, peak memory and state size against length, every model
+    python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which); trains from scratch
+    python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
+    python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
+    python compare.py --bench            # time, peak memory and state size against length
 
-This is the one file that knows every model and every task. For each (model, task) it sweeps a few learning
-rates on seed 0 (Zoology's protocol: recurrent models train only in a narrow window), keeps the one with the
-best validation accuracy at the training length, runs the other seeds at that rate, then tests at the
-training length and beyond; HRM is also tested with more segments than it trained with (the maze), and the
-recurrent models are retrained at other state sizes (the dial). Budgets (steps, batch, schedule) are set per
-task and are the same for every model. Runs go to worker processes (several share a GPU); every finished run
-is written to results/<preset>.json at once, so an interrupted run resumes where it stopped; --fresh starts
-over. The tables, results/<preset>.md and the plots are made from that file.
+How the comparison is made fair, and where each rule lives:
+  1. The same budget for every model on a task: steps, batch, training lengths, optimiser and schedule
+     (`Budget` and `PRESETS` below; the optimiser and schedule in `train`).
+  2. Matched size: one width and depth per task, so parameter counts stay within +-25% of the Transformer's
+     (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full preset).
+  3. Each model at its own best learning rate: every (model, task) sweeps the same grid of log-spaced rates on the
+     first seed and keeps the one with the best validation accuracy (`make_specs`, `best_runs`); a choice on the
+     edge of the grid is marked in the report, since the grid may then hide a better rate.
+  4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
+  5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
+  6. Cost in the open: parameters, state floats, steps, examples seen and wall time for every run (`details`).
+
+Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
+whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
+changed setting re-runs what it changes. The committed reference results live in results/reference/, which
+the bench never reads. The file reads top down: training and evaluation; models and presets; the protocol;
+running many runs; reports and plots; the cost benchmark; the command line.
 """
 import argparse
 import json
@@ -23,8 +32,9 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from multiprocessing import get_context
-from queue import Queue
 
 import torch
 import torch.nn.functional as F
@@ -38,102 +48,15 @@ import tasks
 import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+PROTOCOL = 2   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
 # On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
 # cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
 torch.set_flush_denormal(True)
 
 # ---------------------------------------------------------------------------------------------------------
-# Models: one registry, `build_model(name, vocab_size, **overrides)`
+# Training and evaluation: usable from Python with any model and any object that follows tasks.py's contract
 # ---------------------------------------------------------------------------------------------------------
 
-MODELS = {  # name -> (model class, config class, options that define the variant)
-    "attention": (attention.Transformer, attention.TransformerConfig, {}),
-    "attention_nope": (attention.Transformer, attention.TransformerConfig, {"pos": "none"}),
-    "ssm": (ssm.Mamba, ssm.MambaConfig, {}),
-    "rmt": (rmt.RMT, rmt.RMTConfig, {}),
-    "titans": (titans.Titans, titans.TitansConfig, {}),
-    "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
-    "attention_swa": (attention.Transformer, attention.TransformerConfig, {"window": 32}),
-    "hrm": (hrm.HRM, hrm.HRMConfig, {}),
-    "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
-}
-
-
-def build_model(name, vocab_size, **overrides):
-    """A fresh model: tokens (B, T) -> logits (B, T, V). `overrides` set fields of the model's config."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    model_class, config_class, variant = MODELS[name]
-    fields = config_class.__dataclass_fields__
-    unknown = [k for k in overrides if k not in fields]
-    if unknown:
-        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}")
-    return model_class(config_class(vocab_size=vocab_size, **{**variant, **overrides}))
-
-
-def reads_grids(name):
-    """Whether a model can run bidirectionally, as grid tasks (the maze) need: attention and HRM can."""
-    return "causal" in MODELS[name][1].__dataclass_fields__
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Presets. Per task: the training lengths (each batch draws one uniformly from [lo, hi], or a curriculum of
-# such stages), the test lengths, the steps and the task's options; optionally the models that run it (else
-# the preset's), `seeded` (the headline cells that get the extra seeds), `size` and per-model
-# `model_options` (HRM's training segments), `segments` (HRM's test-time segments to evaluate), `lrs`.
-# `dial`: the extra state sizes trained at each cell's best lr. Budgets are per task, equal for every model.
-# ---------------------------------------------------------------------------------------------------------
-
-PRESETS = {
-    "smoke": dict(
-        models=list(MODELS), size=dict(d_model=32, n_layers=2), batch_size=16, lrs=[3e-3], seeds=[0],
-        eval_examples=32, tasks={
-            "copy": dict(train=[2, 6], test=[6, 12], steps=30),
-            "mqar": dict(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
-            "flipflop": dict(train=[32, 32], test=[32, 128], steps=30),
-            "selective_copy": dict(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
-            "babilong": dict(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
-            "maze": dict(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2],
-                         options=dict(canvas=7, n_train=20)),
-        },
-        dial=dict(tasks=["mqar"], sweep={"ssm": {"d_state": [4]}})),
-    "quick": dict(
-        models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=64,
-        lrs=[1e-3, 1e-2], seeds=[0], eval_examples=256, tasks={
-            "copy": dict(train=[2, 8], test=[8, 16], steps=800),
-            "mqar": dict(train=[16, 16], test=[16, 64], steps=800, options=dict(n_pairs=4, vocab_size=32)),
-            "flipflop": dict(train=[32, 32], test=[32, 256, 1024], steps=500),
-        }),
-    "full": dict(
-        models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
-        lrs=[1e-3, 3e-3], seeds=[0, 1], eval_examples=256, tasks={
-            "copy": dict(train=[2, 16], test=[16, 32, 64], steps=600, seeded=["attention", "ssm"]),
-            "mqar": dict(train=[32, 32], test=[32, 128], steps=1200, options=dict(n_pairs=8, vocab_size=64),
-                         seeded=["attention", "ssm"]),
-            "flipflop": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
-                             seeded=["attention", "ssm", "rmt"]),
-            "selective_copy": dict(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
-                                   seeded=["attention", "ssm"]),
-            "babilong": dict(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
-                             seeded=["attention", "ssm", "rmt", "titans"]),
-            "maze": dict(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
-                         models=["attention", "hrm", "hrm_last_cycle"], seeded=["attention", "hrm"],
-                         size=dict(d_model=128, n_heads=4, n_layers=4),
-                         model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
-                         options=dict(canvas=17, n_train=1000, min_path=30)),
-        },
-        dial=dict(tasks=["mqar", "flipflop"],
-                  sweep={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]}, "titans": {"memory_expand": [4]}})),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training and evaluation: usable from Python with any object that follows the task contract of tasks.py
-# ---------------------------------------------------------------------------------------------------------
 
 def autocast(device):
     """bf16 autocast on CUDA, plain fp32 elsewhere."""
@@ -150,6 +73,7 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     """AdamW, linear warm-up then cosine decay, gradient clipping. Each batch draws its length uniformly from
     train_lengths = [lo, hi], or, for a curriculum [[lo1, hi1], [lo2, hi2], ...], from the stage that the
     step falls in (equal shares of the steps; RMT's segment-count curriculum, given to every model alike).
+    HRM trains with deep supervision: one loss per segment, and one optimiser step on their mean per batch.
     Returns the list of training losses."""
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -166,9 +90,8 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     losses = []
     for step in tqdm(range(steps), desc="train", leave=False, disable=not progress):
         lo, hi = plan[step * len(plan) // steps]
-        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        x, y = sample(batch_size, length, g, device)
-        with autocast(device):   # HRM: deep supervision, a loss on every segment
+        x, y = sample(batch_size, int(torch.randint(lo, hi + 1, (1,), generator=g)), g, device)
+        with autocast(device):
             outputs = model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
         loss = sum(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE)
                    for logits in outputs) / len(outputs)
@@ -193,13 +116,14 @@ def generate(model, prompt, n_new):
 @torch.no_grad()
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None):
     """Accuracy at one length. Returns token_acc (scored positions right), exact (every scored position of an
-    example right), and where the task defines them gen_exact (greedy generation, e.g. copy) and by_depth
-    (accuracy in four bins of the deciding fact's depth, e.g. babilong). `segments`: HRM's test-time segments."""
+    example right, over the examples that have one; None if none has), and where the task defines them
+    gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
+    depth, e.g. babilong). `segments`: HRM's test-time segments."""
     forward = model if segments is None else lambda x: model(x, segments=segments)
     model.to(device).eval()
     g = torch.Generator().manual_seed(seed)
     batch = max(1, min(n_examples, max_tokens // length))
-    right = total = exact = seen = gen_exact = 0
+    right = total = exact = scored_examples = seen = gen_exact = 0
     depth_right, depth_total = [0] * 4, [0] * 4
     while seen < n_examples:
         b = min(batch, n_examples - seen)
@@ -211,10 +135,10 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
             pred = forward(x).argmax(-1)
         scored = y != tasks.IGNORE
         ok = (pred == y) & scored
+        row_ok = (ok.sum(1) == scored.sum(1)) & scored.any(1)   # an example with nothing scored is not a match
         right, total = right + ok.sum().item(), total + scored.sum().item()
-        exact += (ok.sum(1) == scored.sum(1)).sum().item()
+        exact, scored_examples = exact + row_ok.sum().item(), scored_examples + scored.any(1).sum().item()
         if depth is not None:
-            row_ok = ok.sum(1) == scored.sum(1)
             bins = (depth * 4).long().clamp(0, 3)
             for k in range(4):
                 depth_right[k] += (row_ok & (bins == k)).sum().item()
@@ -225,7 +149,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
                 out = generate(model, x[:, :p], length)
             gen_exact += (out == y[:, p - 1:p - 1 + length]).all(1).sum().item()
         seen += b
-    result = {"token_acc": right / max(total, 1), "exact": exact / seen}
+    result = {"token_acc": right / max(total, 1), "exact": exact / scored_examples if scored_examples else None}
     if hasattr(task, "prompt_length"):
         result["gen_exact"] = gen_exact / seen
     if hasattr(task, "sample_with_depth"):
@@ -234,11 +158,186 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One run (model, task, lr, seed), self-contained so that worker processes can run it
+# Models and presets
 # ---------------------------------------------------------------------------------------------------------
 
+MODELS = {  # name -> (model class, config class, options that define the variant)
+    "attention": (attention.Transformer, attention.TransformerConfig, {}),
+    "attention_nope": (attention.Transformer, attention.TransformerConfig, {"pos": "none"}),
+    "attention_swa": (attention.Transformer, attention.TransformerConfig, {"window": 32}),
+    "ssm": (ssm.Mamba, ssm.MambaConfig, {}),
+    "rmt": (rmt.RMT, rmt.RMTConfig, {}),
+    "titans": (titans.Titans, titans.TitansConfig, {}),
+    "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
+    "hrm": (hrm.HRM, hrm.HRMConfig, {}),
+    "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
+}
+
+
+def build_model(name, vocab_size, **overrides):
+    """A fresh model: tokens (B, T) -> logits (B, T, V). `overrides` set fields of the model's config."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    model_class, config_class, variant = MODELS[name]
+    unknown = [k for k in overrides if k not in config_class.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {', '.join(unknown)}")
+    return model_class(config_class(vocab_size=vocab_size, **{**variant, **overrides}))
+
+
+def reads_grids(name):
+    """Whether a model can run bidirectionally, as grid tasks (the maze) need: attention and HRM can."""
+    return "causal" in MODELS[name][1].__dataclass_fields__
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Budget:
+    """What one task gets: the same for every model that runs it."""
+    train: list                 # training lengths [lo, hi] (each batch draws one), or a curriculum [[lo, hi], ...]
+    test: list                  # test lengths, the training length first
+    steps: int                  # optimiser steps
+    options: dict = field(default_factory=dict)        # the task's constructor options
+    models: list = None         # the models that run it (default: the preset's)
+    seeded: list = field(default_factory=list)         # headline models: every seed, not only the first
+    size: dict = field(default_factory=dict)           # the task's model size, over the preset's
+    model_options: dict = field(default_factory=dict)  # model -> options of its own (HRM's training segments)
+    segments: list = None       # HRM's test-time segments to evaluate
+    dial: dict = field(default_factory=dict)           # model -> {option: [values]}: other state sizes
+
+
+LRS = [3e-4, 1e-3, 3e-3]   # the sweep: log-spaced, the same for every model on a task
+PRESETS = {
+    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
+        models=list(MODELS), size=dict(d_model=32, n_layers=2), batch_size=16, lrs=[3e-3], seeds=[0],
+        eval_examples=32, tasks={
+            "copy": Budget(train=[2, 6], test=[6, 12], steps=30),
+            "mqar": Budget(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
+            "recall": Budget(train=[2, 4], test=[2, 4], steps=30, options=dict(vocab_size=16),
+                             dial={"ssm": {"d_state": [4]}}),
+            "flipflop": Budget(train=[32, 32], test=[32, 128], steps=30),
+            "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
+            "babilong": Budget(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
+            "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20)),
+        }),
+    "quick": dict(  # a 2-core CPU in about ten minutes: the two ends of the trade-off, three seeds each
+        models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS, seeds=[0, 1, 2],
+        eval_examples=256, tasks={
+            "copy": Budget(train=[2, 8], test=[8, 16], steps=600, seeded=["attention", "ssm"]),
+            "mqar": Budget(train=[16, 16], test=[16, 64], steps=600, options=dict(n_pairs=4, vocab_size=32),
+                           seeded=["attention", "ssm"]),
+            "flipflop": Budget(train=[32, 32], test=[32, 256, 1024], steps=300, seeded=["attention", "ssm"]),
+        }),
+    "full": dict(  # one GPU
+        models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
+        lrs=LRS, seeds=[0, 1], eval_examples=256, tasks={
+            "copy": Budget(train=[2, 16], test=[16, 32, 64], steps=2500, models=["attention", "ssm", "rmt", "titans"],
+                           seeded=["attention", "ssm"]),
+            "recall": Budget(train=[2, 32], test=[4, 8, 16, 32], steps=2500, options=dict(vocab_size=128),
+                             models=["attention", "ssm", "rmt", "titans"], seeded=["attention", "ssm"],
+                             dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
+                                   "titans": {"memory_expand": [4]}}),
+            "flipflop": Budget(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
+                               seeded=["attention", "ssm", "rmt"]),
+            "selective_copy": Budget(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
+                                     models=["attention", "ssm", "rmt", "titans"]),
+            "babilong": Budget(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
+                               models=["attention", "ssm", "rmt", "titans"],
+                               seeded=["attention", "ssm", "rmt", "titans"]),
+            "maze": Budget(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
+                           models=["attention", "hrm", "hrm_last_cycle"], seeded=["attention", "hrm"],
+                           size=dict(d_model=128, n_heads=4, n_layers=4),
+                           model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
+                           options=dict(canvas=17, n_train=1000, min_path=30)),
+        }),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The protocol: the runs a command asks for, the choice of learning rate, one run
+# ---------------------------------------------------------------------------------------------------------
+
+def task_models(args, t):
+    """The models that run task t: those asked for, or the task's own, or the preset's; a grid task only takes
+    models that can read it bidirectionally."""
+    budget = PRESETS[args.preset]["tasks"][t]
+    names = args.models if args.chosen_models else (budget.models or args.models)
+    return [m for m in names if getattr(tasks.TASKS[t], "causal", True) or reads_grids(m)]
+
+
+def make_specs(args, phase="lr sweep", lr_by_cell=None):
+    """The runs of one phase: the lr sweep on the first seed; then, at each cell's chosen lr, the other seeds
+    (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed)."""
+    preset = PRESETS[args.preset]
+    seeds = args.seeds or preset["seeds"]
+    specs = []
+    for t in args.tasks:
+        b = preset["tasks"][t]
+        for m in task_models(args, t):
+            if phase != "lr sweep" and (m, t) not in lr_by_cell:
+                continue
+            options = {**preset["size"], **b.size, **b.model_options.get(m, {}),
+                       **({} if getattr(tasks.TASKS[t], "causal", True) else {"causal": False})}
+            base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
+                        test=args.test_lengths or b.test, steps=args.steps or b.steps, batch_size=preset["batch_size"],
+                        eval_examples=preset["eval_examples"], protocol=PROTOCOL, device=args.device)
+            if b.segments:
+                base["test_segments"] = b.segments
+            if phase == "lr sweep":
+                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in args.lrs or preset["lrs"]]
+            elif phase == "seeds" and (args.chosen_models or m in b.seeded):
+                specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[1:]]
+            elif phase == "dial":
+                for option, values in b.dial.get(m, {}).items():
+                    specs += [dict(base, lr=lr_by_cell[(m, t)], seed=seeds[0], dial={option: v},
+                                   model_options={**options, option: v}) for v in values]
+    return specs
+
+
+def run_key(spec):
+    dial = "".join(f"[{k}={v}]" for k, v in spec.get("dial", {}).items())
+    return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
+
+
+def same_spec(saved, spec):
+    """A stored run is reused only if everything that defines it is unchanged (where it ran aside)."""
+    return saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in ("device", "threads"))
+
+
+def best_runs(runs):
+    """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
+    lr): best mean validation accuracy, ties broken by the lower final training loss. Seeds added later at
+    that lr never change the choice."""
+    by_cell = {}
+    for r in runs:
+        if not r.get("dial"):         # the dial's extra state sizes are not cells of the table
+            by_cell.setdefault((r["model"], r["task"]), {}).setdefault(r["lr"], []).append(r)
+    best = {}
+    for cell, by_lr in by_cell.items():
+        sweep = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
+
+        def score(lr):
+            rs = [r for r in by_lr[lr] if r["seed"] in sweep]
+            return (sum(r["val_token_acc"] for r in rs) / len(rs), -sum(r["final_loss"] for r in rs) / len(rs))
+        best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
+    return best
+
+
+def edge_cells(runs):
+    """The cells whose chosen lr is the smallest or largest of a grid of several: a better one may lie outside."""
+    grids = {}
+    for r in runs:
+        if not r.get("dial"):
+            grids.setdefault((r["model"], r["task"]), set()).add(r["lr"])
+    return {cell for cell, rs in best_runs(runs).items()
+            if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]), max(grids[cell]))}
+
+
 def run_one(spec):
-    """Train and test one model on one task; returns the record saved in results/<preset>.json."""
+    """Train and test one model on one task; returns the record stored in runs/<preset>.json."""
     device = spec["device"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -249,8 +348,7 @@ def run_one(spec):
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
                    seed=spec["seed"])
     train_time = time.time() - start
-    hi = stages(spec["train"])[-1][1]
-    val = evaluate(model, task, hi, spec["eval_examples"], device, seed=10_000 + spec["seed"])
+    val = evaluate(model, task, stages(spec["train"])[-1][1], spec["eval_examples"], device, seed=10_000 + spec["seed"])
     metrics = {str(L): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"])
                for L in spec["test"]}
     if spec.get("test_segments") and hasattr(model, "segment_logits"):   # HRM: accuracy vs test-time segments
@@ -259,19 +357,67 @@ def run_one(spec):
                 str(s): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"],
                                  segments=s) for s in spec["test_segments"]}
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
+    cuda = torch.device(device).type == "cuda"
     return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
             "examples_seen": spec["steps"] * spec["batch_size"], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
-            "val_token_acc": val["token_acc"], "metrics": metrics}
-
-
-def run_key(spec):
-    dial = "".join(f"[{k}={v}]" for k, v in spec.get("dial", {}).items())
-    return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
+            "val_token_acc": val["token_acc"], "metrics": metrics, "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device) if cuda else "CPU"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Results: atomic saves, resumption, the table
+# Running many runs: worker processes share the GPU (tiny models leave it mostly idle) or the CPU cores
+# ---------------------------------------------------------------------------------------------------------
+
+def slow_first(spec):
+    """Scheduling order: the slowest runs first (the maze, then the models with loops inside a step), so that
+    no long run starts last and keeps the others waiting."""
+    return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
+
+
+def run_all(specs, workers, devices, on_done):
+    """Run the specs, in this process (one worker) or in a pool of processes spread over `devices`.
+    on_done(record) stores a finished run and returns the runs it unlocks (a cell's seeds and dial once its
+    lr sweep is done), which start at once: no phase waits for the slowest run of the one before."""
+    bar = tqdm(total=len(specs), desc="runs", disable=not specs)
+    queue = sorted(specs, key=slow_first)
+    if workers == 1:
+        while queue:
+            spec = dict(queue.pop(0), device=devices[0])
+            bar.set_postfix_str(run_key(spec))
+            new = on_done(run_one(spec))
+            queue += sorted(new, key=slow_first)
+            bar.total += len(new)
+            bar.update()
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
+    # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run.
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN))
+    running, n_started = set(), 0
+    try:
+        while queue or running:
+            for spec in queue:                  # round-robin over the devices
+                running.add(pool.submit(run_one, dict(spec, device=devices[n_started % len(devices)], threads=threads)))
+                n_started += 1
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            queue = []
+            for future in finished:
+                new = on_done(future.result())
+                queue += sorted(new, key=slow_first)
+                bar.total += len(new)
+                bar.update()
+    except BaseException:
+        for process in list(pool._processes.values()):   # the executor has no public way to stop a running task
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stored runs: one JSON file per preset, written atomically after every run
 # ---------------------------------------------------------------------------------------------------------
 
 def git_commit():
@@ -280,247 +426,250 @@ def git_commit():
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
-        commit = run("rev-parse", "--short", "HEAD").stdout.strip()
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = dirty = ""
-    if not commit:
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 def save_json(path, obj):
     """Write to a temporary file, then rename: a killed process never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
-def best_runs(runs):
-    """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
-    lr): best mean validation accuracy, ties broken by the lower final training loss. Seeds added later at
-    that lr never change the choice."""
-    by_cell = {}
-    for r in runs:
-        if r.get("dial"):
-            continue                  # the dial's extra state sizes are not cells of the table
-        by_cell.setdefault((r["model"], r["task"]), {}).setdefault(r["lr"], []).append(r)
-    best = {}
-    for cell, by_lr in by_cell.items():
-        sweep = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
-        def score(lr):
-            rs = [r for r in by_lr[lr] if r["seed"] in sweep]
-            return (sum(r["val_token_acc"] for r in rs) / len(rs), -sum(r["final_loss"] for r in rs) / len(rs))
-        best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
-    return best
+def load_runs(path, preset, fresh):
+    """The stored runs of `path`, checked; with fresh, the old file is kept under a new name and none are used.
+    A file that is not a results file of this preset stops the command with one line saying what to do."""
+    if not os.path.exists(path):
+        return {}
+    if fresh:
+        kept = path[:-len(".json")] + time.strftime(".%Y%m%d-%H%M%S.json")
+        os.replace(path, kept)
+        print(f"--fresh: the old runs are kept in {kept}")
+        return {}
+    way_out = "move it away, point --out at another folder, or run with --fresh (which keeps it under a new name)"
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"compare.py: error: {path} is not a readable results file ({type(e).__name__}); {way_out}")
+    runs = results.get("runs") if isinstance(results, dict) else None
+    fields = ("model", "task", "lr", "seed", "metrics")
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and all(k in r for k in fields) for r in runs.values()):
+        sys.exit(f"compare.py: error: {path} does not hold compare.py runs; {way_out}")
+    if results.get("meta", {}).get("preset") != preset:
+        sys.exit(f"compare.py: error: {path} holds runs of preset {results.get('meta', {}).get('preset')!r}, "
+                 f"not {preset!r}; {way_out}")
+    return runs
 
 
-def table(runs, metric, task_names, model_names):
-    """A markdown table, models x task@length, mean (and +- half the spread) over seeds at the best lr."""
-    best = best_runs(runs)
-    cols = []
-    for t in task_names:
-        lengths = next((r["test"] for (m, tt), rs in best.items() for r in rs if tt == t), [])
-        cols += [(t, L) for L in lengths]
-    header = "| model | " + " | ".join(f"{t}@{L}" for t, L in cols) + " |"
-    lines = [header, "|" + "---|" * (len(cols) + 1)]
+# ---------------------------------------------------------------------------------------------------------
+# Reports: markdown tables and plots, made from the stored runs
+# ---------------------------------------------------------------------------------------------------------
+
+def mean_spread(values):
+    """'mean' or 'mean±half-spread' over seeds; '' when there is nothing to average."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" + (f"±{(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def md_table(header, rows):
+    """A markdown table; rows whose cells are all empty are left out."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows if any(c != "" for c in r[1:])])
+
+
+def accuracy_table(best, metric, task_names, model_names):
+    """Models x task@length, mean over seeds at the chosen lr."""
+    cols = [(t, L) for t in task_names for L in next((rs[0]["test"] for (m, tt), rs in best.items() if tt == t), [])]
+    rows = [[m] + [mean_spread(r["metrics"][str(L)].get(metric) for r in best.get((m, t), [])) for t, L in cols]
+            for m in model_names]
+    return md_table(["model"] + [f"{t}@{L}" for t, L in cols], rows)
+
+
+def dial_points(runs, best, task, model_names):
+    """(model, label, state floats at the largest test length, accuracy by length) for each model at its
+    default state (chosen lr, mean over seeds) and at each of the dial's other sizes."""
+    points = [(m, "default", rs[0], {L: mean(r["metrics"][L]["token_acc"] for r in rs) for L in rs[0]["metrics"]})
+              for (m, t), rs in best.items() if t == task and m in model_names]
+    points += [(r["model"], ", ".join(f"{k}={v}" for k, v in r["dial"].items()), r,
+                {L: v["token_acc"] for L, v in r["metrics"].items()})
+               for r in runs if r.get("dial") and r["task"] == task and r["model"] in model_names]
+    return sorted([(m, label, r["state_size"][str(r["test"][-1])], acc) for m, label, r, acc in points],
+                  key=lambda p: (model_names.index(p[0]), p[2]))
+
+
+def segments_table(best, model_names):
+    """Grid tasks: exact match against HRM's test-time segments; a fixed-depth model has one number."""
+    rows_in = [(m, rs) for m in model_names for (mm, t), rs in best.items() if mm == m and t == "maze"]
+    counts = sorted({int(s) for _, rs in rows_in for r in rs for v in r["metrics"].values()
+                     for s in v.get("by_segments", {})})
+    rows = []
+    for m, rs in rows_in:
+        for L in rs[0]["test"]:
+            by = "by_segments" in rs[0]["metrics"][str(L)]
+            rows.append([m, f"{L}x{L}", "" if by else mean_spread(r["metrics"][str(L)]["exact"] for r in rs)] +
+                        [mean_spread(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs) if by else ""
+                         for s in counts])
+    return md_table(["model", "maze size", "fixed depth"] + [f"{s} seg" for s in counts], rows)
+
+
+def depth_table(best, model_names):
+    """BABILong: exact match by the depth of the deciding fact in the stream (quarters), per test length."""
+    rows = []
     for m in model_names:
-        cells = []
-        for t, L in cols:
-            vals = [r["metrics"][str(L)].get(metric) for r in best.get((m, t), [])]
-            vals = [v for v in vals if v is not None]
-            if not vals:
-                cells.append("")
-                continue
-            mean = sum(vals) / len(vals)
-            spread = f"±{(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else ""
-            cells.append(f"{mean:.2f}{spread}")
-        if any(cells):
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for r0 in best.get((m, "babilong"), [])[:1]:
+            for L in r0["test"]:
+                rows.append([m, L] + [mean_spread(r["metrics"][str(L)]["by_depth"][k] for r in best[(m, "babilong")])
+                                      for k in range(4)])
+    return md_table(["model", "length", "depth 0-25%", "25-50%", "50-75%", "75-100%"], rows)
 
 
-def details(runs, task_names, model_names):
-    """Per (model, task) at its best lr: parameters, state size, lr, seeds, steps, examples, wall time."""
-    best = best_runs(runs)
-    lines = ["| model | task | params (vs attention) | state floats (per test length) | best lr | seeds | steps "
-             "| examples | wall s |", "|" + "---|" * 9]
+def details(best, edges, task_names, model_names):
+    """Per (model, task) at the chosen lr: parameters, state size, lr, seeds, steps, examples, wall time."""
+    rows = []
     for m in model_names:
         for t in task_names:
-            rs = best.get((m, t))
-            if not rs:
-                continue
-            r, ref = rs[0], best.get(("attention", t))
-            ratio = f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""
-            state = ", ".join(f"{v:,}" for v in r["state_size"].values())
-            lines.append(f"| {m} | {t} | {r['params']:,}{ratio} | {state} | {r['lr']:g} | {len(rs)} | {r['steps']} "
-                         f"| {r['examples_seen']:,} | {sum(x['wall_time_s'] for x in rs) / len(rs):.1f} |")
-    return "\n".join(lines)
+            rs, ref = best.get((m, t)), best.get(("attention", t))
+            if rs:
+                r = rs[0]
+                rows.append([m, t, f"{r['params']:,}" + (f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""),
+                             ", ".join(f"{v:,}" for v in r["state_size"].values()),
+                             f"{r['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(rs), r["steps"],
+                             f"{r['examples_seen']:,}", f"{mean(x['wall_time_s'] for x in rs):.1f}"])
+    return md_table(["model", "task", "params (vs attention)", "state floats (per test length)", "chosen lr",
+                     "seeds", "steps", "examples", "wall s"], rows)
 
 
-def segments_table(runs, model_names):
-    """Grid tasks: exact match against HRM's test-time segments; fixed-depth models have one number."""
+def report(runs, meta, task_names, model_names):
     best = best_runs(runs)
-    rows = [(m, rs) for m in model_names for (mm, t), rs in best.items() if mm == m and t == "maze"]
-    counts = sorted({int(s) for _, rs in rows for r in rs for v in r["metrics"].values()
-                     for s in v.get("by_segments", {})})
-    lines = ["| model | maze size | fixed depth | " + " | ".join(f"{s} seg" for s in counts) + " |",
-             "|" + "---|" * (len(counts) + 3)]
-    for m, rs in rows:
-        for L in rs[0]["test"]:
-            mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
-            by = rs[0]["metrics"][str(L)].get("by_segments")
-            cells = [f"{mean(lambda r: r['metrics'][str(L)]['by_segments'][str(s)]['exact']):.2f}" if by else ""
-                     for s in counts]
-            fixed = "" if by else f"{mean(lambda r: r['metrics'][str(L)]['exact']):.2f}"
-            lines.append(f"| {m} | {L}x{L} | {fixed} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def dial_points(runs, task, model_names):
-    """(model, label, state floats by length, token accuracy by length) for each model at its default size (best
-    lr, mean over seeds) and at each dial size."""
-    points = []
-    for (m, t), rs in best_runs(runs).items():
-        if t == task and m in model_names:
-            acc = {L: sum(r["metrics"][L]["token_acc"] for r in rs) / len(rs) for L in rs[0]["metrics"]}
-            points.append((m, "default", rs[0]["state_size"], acc))
-    for r in runs:
-        if r.get("dial") and r["task"] == task and r["model"] in model_names:
-            label = ", ".join(f"{k}={v}" for k, v in r["dial"].items())
-            points.append((r["model"], label, r["state_size"], {L: v["token_acc"] for L, v in r["metrics"].items()}))
-    return sorted(points, key=lambda p: (p[0], min(p[2].values())))
-
-
-def dial_table(runs, dial_tasks, model_names):
-    lines = []
-    for t in dial_tasks:
-        points = dial_points(runs, t, model_names)
-        if not points:
-            continue
-        lengths = list(points[0][3])
-        lines += [f"| model | size | state floats @{lengths[-1]} | " + " | ".join(f"{t}@{L}" for L in lengths) + " |",
-                  "|" + "---|" * (len(lengths) + 3)]
-        lines += [f"| {m} | {label} | {state[lengths[-1]]:,} | " + " | ".join(f"{acc[L]:.2f}" for L in lengths) + " |"
-                  for m, label, state, acc in points] + [""]
-    return "\n".join(lines)
-
-
-def report(results, task_names, model_names):
-    runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
     dial_tasks = [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]
-    meta = results["meta"]
-    parts = [f"# compare.py, preset `{meta['preset']}`", "",
-             f"Command: `{meta['command']}`  ",
+    edges = edge_cells(runs)
+    parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
-             f"wall time {meta.get('wall_time_s', 0):.0f} s"
-             + (f" (resumed: {meta['runs_already_done']} runs were done before)" if meta.get("runs_already_done")
-                else ""), "",
-             "## Token accuracy on scored positions (training length first; best lr per model and task)", "",
-             table(runs, "token_acc", task_names, model_names), "",
+             f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
+             f"{meta.get('runs_reused', 0)} reused from earlier ones", "",
+             "## Token accuracy on scored positions (training length first; mean±half-spread over seeds)", "",
+             accuracy_table(best, "token_acc", task_names, model_names), "",
              "## Exact match: every scored position of an example right (copy: greedy generation)", "",
-             table(runs, "gen_exact", ["copy"], model_names) if "copy" in task_names else "", "",
-             table(runs, "exact", [t for t in task_names if t != "copy"], model_names), "",
-             *(["## Maze: exact match against test-time segments (trained with the preset's segments)", "",
-                segments_table(runs, model_names), ""] if "maze" in task_names else []),
-             *(["## The dial: token accuracy against inference state size (floats per sequence)", "",
-                dial_table(runs, dial_tasks, model_names)] if dial_tasks else []),
-             "## Runs", "", details(runs, task_names, model_names), ""]
+             accuracy_table(best, "gen_exact", [t for t in task_names if t == "copy"], model_names), "",
+             accuracy_table(best, "exact", [t for t in task_names if t != "copy"], model_names), ""]
+    for t in dial_tasks:
+        points = dial_points(runs, best, t, model_names)
+        lengths = list(points[0][3])
+        parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
+                  md_table(["model", "size", "state floats"] + [f"{t}@{L}" for L in lengths],
+                           [[m, label, f"{state:,}"] + [f"{acc[L]:.2f}" for L in lengths]
+                            for m, label, state, acc in points]), ""]
+    if "maze" in task_names:
+        parts += ["## Maze: exact match against test-time segments", "", segments_table(best, model_names), ""]
+    if "babilong" in task_names:
+        parts += ["## BABILong: exact match by the depth of the deciding fact", "", depth_table(best, model_names), ""]
+    parts += ["## Runs", "", details(best, edges, task_names, model_names), ""]
+    if edges:
+        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {', '.join(sorted(f'{m}/{t}' for m, t in edges))}. "
+                  "A wider grid might find a better rate for these.", ""]
     return "\n".join(parts)
 
 
-def plot(results, path, task_names, model_names):
-    """Accuracy against test length, one panel per task, the training length marked. Needs matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return
-    runs = [r for r in results["runs"].values() if r["task"] in task_names and r["model"] in model_names]
-    best = best_runs(runs)
-    fig, axes = plt.subplots(1, len(task_names), figsize=(3.2 * len(task_names), 3), squeeze=False)
-    for ax, t in zip(axes[0], task_names):
-        for m in model_names:
-            rs = best.get((m, t))
-            if rs:
-                Ls = rs[0]["test"]
-                acc = [sum(r["metrics"][str(L)]["token_acc"] for r in rs) / len(rs) for L in Ls]
-                ax.plot(Ls, acc, marker="o", label=m)
-                ax.axvline(stages(rs[0]["train"])[-1][1], color="gray", ls=":", lw=1)
-        ax.set(title=t, xscale="log", xlabel="test length", ylim=(-0.02, 1.02))
-        ax.minorticks_off()
-        lengths = sorted({L for m in model_names for r in best.get((m, t), []) for L in r["test"]})
-        ax.set_xticks(lengths, [str(L) for L in lengths], fontsize=7)
-    axes[0][0].set_ylabel("token accuracy")
-    axes[0][-1].legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_segments(results, path, model_names):
-    """Maze exact match against test-time segments, one line per (model, maze size); fixed depth is flat."""
-    plt = pyplot()
-    if plt is None:
-        return
-    best = best_runs([r for r in results["runs"].values() if r["task"] == "maze" and r["model"] in model_names])
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for i, ((m, _), rs) in enumerate(sorted(best.items())):
-        for L, ls in zip(rs[0]["test"], ("-", "--", ":")):
-            by = rs[0]["metrics"][str(L)].get("by_segments")
-            counts = [int(s) for s in by] if by else None
-            if by:
-                acc = [sum(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs) / len(rs) for s in counts]
-                ax.plot(counts, acc, marker="o", ls=ls, color=f"C{i}", label=f"{m}, {L}x{L}")
-                ax.set_xticks(counts, [str(s) for s in counts])
-            else:
-                ax.axhline(sum(r["metrics"][str(L)]["exact"] for r in rs) / len(rs), ls=ls, color="k", lw=1,
-                           label=f"{m} (fixed depth), {L}x{L}")
-    ax.set(xscale="log", xlabel="test-time segments", ylabel="exact match (whole path right)", ylim=(-0.02, 1.02),
-           title="maze: recurrent depth at test time")
-    ax.minorticks_off()
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_dial(results, path, task_names, model_names):
-    """The dial: accuracy against state size at the training length and at the longest test length."""
-    plt = pyplot()
-    runs = [r for r in results["runs"].values() if r["model"] in model_names]
-    tasks_ = [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]
-    if plt is None or not tasks_:
-        return
-    fig, axes = plt.subplots(1, 2 * len(tasks_), figsize=(3.2 * 2 * len(tasks_), 3), squeeze=False)
-    for i, t in enumerate(tasks_):
-        points = dial_points(runs, t, model_names)
-        lengths = list(points[0][3])
-        for ax, L in zip(axes[0][2 * i:], (lengths[0], lengths[-1])):
-            for m in dict.fromkeys(p[0] for p in points):
-                xs = [(p[2][L], p[3][L]) for p in points if p[0] == m]
-                ax.plot(*zip(*sorted(xs)), marker="o", label=m)
-            ax.set(title=f"{t} @ {L}" + (" (train)" if L == lengths[0] else ""), xscale="log",
-                   xlabel="state floats per sequence", ylim=(-0.02, 1.02))
-            ax.minorticks_off()
-    axes[0][0].set_ylabel("token accuracy")
-    axes[0][-1].legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    print(f"plot: {path}")
-
-
 def pyplot():
-    """matplotlib.pyplot, or None (with a message) when matplotlib is not installed."""
+    """matplotlib.pyplot, or None when matplotlib is not installed (said once)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         return plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
         return None
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def plot_all(runs, out, preset, task_names, model_names):
+    """<preset>_length.png (accuracy vs test length), _dial.png (accuracy vs content per state size),
+    _segments.png (maze vs test-time segments), _depth.png (BABILong by depth of the deciding fact)."""
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    best = best_runs(runs)
+    seq_tasks = [t for t in task_names if t != "maze"]
+    if seq_tasks:
+        fig, axes = plt.subplots(1, len(seq_tasks), figsize=(3.2 * len(seq_tasks), 3), squeeze=False)
+        for ax, t in zip(axes[0], seq_tasks):
+            for m in model_names:
+                if (m, t) in best:
+                    rs = best[(m, t)]
+                    ax.plot(rs[0]["test"], [mean(r["metrics"][str(L)]["token_acc"] for r in rs) for L in rs[0]["test"]],
+                            marker="o", label=m)
+                    ax.axvline(stages(rs[0]["train"])[-1][1], color="gray", ls=":", lw=1)
+                    ax.set_xticks(rs[0]["test"], [str(L) for L in rs[0]["test"]], fontsize=7)
+            ax.set(title=t, xscale="log", xlabel="test length" + (" (pairs)" if t == "recall" else ""),
+                   ylim=(-0.02, 1.02))
+            ax.minorticks_off()
+        axes[0][0].set_ylabel("token accuracy")
+        axes[0][-1].legend(fontsize=7)
+        save_figure(plt, fig, os.path.join(out, f"{preset}_length.png"))
+    for t in [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for m, label, state, acc in dial_points(runs, best, t, model_names):
+            Ls = [int(L) for L in acc]
+            ax.plot(Ls, list(acc.values()), marker="o", color=f"C{model_names.index(m)}",
+                    ls="-" if label == "default" else "--", label=f"{m} {label} ({state:,} floats)")
+            ax.set_xticks(Ls, [str(L) for L in Ls])
+        ax.set(xscale="log", xlabel="content (key-value pairs)" if t == "recall" else "test length",
+               ylabel="token accuracy", ylim=(-0.02, 1.02), title=f"the dial: {t}, accuracy against content")
+        ax.minorticks_off()
+        ax.legend(fontsize=6)
+        save_figure(plt, fig, os.path.join(out, f"{preset}_dial.png"))
+    maze = sorted((m, rs) for (m, t), rs in best.items() if t == "maze" and m in model_names)
+    if maze:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for i, (m, rs) in enumerate(maze):
+            for L, ls in zip(rs[0]["test"], ("-", "--", ":")):
+                by = rs[0]["metrics"][str(L)].get("by_segments")
+                if by:
+                    counts = [int(s) for s in by]
+                    ax.plot(counts, [mean(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs)
+                                     for s in counts], marker="o", ls=ls, color=f"C{i}", label=f"{m}, {L}x{L}")
+                    ax.set_xticks(counts, [str(s) for s in counts])
+                else:
+                    ax.axhline(mean(r["metrics"][str(L)]["exact"] for r in rs), ls=ls, color="k", lw=1,
+                               label=f"{m} (fixed depth), {L}x{L}")
+        ax.set(xscale="log", xlabel="test-time segments", ylabel="exact match (whole path right)",
+               ylim=(-0.02, 1.02), title="maze: recurrent depth at test time")
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+        save_figure(plt, fig, os.path.join(out, f"{preset}_segments.png"))
+    babi = [(m, best[(m, "babilong")]) for m in model_names if (m, "babilong") in best]
+    if babi:
+        lengths = babi[0][1][0]["test"]
+        fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3), squeeze=False)
+        for ax, L in zip(axes[0], lengths):
+            for m, rs in babi:
+                ax.plot([12.5, 37.5, 62.5, 87.5], [mean(r["metrics"][str(L)]["by_depth"][k] for r in rs)
+                                                   for k in range(4)], marker="o", label=m)
+            ax.set(title=f"babilong @ {L}", xlabel="depth of the deciding fact (%)", ylim=(-0.02, 1.02))
+        axes[0][0].set_ylabel("exact match")
+        axes[0][-1].legend(fontsize=7)
+        save_figure(plt, fig, os.path.join(out, f"{preset}_depth.png"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -544,39 +693,30 @@ def timed(fn, device, repeats=3):
     return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
 
 
-def bench(model_names, lengths, device, size, vocab_size=32, batch=1):
-    """For each model and length: a training step's forward+backward time and peak memory, a no-grad forward's
-    time per token and peak memory (the whole sequence in one call: prefill, not token-by-token decoding), the
-    inference state size. bf16 autocast on CUDA as in training, fp32 on CPU."""
-    rows = []
-    for name in model_names:
-        for T in lengths:
-            torch.manual_seed(0)
-            model = build_model(name, vocab_size, **size).to(device)
-            tokens = torch.randint(0, vocab_size, (batch, T), device=device)
-            row = dict(model=name, length=T, params=n_params(model), state_floats=model.state_size(T))
+def bench_row(name, T, device, size, vocab_size=32, batch=1):
+    """A training step's forward+backward time and peak memory, a no-grad forward's time per token and peak
+    memory (the whole sequence in one call: prefill, not token-by-token decoding), the inference state size."""
+    torch.manual_seed(0)
+    model = build_model(name, vocab_size, **size).to(device)
+    tokens = torch.randint(0, vocab_size, (batch, T), device=device)
+    row = dict(model=name, length=T, params=n_params(model), state_floats=model.state_size(T))
 
-            def train_step():
-                with autocast(device):
-                    outputs = model.segment_logits(tokens) if hasattr(model, "segment_logits") else [model(tokens)]
-                sum(o.float().logsumexp(-1).mean() for o in outputs).backward()
+    def train_step():
+        with autocast(device):
+            outputs = model.segment_logits(tokens) if hasattr(model, "segment_logits") else [model(tokens)]
+        sum(o.float().logsumexp(-1).mean() for o in outputs).backward()
 
-            def infer():
-                with torch.no_grad(), autocast(device):
-                    model(tokens)
-            try:
-                row["train_ms"], row["train_mib"] = timed(train_step, device)
-                row["infer_s"], row["infer_mib"] = timed(infer, device)
-                row["train_ms"] *= 1e3
-                row["infer_us_per_token"] = row.pop("infer_s") * 1e6 / (batch * T)
-            except torch.OutOfMemoryError:
-                row["oom"] = True
-            del model
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append(row)
-            print(bench_line(row), flush=True)
-    return rows
+    def infer():
+        with torch.no_grad(), autocast(device):
+            model(tokens)
+    try:
+        row["train_ms"], row["train_mib"] = timed(train_step, device)
+        row["infer_s"], row["infer_mib"] = timed(infer, device)
+        row["train_ms"] *= 1e3
+        row["infer_us_per_token"] = row.pop("infer_s") * 1e6 / (batch * T)
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    return row
 
 
 def bench_line(r):
@@ -588,43 +728,46 @@ def bench_line(r):
 
 
 def bench_main(args):
-    lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if args.device.startswith("cuda") else [256, 1024, 4096])
+    cuda = args.device.startswith("cuda")
+    lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
     models = args.models if args.chosen_models else ["attention", "ssm", "rmt", "titans", "hrm"]
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    dtype = "bf16 autocast" if args.device.startswith("cuda") else "fp32"
+    name, dtype = (torch.cuda.get_device_name(args.device), "bf16 autocast") if cuda else ("CPU", "fp32")
     size = PRESETS[args.preset]["size"]
-    head = [f"# compare.py --bench: cost against length", "",
-            f"Command: `python compare.py {' '.join(args.argv)}`  ",
+    head = ["# compare.py --bench: cost against length", "", f"Command: `python compare.py {' '.join(args.argv)}`  ",
             f"Device: {name}, {dtype}, torch {torch.__version__}, commit {git_commit()}; batch 1, model size {size}, "
             "median of 3 after a warm-up", "",
             "| model | length | state floats | fwd+bwd ms | fwd+bwd peak MiB | inference us/token | inference peak MiB |",
             "|---|---|---|---|---|---|---|"]
     print("\n".join(head))
-    rows = bench(models, lengths, args.device, size)
-    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for m in models:
+        for T in lengths:
+            rows.append(bench_row(m, T, args.device, size))
+            if cuda:
+                torch.cuda.empty_cache()
+            print(bench_line(rows[-1]), flush=True)
     save_json(os.path.join(args.out, "bench.json"), dict(device_name=name, dtype=dtype, torch=torch.__version__,
                                                          commit=git_commit(), size=size, rows=rows))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write("\n".join(head + [bench_line(r) for r in rows]) + "\n")
     plt = pyplot()
-    if plt is None:
-        return 0
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    for ax, key, label in zip(axes, ("train_ms", "infer_us_per_token", "train_mib"),
-                              ("fwd+bwd ms (batch 1)", "inference us / token", "fwd+bwd peak MiB")):
-        for m in models:
-            pts = [(r["length"], r[key]) for r in rows if r["model"] == m and r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{name}, {dtype}", fontsize=9)
-    save_figure(fig, os.path.join(args.out, "bench.png"))
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+        for ax, key, label in zip(axes, ("train_ms", "infer_us_per_token", "train_mib"),
+                                  ("fwd+bwd ms (batch 1)", "inference us / token", "fwd+bwd peak MiB")):
+            for m in models:
+                pts = [(r["length"], r[key]) for r in rows if r["model"] == m and r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{name}, {dtype}", fontsize=9)
+        save_figure(plt, fig, os.path.join(args.out, "bench.png"))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line
+# The command line
 # ---------------------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -632,37 +775,41 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"compare.py: error: {message}\n")
 
 
-def csv(kind):
-    return lambda s: [kind(v) for v in s.split(",") if v.strip()]
-
-
 def parse_args(argv):
+    def csv(kind, what):
+        def parse(s):
+            try:
+                return [kind(v.strip()) for v in s.split(",") if v.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+        return parse
     p = Parser(description="Train every model on every task and compare them.")
     p.add_argument("--preset", choices=list(PRESETS), help="default: full on CUDA, quick otherwise")
-    p.add_argument("--models", type=csv(str), help=f"comma-separated, from: {', '.join(MODELS)}")
-    p.add_argument("--tasks", type=csv(str), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
-    p.add_argument("--seeds", type=csv(int), help="comma-separated seeds (the first one runs the lr sweep)")
-    p.add_argument("--lrs", type=csv(float), help="comma-separated learning rates to sweep")
+    p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
+    p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
+    p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
+    p.add_argument("--lrs", type=csv(float, "numbers"), help="comma-separated learning rates to sweep")
     p.add_argument("--steps", type=int, help="override every task's number of training steps")
-    p.add_argument("--test-lengths", type=csv(int), help="override every task's test lengths")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, up "
-                   "to 4 on CPU and 16 per GPU)")
-    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for <preset>.json/.md/.png")
-    p.add_argument("--fresh", action="store_true", help="ignore saved runs and start over")
+    p.add_argument("--test-lengths", type=csv(int, "integers"), help="override every task's test lengths")
+    p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
+    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, "
+                   "up to 4 on CPU, and 16 per GPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for <preset>.json/.md/.png (default: runs/)")
+    p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length (--test-lengths "
                    "sets the lengths) instead of training")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         p.error(f"unknown device {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"device {args.device!r} asked for, but CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
         p.error(f"device {args.device!r} is not supported; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"device {args.device!r} asked for, but CUDA is not available here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"device {args.device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     args.device = str(device)
     args.preset = args.preset or ("full" if device.type == "cuda" else "quick")
     preset = PRESETS[args.preset]
@@ -675,182 +822,108 @@ def parse_args(argv):
     for t in args.tasks:
         if t not in tasks.TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
-        if t not in preset["tasks"]:
-            p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.workers is not None and args.workers < 1:
-        p.error(f"--workers must be >= 1, got {args.workers}")
+        if t not in preset["tasks"] and not args.bench:
+            has = [n for n, pr in PRESETS.items() if t in pr["tasks"]]
+            p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
+                    + (f" (try --preset {has[-1]})" if has else ""))
+    for name in ("steps", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.seeds is not None and not args.seeds:
         p.error("--seeds is empty")
     if args.lrs is not None and (not args.lrs or min(args.lrs) <= 0):
         p.error("--lrs must be positive numbers")
+    if args.test_lengths is not None and (not args.test_lengths or min(args.test_lengths) < 1):
+        p.error("--test-lengths must be positive integers")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        p.error(f"--out {args.out!r} is not a folder this process can write to ({e.strerror})")
     if args.bench:
-        if args.test_lengths and min(args.test_lengths) < 1:
-            p.error("--test-lengths must be >= 1")
         return args
     for t in args.tasks:  # ask each task whether it can make what we will ask of it
-        s = preset["tasks"][t]
-        for L in (args.test_lengths or s["test"]) + sum(stages(s["train"]), []):
+        b = preset["tasks"][t]
+        for L in (args.test_lengths or b.test) + sum(stages(b.train), []):
             try:
-                tasks.TASKS[t](**s.get("options", {})).sample(1, L, 0)
+                tasks.TASKS[t](**b.options).sample(1, L, 0)
             except ValueError as e:
                 p.error(str(e))
+    if not any(task_models(args, t) for t in args.tasks):
+        p.error(f"none of the models {', '.join(args.models)} can run the tasks {', '.join(args.tasks)}")
     return args
-
-
-def make_specs(args, phase="lr sweep", lr_by_cell=None):
-    """The runs of one phase: the lr sweep on the first seed; then, at each cell's best lr, the other seeds
-    (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed)."""
-    preset = PRESETS[args.preset]
-    seeds = args.seeds or preset["seeds"]
-    specs = []
-    for t in args.tasks:
-        s = preset["tasks"][t]
-        lrs = args.lrs or s.get("lrs", preset["lrs"])
-        grid = not getattr(tasks.TASKS[t], "causal", True)
-        for m in args.models if args.chosen_models else s.get("models", args.models):
-            if grid and not reads_grids(m):
-                continue                                  # a causal-only model has no place on a grid task
-            if phase != "lr sweep" and (m, t) not in lr_by_cell:
-                continue
-            options = {**preset["size"], **s.get("size", {}), **s.get("model_options", {}).get(m, {}),
-                       **({"causal": False} if grid else {})}
-            base = dict(model=m, task=t, task_options=s.get("options", {}), model_options=options,
-                        train=s["train"], test=args.test_lengths or s["test"], steps=args.steps or s["steps"],
-                        batch_size=preset["batch_size"], eval_examples=preset["eval_examples"],
-                        device=args.device)
-            if "segments" in s:
-                base["test_segments"] = s["segments"]
-            if phase == "lr sweep":
-                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
-            elif phase == "seeds" and (args.chosen_models or m in s.get("seeded", [m])):
-                specs += [dict(base, lr=lr_by_cell[(m, t)], seed=sd) for sd in seeds[1:]]
-            elif phase == "dial" and t in preset.get("dial", {}).get("tasks", []):
-                for field, values in preset["dial"]["sweep"].get(m, {}).items():
-                    specs += [dict(base, lr=lr_by_cell[(m, t)], seed=seeds[0], dial={field: v},
-                                   model_options={**options, field: v}) for v in values]
-    return specs
-
-
-def same_run(saved, spec):
-    """A saved run counts only if everything that defines it is unchanged (device aside)."""
-    return all(saved.get(k) == v for k, v in spec.items() if k not in ("device", "threads"))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.bench:
         return bench_main(args)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.preset}.json")
-    results = {"runs": {}}
-    if os.path.exists(path) and not args.fresh:
-        with open(path) as f:
-            results = json.load(f)
-    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    # Tiny models leave a device mostly idle: several runs at once use it better (on a 2-core CPU, two
-    # one-thread workers train about 1.5x faster than one two-thread process).
-    workers = args.workers or (min(16 * gpus, os.cpu_count() or 1) if args.device == "cuda"
+    stored = load_runs(path, args.preset, args.fresh)
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if args.device == "cuda" else [args.device]
+    workers = args.workers or (min(16 * len(devices), os.cpu_count() or 1) if devices[0].startswith("cuda")
                                else min(4, os.cpu_count() or 1))
+    device_name = torch.cuda.get_device_name(devices[0]) if devices[0].startswith("cuda") else "CPU"
     meta = dict(preset=args.preset, command="python compare.py " + " ".join(args.argv), device=args.device,
-                torch=torch.__version__, commit=git_commit(),
-                device_name=torch.cuda.get_device_name(0) if gpus else "CPU", workers=workers)
-    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s); results in {path}")
-    start = time.time()
+                device_name=device_name, torch=torch.__version__, commit=git_commit(), workers=workers,
+                lrs=args.lrs or PRESETS[args.preset]["lrs"])
+    results = {"meta": meta, "runs": stored}
+    print(f"preset {args.preset!r} on {device_name} ({args.device}), {workers} worker(s); runs are saved in {path}")
 
-    def done(spec):
-        return same_run(results["runs"].get(run_key(spec), {}), spec)
-
-    def follow_ups(record):
-        """Once a cell's lr sweep is complete: its other seeds and its dial runs, at the chosen lr."""
-        cell = (record["model"], record["task"])
-        if record.get("dial") or record["seed"] != sweep_seed or not all(done(s) for s in sweeps[cell]):
-            return []
-        lr = {cell: best_runs(results["runs"][run_key(s)] for s in sweeps[cell])[cell][0]["lr"]}
-        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, lr) if not done(s)]
-
-    def save(record):
-        record.update(commit=meta["commit"], torch=torch.__version__, device_name=meta["device_name"])
-        results["runs"][run_key(record)] = record
-        save_json(path, results)
-        return follow_ups(record)
-
-    sweep_seed = (args.seeds or PRESETS[args.preset]["seeds"])[0]
-    sweeps = {}
+    sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], [0]
     for s in make_specs(args, "lr sweep"):
         sweeps.setdefault((s["model"], s["task"]), []).append(s)
-    todo = [s for specs in sweeps.values() for s in specs if not done(s)]
-    for specs in sweeps.values():   # cells swept in an earlier, interrupted run may still owe their follow-ups
-        if all(done(s) for s in specs):
-            todo += follow_ups(results["runs"][run_key(specs[0])])
-    n_all, n_done = sum(len(v) for v in sweeps.values()), sum(done(s) for v in sweeps.values() for s in v)
-    if n_done:
-        print(f"{n_done} of {n_all} lr-sweep runs already done, skipping them")
-    if todo or "meta" not in results:     # with nothing to run, the report keeps the meta of the run that ran
-        results["meta"] = dict(meta, runs_already_done=len(results["runs"]))
-        try:
-            run_all(todo, workers, gpus, save)
-        except KeyboardInterrupt:
-            print(f"\nstopped: the finished runs are saved in {path}; run the same command again to resume")
-            return 130
-        results["meta"]["wall_time_s"] = round(time.time() - start, 1)
+
+    def done(spec):
+        return same_spec(results["runs"].get(run_key(spec)), spec)
+
+    def follow_ups(cell):
+        """Once a cell's lr sweep is complete: its other seeds and its dial, at the chosen lr."""
+        if not all(done(s) for s in sweeps[cell]):
+            return []
+        lr = best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"]
+        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
+
+    def on_done(record):
+        record["commit"] = meta["commit"]
+        results["runs"][run_key(record)] = record
+        n_run[0] += 1
         save_json(path, results)
-    models = args.models if args.chosen_models else list(dict.fromkeys(   # with the tasks' own (the maze's)
-        args.models + [m for t in args.tasks for m in PRESETS[args.preset]["tasks"][t].get("models", [])]))
-    text = report(results, args.tasks, models)
+        sweep_run = not record.get("dial") and record["seed"] == first_seed
+        return [s for s in follow_ups((record["model"], record["task"])) if not done(s)] if sweep_run else []
+
+    todo = [s for specs in sweeps.values() for s in specs]
+    todo += [s for cell in sweeps for s in follow_ups(cell)]   # cells swept earlier may still owe their follow-ups
+    stale = sum(run_key(s) in stored and not done(s) for s in todo)
+    n_reused = sum(done(s) for s in todo)
+    todo = [s for s in todo if not done(s)]
+    print(f"{n_reused} stored runs reused, {len(todo)} to train now"
+          + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
+          + (", more once each lr sweep is done" if any(not all(done(s) for s in v) for v in sweeps.values()) else ""))
+    start = time.time()
+    try:
+        run_all(todo, workers, devices, on_done)
+    except KeyboardInterrupt:
+        if n_run[0]:
+            print(f"\nstopped: the {n_run[0]} runs finished by this command are saved in {path}; run the same command"
+                  f"{' without --fresh' if args.fresh else ''} to go on from there")
+        else:
+            print("\nstopped before any run finished: nothing new was saved")
+        return 130
+    wanted = [s for specs in sweeps.values() for s in specs] + [s for cell in sweeps for s in follow_ups(cell)]
+    runs = [results["runs"][run_key(s)] for s in wanted]
+    meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run[0], runs_reused=len(runs) - n_run[0])
+    save_json(path, results)
+    models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
+    text = report(runs, meta, args.tasks, models)
     with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
         f.write(text)
     print(text)
-    if [t for t in args.tasks if t != "maze"]:
-        plot(results, os.path.join(args.out, f"{args.preset}_length.png"), [t for t in args.tasks if t != "maze"],
-             models)
-    plot_dial(results, os.path.join(args.out, f"{args.preset}_dial.png"), args.tasks, models)
-    if "maze" in args.tasks:
-        plot_segments(results, os.path.join(args.out, f"{args.preset}_segments.png"), models)
+    plot_all(runs, args.out, args.preset, args.tasks, models)
     return 0
 
-
-def slow_first(spec):
-    """Scheduling order: the slowest runs first (the maze, then the models with loops inside a step), so that
-    no long run starts last and keeps the others waiting."""
-    return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
-
-
-def run_all(specs, workers, gpus, on_done):
-    """Run the specs, in this process or in worker processes sharing the GPUs; on_done(record) saves a finished
-    run and returns the runs it unlocks (a cell's seeds and dial, once its lr sweep is done), which join the queue
-    at once: no phase waits for the slowest run of the one before."""
-    bar = tqdm(total=len(specs), desc="runs", disable=not specs)
-    queue = sorted(specs, key=slow_first)
-    if workers == 1:
-        while queue:
-            spec = queue.pop(0)
-            bar.set_postfix_str(run_key(spec))
-            new = on_done(run_one(spec))
-            queue += new
-            bar.total += len(new)
-            bar.update()
-        return
-    finished, n_submitted, n_done = Queue(), 0, 0
-    # Workers ignore Ctrl-C; the main process gets it, and leaving the block then terminates them.
-    ignore_ctrl_c = dict(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
-    with get_context("spawn").Pool(workers, **ignore_ctrl_c) as pool:
-        while queue or n_done < n_submitted:
-            for spec in queue:                     # round-robin over GPUs; on CPU, share the cores
-                if gpus:
-                    spec["device"] = f"cuda:{n_submitted % gpus}"
-                else:
-                    spec["threads"] = max(1, (os.cpu_count() or 1) // workers)
-                pool.apply_async(run_one, (spec,), callback=finished.put, error_callback=finished.put)
-                n_submitted += 1
-            record, queue = finished.get(), []
-            n_done += 1
-            if isinstance(record, BaseException):
-                raise record
-            queue = sorted(on_done(record), key=slow_first)
-            bar.total += len(queue)
-            bar.update()
 
 if __name__ == "__main__":
     sys.exit(main())

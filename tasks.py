@@ -8,6 +8,7 @@ seed always gives the same batch. Nothing is downloaded; `python tasks.py` print
 
   copy            copy a random string after a separator           copying   (Jelassi et al., arXiv 2402.01032)
   mqar            multi-query associative recall                   copying   (Zoology, arXiv 2312.04927)
+  recall          mqar with the number of pairs as the knob        the dial  (Zoology, arXiv 2312.04927)
   flipflop        remember the last written bit in a noisy stream  filtering (Liu et al., arXiv 2306.00946)
   selective_copy  reproduce data tokens scattered in noise         both      (Mamba §4.1, arXiv 2312.00752)
   babilong        where is a person / object, facts lost in noise  filtering (BABILong, arXiv 2406.10149)
@@ -129,6 +130,27 @@ class MQAR:
         y = torch.cat([torch.full((B, 2 * P), IGNORE), targets], dim=1)
         return x.to(device), y.to(device)
 
+
+
+class Recall(MQAR):
+    """MQAR with the content as the knob: length = P, the number of key-value pairs, in a sequence of 4P tokens.
+    Trained on a mixture of P (each batch draws its own), tested at each P, it asks how much a model can hold:
+    a KV cache grows with P, a fixed recurrent state does not (the dial in compare.py). Keys come from [1, V/2),
+    so P <= V/2 - 1.
+
+    Example (V=16, P=2): the same as MQAR's with T=8.
+    """
+
+    def __init__(self, vocab_size=256, power_a=0.01):
+        super().__init__(1, vocab_size, power_a)
+        self.min_length = 1
+
+    def sample(self, batch_size, length, seed=0, device="cpu"):
+        if length > self.vocab_size // 2 - 1:
+            raise ValueError(f"recall: {length} pairs need {length} distinct keys, but vocab_size "
+                             f"{self.vocab_size} has only {self.vocab_size // 2 - 1}")
+        _check(batch_size, length, 1, "recall")
+        return MQAR(length, self.vocab_size, self.power_a).sample(batch_size, 4 * length, seed, device)
 
 class FlipFlop:
     """Flip-flop language (Liu et al. 2023): pairs (instruction, bit) with instructions write / ignore / read.
@@ -420,6 +442,7 @@ def _canonical(grid):
 TASKS = {
     "copy": Copy,
     "mqar": MQAR,
+    "recall": Recall,
     "flipflop": FlipFlop,
     "flipflop_sparse": partial(FlipFlop, p_ignore=0.98),
     "selective_copy": SelectiveCopy,
@@ -429,7 +452,7 @@ TASKS = {
 
 
 if __name__ == "__main__":
-    examples = {"copy": 5, "mqar": 40, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
+    examples = {"copy": 5, "mqar": 40, "recall": 4, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
                 "babilong": 40}
     for name, make in TASKS.items():
         if name == "maze":
