@@ -6,7 +6,7 @@ solving a Sudoku. A fixed stack of layers can only do as many steps as it has la
 layers many times instead: a fast low-level module L updates its state several times for every update of a
 slow high-level module H, and the pair runs again and again over the same input, so the depth grows with
 compute, not with parameters; at test time it can simply run longer. It pays in compute per example, and on
-the bench's long streams it has no memory across the sequence beyond attention's (DESIGN.md, C3).
+the bench's long streams it has no memory across the sequence beyond attention's (the README's claim C3).
 
 Two tricks make it trainable. The one-step gradient: only the last L and the last H update of a pass are
 on the autograd graph, everything before runs under no_grad, so training memory does not grow with the number
@@ -110,8 +110,8 @@ class HRM(nn.Module):
         # The states start from fixed random vectors, the same at every position (HRM's H_init / L_init).
         self.register_buffer("z_init", torch.randn(2, config.d_model).clamp(-2, 2))
         init_weights(self, config.n_layers)
-        # After the blanket init (STYLE.md 10): the input is added to unit-scale states, so it needs unit scale
-        # too (the official code scales an embedding of std 1/sqrt(D) by sqrt(D)).
+        # After the blanket init, which would overwrite it: the input is added to unit-scale states, so it needs
+        # unit scale too (the official code scales an embedding of std 1/sqrt(D) by sqrt(D)).
         nn.init.normal_(self.embed.weight, std=1.0)
 
     def schedule(self):

@@ -7,7 +7,7 @@ value v_t", with momentum (past surprise) and a forgetting gate; reading is a fo
 write is proportional to the prediction error, a pair it already knows costs nothing and an overwrite replaces
 the old value. Beside it runs sliding-window attention, which copies exactly inside its window. The hybrid
 (Memory-as-Gate, MAG) should copy like attention inside the window and recall or filter like a recurrent
-model beyond it (DESIGN.md C4).
+model beyond it (the README's claim C4).
 
 Training needs a parallel form. Following the paper (§3.2), the sequence is cut into chunks of C tokens and
 every gradient inside a chunk is taken at the weights of the chunk start; then the whole chunk is a few
