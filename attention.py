@@ -185,7 +185,7 @@ def init_weights(model, n_layers):
             nn.init.normal_(p, std=0.02)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
-    # Runs after the blanket init above, or it would be overwritten (STYLE.md 10).
+    # Runs after the blanket init above, or it would be overwritten.
     for name, p in model.named_parameters():
         if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
