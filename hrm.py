@@ -14,6 +14,12 @@ of cycles (the paper justifies it by the implicit-function theorem at a fixed po
 is not reached and that back-propagating through the whole last cycle trains much better: `gradient`).
 Deep supervision: the pass (a "segment") is repeated, each segment gets its own loss, and the state carried
 from one segment to the next is detached, so each segment learns to improve on the last one's answer.
+The paper takes an optimizer step after every segment (the deep-supervision pseudo-code of its §2), so the
+later segments of an example run on weights the earlier ones have already updated; the official code carries
+the state across batches and runs one segment per step. Here the bench takes one optimizer step per batch, on
+the mean of the segment losses (compare.py's `train`), so HRM sees the same examples and takes the same steps
+as every other model: with the carry detached, that step follows the mean of the per-segment gradients, all
+taken at the same weights.
 Not included: the ACT halting head (evaluation runs a fixed number of segments, as the official code does),
 the puzzle embedding, EMA of the weights.
 
