@@ -213,11 +213,15 @@ if __name__ == "__main__":
     tokens = torch.randint(0, 5, (2, 49))
     print(f"HRM: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)} "
           f"for tokens {tuple(tokens.shape)}")
-    batch = 32 if device == "cuda" else 4
-    print(f"training memory, batch {batch}, T=289, D=128, 2+2 Blocks, 2 segments, on {device}:")
+    # On a GPU the bench's maze canvas (a 17x17 grid, 289 tokens) at D=128; on a CPU a 9x9 grid at D=64, which
+    # takes seconds. The rows are what to compare: flat with the one-step gradient, growing with L_cycles with
+    # the last-cycle gradient, at either size.
+    size = dict(batch=32, T=289, d_model=128) if device == "cuda" else dict(batch=4, T=81, d_model=64)
+    print(f"training memory, batch {size['batch']}, T={size['T']}, D={size['d_model']}, 2+2 Blocks, 2 segments, "
+          f"on {device}:", flush=True)
     for gradient in ("one_step", "last_cycle"):
-        for N, Lc in ((1, 2), (2, 2), (2, 4), (4, 4)):
-            saved, peak = training_memory(N, Lc, gradient, device, batch)
+        for H_cycles, L_cycles in ((1, 2), (2, 2), (2, 4), (4, 4)):
+            saved, peak = training_memory(H_cycles, L_cycles, gradient, device, **size)
             peak = f", peak allocated {peak / 2 ** 20:7.1f} MiB" if peak is not None else ""
-            print(f"  {gradient:10} H_cycles={N} L_cycles={Lc} ({N * Lc:2} L updates): "
-                  f"activations saved for backward {saved / 2 ** 20:7.1f} MiB{peak}")
+            print(f"  {gradient:10} H_cycles={H_cycles} L_cycles={L_cycles} ({H_cycles * L_cycles:2} L updates): "
+                  f"activations saved for backward {saved / 2 ** 20:7.1f} MiB{peak}", flush=True)
