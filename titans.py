@@ -16,6 +16,10 @@ gradient descent; a larger C is a different, cheaper model (the surprise of a to
 tokens of its chunk wrote). `neural_memory_ref` is the same computation token by token, with the gradients
 taken by autograd: the spec that `neural_memory` is tested against.
 
+Not included: the paper's persistent memory (Eq. 19), a few learnable, data-independent tokens prepended to
+every sequence (MAG runs both of its branches on them, Eq. 26), meant to hold task knowledge and to give
+attention a sink; in the paper's ablation (Table 5), removing them costs the least of all the components.
+
 Reading list
   1. Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663: Eqs. 8-15
      (the memory), §3.2 and Eqs. 16-18 (chunked training), Eqs. 26-28 (MAG), §4.4 (conv, norms, gates).
