@@ -83,8 +83,7 @@ class Copy:
         _check(batch_size, length, self.min_length, "copy")
         g = _generator(seed)
         s = torch.randint(0, self.n_letters, (batch_size, length), generator=g)
-        bos = torch.full((batch_size, 1), self.bos)
-        sep = torch.full((batch_size, 1), self.sep)
+        bos, sep = torch.full((batch_size, 1), self.bos), torch.full((batch_size, 1), self.sep)
         seq = torch.cat([bos, s, sep, s], dim=1)                  # (B, 2n + 2)
         x = seq[:, :-1]                                           # the last letter is only ever a target
         y = torch.full_like(x, IGNORE)
@@ -391,11 +390,10 @@ class Maze:
         g, pool = _generator(seed), self.train_set(length)
         grids, paths = [], []
         for _ in range(batch_size):
-            grid, path = pool[rand_int(len(pool), g)]
-            k, flip = rand_int(4, g), rand_int(2, g)
-            grid, path = np.rot90(grid, k), np.rot90(path, k)
-            grids.append(grid.T if flip else grid)
-            paths.append(path.T if flip else path)
+            i, k, flip = rand_int(len(pool), g), rand_int(4, g), rand_int(2, g)
+            grid, path = (np.rot90(a, k).T if flip else np.rot90(a, k) for a in pool[i])
+            grids.append(grid)
+            paths.append(path)
         return self._batch(grids, paths, device)
 
     def sample(self, batch_size, length, seed=0, device="cpu"):
