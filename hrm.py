@@ -38,7 +38,7 @@ Glossary (B, T, D, H, V as in attention.py: H is the number of attention heads, 
              are the paper's names of the two levels, as in H_cycles and L_cycles; they are not dimensions
   f_H, f_L   the high- and low-level modules, `high` and `low` here (a few attention.Blocks each):
              z_L <- f_L(z_L + z_H + x)      z_H <- f_H(z_H + z_L)       (input injection by addition)
-  H_cycles   high-level updates per segment                 (the paper's N; N is the state size in these files)
+  H_cycles   high-level updates per segment                 (the paper's N; N is the state size in ssm.py)
   L_cycles   low-level updates per high-level update        (the paper's T; T is the sequence length here)
   segment    H_cycles * L_cycles low-level and H_cycles high-level updates, in the order
              low..low high low..low high ...; logits = head(z_H)
