@@ -5,7 +5,7 @@ Every token attends to every earlier token, so the model can look anything up ve
 recalling the value stored under a key. The price is a state (the key/value cache) that grows with the
 sequence, and time that grows with its square. On long noisy streams with a sparse signal, attention also
 has to find the needle again at every step, and positional encodings trained at one length may not carry
-to a longer one: this is where the recurrent models of this repo are meant to win (DESIGN.md, C1 and C2).
+to a longer one: this is where the recurrent models of this repo are meant to win (the README's claims C1 and C2).
 `rmt.py`, `titans.py` and `hrm.py` import `Block` from here, because they are built on it.
 
 Reading list
@@ -185,7 +185,7 @@ def init_weights(model, n_layers):
             nn.init.normal_(p, std=0.02)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
-    # Runs after the blanket init above, or it would be overwritten (STYLE.md 10).
+    # Runs after the blanket init above, or it would be overwritten.
     for name, p in model.named_parameters():
         if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))

@@ -3,17 +3,23 @@ HRM: the Hierarchical Reasoning Model, the "depth" end of the bench.
 
 Some inputs are small but need many sequential steps of computation: finding the one path through a maze,
 solving a Sudoku. A fixed stack of layers can only do as many steps as it has layers. HRM re-uses a few
-layers many times instead: a fast low-level module L updates its state several times for every update of a
-slow high-level module H, and the pair runs again and again over the same input, so the depth grows with
+layers many times instead: a fast low-level module updates its state several times for every update of a
+slow high-level module, and the pair runs again and again over the same input, so the depth grows with
 compute, not with parameters; at test time it can simply run longer. It pays in compute per example, and on
-the bench's long streams it has no memory across the sequence beyond attention's (DESIGN.md, C3).
+the bench's long streams it has no memory across the sequence beyond attention's (the README's claim C3).
 
-Two tricks make it trainable. The one-step gradient: only the last L and the last H update of a pass are
+Two tricks make it trainable. The one-step gradient: only the last low- and high-level update of a pass are
 on the autograd graph, everything before runs under no_grad, so training memory does not grow with the number
 of cycles (the paper justifies it by the implicit-function theorem at a fixed point; TRM shows the fixed point
 is not reached and that back-propagating through the whole last cycle trains much better: `gradient`).
 Deep supervision: the pass (a "segment") is repeated, each segment gets its own loss, and the state carried
 from one segment to the next is detached, so each segment learns to improve on the last one's answer.
+The paper takes an optimizer step after every segment (the deep-supervision pseudo-code of its §2), so the
+later segments of an example run on weights the earlier ones have already updated; the official code carries
+the state across batches and runs one segment per step. Here the bench takes one optimizer step per batch, on
+the mean of the segment losses (compare.py's `train`), so HRM sees the same examples and takes the same steps
+as every other model: with the carry detached, that step follows the mean of the per-segment gradients, all
+taken at the same weights.
 Not included: the ACT halting head (evaluation runs a fixed number of segments, as the official code does),
 the puzzle embedding, EMA of the weights.
 
@@ -24,16 +30,18 @@ Reading list
      (§2.3 and §4: the fixed point is not reached; back-propagate through the last whole cycle).
   3. sapientinc/HRM `models/hrm/hrm_act_v1.py` (official); SamsungSAILMontreal/TinyRecursiveModels.
   4. ARC Prize, "The Hidden Drivers of HRM's Performance on ARC-AGI" (2025): the outer loop of supervised
-     segments, not the H/L hierarchy, carries most of the gain.
+     segments, not the high/low hierarchy, carries most of the gain.
 
-Glossary (B, T, D, V as in attention.py)
+Glossary (B, T, D, H, V as in attention.py: H is the number of attention heads, as in every file)
   x          the embedded input (B, T, D), on the same (unit) scale as the states, since it is added to them
-  z_H, z_L   the high- and low-level states (B, T, D): the carry from one segment to the next
-  f_L, f_H   the L and H modules (a few attention.Blocks each):
+  z_H, z_L   the high- and low-level states (B, T, D): the carry from one segment to the next. The subscripts
+             are the paper's names of the two levels, as in H_cycles and L_cycles; they are not dimensions
+  f_H, f_L   the high- and low-level modules, `high` and `low` here (a few attention.Blocks each):
              z_L <- f_L(z_L + z_H + x)      z_H <- f_H(z_H + z_L)       (input injection by addition)
-  N          H_cycles: H updates per segment       (the paper's N)
-  L_cycles   L updates per H update                (the paper's T; T is the sequence length here)
-  segment    N * L_cycles L updates and N H updates, in the order L..L H L..L H ...; logits = head(z_H)
+  H_cycles   high-level updates per segment                 (the paper's N; N is the state size in ssm.py)
+  L_cycles   low-level updates per high-level update        (the paper's T; T is the sequence length here)
+  segment    H_cycles * L_cycles low-level and H_cycles high-level updates, in the order
+             low..low high low..low high ...; logits = head(z_H)
 """
 from dataclasses import dataclass
 
@@ -47,20 +55,20 @@ from attention import Block, RMSNorm, TransformerConfig, init_weights, rotary
 class HRMConfig:
     vocab_size: int = 32     # V
     d_model: int = 64        # D
-    n_layers: int = 2        # Blocks in all: half in H, half in L, so parameters match a Transformer of n_layers
+    n_layers: int = 2        # Blocks in all, half per level: the parameters of a Transformer of n_layers
     n_heads: int = 2         # H (attention heads)
     mlp_ratio: int = 4       # MLP width is mlp_ratio * D
     pos: str = "rope"        # positions inside the Blocks: "rope" or "none"
     causal: bool = True      # True on the sequence tasks; False on grid puzzles (the maze)
-    H_cycles: int = 2        # N: H updates per segment
-    L_cycles: int = 2        # L updates per H update
+    H_cycles: int = 2        # high-level updates per segment (the paper's N)
+    L_cycles: int = 2        # low-level updates per high-level update (the paper's T)
     segments: int = 2        # supervised segments per training example (deep supervision)
     eval_segments: int | None = None  # segments at test time; None: as many as in training
-    gradient: str = "one_step"  # "one_step": last L and H update on the graph (HRM); "last_cycle" (TRM)
+    gradient: str = "one_step"  # "one_step": the last low and high update on the graph (HRM); "last_cycle" (TRM)
 
     def __post_init__(self):
         if self.n_layers < 2:
-            raise ValueError(f"HRM needs n_layers >= 2 (one Block for H, one for L), got {self.n_layers}")
+            raise ValueError(f"HRM needs n_layers >= 2 (one Block per level), got {self.n_layers}")
         if min(self.H_cycles, self.L_cycles, self.segments) < 1:
             raise ValueError("H_cycles, L_cycles and segments must be >= 1")
         if self.gradient not in ("one_step", "last_cycle"):
@@ -75,7 +83,7 @@ class HRMConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 class ReasoningModule(nn.Module):
-    """f_H or f_L: add the injection to the state, run the Blocks, normalise.
+    """f_H or f_L, one level: add the injection to the state, run the Blocks, normalise.
 
     The Blocks are attention.py's pre-norm ones; the official code uses post-norm Blocks instead. Either way the
     state leaves every update at unit scale (here: the final RMSNorm), or it would grow from cycle to cycle."""
@@ -104,26 +112,26 @@ class HRM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.L = ReasoningModule(config, config.n_layers - config.n_layers // 2)
-        self.H = ReasoningModule(config, config.n_layers // 2)
+        self.low = ReasoningModule(config, config.n_layers - config.n_layers // 2)     # f_L
+        self.high = ReasoningModule(config, config.n_layers // 2)                      # f_H
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # The states start from fixed random vectors, the same at every position (HRM's H_init / L_init).
         self.register_buffer("z_init", torch.randn(2, config.d_model).clamp(-2, 2))
         init_weights(self, config.n_layers)
-        # After the blanket init (STYLE.md 10): the input is added to unit-scale states, so it needs unit scale
-        # too (the official code scales an embedding of std 1/sqrt(D) by sqrt(D)).
+        # After the blanket init, which would overwrite it: the input is added to unit-scale states, so it needs
+        # unit scale too (the official code scales an embedding of std 1/sqrt(D) by sqrt(D)).
         nn.init.normal_(self.embed.weight, std=1.0)
 
     def schedule(self):
         """The updates of one segment in order, and how many of the last ones are on the autograd graph."""
         c = self.config
-        updates = (["L"] * c.L_cycles + ["H"]) * c.H_cycles            # L L H L L H for N = L_cycles = 2
-        n_grad = 2 if c.gradient == "one_step" else c.L_cycles + 1     # last L and H, or the whole last cycle
+        updates = (["low"] * c.L_cycles + ["high"]) * c.H_cycles       # low low high low low high for 2 x 2
+        n_grad = 2 if c.gradient == "one_step" else c.L_cycles + 1     # the last low and high, or the last cycle
         return updates, n_grad
 
     def segment(self, x, z_H, z_L, rope=None):
-        """One segment: the updates of `schedule()` in order, z_L <- f_L(z_L, z_H + x) for "L" and
-        z_H <- f_H(z_H, z_L) for "H". Only the last n_grad updates are on the autograd graph; the ones before run
+        """One segment: the updates of `schedule()` in order, z_L <- f_L(z_L, z_H + x) for "low" and
+        z_H <- f_H(z_H, z_L) for "high". Only the last n_grad updates are on the autograd graph; the ones before run
         with gradients off (when gradients are on at all), so training memory does not grow with the cycles.
 
         Args:
@@ -135,10 +143,10 @@ class HRM(nn.Module):
         updates, n_grad = self.schedule()
         for i, which in enumerate(updates):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= len(updates) - n_grad):
-                if which == "L":
-                    z_L = self.L(z_L, z_H + x, rope)         # L sees the plan z_H and the input x
+                if which == "low":
+                    z_L = self.low(z_L, z_H + x, rope)       # the low level sees the plan z_H and the input x
                 else:
-                    z_H = self.H(z_H, z_L, rope)             # H sees only the result of L
+                    z_H = self.high(z_H, z_L, rope)          # the high level sees only the low level's result
         return self.head(z_H), z_H.detach(), z_L.detach()
         ### END SOLUTION
 
@@ -171,8 +179,8 @@ class HRM(nn.Module):
         """Floats per sequence kept at inference on a causal task: a key/value cache of 2 * D per token for
         every Block call of every segment (each call attends over its own input), plus the two states."""
         c = self.config
-        n_L, n_H = c.n_layers - c.n_layers // 2, c.n_layers // 2
-        calls = (n_L * c.L_cycles + n_H) * c.H_cycles * (c.eval_segments or c.segments)
+        n_low, n_high = c.n_layers - c.n_layers // 2, c.n_layers // 2
+        calls = (n_low * c.L_cycles + n_high) * c.H_cycles * (c.eval_segments or c.segments)
         return 2 * c.d_model * seq_len * (calls + 1)
 
 
@@ -207,11 +215,15 @@ if __name__ == "__main__":
     tokens = torch.randint(0, 5, (2, 49))
     print(f"HRM: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)} "
           f"for tokens {tuple(tokens.shape)}")
-    batch = 32 if device == "cuda" else 4
-    print(f"training memory, batch {batch}, T=289, D=128, 2+2 Blocks, 2 segments, on {device}:")
+    # On a GPU the bench's maze canvas (a 17x17 grid, 289 tokens) at D=128; on a CPU a 9x9 grid at D=64, which
+    # takes seconds. The rows are what to compare: flat with the one-step gradient, growing with L_cycles with
+    # the last-cycle gradient, at either size.
+    size = dict(batch=32, T=289, d_model=128) if device == "cuda" else dict(batch=4, T=81, d_model=64)
+    print(f"training memory, batch {size['batch']}, T={size['T']}, D={size['d_model']}, 2+2 Blocks, 2 segments, "
+          f"on {device}:", flush=True)
     for gradient in ("one_step", "last_cycle"):
-        for N, Lc in ((1, 2), (2, 2), (2, 4), (4, 4)):
-            saved, peak = training_memory(N, Lc, gradient, device, batch)
+        for H_cycles, L_cycles in ((1, 2), (2, 2), (2, 4), (4, 4)):
+            saved, peak = training_memory(H_cycles, L_cycles, gradient, device, **size)
             peak = f", peak allocated {peak / 2 ** 20:7.1f} MiB" if peak is not None else ""
-            print(f"  {gradient:10} H_cycles={N} L_cycles={Lc} ({N * Lc:2} L updates): "
-                  f"activations saved for backward {saved / 2 ** 20:7.1f} MiB{peak}")
+            print(f"  {gradient:10} H_cycles={H_cycles} L_cycles={L_cycles} ({H_cycles * L_cycles:2} L updates): "
+                  f"activations saved for backward {saved / 2 ** 20:7.1f} MiB{peak}", flush=True)

@@ -6,7 +6,7 @@ memory slots added around it: the segment reads the previous memory at its start
 slots attend to everything before them; their final hidden states become the next segment's memory. So inside
 a segment the model can copy like attention, and across segments it must compress into M x D floats, like a
 recurrent network. Cost is linear in the sequence length and the state is constant. It should length-
-generalise on filtering tasks (babilong, flipflop; DESIGN.md C2) and sit between attention and an SSM on
+generalise on filtering tasks (babilong, flipflop; the README's claim C2) and sit between attention and an SSM on
 copying (C4). Gradients flow back through all segments (BPTT): the loss is only on answers, often far from
 the facts they need, so truncating the gradient cuts the signal (`bptt_depth` exists to show that).
 

@@ -5,7 +5,7 @@ The model reads a stream once, left to right, and keeps a fixed-size state h per
 decays the state by a data-dependent amount and writes the token into it, h_t = exp(dt_t A) h_{t-1} +
 dt_t x_t B_t^T, then reads it out with y_t = h_t C_t. Because dt, B and C depend on the token ("selection"),
 it can ignore noise and hold on to what matters, for any length, at constant cost per token: this is why it
-should win on long noisy streams (flipflop, babilong; DESIGN.md C2). Because the state has a fixed size
+should win on long noisy streams (flipflop, babilong; the README's claim C2). Because the state has a fixed size
 (H * K * N floats per layer), it cannot copy or recall more than that state holds (copy, mqar; C1). N is the
 dial of that trade-off.
 

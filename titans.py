@@ -7,7 +7,7 @@ value v_t", with momentum (past surprise) and a forgetting gate; reading is a fo
 write is proportional to the prediction error, a pair it already knows costs nothing and an overwrite replaces
 the old value. Beside it runs sliding-window attention, which copies exactly inside its window. The hybrid
 (Memory-as-Gate, MAG) should copy like attention inside the window and recall or filter like a recurrent
-model beyond it (DESIGN.md C4).
+model beyond it (the README's claim C4).
 
 Training needs a parallel form. Following the paper (§3.2), the sequence is cut into chunks of C tokens and
 every gradient inside a chunk is taken at the weights of the chunk start; then the whole chunk is a few
@@ -15,6 +15,10 @@ batched matmuls (the "dual form", as in TTT) and the loop runs over chunks only.
 gradient descent; a larger C is a different, cheaper model (the surprise of a token ignores what earlier
 tokens of its chunk wrote). `neural_memory_ref` is the same computation token by token, with the gradients
 taken by autograd: the spec that `neural_memory` is tested against.
+
+Not included: the paper's persistent memory (Eq. 19), a few learnable, data-independent tokens prepended to
+every sequence (MAG runs both of its branches on them, Eq. 26), meant to hold task knowledge and to give
+attention a sink; in the paper's ablation (Table 5), removing them costs the least of all the components.
 
 Reading list
   1. Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663: Eqs. 8-15
@@ -84,24 +88,6 @@ def memory_forward(weights, x):
     return x
 
 
-def memory_gradients(weights, k, v):
-    """The gradient of l = ||M(k_j) - v_j||^2 for each token j, in factored form: for every weight W_l a pair
-    (inp_l, err_l) of shapes (B, H, n, in_l) and (B, H, n, out_l) with grad_j W_l = inp_l[j]^T err_l[j].
-    Backpropagation written out, so that no per-token weight copy is ever made."""
-    xs, pres = [k], []
-    for i, W in enumerate(weights):
-        pres.append(xs[-1] @ W)
-        xs.append(F.silu(pres[-1]) if i < len(weights) - 1 else pres[-1])
-    err = 2 * (xs[-1] - v)
-    factors = []
-    for i in reversed(range(len(weights))):
-        factors.append((xs[i], err))
-        if i > 0:
-            s = torch.sigmoid(pres[i - 1])
-            err = (err @ weights[i].transpose(-1, -2)) * s * (1 + pres[i - 1] * (1 - s))   # silu'(h)
-    return factors[::-1]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Reference: token by token, gradients from autograd at the chunk-start weights (the spec)
 # ---------------------------------------------------------------------------------------------------------
@@ -144,6 +130,24 @@ def segsum(x):
     return z.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=x.device).tril(), float("-inf"))
 
 
+def memory_gradients(weights, k, v):
+    """The gradient of l = ||M(k_j) - v_j||^2 for each token j, in factored form: for every weight W_l a pair
+    (inp_l, err_l) of shapes (B, H, n, in_l) and (B, H, n, out_l) with grad_j W_l = inp_l[j]^T err_l[j].
+    Backpropagation written out, so that no per-token weight copy is ever made."""
+    xs, pres = [k], []
+    for i, W in enumerate(weights):
+        pres.append(xs[-1] @ W)
+        xs.append(F.silu(pres[-1]) if i < len(weights) - 1 else pres[-1])
+    err = 2 * (xs[-1] - v)
+    factors = []
+    for i in reversed(range(len(weights))):
+        factors.append((xs[i], err))
+        if i > 0:
+            s = torch.sigmoid(pres[i - 1])
+            err = (err @ weights[i].transpose(-1, -2)) * s * (1 + pres[i - 1] * (1 - s))   # silu'(h)
+    return factors[::-1]
+
+
 def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16):
     """Same contract as `neural_memory_ref`. Inside a chunk with start state (W0, S0) and chunk-start gradients
     u_j = inp_j^T err_j, unrolling Eqs. 10 and 13 gives, for every position i of the chunk,
@@ -154,6 +158,13 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself. The gate matrices
     do not depend on the memory, so they are built for all chunks at once; only the gradients, the read and
     the state update run in the loop over chunks.
+
+    Args:
+        q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1)
+        weights: tuple of (B, H, in, out), the memory at the start; momentum: the same shapes, or None (zeros)
+        chunk_size: C; gradients for tokens t' .. t'+C-1 are taken at the weights before token t'
+    Returns:
+        y (B, H, T, out), the reads M_t(q_t), and the final (weights, momentum)
     """
     ### BEGIN SOLUTION
     B, H, T, _ = q.shape
@@ -245,11 +256,11 @@ class TitansBlock(Block):
         super().__init__(config.attn)
         self.memory = NeuralMemory(config)
         if not config.use_attention:
-            del self.attn
+            self.attn = None                                   # LMM: the memory branch alone
 
     def forward(self, x, rope=None):
         h = self.norm1(x)
-        x = x + self.memory(h) + (self.attn(h, rope) if hasattr(self, "attn") else 0)
+        x = x + self.memory(h) + (self.attn(h, rope) if self.attn is not None else 0)
         return x + self.mlp(self.norm2(x))
 
 

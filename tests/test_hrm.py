@@ -14,25 +14,26 @@ def make(gradient="one_step", causal=True, **kw):
 
 
 @pytest.mark.parametrize("gradient, on_graph", [("one_step", 2), ("last_cycle", 4)])
-def test_segment_calls_L_and_H_in_order_and_only_the_last_updates_on_the_graph(gradient, on_graph):
+def test_segment_calls_low_and_high_in_order_and_only_the_last_updates_on_the_graph(gradient, on_graph):
     model = make(gradient)
     calls = []
-    for name in ("L", "H"):
+    for name in ("low", "high"):
         getattr(model, name).register_forward_hook(
             lambda m, inp, out, name=name: calls.append((name, out.requires_grad)))
     model.segment_logits(torch.randint(0, 7, (2, 5)), segments=1)
-    assert [c[0] for c in calls] == list("LLLHLLLH")      # N = 2 cycles of 3 L updates, then one H update
+    assert [c[0] for c in calls] == (["low"] * 3 + ["high"]) * 2    # H_cycles = 2 of 3 low updates, then high
     assert [c[1] for c in calls] == [False] * (8 - on_graph) + [True] * on_graph
 
 
 def by_hand(model, tokens, segments, gradient):
-    """The HRM segment loop written out: L updates see z_H + x, H updates see z_L; early updates under no_grad."""
+    """The HRM segment loop written out: low-level updates see z_H + x, high-level ones z_L; early updates under
+    no_grad."""
     B, T = tokens.shape
     x = model.embed(tokens)
     z_H, z_L = model.z_init[0].expand(B, T, -1), model.z_init[1].expand(B, T, -1)
     rope = model.start(tokens)[1]
-    f_L = lambda zl, zh: model.L(zl, zh + x, rope)  # noqa: E731
-    f_H = lambda zh, zl: model.H(zh, zl, rope)      # noqa: E731
+    f_L = lambda zl, zh: model.low(zl, zh + x, rope)   # noqa: E731
+    f_H = lambda zh, zl: model.high(zh, zl, rope)      # noqa: E731
     for _ in range(segments):
         z_H, z_L = z_H.detach(), z_L.detach()
         with torch.no_grad():                           # cycle 1: always off the graph
@@ -40,7 +41,7 @@ def by_hand(model, tokens, segments, gradient):
             z_L = f_L(z_L, z_H)
             z_L = f_L(z_L, z_H)
             z_H = f_H(z_H, z_L)
-        with torch.set_grad_enabled(gradient == "last_cycle"):   # cycle 2: all of it, or only its last L and H
+        with torch.set_grad_enabled(gradient == "last_cycle"):   # cycle 2: all of it, or only its last low and high
             z_L = f_L(z_L, z_H)
             z_L = f_L(z_L, z_H)
         z_L = f_L(z_L, z_H)
@@ -59,7 +60,7 @@ def test_forward_and_gradients_equal_the_cycles_by_hand(gradient, causal):
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
     grads_ref = torch.autograd.grad(ref.square().sum(), list(model.parameters()), allow_unused=True)
     for (name, _), g, r in zip(model.named_parameters(), grads, grads_ref):
-        assert g is not None and r is not None, name      # every parameter learns, H and L alike
+        assert g is not None and r is not None, name      # every parameter learns, both levels alike
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12, msg=name)
 
 
