@@ -391,7 +391,10 @@ def run_all(specs, workers, devices, on_done):
             bar.update()
         return
     threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
-    # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run.
+    # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run. A worker stopped
+    # mid-run cannot unregister its queue semaphores, so the resource-tracker process (started with the pool, and
+    # taking our warning filters) would warn about them at exit; they are released all the same.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN))
     running, n_started = set(), 0

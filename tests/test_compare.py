@@ -1,4 +1,6 @@
-"""compare.py: the smoke preset end to end, resumption after an interruption, bad input, the metrics."""
+"""compare.py: the smoke preset end to end, resumption and stored-run checks, bad input, the metrics, the size match.
+
+The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
 import json
 import os
 import subprocess
@@ -14,14 +16,15 @@ import tasks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     """Every model on every task, in worker processes as by default (2 on a 2-core machine)."""
     assert compare.main(["--preset", "smoke", "--workers", "2", "--out", str(tmp_path)]) == 0
     runs = json.load(open(tmp_path / "smoke.json"))["runs"]
     preset = compare.PRESETS["smoke"]
     dial = {k: r for k, r in runs.items() if r.get("dial")}
-    assert sorted(dial) == ["ssm[d_state=4]/mqar/lr=0.003/seed=0"]
-    assert dial["ssm[d_state=4]/mqar/lr=0.003/seed=0"]["model_options"]["d_state"] == 4
+    assert sorted(dial) == ["ssm[d_state=4]/recall/lr=0.003/seed=0"]
+    assert dial["ssm[d_state=4]/recall/lr=0.003/seed=0"]["model_options"]["d_state"] == 4
     runs = {k: r for k, r in runs.items() if k not in dial}
     cells = [(m, t) for t in preset["tasks"] for m in preset["models"]
              if getattr(tasks.TASKS[t], "causal", True) or compare.reads_grids(m)]   # grid tasks: no SSM/RMT/Titans
@@ -30,18 +33,26 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert all(r["model_options"]["causal"] is False for r in runs.values() if r["task"] == "maze")
     hrm_maze = runs["hrm/maze/lr=0.003/seed=0"]["metrics"]
     assert all(set(v["by_segments"]) == {"1", "2"} for v in hrm_maze.values())
-    for r in runs.values():
-        for L in r["test"]:
-            m = r["metrics"][str(L)]
-            assert 0 <= m["token_acc"] <= 1 and 0 <= m["exact"] <= 1
-        assert r["params"] > 0 and r["examples_seen"] == r["steps"] * r["batch_size"]
+    for r in runs.values():   # every test length measured, the spec stored with the run
+        assert sorted(r["metrics"], key=int) == [str(L) for L in r["test"]] and r["protocol"] == compare.PROTOCOL
+        assert r["examples_seen"] == r["steps"] * r["batch_size"] and set(r["state_size"]) == set(r["metrics"])
+    assert len(runs["attention/babilong/lr=0.003/seed=0"]["metrics"]["32"]["by_depth"]) == 4
     text = (tmp_path / "smoke.md").read_text()
     assert "| attention |" in text and "copy@" in text and "| hrm | 3x3 |" in text
-    assert "## The dial" in text and "| ssm | d_state=4 |" in text
+    assert "## The dial on recall" in text and "| ssm | d_state=4 |" in text and "## BABILong" in text
     assert (tmp_path / "smoke_segments.png").exists() == (compare.pyplot() is not None)
 
 
-def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
+def test_runs_go_to_an_untracked_folder_by_default():
+    """A fresh clone's `python compare.py` trains: it never reads or writes the committed reference results."""
+    out = compare.parse_args(["--preset", "smoke"]).out
+    assert out == os.path.join(ROOT, "runs") and "reference" not in out
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(out, "smoke.json")], cwd=ROOT)
+    assert ignored.returncode in (0, 128)    # ignored (0), or not a git checkout (128): never tracked (1)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch, capsys):
     argv = ["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop,mqar", "--steps", "3",
             "--workers", "1", "--out", str(tmp_path)]  # one worker: the patched run_one runs in this process
     real, calls = compare.run_one, []
@@ -56,6 +67,7 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
     assert compare.main(argv) == 130
     saved = json.load(open(tmp_path / "smoke.json"))["runs"]
     assert sorted(saved) == sorted(calls)
+    assert "the 2 runs finished by this command are saved" in capsys.readouterr().out
 
     calls.clear()
     monkeypatch.setattr(compare, "run_one", lambda spec: calls.append(compare.run_key(spec)) or real(spec))
@@ -65,15 +77,30 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
     for key, record in saved.items():  # the finished runs were kept as they were, not redone
         assert final[key] == record
 
-    calls.clear()
+    calls.clear()   # a changed setting re-runs what it changes, and says so
+    assert compare.main(argv[:-2] + ["--steps", "4", "--out", str(tmp_path)]) == 0
+    assert len(calls) == 3 and "3 because their settings differ" in capsys.readouterr().out
+
+    calls.clear()   # --fresh starts over and keeps the old file under a new name
     assert compare.main(argv + ["--fresh"]) == 0
-    assert len(calls) == 3
+    assert len(calls) == 3 and len(list(tmp_path.glob("smoke.*.json"))) == 1
+
+
+def test_interrupt_before_any_run_finished_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    def interrupted(spec):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "run_one", interrupted)
+    assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy", "--workers", "1",
+                         "--out", str(tmp_path)]) == 130
+    assert "nothing new was saved" in capsys.readouterr().out and not (tmp_path / "smoke.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--models", "lstm"], "unknown model 'lstm'"),
     (["--tasks", "sorting"], "unknown task 'sorting'"),
-    (["--test-lengths", "-5"], "too short"),
+    (["--test-lengths", "-5"], "--test-lengths must be positive"),
+    (["--seeds", "1,x"], "expected comma-separated integers"),
+    (["--tasks", "maze", "--models", "ssm"], "none of the models"),
     (["--tasks", "mqar", "--test-lengths", "15"], "too short"),
     (["--device", "tpu9"], "device"),
     (["--steps", "0"], "--steps"),
@@ -84,6 +111,29 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not a readable results file"),
+    ("", "is not a readable results file"),
+    ('{"runs": [1, 2]}', "does not hold compare.py runs"),
+    ('{"meta": {"preset": "quick"}, "runs": {}}', "holds runs of preset 'quick', not 'smoke'"),
+])
+def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, message, capsys):
+    (tmp_path / "smoke.json").write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert exit.value.code not in (0, None) and message in str(exit.value) and "--fresh" in str(exit.value)
+    assert "\n" not in str(exit.value) and (tmp_path / "smoke.json").read_text() == content
+
+
+def test_out_must_be_a_writable_folder(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(SystemExit) as exit:
+            compare.main(["--preset", "smoke", "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and "--out" in err and "\n" not in err
 
 
 def test_bad_input_from_the_shell_has_no_traceback():
@@ -123,6 +173,37 @@ def test_evaluate_scores_a_constant_model_at_chance():
     assert 0.4 < m["token_acc"] < 0.6
 
 
+def test_exact_match_counts_only_examples_with_a_scored_position():
+    """An always-wrong model scores exact 0, even on a stream where some examples ask nothing; when no example
+    asks anything, exact is None rather than a perfect score."""
+    class Wrong(nn.Module):
+        def forward(self, x):   # flip-flop answers are bits 0/1 (ids 3, 4); say 'w' (id 0) everywhere
+            return torch.zeros(*x.shape, 5).index_fill_(2, torch.tensor([0]), 1.0)
+    task = tasks.TASKS["flipflop_sparse"]()
+    x, y = task.sample(200, 32, seed=0)
+    assert (y != tasks.IGNORE).any(1).float().mean() < 0.9        # the case: some examples score nothing
+    m = compare.evaluate(Wrong(), task, 32, n_examples=200)
+    assert m["token_acc"] == 0.0 and m["exact"] == 0.0
+
+    class NothingScored(tasks.FlipFlop):
+        def sample(self, batch_size, length, seed=0, device="cpu"):
+            x, y = super().sample(batch_size, length, seed, device)
+            return x, torch.full_like(y, tasks.IGNORE)
+    assert compare.evaluate(Wrong(), NothingScored(), 16, n_examples=8)["exact"] is None
+
+
+@pytest.mark.parametrize("task", list(compare.PRESETS["full"]["tasks"]))
+def test_every_model_of_the_full_preset_is_within_25_percent_of_attention(task):
+    """Matched size (README, 'How the bench is fair'): parameters within +-25% of the Transformer on that task."""
+    args = compare.parse_args(["--preset", "full", "--device", "cpu", "--tasks", task])
+    specs = compare.make_specs(args)
+    vocab = tasks.TASKS[task](**compare.PRESETS["full"]["tasks"][task].options).vocab_size
+    size = {s["model"]: compare.n_params(compare.build_model(s["model"], vocab, **s["model_options"])) for s in specs}
+    assert "attention" in size and len(size) >= 3
+    for m, n in size.items():
+        assert 0.75 <= n / size["attention"] <= 1.25, f"{m} on {task}: {n:,} vs attention {size['attention']:,}"
+
+
 def test_build_model_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown model"):
         compare.build_model("lstm", 10)
@@ -131,6 +212,7 @@ def test_build_model_rejects_unknown_names_and_options():
     assert compare.build_model("attention_nope", 10).config.pos == "none"
 
 
+@pytest.mark.slow
 def test_training_learns_flipflop():
     """The harness can teach: a tiny Transformer trained briefly reads flip-flop bits well above chance (0.5);
     150 steps reached 0.85 when this test was written."""
@@ -178,10 +260,11 @@ def test_bench_records_cost_and_state_against_length(tmp_path):
     assert "| ssm | 48 |" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, monkeypatch):
     """Interrupted after a cell's lr sweep finished but before its extra seed and dial ran: the restart runs
     exactly those two, at the chosen lr, and the same command with the same seeds gives the same numbers."""
-    argv = ["--preset", "smoke", "--models", "ssm", "--tasks", "mqar", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
+    argv = ["--preset", "smoke", "--models", "ssm", "--tasks", "recall", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
             "--steps", "3", "--workers", "1", "--out", str(tmp_path)]
     real, calls = compare.run_one, []
 
@@ -193,12 +276,12 @@ def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, mon
 
     monkeypatch.setattr(compare, "run_one", stop_after_the_sweep)
     assert compare.main(argv) == 130
-    assert sorted(calls) == ["ssm/mqar/lr=0.001/seed=0", "ssm/mqar/lr=0.003/seed=0"]
+    assert sorted(calls) == ["ssm/recall/lr=0.001/seed=0", "ssm/recall/lr=0.003/seed=0"]
     calls.clear()
     monkeypatch.setattr(compare, "run_one", lambda spec: calls.append(compare.run_key(spec)) or real(spec))
     assert compare.main(argv) == 0
-    lr = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())[("ssm", "mqar")][0]["lr"]
-    assert sorted(calls) == sorted([f"ssm/mqar/lr={lr:g}/seed=1", f"ssm[d_state=4]/mqar/lr={lr:g}/seed=0"])
+    lr = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())[("ssm", "recall")][0]["lr"]
+    assert sorted(calls) == sorted([f"ssm/recall/lr={lr:g}/seed=1", f"ssm[d_state=4]/recall/lr={lr:g}/seed=0"])
 
     first = json.load(open(tmp_path / "smoke.json"))["runs"]
     assert compare.main(argv + ["--fresh", "--out", str(tmp_path / "again")]) == 0
