@@ -154,8 +154,8 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
 
     with D_beta[i, m] = beta_i / beta_m and D_eta[m, j] = a_m / a_j (exp of segment sums, never a division).
     Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself. The gate matrices
-    do not depend on the memory, so they are built for all chunks at once; only the gradients, the read and
-    the state update run in the loop over chunks.
+    do not depend on the memory, so they are built for all chunks at once; only the gradients and the state
+    update run in the loop over chunks, and the read follows it, for all chunks at once.
     """
     ### BEGIN SOLUTION
     B, H, T, _ = q.shape
@@ -172,23 +172,29 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     beta, a = torch.exp(log_keep.cumsum(-1))[..., None], torch.exp(log_eta.cumsum(-1))[..., None]
     G = (D_beta @ D_eta) * theta[..., None, :]                                    # lower triangular
     f = D_beta @ a                                                                # (B, H, n, C, 1)
-    ys = []
+    starts = []                                   # per chunk: its start state and its gradients' factors
     for c in range(n):                                                            # the only loop: over chunks
         last = C - 1 if c < n - 1 else (T - 1) % C
         factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
-        x = q[:, :, c]                                                            # read, layer by layer
-        for i, (W0, S0, (inp, err)) in enumerate(zip(weights, momentum, factors)):
-            x = beta[:, :, c] * (x @ W0) + f[:, :, c] * (x @ S0) - ((x @ inp.mT) * G[:, :, c]) @ err
-            if i < len(weights) - 1:
-                x = F.silu(x)
-        ys.append(x)
+        starts.append((weights, momentum, factors))
         g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
         c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]           # theta_j a_last / a_j
         b_end, f_end, a_end = (z[:, :, c, last:last + 1] for z in (beta, f, a))   # (B, H, 1, 1)
         weights = tuple(b_end * W0 + f_end * S0 - inp.mT @ (g_end * err)
                         for W0, S0, (inp, err) in zip(weights, momentum, factors))
         momentum = tuple(a_end * S0 - inp.mT @ (c_end * err) for S0, (inp, err) in zip(momentum, factors))
-    return torch.cat(ys, dim=2)[:, :, :T], (weights, momentum)
+    # The read needs only each chunk's start state and factors, so it runs after the loop, for every chunk at
+    # once, layer by layer (the loop then carries the state alone: fewer, larger kernels).
+    x = q                                                                         # (B, H, n, C, K)
+    for i in range(len(weights)):
+        W0 = torch.stack([W[i] for W, _, _ in starts], dim=2)                      # (B, H, n, in, out)
+        S0 = torch.stack([S[i] for _, S, _ in starts], dim=2)
+        inp = torch.stack([fs[i][0] for _, _, fs in starts], dim=2)                # (B, H, n, C, in)
+        err = torch.stack([fs[i][1] for _, _, fs in starts], dim=2)                # (B, H, n, C, out)
+        x = beta * (x @ W0) + f * (x @ S0) - ((x @ inp.mT) * G) @ err
+        if i < len(weights) - 1:
+            x = F.silu(x)
+    return x.reshape(B, H, n * C, -1)[:, :, :T], (weights, momentum)
     ### END SOLUTION
 
 
@@ -229,7 +235,7 @@ class NeuralMemory(nn.Module):
         qkv = self.qkv(x)
         tail, weights, momentum = (qkv.new_zeros(B, c.d_conv - 1, 3 * D), None, None) if state is None else state
         qkv = torch.cat([tail.to(qkv.dtype), qkv], dim=1)                                 # (B, d_conv-1+T, 3D)
-        tail = qkv[:, T:]
+        tail = qkv[:, T:].clone()                               # a copy: a view would keep all of qkv
         qkv = F.silu(self.conv(qkv.transpose(1, 2)).transpose(1, 2))                     # causal conv
         q, k, v = qkv.view(B, T, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)        # 3 x (B, H, T, K)
         theta, eta, alpha = torch.sigmoid(self.gates(x)).view(B, T, 3, c.n_heads).permute(2, 0, 3, 1)
@@ -287,7 +293,7 @@ class TitansBlock(Block):
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         P = k.shape[2] - T
         keep = max(0, k.shape[2] - (c.window - 1))
-        cache = (k[:, :, keep:], v[:, :, keep:])
+        cache = (k[:, :, keep:].clone(), v[:, :, keep:].clone())    # copies: views would keep the piece
         q = F.pad(q, (0, 0, P, 0))                       # zero queries at the cached positions, dropped below
         if c.pos == "rope":
             cos, sin = rotary(torch.arange(P + T, device=h.device), c.head_dim)
