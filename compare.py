@@ -867,9 +867,11 @@ def run_all(specs, workers, gpus, on_done):
 SCALE = dict(
     models=["attention", "ssm", "rmt", "titans"], tasks=["flipflop", "babilong"], size=dict(d_model=64, n_layers=2),
     train=[[32, 64], [64, 128], [128, 256]], steps=500, batch_size=128, lrs=[1e-3, 3e-3],   # as the full preset
-    lengths=[16_384, 131_072, 1_048_576, 11_000_000],
+    lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],   # babilong stops at 1M: its 8 sequences
+                 babilong=[16_384, 131_072, 1_048_576]),              # of 11M would take the run past 10 min
     piece=16_384,            # tokens per `stream` call, and per generated piece: the host never holds more
-    examples=dict(flipflop=1, babilong=8),   # sequences read side by side (flipflop scores ~T/10 reads in each)
+    examples=dict(flipflop=1, babilong=8),   # sequences read side by side (flipflop scores ~T/10 reads in each;
+                                             # babilong one answer per sequence)
     attention_cap_s=30.0)    # attention stops at the first length whose one call would take longer (predicted)
 
 
@@ -882,7 +884,7 @@ def scale_train(spec):
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], spec["device"])
     hi = stages(spec["train"])[-1][1]
     val = evaluate(model, task, hi, 256, spec["device"], seed=10_000)["token_acc"]
-    record = dict(spec, params=n_params(model), val_token_acc=val, final_loss=sum(losses[-20:]) / 20,
+    record = dict(spec, params=n_params(model), val_token_acc=val, final_loss=sum(losses[-20:]) / len(losses[-20:]),
                   train_time_s=round(time.time() - start, 1))
     return record, {k: v.cpu() for k, v in model.state_dict().items()}
 
@@ -923,7 +925,7 @@ def scale_main(argv):
     p.add_argument("--scale", action="store_true")
     p.add_argument("--models", type=csv(str), default=SCALE["models"])
     p.add_argument("--tasks", type=csv(str), default=SCALE["tasks"])
-    p.add_argument("--lengths", type=csv(int), default=SCALE["lengths"])
+    p.add_argument("--lengths", type=csv(int), help="test lengths for every task (default: per task, SCALE)")
     p.add_argument("--steps", type=int, default=SCALE["steps"])
     p.add_argument("--piece", type=int, default=SCALE["piece"])
     p.add_argument("--attention-cap", type=float, default=SCALE["attention_cap_s"], help="seconds")
@@ -937,16 +939,18 @@ def scale_main(argv):
     for t in args.tasks:
         if t not in SCALE["tasks"]:
             p.error(f"--scale runs {', '.join(SCALE['tasks'])}, not {t!r}")
-    if min(args.lengths) < 256 or args.piece < 64 or args.piece % 64:
+    if min(args.lengths or [256]) < 256 or args.piece < 64 or args.piece % 64:
         p.error("--lengths must be >= 256 and --piece a multiple of 64 (whole chunks and segments in each piece)")
     device, start = args.device, time.time()
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     meta = dict(command="python compare.py " + " ".join(argv), device=device, device_name=name,
                 torch=torch.__version__, commit=git_commit(), dtype="bf16 autocast" if device.startswith("cuda")
                 else "fp32", train=SCALE["train"], steps=args.steps, batch_size=SCALE["batch_size"],
-                lrs=SCALE["lrs"], size=SCALE["size"], piece=args.piece, attention_cap_s=args.attention_cap)
+                lrs=SCALE["lrs"], size=SCALE["size"], piece=args.piece, attention_cap_s=args.attention_cap,
+                lengths={t: args.lengths or SCALE["lengths"][t] for t in args.tasks},
+                examples={t: SCALE["examples"][t] for t in args.tasks})
     print(f"scale on {name}: train {', '.join(args.models)} on {', '.join(args.tasks)} at <= 256 tokens, "
-          f"then read {', '.join(f'{L:,}' for L in args.lengths)} tokens", flush=True)
+          f"then read up to {max(args.lengths or sum(SCALE['lengths'].values(), [])):,} tokens", flush=True)
 
     # 1. Train every (model, task, lr) at once, in worker processes: the budgets of the full preset.
     specs = [dict(model=m, task=t, lr=lr, steps=args.steps, batch_size=SCALE["batch_size"], train=SCALE["train"],
@@ -973,7 +977,7 @@ def scale_main(argv):
             model.to(device).eval()
             scale_read(model, task, 2 * args.piece, 1, args.piece, device, seed=1)   # warm-up, CUDA graphs
             last = None
-            for L in args.lengths:
+            for L in args.lengths or SCALE["lengths"][t]:
                 batch = SCALE["examples"][t]
                 row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L),
                            lr=record["lr"], val_token_acc=record["val_token_acc"])
@@ -988,6 +992,8 @@ def scale_main(argv):
                         row["wall"] = "out of memory"
                 rows.append(row)
                 print(scale_line(row), flush=True)
+                os.makedirs(args.out, exist_ok=True)                      # saved as it goes: a cut run keeps it
+                save_json(os.path.join(args.out, "scale.json"), dict(meta=meta, rows=rows))
                 if row.get("wall"):
                     break                                                 # longer lengths hit it too
             del model
@@ -1025,7 +1031,9 @@ def scale_report(meta, rows, training):
              f"Reading: recurrent models `stream` pieces of {meta['piece']:,} tokens (state carried), attention "
              f"reads each sequence in one call until a call is predicted to take over {meta['attention_cap_s']:.0f} s"
              " (time ~ T^2 from the last length) or runs out of memory. tokens/s counts model time only, for all the"
-             " sequences read side by side (batch); peak memory is the GPU's, weights included.", "",
+             " sequences read side by side (batch); peak memory is the GPU's, weights included. Lengths per task: "
+             + "; ".join(f"{t} {', '.join(f'{L:,}' for L in Ls)} ({meta['examples'][t]} sequences side by side)"
+                         for t, Ls in meta["lengths"].items()) + ".", "",
              "| model | task | length | batch | token acc | scored | tokens/s | peak MiB | state floats |",
              "|---|---|---|---|---|---|---|---|---|"] + [scale_line(r) for r in rows]
     lines += ["", "Training runs (best lr per model and task):", "",
@@ -1043,7 +1051,8 @@ def scale_plot(rows, task_names, model_names, path, meta):
     fig, axes = plt.subplots(1, len(task_names) + 1, figsize=(3.4 * (len(task_names) + 1), 3.2))
     for i, m in enumerate(model_names):
         for ax, t in zip(axes, task_names):
-            pts = [(r["length"], r["token_acc"]) for r in rows if (r["model"], r["task"]) == (m, t) and "token_acc" in r]
+            pts = [(r["length"], r["token_acc"]) for r in rows if (r["model"], r["task"]) == (m, t)
+                   and "token_acc" in r]
             walls = [r for r in rows if (r["model"], r["task"]) == (m, t) and r.get("wall")]
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=m)
