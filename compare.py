@@ -975,10 +975,10 @@ def scale_main(argv):
             model = build_model(m, task.vocab_size, **SCALE["size"])
             model.load_state_dict(weights)
             model.to(device).eval()
-            scale_read(model, task, 2 * args.piece, 1, args.piece, device, seed=1)   # warm-up, CUDA graphs
+            batch = SCALE["examples"][t]
+            scale_read(model, task, 2 * args.piece, batch, args.piece, device, seed=1)   # warm-up, CUDA graphs
             last = None
             for L in args.lengths or SCALE["lengths"][t]:
-                batch = SCALE["examples"][t]
                 row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L),
                            lr=record["lr"], val_token_acc=record["val_token_acc"])
                 predicted = last and last[1] * (L / last[0]) ** 2      # attention: quadratic time
