@@ -24,7 +24,7 @@ Reading list
 Glossary (paper -> here)
   B batch, T time, D model width, E = expand*D inner width, H heads, K head dim (E = H*K; the paper's P),
   N state size (d_state), Q chunk length (the paper's Q, `chunk_size`; the other files call it C, a letter
-  this file leaves to the readout C_t), c a chunk's index (in einsum strings; n_chunks of them).
+  this file leaves to the readout C_t), c the chunk axis in shape comments (n_chunks chunks).
   x_t (B, T, H, K)  input per head          dt_t (B, T, H) step size > 0 (softplus)
   A (H,) < 0        decay rate per head      a_t = dt_t * A <= 0, the log of the decay at step t
   B_t, C_t (B, T, N) input and output maps, shared by all heads (one group)
