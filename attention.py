@@ -93,17 +93,30 @@ def attention(q, k, v, causal=True, window=None):
         (B, H, T, K)
     """
     ### BEGIN SOLUTION
-    if window is None or window >= q.shape[-2]:     # a window as long as the sequence is no window at all
+    B, H, T, K = q.shape
+    if window is None or window >= T:               # a window as long as the sequence is no window at all
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    # A dense (T, T) mask costs O(T^2) memory; fine at this repo's sizes, and the fused kernels still run.
-    mask = attention_mask(q.shape[-2], causal, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # A sliding window without a (T, T) mask: cut the sequence into blocks of w = window queries. Query i of
+    # block b sees keys j with |i - j| < w, which all lie in blocks b-1, b (and b+1 when bidirectional), so
+    # each block attends to those 2w (3w) keys only: memory and time grow linearly in T.
+    w, pad = window, (-T) % window
+    n = (T + pad) // w
+    q, k, v = (F.pad(t, (0, 0, 0, pad)).view(B, H, n, w, K) for t in (q, k, v))
+    block = lambda t, s: F.pad(t, (0, 0, 0, 0, 1, 1))[:, :, 1 - s:n + 1 - s]  # noqa: E731  [b] = t[b - s], or 0
+    neighbours = (1, 0) if causal else (1, 0, -1)                                  # the previous, own, next block
+    k, v = (torch.cat([block(t, s) for s in neighbours], dim=3) for t in (k, v))   # (B, H, n, 2w or 3w, K)
+    i = torch.arange(T + pad, device=q.device).view(n, w, 1)                       # query positions
+    j = torch.stack([i[:, :, 0] - s * w for s in neighbours], dim=1).view(n, 1, -1)  # their keys' positions
+    allowed = ((i - j).abs() < w) & (j >= 0) & (j < T) & ((j <= i) if causal else True)   # (n, w, 2w or 3w)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return out.view(B, H, T + pad, K)[:, :, :T]
     ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Rotary position embedding (RoFormer Eq. 34): rotate each pair of channels by an angle proportional to the
-# position, so q.k depends on the positions only through their difference.
+# position, so q.k depends on the positions only through their difference. We pair channel i with i + K/2 (the
+# "half-split" of GPT-NeoX and Llama), not RoFormer's neighbours (2i, 2i+1): a permutation of the channels.
 # ---------------------------------------------------------------------------------------------------------
 
 def rotary(positions, head_dim, base=10000.0):

@@ -474,18 +474,18 @@ def load_runs(path, preset, fresh):
 # Reports: markdown tables and plots, made from the stored runs
 # ---------------------------------------------------------------------------------------------------------
 
+def mean(values):
+    """The mean over seeds of the values that exist; nan when none does."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def mean_spread(values):
     """'mean' or 'mean±half-spread' over seeds; '' when there is nothing to average."""
     values = [v for v in values if v is not None]
     if not values:
         return ""
-    mean = sum(values) / len(values)
-    return f"{mean:.2f}" + (f"±{(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
-
-
-def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
+    return f"{mean(values):.2f}" + (f"±{(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
 
 
 def md_table(header, rows):
@@ -778,14 +778,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"compare.py: error: {message}\n")
 
 
+def csv(kind, what="values"):
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]."""
+    def parse(s):
+        try:
+            return [kind(v.strip()) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+    return parse
+
+
 def parse_args(argv):
-    def csv(kind, what):
-        def parse(s):
-            try:
-                return [kind(v.strip()) for v in s.split(",") if v.strip()]
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
-        return parse
     p = Parser(description="Train every model on every task and compare them.")
     p.add_argument("--preset", choices=list(PRESETS), help="default: full on CUDA, quick otherwise")
     p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
@@ -801,6 +804,8 @@ def parse_args(argv):
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length (--test-lengths "
                    "sets the lengths) instead of training")
+    p.add_argument("--scale", action="store_true", help="train at <= 256 tokens, then read streams of up to 11M "
+                   "tokens (its own options: python compare.py --scale --help)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     try:
@@ -859,7 +864,224 @@ def parse_args(argv):
     return args
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Scale: `python compare.py --scale`. Train at <= 256 tokens, then read test streams of up to 11 million
+# tokens: the recurrent models piece by piece with `model.stream` (constant memory), attention in one call
+# until its wall (a time cap or the GPU's memory).
+# ---------------------------------------------------------------------------------------------------------
+
+SCALE = dict(
+    models=["attention", "ssm", "rmt", "titans"], tasks=["flipflop", "babilong"], size=dict(d_model=64, n_layers=2),
+    train=[[32, 64], [64, 128], [128, 256]], steps=500, batch_size=128, lrs=[1e-3, 3e-3],   # the full preset's flip-flop budget; two rates keep the run short
+    lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],   # babilong stops at 1M: its 8 sequences
+                 babilong=[16_384, 131_072, 1_048_576]),              # of 11M would take the run past 10 min
+    piece=16_384,            # tokens per `stream` call, and per generated piece: the host never holds more
+    examples=dict(flipflop=1, babilong=8),   # sequences read side by side (flipflop scores ~T/10 reads in each;
+                                             # babilong one answer per sequence)
+    attention_cap_s=30.0)    # attention stops at the first length whose one call would take longer (predicted)
+
+
+def scale_train(spec):
+    """Worker: train one (model, task, lr) as `train` does; returns the record and the trained weights (CPU)."""
+    torch.manual_seed(0)
+    task = tasks.TASKS[spec["task"]]()
+    model = build_model(spec["model"], task.vocab_size, **spec["size"])
+    start = time.time()
+    losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], spec["device"])
+    hi = stages(spec["train"])[-1][1]
+    val = evaluate(model, task, hi, 256, spec["device"], seed=10_000)["token_acc"]
+    record = dict(spec, params=n_params(model), val_token_acc=val, final_loss=sum(losses[-20:]) / len(losses[-20:]),
+                  train_time_s=round(time.time() - start, 1))
+    return record, {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def scale_read(model, task, length, batch, piece, device, seed):
+    """Read `batch` test streams of `length` tokens, made piece by piece by `task.pieces`: recurrent models call
+    `model.stream` on each piece with the state carried, attention reads the whole sequence in one call.
+    Returns token accuracy, scored positions, tokens per second of model time (all sequences together) and
+    the peak GPU memory in MiB (None on CPU)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    pieces = task.pieces(batch, length, piece, seed, device)
+    if not hasattr(model, "stream"):                 # attention: one call on the whole sequence
+        pieces = [tuple(torch.cat(t, dim=1) for t in zip(*pieces))]
+    right = scored = seconds = 0
+    state = None
+    for x, y in pieces:
+        start = time.perf_counter()
+        with autocast(device):
+            logits, state = model.stream(x, state) if hasattr(model, "stream") else (model(x), None)
+        pred = logits.argmax(-1)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        mask = y != tasks.IGNORE
+        right += ((pred == y) & mask).sum().item()
+        scored += mask.sum().item()
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
+    return dict(token_acc=right / max(scored, 1), scored=scored, tokens_per_s=batch * length / seconds,
+                seconds=round(seconds, 2), peak_mib=peak)
+
+
+def scale_line(r):
+    cells = [r["model"], r["task"], f"{r['length']:,}", str(r["batch"])]
+    if r.get("wall"):
+        return "| " + " | ".join(cells + [f"wall: {r['wall']}", "", "", "", f"{r['state_floats']:,}"]) + " |"
+    mib = f"{r['peak_mib']:,.0f}" if r["peak_mib"] is not None else "-"
+    return "| " + " | ".join(cells + [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
+                                      mib, f"{r['state_floats']:,}"]) + " |"
+
+
+def scale_report(meta, rows, training):
+    lines = ["# compare.py --scale: trained at <= 256 tokens, read streams of up to 11M tokens", "",
+             f"Command: `{meta['command']}`  ",
+             f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}, "
+             f"wall time {meta['wall_time_s']:.0f} s (training {meta['train_wall_s']:.0f} s)  ",
+             f"Training: every model {meta['steps']} steps of batch {meta['batch_size']}, curriculum "
+             f"{meta['train']}, model size {meta['size']}, lr from {meta['lrs']} by validation accuracy at 256. "
+             f"Reading: recurrent models `stream` pieces of {meta['piece']:,} tokens (state carried), attention "
+             f"reads each sequence in one call until a call is predicted to take over {meta['attention_cap_s']:.0f} s"
+             " (time ~ T^2 from the last length) or runs out of memory. tokens/s counts model time only, for all the"
+             " sequences read side by side (batch); peak memory is the GPU's, weights included. Lengths per task: "
+             + "; ".join(f"{t} {', '.join(f'{L:,}' for L in Ls)} ({meta['examples'][t]} sequences side by side)"
+                         for t, Ls in meta["lengths"].items()) + ".", "",
+             "| model | task | length | batch | token acc | scored | tokens/s | peak MiB | state floats |",
+             "|---|---|---|---|---|---|---|---|---|"] + [scale_line(r) for r in rows]
+    lines += ["", "Training runs (best lr per model and task):", "",
+              "| model | task | params | lr | val acc @256 | final loss | train s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['task']} | {r['params']:,} | {r['lr']:g} | {r['val_token_acc']:.3f} | "
+              f"{r['final_loss']:.3f} | {r['train_time_s']:.0f} |" for r in training]
+    return "\n".join(lines) + "\n"
+
+
+def scale_plot(rows, task_names, model_names, path, meta):
+    """Accuracy against length, one panel per task, and peak memory against length (log x)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(task_names) + 1, figsize=(3.4 * (len(task_names) + 1), 3.2))
+    for i, m in enumerate(model_names):
+        for ax, t in zip(axes, task_names):
+            pts = [(r["length"], r["token_acc"]) for r in rows if (r["model"], r["task"]) == (m, t)
+                   and "token_acc" in r]
+            walls = [r for r in rows if (r["model"], r["task"]) == (m, t) and r.get("wall")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=m)
+            for r in walls:
+                ax.axvline(r["length"], color=f"C{i}", ls=":", lw=1)
+                ax.annotate(f"{m}: wall", (r["length"], 0.05 + 0.08 * i), fontsize=6, color=f"C{i}", ha="right")
+            ax.set(title=f"{t} (trained <= 256)", xscale="log", xlabel="test length (tokens)", ylim=(-0.02, 1.02))
+        pts = [(r["length"], r["peak_mib"]) for r in rows if r["model"] == m and r["task"] == task_names[0]
+               and r.get("peak_mib") is not None]
+        if pts:
+            axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=m)
+    axes[0].set_ylabel("token accuracy")
+    axes[0].legend(fontsize=7)
+    axes[-1].set(title=f"peak GPU memory ({task_names[0]})", xscale="log", yscale="log",
+                 xlabel="test length (tokens)", ylabel="MiB")
+    fig.suptitle(f"{meta['device_name']}, {meta['dtype']}, commit {meta['commit']}", fontsize=8)
+    save_figure(plt, fig, path)
+
+
+def scale_main(argv):
+    p = Parser(description="Train at <= 256 tokens, then read test streams of up to 11M tokens.")
+    p.add_argument("--scale", action="store_true")
+    p.add_argument("--models", type=csv(str), default=SCALE["models"])
+    p.add_argument("--tasks", type=csv(str), default=SCALE["tasks"])
+    p.add_argument("--lengths", type=csv(int), help="test lengths for every task (default: per task, SCALE)")
+    p.add_argument("--steps", type=int, default=SCALE["steps"])
+    p.add_argument("--piece", type=int, default=SCALE["piece"])
+    p.add_argument("--attention-cap", type=float, default=SCALE["attention_cap_s"], help="seconds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, help="training runs at once (default: all on a GPU, 2 on a CPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for scale.json/.md/.png")
+    args = p.parse_args(argv)
+    for m in args.models:
+        if m not in SCALE["models"]:
+            p.error(f"--scale runs {', '.join(SCALE['models'])}, not {m!r}")
+    for t in args.tasks:
+        if t not in SCALE["tasks"]:
+            p.error(f"--scale runs {', '.join(SCALE['tasks'])}, not {t!r}")
+    if min(args.lengths or [256]) < 256 or args.piece < 64 or args.piece % 64:
+        p.error("--lengths must be >= 256 and --piece a multiple of 64 (whole chunks and segments in each piece)")
+    device, start = args.device, time.time()
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+    meta = dict(command="python compare.py " + " ".join(argv), device=device, device_name=name,
+                torch=torch.__version__, commit=git_commit(), dtype="bf16 autocast" if device.startswith("cuda")
+                else "fp32", train=SCALE["train"], steps=args.steps, batch_size=SCALE["batch_size"],
+                lrs=SCALE["lrs"], size=SCALE["size"], piece=args.piece, attention_cap_s=args.attention_cap,
+                lengths={t: args.lengths or SCALE["lengths"][t] for t in args.tasks},
+                examples={t: SCALE["examples"][t] for t in args.tasks})
+    print(f"scale on {name}: train {', '.join(args.models)} on {', '.join(args.tasks)} at <= 256 tokens, "
+          f"then read up to {max(args.lengths or sum(SCALE['lengths'].values(), [])):,} tokens", flush=True)
+
+    # 1. Train every (model, task, lr) at once, in worker processes: the budgets of the full preset.
+    specs = [dict(model=m, task=t, lr=lr, steps=args.steps, batch_size=SCALE["batch_size"], train=SCALE["train"],
+                  size=SCALE["size"], device=device) for t in args.tasks for m in args.models for lr in SCALE["lrs"]]
+    workers = args.workers or (len(specs) if device.startswith("cuda") else min(2, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        trained = list(tqdm(pool.map(scale_train, specs), total=len(specs), desc="train"))
+    best = {}
+    for record, weights in trained:                  # the lr with the best validation accuracy, per cell
+        cell = (record["model"], record["task"])
+        if cell not in best or (record["val_token_acc"], -record["final_loss"]) > (
+                best[cell][0]["val_token_acc"], -best[cell][0]["final_loss"]):
+            best[cell] = (record, weights)
+    meta["train_wall_s"] = round(time.time() - start, 1)
+
+    # 2. Read the test streams, one model at a time (so that time and memory are its own).
+    rows = []
+    for t in args.tasks:
+        task = tasks.TASKS[t]()
+        for m in args.models:
+            record, weights = best[(m, t)]
+            model = build_model(m, task.vocab_size, **SCALE["size"])
+            model.load_state_dict(weights)
+            model.to(device).eval()
+            batch = SCALE["examples"][t]
+            scale_read(model, task, 2 * args.piece, batch, args.piece, device, seed=1)   # warm-up, CUDA graphs
+            last = None
+            for L in args.lengths or SCALE["lengths"][t]:
+                row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L),
+                           lr=record["lr"], val_token_acc=record["val_token_acc"])
+                predicted = last and last[1] * (L / last[0]) ** 2      # attention: quadratic time
+                if not hasattr(model, "stream") and predicted and predicted > args.attention_cap:
+                    row["wall"] = f"time: {predicted:,.0f} s predicted > {args.attention_cap:.0f} s cap"
+                else:
+                    try:
+                        row.update(scale_read(model, task, L, batch, args.piece, device, seed=20_000 + L))
+                        last = (L, row["seconds"])
+                    except torch.OutOfMemoryError:
+                        row["wall"] = "out of memory"
+                rows.append(row)
+                print(scale_line(row), flush=True)
+                os.makedirs(args.out, exist_ok=True)                      # saved as it goes: a cut run keeps it
+                save_json(os.path.join(args.out, "scale.json"), dict(meta=meta, rows=rows))
+                if row.get("wall"):
+                    break                                                 # longer lengths hit it too
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    meta["wall_time_s"] = round(time.time() - start, 1)
+
+    os.makedirs(args.out, exist_ok=True)
+    save_json(os.path.join(args.out, "scale.json"), dict(meta=meta, training=[r for r, _ in best.values()],
+                                                         rows=rows))
+    text = scale_report(meta, rows, [r for r, _ in best.values()])
+    with open(os.path.join(args.out, "scale.md"), "w") as f:
+        f.write(text)
+    print(text)
+    scale_plot(rows, args.tasks, args.models, os.path.join(args.out, "scale.png"), meta)
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scale" in argv:
+        return scale_main(argv)
     args = parse_args(argv)
     if args.bench:
         return bench_main(args)

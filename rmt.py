@@ -26,6 +26,7 @@ Glossary
   write slots        memory + another per-slot embedding, placed after it (positions M+S..2M+S-1, fixed even
                      when the last segment is shorter, so the write slots never see a shifted position)
   bptt_depth k       None: full BPTT; k: the memory is detached every k segments (gradient windows of k)
+  stream             reads a long stream in pieces, carrying only the memory: constant memory at any length
 """
 import time
 from dataclasses import dataclass
@@ -74,11 +75,13 @@ class RMT(nn.Module):
         init_weights(self, c.n_layers)                                     # N(0, 0.02): the embedding scale
         with torch.no_grad():                                              # after the blanket init:
             self.mem_norm.weight.fill_(0.02)                               # memory on that scale too
+        self.graph_segments, self.graphs = 64, {}    # `stream` on CUDA: segments per graph replay, the graphs
 
     def positions(self, s, device):
         """RoPE positions of [read slots ; s tokens ; write slots]; the write slots sit after a full segment."""
         M, S = self.config.n_mem, self.config.segment_len
-        return torch.cat([torch.arange(M), M + torch.arange(s), M + S + torch.arange(M)]).to(device)
+        arange = lambda n: torch.arange(n, device=device)  # noqa: E731  (made on the device: no copy, so a
+        return torch.cat([arange(M), M + arange(s), M + S + arange(M)])  # CUDA graph can capture it)
 
     def segment_step(self, tokens, memory):
         """One segment: the recurrence step. The Blocks read [memory + read_emb ; embed(tokens) ; memory +
@@ -116,11 +119,62 @@ class RMT(nn.Module):
         logits = torch.cat(logits, dim=1)
         return (logits, memory) if return_memory else logits
 
+    def stream(self, tokens, state=None):
+        """Read a stream in pieces: the logits of a piece and the memory to pass with the next one. Pieces whose
+        lengths are multiples of S (all but the last) give the same logits as one call on the whole.
+
+        On CUDA without gradients, every run of `graph_segments` segments replays a CUDA graph captured on first
+        use: one launch instead of a few hundred kernel launches per segment (the Python loop over segments
+        costs more than the GPU's work at this size). Elsewhere it is `forward`.
+
+        Args:
+            tokens: LongTensor (B, T), the next piece
+            state: None at the start, else the memory (B, M, D) that the previous call returned
+        Returns:
+            logits (B, T, V), memory (B, M, D)
+        """
+        memory = self.memory_init.expand(tokens.shape[0], -1, -1) if state is None else state
+        span = self.config.segment_len * self.graph_segments
+        graphed = tokens.shape[1] // span * span if tokens.is_cuda and not torch.is_grad_enabled() else 0
+        logits = []
+        for start in range(0, graphed, span):
+            out, memory = self.replay(tokens[:, start:start + span], memory)
+            logits.append(out)
+        if graphed < tokens.shape[1]:
+            out, memory = self(tokens[:, graphed:], memory, return_memory=True)
+            logits.append(out)
+        return torch.cat(logits, dim=1), memory
+
+    def replay(self, tokens, memory):
+        """forward(tokens, memory) through a CUDA graph, captured once per input shape, dtype and autocast
+        setting (the graph holds the addresses of the weights: capture again after moving the model)."""
+        cuda_autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (tuple(tokens.shape), memory.dtype, *cuda_autocast)
+        graphs = self.graphs
+        if key not in graphs:
+            inputs = (tokens.clone(), memory.clone())
+            with torch.autocast("cuda", dtype=cuda_autocast[1], enabled=cuda_autocast[0], cache_enabled=False):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):                            # a warm-up run before capture
+                    self(*inputs, return_memory=True)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outputs = self(*inputs, return_memory=True)
+            graphs[key] = (graph, inputs, outputs)
+        graph, inputs, outputs = graphs[key]
+        inputs[0].copy_(tokens)
+        inputs[1].copy_(memory)
+        graph.replay()
+        return tuple(t.clone() for t in outputs)
+
     def state_size(self, seq_len=None):
-        """Floats per sequence at inference: the carried memory (M * D), plus the key/value cache of the one
-        segment being read (2 * D per layer for each of its 2M + S positions). Constant in the length."""
+        """Floats per sequence carried from one segment (or `stream` call) to the next: the memory, M * D.
+        Constant in the length. (Reading a segment also holds its key/value cache, 2 * D per layer for each of
+        its 2M + S positions, but that is working memory, dropped before the next segment.)"""
         c = self.config
-        return c.n_mem * c.d_model + 2 * c.d_model * c.n_layers * (2 * c.n_mem + c.segment_len)
+        return c.n_mem * c.d_model
 
 
 if __name__ == "__main__":
@@ -131,21 +185,23 @@ if __name__ == "__main__":
           f"state {model.state_size():,} floats per sequence")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
-    print(f"inference on {device}, batch 8, S={model.config.segment_len}, M={model.config.n_mem}:")
+    piece = 2 ** 16 if device == "cuda" else 2 ** 10
+    print(f"streaming inference on {device}, batch 1, S={model.config.segment_len}, M={model.config.n_mem}, "
+          f"pieces of {piece:,} tokens:", flush=True)
     with torch.no_grad():
-        model(torch.randint(0, 32, (8, 1024), device=device))   # warm-up: the first call pays for CUDA's start
-    for T in ([1024, 4096, 16384, 65536] if device == "cuda" else [256, 1024, 4096]):
-        x = torch.randint(0, 32, (8, T), device=device)
+        model.stream(torch.randint(0, 32, (1, piece), device=device))   # warm-up (and the CUDA graph's capture)
+    for T in ([2 ** 16, 2 ** 20] if device == "cuda" else [2 ** 10, 2 ** 12]):
+        x = torch.randint(0, 32, (1, T), device=device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             memory = None
-            for chunk in x.split(1024, dim=1):                 # stream: only the memory is kept between calls
-                _, memory = model(chunk, memory, return_memory=True)
+            for chunk in x.split(piece, dim=1):                # only the memory is kept between calls
+                _, memory = model.stream(chunk, memory)
         if device == "cuda":
             torch.cuda.synchronize()
-        us = (time.perf_counter() - start) / T * 1e6
+        seconds = time.perf_counter() - start
         peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
-        print(f"  T={T:6d}: {us:7.2f} us per token (per sequence of the batch: /8){peak}")
+        print(f"  T={T:9,d}: {T / seconds:11,.0f} tokens/s{peak}", flush=True)

@@ -10,9 +10,10 @@ should win on long noisy streams (flipflop, babilong; the README's claim C2). Be
 dial of that trade-off.
 
 A loop over time is slow on a GPU (T small kernel launches). Mamba-2's SSD algorithm computes the same thing
-in chunks of C tokens with a handful of matrix multiplications: inside a chunk it is a masked attention-like
+in chunks of Q tokens with a handful of matrix multiplications: inside a chunk it is a masked attention-like
 product, across chunks a short recurrence over chunk states. `ssd_scan` is that algorithm in plain PyTorch;
-`ssd_scan_ref` is the loop it is tested against.
+`ssd_scan_ref` is the loop it is tested against. `Mamba.stream` reads a stream piece by piece, carrying only
+the scan state and the convolution's last inputs, so its memory does not grow with the length.
 
 Reading list
   1. Dao & Gu, "Transformers are SSMs" (Mamba-2, SSD), arXiv 2405.21060: §6 and Listing 1 (the chunked
@@ -22,7 +23,8 @@ Reading list
 
 Glossary (paper -> here)
   B batch, T time, D model width, E = expand*D inner width, H heads, K head dim (E = H*K; the paper's P),
-  N state size (d_state), C chunk length (the paper's Q; `chunk_size` below).
+  N state size (d_state), Q chunk length (the paper's Q, `chunk_size`; the other files call it C, a letter
+  this file leaves to the readout C_t), c the chunk axis in shape comments (n_chunks chunks).
   x_t (B, T, H, K)  input per head          dt_t (B, T, H) step size > 0 (softplus)
   A (H,) < 0        decay rate per head      a_t = dt_t * A <= 0, the log of the decay at step t
   B_t, C_t (B, T, N) input and output maps, shared by all heads (one group)
@@ -48,7 +50,7 @@ class MambaConfig:
     n_heads: int = 4       # H; head dim K = E / H
     d_state: int = 16      # N, the dial of the copy/filter trade-off
     d_conv: int = 4        # width of the short causal depthwise convolution
-    chunk_size: int = 64   # C, the SSD chunk length (a speed knob: results do not depend on it)
+    chunk_size: int = 64   # Q, the SSD chunk length (a speed knob: results do not depend on it)
     dt_min: float = 1e-3   # softplus(dt_bias) is initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 1e-1
     mlp_ratio: int = 4     # hidden width of the MLP is mlp_ratio * D
@@ -106,7 +108,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
 
     Args:
         x: (B, T, H, K), dt: (B, T, H) > 0, A: (H,) < 0, B and C: (B, T, N), any T >= 1
-        chunk_size: C, the chunk length; the result does not depend on it
+        chunk_size: Q, the chunk length; the result does not depend on it
         initial_state: (B, H, K, N) or None (zeros)
     Returns:
         y: (B, T, H, K), final_state: (B, H, K, N)
@@ -117,32 +119,34 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     pad = (-T) % Q            # padded steps have dt = 0: no decay (exp 0 = 1) and no input, so h is unchanged
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    c = (T + pad) // Q
-    xdt = (x * dt[..., None]).view(b, c, Q, H, K)                                   # dt_t x_t
-    B, C = B.view(b, c, Q, N), C.view(b, c, Q, N)
-    a = (dt * A).view(b, c, Q, H).permute(0, 3, 1, 2)                               # (B, H, c, Q), <= 0
+    n_chunks = (T + pad) // Q
+    xdt = (x * dt[..., None]).view(b, n_chunks, Q, H, K).permute(0, 3, 1, 2, 4)     # (B, H, c, Q, K): dt_t x_t
+    B, C = B.view(b, 1, n_chunks, Q, N), C.view(b, 1, n_chunks, Q, N)              # one group: shared by heads
+    a = (dt * A).view(b, n_chunks, Q, H).permute(0, 3, 1, 2)                        # (B, H, c, Q), <= 0
     a_cum = a.cumsum(dim=-1)                                                        # log decay since chunk start
 
     # 1. Inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
     decay = torch.exp(segsum(a))                                                    # (B, H, c, Q, Q)
-    scores = torch.einsum("bcin,bcjn->bcij", C, B)[:, None] * decay                 # (B, H, c, Q, Q)
-    y_diag = torch.einsum("bhcij,bcjhk->bcihk", scores, xdt)
+    y = ((C @ B.mT) * decay) @ xdt                                                  # (B, H, c, Q, K)
 
     # 2. The state each chunk leaves behind, from its own tokens only: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)                                     # (B, H, c, Q)
-    chunk_states = torch.einsum("bcjn,bhcj,bcjhk->bchkn", B, to_end, xdt)          # (B, c, H, K, N)
+    #    Steps 2 and 4 take a log decay as a difference of cumsums, which `segsum` warns against; here it is
+    #    fine: a_cum restarts at each chunk, so the cancellation error is at most ~Q * max|a| * 1e-7 in fp32.
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)[..., None]                          # (B, H, c, Q, 1)
+    chunk_states = (xdt * to_end).mT @ B                                            # (B, H, c, K, N)
 
     # 3. Across chunks: the state entering chunk z = sum over earlier chunks s of their states, decayed by the
-    #    total decay of chunks s+1..z-1; the initial state is chunk "-1". An (c+1)^2 matmul, cheap for c <= ~256.
-    h0 = x.new_zeros(b, 1, H, K, N) if initial_state is None else initial_state[:, None]
-    chunk_states = torch.cat([h0, chunk_states], dim=1)                             # (B, c+1, H, K, N)
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))                  # (B, H, c+1, c+1)
-    states = torch.einsum("bhzs,bshkn->bzhkn", chunk_decay, chunk_states)           # after chunk z-1
-    entering, final_state = states[:, :-1], states[:, -1]
+    #    total decay of chunks s+1..z-1; the initial state is chunk "-1". A (c+1) x (c+1) matmul per head: it
+    #    grows as (T/Q)^2, so a long stream is read in pieces (`Mamba.stream`), each carrying the state on.
+    h0 = x.new_zeros(b, H, K, N) if initial_state is None else initial_state
+    chunk_states = torch.cat([h0[:, :, None], chunk_states], dim=2).flatten(-2)   # (B, H, c+1, K*N)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))                 # (B, H, c+1, c+1)
+    states = (chunk_decay @ chunk_states).view(b, H, n_chunks + 1, K, N)           # after chunk z-1
+    entering, final_state = states[:, :, :-1], states[:, :, -1]
 
     # 4. What the entering state contributes inside each chunk: y_i += exp(a_1 + ... + a_i) h_entering C_i
-    y_off = torch.einsum("bcin,bchkn,bhci->bcihk", C, entering, torch.exp(a_cum))
-    y = (y_diag + y_off).reshape(b, c * Q, H, K)[:, :T]
+    y = y + torch.exp(a_cum)[..., None] * (C @ entering.mT)
+    y = y.permute(0, 2, 3, 1, 4).reshape(b, n_chunks * Q, H, K)[:, :T]
     return y, final_state
     ### END SOLUTION
 
@@ -176,43 +180,54 @@ class SSMMixer(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = c = config
-        E, N, H = c.d_inner, c.d_state, c.n_heads
-        self.in_proj = nn.Linear(c.d_model, 2 * E + 2 * N + H, bias=False)            # z, (x, B, C), dt
-        self.conv = nn.Conv1d(E + 2 * N, E + 2 * N, c.d_conv, groups=E + 2 * N, padding=c.d_conv - 1)
+        self.config = cfg = config
+        E, N, H = cfg.d_inner, cfg.d_state, cfg.n_heads
+        self.in_proj = nn.Linear(cfg.d_model, 2 * E + 2 * N + H, bias=False)        # z, (x, B, C), dt
+        self.conv = nn.Conv1d(E + 2 * N, E + 2 * N, cfg.d_conv, groups=E + 2 * N)  # causal: fed its past inputs
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.A_log = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.ones(H))
         self.norm = RMSNorm(E)
-        self.out_proj = nn.Linear(E, c.d_model, bias=False)
+        self.out_proj = nn.Linear(E, cfg.d_model, bias=False)
 
     def reset_ssm_parameters(self):
         """The special inits of Mamba; called after any blanket init, which would overwrite them."""
-        c = self.config
+        cfg = self.config
         # dt = softplus(dt_bias) log-uniform in [dt_min, dt_max]; dt_bias = softplus^-1(dt) = dt + log(1 - e^-dt)
-        dt = torch.exp(torch.rand(c.n_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = torch.exp(torch.rand(cfg.n_heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         with torch.no_grad():
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            self.A_log.copy_(torch.log(torch.empty(c.n_heads).uniform_(1, 16)))    # A in [-16, -1] (Mamba-2)
+            self.A_log.copy_(torch.log(torch.empty(cfg.n_heads).uniform_(1, 16)))  # A in [-16, -1] (Mamba-2)
             self.D.fill_(1.0)
 
-    def forward(self, u):
-        """u: (B, T, D) -> (B, T, D)"""
-        c = self.config
+    def forward(self, u, state=None):
+        """One layer over a piece of a stream.
+
+        Args:
+            u: (B, T, D)
+            state: None (the stream starts) or what the previous piece returned: the convolution's last
+                d_conv - 1 inputs (B, d_conv - 1, E + 2N) and the scan state h (B, H, K, N)
+        Returns:
+            (B, T, D), and the state after the last token
+        """
+        cfg = self.config
         b, T, _ = u.shape
-        z, xBC, dt = self.in_proj(u).split([c.d_inner, c.d_inner + 2 * c.d_state, c.n_heads], dim=-1)
-        xBC = F.silu(self.conv(xBC.transpose(1, 2))[..., :T].transpose(1, 2))          # causal: drop the tail
-        x, B, C = xBC.split([c.d_inner, c.d_state, c.d_state], dim=-1)
-        x = x.reshape(b, T, c.n_heads, c.head_dim)
-        f32 = torch.promote_types(u.dtype, torch.float32)                             # fp32, or fp64 in tests
-        with torch.autocast(u.device.type, enabled=False):                            # the scan runs in f32
-            dt = F.softplus(dt.to(f32) + self.dt_bias)                                 # (B, T, H) > 0
-            A = -torch.exp(self.A_log.to(f32))                                         # (H,) < 0
-            x = x.to(f32)
-            y, _ = ssd_scan(x, dt, A, B.to(f32), C.to(f32), c.chunk_size)
+        z, xBC, dt = self.in_proj(u).split([cfg.d_inner, cfg.d_inner + 2 * cfg.d_state, cfg.n_heads], dim=-1)
+        tail, h = (xBC.new_zeros(b, cfg.d_conv - 1, xBC.shape[-1]), None) if state is None else state
+        xBC = torch.cat([tail.to(xBC.dtype), xBC], dim=1)                          # (B, d_conv - 1 + T, E + 2N)
+        tail = xBC[:, T:].clone()                                      # the last d_conv - 1 inputs, copied
+        xBC = F.silu(self.conv(xBC.transpose(1, 2)).transpose(1, 2))              # T outputs, each from its past
+        x, B, C = xBC.split([cfg.d_inner, cfg.d_state, cfg.d_state], dim=-1)
+        x = x.reshape(b, T, cfg.n_heads, cfg.head_dim)
+        dtype = torch.promote_types(u.dtype, torch.float32)                        # fp32, or fp64 in tests
+        with torch.autocast(u.device.type, enabled=False):                         # the scan runs in fp32
+            dt = F.softplus(dt.to(dtype) + self.dt_bias)                            # (B, T, H) > 0
+            A = -torch.exp(self.A_log.to(dtype))                                    # (H,) < 0
+            x = x.to(dtype)
+            y, h = ssd_scan(x, dt, A, B.to(dtype), C.to(dtype), cfg.chunk_size, h)
             y = y + self.D[:, None] * x
-        y = y.reshape(b, T, c.d_inner).to(u.dtype)
-        return self.out_proj(self.norm(y * F.silu(z)))
+        y = y.reshape(b, T, cfg.d_inner).to(u.dtype)
+        return self.out_proj(self.norm(y * F.silu(z))), (tail, h)
 
 
 class MambaBlock(nn.Module):
@@ -221,9 +236,11 @@ class MambaBlock(nn.Module):
         self.norm1, self.mixer = RMSNorm(config.d_model), SSMMixer(config)
         self.norm2, self.mlp = RMSNorm(config.d_model), MLP(config)
 
-    def forward(self, x):
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, state=None):
+        """x: (B, T, D), state: the mixer's (or None) -> (B, T, D), the mixer's new state"""
+        y, state = self.mixer(self.norm1(x), state)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,13 +269,28 @@ class Mamba(nn.Module):
 
     def forward(self, tokens):
         """tokens: LongTensor (B, T) -> logits (B, T, V)"""
+        return self.stream(tokens)[0]
+
+    def stream(self, tokens, state=None):
+        """Read a stream in pieces: the logits of a piece, and the state to pass with the next piece. Any
+        piece lengths give the same logits as one call on the whole; memory grows with the piece, not the stream.
+
+        Args:
+            tokens: LongTensor (B, T), the next piece
+            state: None at the start, else the state the previous call returned: per layer, the convolution's
+                last d_conv - 1 inputs and the scan state (`state_size` floats per sequence)
+        Returns:
+            logits (B, T, V), state
+        """
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+        states = []
+        for block, s in zip(self.blocks, state or [None] * len(self.blocks)):
+            x, s = block(x, s)
+            states.append(s)
+        return self.head(self.norm(x)), states
 
     def state_size(self, seq_len=None):
-        """Floats per sequence kept at inference, whatever the length: per layer the SSM state (H * K * N)
+        """Floats per sequence in `stream`'s state, whatever the length: per layer the SSM state (H * K * N)
         and the last d_conv - 1 inputs of the convolution."""
         c = self.config
         return c.n_layers * (c.n_heads * c.head_dim * c.d_state + (c.d_conv - 1) * (c.d_inner + 2 * c.d_state))
@@ -295,12 +327,16 @@ if __name__ == "__main__":
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False                # honest fp32
-    shape = dict(b=8, H=8, K=32, N=64)
-    T_cmp = 4096 if device == "cuda" else 1024
-    print(f"fwd+bwd of one scan, fp32, B=8 H=8 K=32 N=64, chunk 64, on {name} (torch {torch.__version__}):")
+    # A GPU gets the sizes of the README's numbers; a CPU smaller ones, so that this finishes in seconds.
+    shape = dict(b=8, H=8, K=32, N=64) if device == "cuda" else dict(b=2, H=4, K=16, N=16)
+    T_cmp, lengths = (4096, [1024, 4096, 16384]) if device == "cuda" else (512, [1024, 4096])
+    print(f"fwd+bwd of one scan, fp32, B={shape['b']} H={shape['H']} K={shape['K']} N={shape['N']}, chunk 64, "
+          f"on {name} (torch {torch.__version__}):", flush=True)
     fast, mem = benchmark(ssd_scan, T=T_cmp, device=device, **shape)
     slow, _ = benchmark(ssd_scan_ref, T=T_cmp, device=device, repeats=1, **shape)
-    print(f"  T={T_cmp:5d}  ssd_scan {fast:9.2f} ms   ssd_scan_ref {slow:9.1f} ms   speed-up {slow / fast:6.0f}x")
-    for T in ([1024, 4096, 16384] if device == "cuda" else []):
+    print(f"  T={T_cmp:5d}  ssd_scan {fast:9.2f} ms   ssd_scan_ref {slow:9.1f} ms   speed-up {slow / fast:6.0f}x",
+          flush=True)
+    for T in lengths:
         ms, mem = benchmark(ssd_scan, T=T, device=device, **shape)
-        print(f"  T={T:5d}  ssd_scan {ms:9.2f} ms   peak memory {mem:5.2f} GiB")
+        peak = f"   peak memory {mem:5.2f} GiB" if device == "cuda" else ""
+        print(f"  T={T:5d}  ssd_scan {ms:9.2f} ms{peak}", flush=True)

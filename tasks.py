@@ -28,6 +28,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100  # the target value that the loss and the metrics skip
 
@@ -173,22 +174,39 @@ class FlipFlop:
         self.names = ["w", "i", "r", "0", "1"]
 
     def sample(self, batch_size, length, seed=0, device="cpu"):
+        return next(self.pieces(batch_size, length, length, seed, device))
+
+    def pieces(self, batch_size, length, piece, seed=0, device="cpu"):
+        """The batch of `sample`, made and yielded `piece` tokens at a time, so that a stream of millions of
+        tokens never sits whole on the host: (x, y) pieces of (B, piece), the last one shorter. The bit of the
+        latest write is carried from piece to piece. One piece of the whole length is `sample`'s batch."""
         _check(batch_size, length, self.min_length, "flipflop")
+        if piece < length and (piece < 2 or piece % 2):
+            raise ValueError(f"flipflop: pieces must hold whole (instruction, bit) pairs, got piece={piece}")
         g = _generator(seed)
-        n_pairs = length // 2 + 1                                 # enough pairs for T + 1 tokens
         p_rw = (1 - self.p_ignore) / 2
-        u = torch.rand(batch_size, n_pairs, generator=g)
-        instr = torch.where(u < p_rw, self.w, torch.where(u < 2 * p_rw, self.r, self.i))
-        instr[:, 0] = self.w
-        bits = torch.randint(0, 2, (batch_size, n_pairs), generator=g)
-        # The bit of the last write so far: carry the index of the latest write forward with cummax.
-        idx = torch.arange(n_pairs).expand(batch_size, n_pairs)
-        last_write = torch.where(instr == self.w, idx, 0).cummax(dim=1).values
-        bits = torch.where(instr == self.r, bits.gather(1, last_write), bits)
-        seq = torch.stack([instr, bits + self.zero], dim=2).reshape(batch_size, 2 * n_pairs)[:, :length + 1]
-        x, nxt = seq[:, :-1], seq[:, 1:]
-        y = torch.where(x == self.r, nxt, IGNORE)                 # x[t] = r is always an instruction (even t)
-        return x.contiguous().to(device), y.to(device)
+        latest = None                                             # (B,) the bit of the latest write so far
+        for start in range(0, length, piece):
+            n = min(piece, length - start)
+            n_pairs = n // 2 + 1 if start + n == length else n // 2  # the last piece: T + 1 tokens, as targets
+            u = torch.rand(batch_size, n_pairs, generator=g)
+            instr = torch.where(u < p_rw, self.w, torch.where(u < 2 * p_rw, self.r, self.i))
+            if start == 0:
+                instr[:, 0] = self.w
+            bits = torch.randint(0, 2, (batch_size, n_pairs), generator=g)
+            # The bit of the last write so far: carry the index of the latest write forward with cummax
+            # (-1: none yet in this piece, then the bit carried from the pieces before).
+            idx = torch.arange(n_pairs).expand(batch_size, n_pairs)
+            last_write = torch.where(instr == self.w, idx, -1).cummax(dim=1).values
+            written = bits.gather(1, last_write.clamp(min=0))
+            if latest is not None:
+                written = torch.where(last_write >= 0, written, latest[:, None])
+            latest = written[:, -1]
+            bits = torch.where(instr == self.r, written, bits)
+            seq = torch.stack([instr, bits + self.zero], dim=2).reshape(batch_size, 2 * n_pairs)[:, :n + 1]
+            x, nxt = seq[:, :n], F.pad(seq[:, 1:], (0, n + 1 - seq.shape[1]))   # a piece never ends on `r`
+            y = torch.where(x == self.r, nxt, IGNORE)             # x[t] = r is always an instruction (even t)
+            yield x.contiguous().to(device), y.to(device)
 
 
 class SelectiveCopy:
@@ -310,6 +328,35 @@ class BabiLong:
     def sample(self, batch_size, length, seed=0, device="cpu"):
         x, y, _ = self.sample_with_depth(batch_size, length, seed, device)
         return x, y
+
+    def pieces(self, batch_size, length, piece, seed=0, device="cpu"):
+        """Examples like `sample`'s, made and yielded `piece` tokens at a time, so that a stream of millions of
+        tokens never sits whole on the host: (x, y) pieces of (B, piece), the last one shorter. The stories and
+        the facts' positions are drawn first (a few numbers per example), then the noise piece by piece, so
+        the batch differs from `sample`'s for the same seed; the question and its answer come at the end."""
+        _check(batch_size, length, self.min_length, f"babilong with up to {self.max_facts} facts")
+        if piece < 1:
+            raise ValueError(f"babilong: piece must be >= 1, got {piece}")
+        g = _generator(seed)
+        placed, answers = [], []                                  # per example: (positions, tokens) to place
+        for _ in range(batch_size):
+            k = self.min_facts + rand_int(self.max_facts - self.min_facts + 1, g)
+            facts, entity, answer, _ = self._story(k, g)
+            gaps = torch.randint(0, length - 3 - 3 * k + 1, (k,), generator=g).sort().values
+            starts = (gaps + 3 * torch.arange(k)).tolist() + [length - 3]
+            tokens = [t for fact in facts for t in fact] + [self.question, entity, self.answer]
+            placed.append((torch.tensor([s + i for s in starts for i in range(3)]), torch.tensor(tokens)))
+            answers.append(answer)
+        for start in range(0, length, piece):
+            n = min(piece, length - start)
+            x = torch.randint(0, self.n_noise, (batch_size, n), generator=g)
+            y = torch.full((batch_size, n), IGNORE)
+            for b, (positions, tokens) in enumerate(placed):
+                here = (positions >= start) & (positions < start + n)   # a fact may straddle two pieces
+                x[b, positions[here] - start] = tokens[here]
+            if start + n == length:
+                y[:, -1] = torch.tensor(answers)
+            yield x.to(device), y.to(device)
 
 
 class Maze:

@@ -36,6 +36,8 @@ Glossary (paper -> here)
   theta, eta, alpha (B, H, T) per-token inner learning rate, momentum decay, forgetting gate, all in [0, 1)
   t'                        the first token of t's chunk: gradients are taken at M_{t'-1}              (Eq. 16)
   beta_i, a_i               running products of (1 - alpha) and of eta inside a chunk (exp of cumsums)
+  stream                    reads a long stream in pieces, carrying per layer the memory (weights, momentum),
+                            the conv's last inputs and the window's last keys and values: constant memory
 """
 import math
 import time
@@ -45,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Block, RMSNorm, TransformerConfig, init_weights, rotary
+from attention import Block, RMSNorm, TransformerConfig, apply_rotary, attention, init_weights, rotary
 
 
 @dataclass
@@ -156,8 +158,8 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
 
     with D_beta[i, m] = beta_i / beta_m and D_eta[m, j] = a_m / a_j (exp of segment sums, never a division).
     Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself. The gate matrices
-    do not depend on the memory, so they are built for all chunks at once; only the gradients, the read and
-    the state update run in the loop over chunks.
+    do not depend on the memory, so they are built for all chunks at once; only the gradients and the state
+    update run in the loop over chunks, and the read follows it, for all chunks at once.
 
     Args:
         q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1)
@@ -181,23 +183,29 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     beta, a = torch.exp(log_keep.cumsum(-1))[..., None], torch.exp(log_eta.cumsum(-1))[..., None]
     G = (D_beta @ D_eta) * theta[..., None, :]                                    # lower triangular
     f = D_beta @ a                                                                # (B, H, n, C, 1)
-    ys = []
+    starts = []                                   # per chunk: its start state and its gradients' factors
     for c in range(n):                                                            # the only loop: over chunks
         last = C - 1 if c < n - 1 else (T - 1) % C
         factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
-        x = q[:, :, c]                                                            # read, layer by layer
-        for i, (W0, S0, (inp, err)) in enumerate(zip(weights, momentum, factors)):
-            x = beta[:, :, c] * (x @ W0) + f[:, :, c] * (x @ S0) - ((x @ inp.mT) * G[:, :, c]) @ err
-            if i < len(weights) - 1:
-                x = F.silu(x)
-        ys.append(x)
+        starts.append((weights, momentum, factors))
         g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
         c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]           # theta_j a_last / a_j
         b_end, f_end, a_end = (z[:, :, c, last:last + 1] for z in (beta, f, a))   # (B, H, 1, 1)
         weights = tuple(b_end * W0 + f_end * S0 - inp.mT @ (g_end * err)
                         for W0, S0, (inp, err) in zip(weights, momentum, factors))
         momentum = tuple(a_end * S0 - inp.mT @ (c_end * err) for S0, (inp, err) in zip(momentum, factors))
-    return torch.cat(ys, dim=2)[:, :, :T], (weights, momentum)
+    # The read needs only each chunk's start state and factors, so it runs after the loop, for every chunk at
+    # once, layer by layer (the loop then carries the state alone: fewer, larger kernels).
+    x = q                                                                         # (B, H, n, C, K)
+    for i in range(len(weights)):
+        W0 = torch.stack([W[i] for W, _, _ in starts], dim=2)                      # (B, H, n, in, out)
+        S0 = torch.stack([S[i] for _, S, _ in starts], dim=2)
+        inp = torch.stack([fs[i][0] for _, _, fs in starts], dim=2)                # (B, H, n, C, in)
+        err = torch.stack([fs[i][1] for _, _, fs in starts], dim=2)                # (B, H, n, C, out)
+        x = beta * (x @ W0) + f * (x @ S0) - ((x @ inp.mT) * G) @ err
+        if i < len(weights) - 1:
+            x = F.silu(x)
+    return x.reshape(B, H, n * C, -1)[:, :, :T], (weights, momentum)
     ### END SOLUTION
 
 
@@ -214,7 +222,7 @@ class NeuralMemory(nn.Module):
         self.config = c = config
         D, H, K = c.d_model, c.n_heads, c.head_dim
         self.qkv = nn.Linear(D, 3 * D, bias=False)
-        self.conv = nn.Conv1d(3 * D, 3 * D, c.d_conv, groups=3 * D, padding=c.d_conv - 1)
+        self.conv = nn.Conv1d(3 * D, 3 * D, c.d_conv, groups=3 * D)       # causal: fed its past inputs
         self.gates = nn.Linear(D, 3 * H)                                         # theta, eta, alpha logits
         sizes = [K, K] if c.memory == "linear" else [K, c.memory_expand * K, K]
         self.memory_init = nn.ParameterList(nn.Parameter(torch.empty(H, i, o)) for i, o in zip(sizes, sizes[1:]))
@@ -230,20 +238,27 @@ class NeuralMemory(nn.Module):
             for i, W in enumerate(self.memory_init):                            # last layer 0: M(x) = 0 at first
                 nn.init.normal_(W, std=W.shape[1] ** -0.5) if i < len(self.memory_init) - 1 else nn.init.zeros_(W)
 
-    def forward(self, x):
+    def forward(self, x, state=None):
+        """x (B, T, D), state None or (conv's last d_conv - 1 inputs (B, d_conv - 1, 3D), weights, momentum) from
+        the previous piece of a stream -> (B, T, D), the state after the last token."""
         c = self.config
         B, T, D = x.shape
-        qkv = F.silu(self.conv(self.qkv(x).transpose(1, 2))[..., :T].transpose(1, 2))    # causal conv
+        qkv = self.qkv(x)
+        tail, weights, momentum = (qkv.new_zeros(B, c.d_conv - 1, 3 * D), None, None) if state is None else state
+        qkv = torch.cat([tail.to(qkv.dtype), qkv], dim=1)                                 # (B, d_conv-1+T, 3D)
+        tail = qkv[:, T:].clone()                               # a copy: a view would keep all of qkv
+        qkv = F.silu(self.conv(qkv.transpose(1, 2)).transpose(1, 2))                     # causal conv
         q, k, v = qkv.view(B, T, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)        # 3 x (B, H, T, K)
         theta, eta, alpha = torch.sigmoid(self.gates(x)).view(B, T, 3, c.n_heads).permute(2, 0, 3, 1)
         f32 = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):                               # memory maths in f32
             q, k, v = F.normalize(q.to(f32), dim=-1), F.normalize(k.to(f32), dim=-1), v.to(f32)
-            weights = tuple(W.to(f32).expand(B, *W.shape) for W in self.memory_init)
-            y, _ = neural_memory(q, k, v, c.theta_max * theta.to(f32), eta.to(f32), alpha.to(f32), weights,
-                                 chunk_size=c.chunk_size)
+            if weights is None:
+                weights = tuple(W.to(f32).expand(B, *W.shape) for W in self.memory_init)
+            y, (weights, momentum) = neural_memory(q, k, v, c.theta_max * theta.to(f32), eta.to(f32),
+                                                   alpha.to(f32), weights, momentum, chunk_size=c.chunk_size)
         y = self.norm(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
-        return self.proj(y * F.silu(self.out_gate(x)))
+        return self.proj(y * F.silu(self.out_gate(x))), (tail, weights, momentum)
 
 
 class TitansBlock(Block):
@@ -254,14 +269,48 @@ class TitansBlock(Block):
 
     def __init__(self, config):
         super().__init__(config.attn)
+        self.config = config
         self.memory = NeuralMemory(config)
         if not config.use_attention:
             self.attn = None                                   # LMM: the memory branch alone
 
-    def forward(self, x, rope=None):
+    def forward(self, x, state=None):
+        """x (B, T, D), state None or (the memory's state, the window's cache) from the previous piece of a
+        stream -> (B, T, D), the state after the last token."""
+        memory_state, cache = (None, None) if state is None else state
         h = self.norm1(x)
-        x = x + self.memory(h) + (self.attn(h, rope) if self.attn is not None else 0)
-        return x + self.mlp(self.norm2(x))
+        y, memory_state = self.memory(h, memory_state)
+        if self.attn is not None:
+            a, cache = self.window_attention(h, cache)
+            y = y + a
+        x = x + y
+        return x + self.mlp(self.norm2(x)), (memory_state, cache)
+
+    def window_attention(self, h, cache=None):
+        """The Block's causal sliding-window attention, continued across the pieces of a stream: the keys and
+        values (before RoPE) of the last window - 1 tokens are carried in `cache`, and the piece's queries see
+        them. RoPE counts positions from the first cached key: scores depend on positions only through their
+        differences, so this equals one call on the whole stream, at any length.
+
+        Args:
+            h: (B, T, D); cache: None or keys, values (B, H, P, K) of the P <= window - 1 tokens before
+        Returns:
+            (B, T, D), the cache for the next piece
+        """
+        c, attn = self.config, self.attn
+        B, T, D = h.shape
+        q, k, v = attn.qkv(h).view(B, T, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, K)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        P = k.shape[2] - T
+        keep = max(0, k.shape[2] - (c.window - 1))
+        cache = (k[:, :, keep:].clone(), v[:, :, keep:].clone())    # copies: views would keep the piece
+        q = F.pad(q, (0, 0, P, 0))                       # zero queries at the cached positions, dropped below
+        if c.pos == "rope":
+            cos, sin = rotary(torch.arange(P + T, device=h.device), c.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attention(q, k, v, causal=True, window=c.window)[:, :, P:]
+        return attn.proj(y.transpose(1, 2).reshape(B, T, D)), cache
 
 
 class Titans(nn.Module):
@@ -278,22 +327,91 @@ class Titans(nn.Module):
         for block in self.blocks:                                  # after the blanket init
             block.memory.reset_memory_parameters()
             nn.init.normal_(block.memory.proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+        self.graph_tokens, self.graphs = 1024, {}    # `stream` on CUDA: tokens per graph replay, the graphs
 
-    def forward(self, tokens):
-        c = self.config
+    def forward(self, tokens, state=None, return_state=False):
+        """tokens: (B, T); state: None, or the state `stream` returned, to continue a stream.
+        Returns logits (B, T, V), and the state after the last token if return_state."""
         x = self.embed(tokens)
-        rope = rotary(torch.arange(tokens.shape[1], device=tokens.device), c.head_dim) if c.pos == "rope" else None
-        for block in self.blocks:
-            x = block(x, rope)
-        return self.head(self.norm(x))
+        states = []
+        for block, s in zip(self.blocks, state or [None] * len(self.blocks)):
+            x, s = block(x, s)
+            states.append(s)
+        logits = self.head(self.norm(x))
+        return (logits, states) if return_state else logits
+
+    def stream(self, tokens, state=None):
+        """Read a stream in pieces: the logits of a piece and the state to pass with the next one. Pieces whose
+        lengths are multiples of chunk_size (all but the last) give the same logits as one call on the whole:
+        a chunk must not straddle two pieces, since its gradients are all taken at its start.
+
+        On CUDA without gradients, each run of `graph_tokens` tokens (after the first, which fixes the state's
+        shapes) replays a CUDA graph captured on first use: one launch instead of thousands per run, since the
+        loop over chunks launches dozens of tiny kernels per chunk. Elsewhere it is `forward`.
+
+        Args:
+            tokens: LongTensor (B, T), the next piece
+            state: None at the start, else what the previous call returned: per layer the convolution's last
+                d_conv - 1 inputs, the memory's weights and momentum, the window's last window - 1 keys and
+                values (`state_size` floats per sequence)
+        Returns:
+            logits (B, T, V), state
+        """
+        if not tokens.is_cuda or torch.is_grad_enabled():
+            return self(tokens, state, return_state=True)
+        logits = []
+        for piece in tokens.split(self.graph_tokens, dim=1):
+            full = state is not None and piece.shape[1] == self.graph_tokens
+            out, state = self.replay(piece, state) if full else self(piece, state, return_state=True)
+            logits.append(out)
+        return torch.cat(logits, dim=1), state
+
+    def replay(self, tokens, state):
+        """forward(tokens, state, return_state=True) through a CUDA graph, captured once per shape, dtype and
+        autocast setting (the graph holds the addresses of the weights: capture again after moving the model)."""
+        cuda_autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (tuple(tokens.shape), *((t.shape, t.dtype) for t in leaves(state)), *cuda_autocast)
+        if key not in self.graphs:
+            inputs = (tokens.clone(), nested(torch.clone, state))
+            with torch.autocast("cuda", dtype=cuda_autocast[1], enabled=cuda_autocast[0], cache_enabled=False):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):                            # a warm-up run before capture
+                    self(*inputs, return_state=True)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outputs = self(*inputs, return_state=True)
+            self.graphs[key] = (graph, inputs, outputs)
+        graph, inputs, outputs = self.graphs[key]
+        nested(torch.Tensor.copy_, inputs, (tokens, state))
+        graph.replay()
+        return nested(torch.clone, outputs)
 
     def state_size(self, seq_len):
-        """Floats per sequence at inference, per layer: memory weights and momentum, the conv's last d_conv-1
-        inputs, and the window's key/value cache (2 * D per cached token)."""
+        """Floats per sequence in `stream`'s state after seq_len tokens, per layer: memory weights and momentum,
+        the conv's last d_conv - 1 inputs, and the window's key/value cache (2 * D per cached token, at most
+        window - 1 tokens: the next token's own key and value complete its window)."""
         c = self.config
         memory = sum(W.numel() for W in self.blocks[0].memory.memory_init)
-        window = 2 * c.d_model * min(seq_len, c.window) if c.use_attention else 0
+        window = 2 * c.d_model * min(seq_len, c.window - 1) if c.use_attention else 0
         return c.n_layers * (2 * memory + (c.d_conv - 1) * 3 * c.d_model + window)
+
+
+def leaves(tree):
+    """The tensors of a nested tuple/list (a stream's state), in order; None has none."""
+    if tree is None:
+        return []
+    return [tree] if isinstance(tree, torch.Tensor) else [t for sub in tree for t in leaves(sub)]
+
+
+def nested(fn, *trees):
+    """fn applied leaf by leaf to nested tuples/lists of tensors of one structure; None stays None."""
+    if trees[0] is None:
+        return None
+    if isinstance(trees[0], torch.Tensor):
+        return fn(*trees)
+    return type(trees[0])(nested(fn, *subtrees) for subtrees in zip(*trees))
 
 
 if __name__ == "__main__":
@@ -328,3 +446,24 @@ if __name__ == "__main__":
         ref = times.get("neural_memory_ref")
         speed = f"   neural_memory_ref {ref:9.1f} ms   speed-up {ref / times['neural_memory']:5.0f}x" if ref else ""
         print(f"  T={T:5d}  neural_memory {times['neural_memory']:8.1f} ms{speed}")
+
+    model.to(device).eval()
+    piece = 2 ** 16 if device == "cuda" else 2 ** 10
+    print(f"streaming inference, batch 1, pieces of {piece:,} tokens:", flush=True)
+    with torch.no_grad():
+        model.stream(torch.randint(0, 32, (1, piece), device=device))   # warm-up (and the CUDA graphs' capture)
+    for T in ([2 ** 16, 2 ** 20] if device == "cuda" else [2 ** 10, 2 ** 12]):
+        x = torch.randint(0, 32, (1, T), device=device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            state = None
+            for chunk in x.split(piece, dim=1):                # only the state is kept between calls
+                _, state = model.stream(chunk, state)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
+        print(f"  T={T:9,d}: {T / seconds:11,.0f} tokens/s{peak}", flush=True)

@@ -41,6 +41,16 @@ def test_reference_equals_pytorch_builtin(causal):
     torch.testing.assert_close(attention_ref(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
 
+@pytest.mark.parametrize("T", lengths([1, 37, 100]))
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocked_window_equals_reference(T, causal):
+    """With a window the core works in blocks of `window` queries: T shorter than one block, T not a multiple of
+    the block, and several blocks, against the dense mask of the reference."""
+    q, k, v = qkv(T)
+    torch.testing.assert_close(attention(q, k, v, causal, 16), attention_ref(q, k, v, causal, 16),
+                               rtol=1e-10, atol=1e-10)
+
+
 def test_window_one_sees_only_itself():
     q, k, v = qkv(9)
     torch.testing.assert_close(attention(q, k, v, causal=True, window=1), v)

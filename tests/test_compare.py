@@ -287,3 +287,19 @@ def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, mon
     assert compare.main(argv + ["--fresh", "--out", str(tmp_path / "again")]) == 0
     again = json.load(open(tmp_path / "again" / "smoke.json"))["runs"]
     assert {k: r["metrics"] for k, r in first.items()} == {k: r["metrics"] for k, r in again.items()}  # CPU: exact
+
+
+@pytest.mark.parametrize("name", ["ssm", "rmt", "titans"])
+def test_scale_read_in_pieces_scores_like_one_call(name):
+    """--scale reads a recurrent model's test streams piece by piece, made piece by piece: the same accuracy as
+    one forward call on the whole sequence, with the answers of the task's own pieces."""
+    torch.manual_seed(0)
+    task = tasks.TASKS["flipflop"]()
+    model = compare.build_model(name, task.vocab_size, d_model=16, n_layers=1).double().eval()
+    row = compare.scale_read(model, task, 1024, 2, 128, "cpu", seed=5)
+    x, y = (torch.cat(t, dim=1) for t in zip(*task.pieces(2, 1024, 128, seed=5)))
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    mask = y != tasks.IGNORE
+    assert row["scored"] == mask.sum().item() > 50
+    assert row["token_acc"] == ((pred == y) & mask).sum().item() / mask.sum().item()

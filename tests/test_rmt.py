@@ -86,6 +86,21 @@ def test_truncated_bptt(bptt_depth, reaches_start):
     assert (grad is not None and grad.abs().sum() > 0) == reaches_start
 
 
+def test_stream_in_pieces_equals_one_call():
+    """Pieces of 64, 128 and 64 tokens (multiples of S), the memory passed along, equal one call on the whole;
+    the state is the memory alone, state_size floats per sequence."""
+    m = model(segment_len=16)
+    x = torch.randint(0, 13, (2, 256))
+    logits, state = [], None
+    for piece in x.split([64, 128, 64], dim=1):
+        out, state = m.stream(piece, state)
+        logits.append(out)
+    whole, memory = m(x, return_memory=True)
+    torch.testing.assert_close(torch.cat(logits, dim=1), whole, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state, memory, rtol=1e-10, atol=1e-12)
+    assert state.numel() == 2 * m.state_size(256)
+
+
 def test_state_size_is_constant_in_length():
     m = model()
-    assert m.state_size(10) == m.state_size(10 ** 6) == 3 * 16 + 2 * 16 * 2 * (2 * 3 + 5)
+    assert m.state_size(10) == m.state_size(10 ** 6) == 3 * 16

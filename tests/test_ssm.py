@@ -78,6 +78,22 @@ def test_dt_init_is_log_uniform_in_range():
     assert (dt < 1e-2).float().mean().item() == pytest.approx(0.5, abs=0.1)  # log-uniform: half below 1e-2
 
 
+def test_stream_in_pieces_equals_one_call():
+    """Pieces of 64, 128 and 64 tokens, the state passed along, equal one call on the whole; the state is the
+    scan state and the convolution's last inputs of each layer, state_size floats per sequence."""
+    torch.manual_seed(0)
+    model = Mamba(MambaConfig(vocab_size=11, d_model=16, n_heads=4, chunk_size=16)).double().eval()
+    x = torch.randint(0, 11, (2, 256))
+    logits, state = [], None
+    for piece in x.split([64, 128, 64], dim=1):
+        out, state = model.stream(piece, state)
+        logits.append(out)
+    whole, final = model.stream(x)
+    torch.testing.assert_close(torch.cat(logits, dim=1), whole, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-12)
+    assert sum(t.numel() for layer in state for t in layer) == 2 * model.state_size(256)
+
+
 def test_state_size_is_constant_in_length():
     c = MambaConfig(d_model=64, d_state=16)
     m = Mamba(c)

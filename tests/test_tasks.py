@@ -201,3 +201,30 @@ def test_maze_bad_sizes_raise():
         Maze(canvas=11).sample(2, 6)
     with pytest.raises(ValueError, match="no path"):
         Maze(canvas=7, min_path=40).sample(2, 3)
+
+
+def test_flipflop_in_one_piece_is_sample():
+    task = TASKS["flipflop"]()
+    for length in (40, 41):
+        x, y = task.sample(4, length, seed=5)
+        (px, py), = task.pieces(4, length, length, seed=5)
+        assert torch.equal(x, px) and torch.equal(y, py)
+
+
+@pytest.mark.parametrize("name, length, piece", [("flipflop", 301, 12), ("flipflop_sparse", 300, 30),
+                                                 ("babilong", 301, 16), ("babilong", 60, 7)])
+def test_pieces_make_valid_examples(name, length, piece):
+    """Streams made piece by piece (the scale run's test sequences): pieces of the asked length, and the whole
+    sequence, put together, answers every scored position from its prefix alone, as `sample`'s do."""
+    task = TASKS[name](max_facts=12) if name == "babilong" else TASKS[name]()
+    parts = list(task.pieces(8, length, piece, seed=3))
+    assert [p[0].shape[1] for p in parts] == [piece] * (length // piece) + ([length % piece] if length % piece else [])
+    x, y = (torch.cat(t, dim=1) for t in zip(*parts))
+    assert x.max() < task.vocab_size and x.min() >= 0
+    n = 0
+    for b, t in (y != IGNORE).nonzero().tolist():
+        assert ORACLES[name](task, x[b, :t + 1], t) == y[b, t], (name, b, t)
+        n += 1
+    assert n >= 8
+    again = torch.cat([p[0] for p in task.pieces(8, length, piece, seed=3)], dim=1)
+    assert torch.equal(again, x)

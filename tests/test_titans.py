@@ -127,3 +127,25 @@ def test_trains_on_a_bench_task():
     model = compare.build_model("titans", task.vocab_size, d_model=32, n_layers=1)
     losses = compare.train(model, task, steps=60, batch_size=16, lr=3e-3, train_lengths=[32, 32])
     assert all(map(lambda x: x == x, losses)) and sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(use_attention=False, memory="linear")])
+def test_stream_in_pieces_equals_one_call(options):
+    """Pieces of 64, 128 and 64 tokens (multiples of the chunk), the state passed along, equal one call on the
+    whole: the memory's weights and momentum, the conv's last inputs and the window's keys and values carry
+    everything. The state holds state_size floats per sequence. (RoPE tables are fp32, hence the tolerance.)"""
+    from titans import leaves
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(vocab_size=11, d_model=16, chunk_size=4, window=5, **options)).double().eval()
+    x = torch.randint(0, 11, (2, 256))
+    logits, state = [], None
+    for piece in x.split([64, 128, 64], dim=1):
+        out, state = model.stream(piece, state)
+        logits.append(out)
+    whole, final = model(x, return_state=True)
+    torch.testing.assert_close(torch.cat(logits, dim=1), whole)
+    for a, b in zip(leaves(state), leaves(final)):
+        torch.testing.assert_close(a, b)
+    assert sum(t.numel() for t in leaves(state)) == 2 * model.state_size(256)
+    _, state = model.stream(x[:, :3])                              # fewer tokens than the window holds
+    assert sum(t.numel() for t in leaves(state)) == 2 * model.state_size(3)
