@@ -165,3 +165,7 @@ def test_grade_parses_seeds_and_finds_changes_outside_the_cores():
     assert grade.changes_outside_cores(original, written, "ssm") == []
     tampered = written.replace("ys.append(torch.einsum(", "ys.append(0 * torch.einsum(")
     assert len(grade.changes_outside_cores(original, tampered, "ssm")) == 1
+    helper = "\n\ndef helper(x):\n    return x\n"
+    graded = grade.splice(original, tampered + helper, "ssm")      # ours but the core, and the new helper
+    assert "return x, None" in graded and "0 * torch.einsum(" not in graded and graded.endswith(helper)
+    assert grade.splice(original, original, "ssm") == original
