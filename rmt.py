@@ -85,9 +85,9 @@ class RMT(nn.Module):
 
     def segment_step(self, tokens, memory):
         """One segment: the recurrence step. The Blocks read [memory + read_emb ; embed(tokens) ; memory +
-        write_emb] (2M + s positions, RoPE at `positions(s)`, causal); the logits come from the segment's s
-        outputs (after the final norm and the head), the next memory from the M outputs at the write slots,
-        normalised by mem_norm.
+        write_emb] (2M + s positions, causal; RoPE at `positions(s)` when pos="rope", none when pos="none"); the
+        logits come from the segment's s outputs (after the final norm and the head), the next memory from the M
+        outputs at the write slots, normalised by mem_norm.
 
         Args:
             tokens: (B, s) with s <= S, memory: (B, M, D)

@@ -108,7 +108,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
 
     Args:
         x: (B, T, H, K), dt: (B, T, H) > 0, A: (H,) < 0, B and C: (B, T, N), any T >= 1
-        chunk_size: Q, the chunk length; the result does not depend on it
+        chunk_size: Q, the chunk length; the result does not depend on it, the cost does: work of order T * Q
+            inside the chunks and a state carried across them, never a (T, T) matrix (tests/test_cores.py)
         initial_state: (B, H, K, N) or None (zeros)
     Returns:
         y: (B, T, H, K), final_state: (B, H, K, N)

@@ -1,15 +1,17 @@
-"""Grading on unseen cases, for instructors (README, "For instructors").
+"""Grading on unseen cases, for instructors (README, "For instructors"), and the tests' one comparison helper.
 
     GRADE_SEED=<int> pytest
 
 draws the random inputs and weights of the core-versus-reference tests from that seed and adds three random
 lengths (some odd, some past a chunk) to the ones written in the tests, so a student's core is checked on cases
-the student has not seen. Without GRADE_SEED the tests are exactly as written (seed 0).
+the student has not seen. Without GRADE_SEED the tests are exactly as written (seed 0). The inputs are scaled so
+that every seed and every length drawn here is well-conditioned: a correct core never fails on a seed.
 """
 import os
 import random
 
 import pytest
+import torch
 
 try:
     GRADE_SEED = int(os.environ.get("GRADE_SEED") or 0)
@@ -22,3 +24,27 @@ def lengths(written, most=150):
     if not GRADE_SEED:
         return written
     return written + sorted(random.Random(GRADE_SEED).sample(range(1, most), 3))
+
+
+def close(actual, expected, what, dims="", rtol=1e-10, atol=1e-10):
+    """Assert actual == expected within rtol and atol, or fail with one paragraph: what differs, where (indices
+    named by the letters of `dims`, e.g. "BTHK") and by how much, instead of pytest's dump of two tensors."""
+    assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    assert actual.device == expected.device, f"{what}: on {actual.device}, expected {expected.device}"
+    actual, expected = actual.detach().double(), expected.detach().double()
+    err = (actual - expected).abs()
+    bad = ~(err <= atol + rtol * expected.abs())                    # NaN counts as bad
+    if not bad.any():
+        return
+    worst = torch.where(bad, torch.nan_to_num(err, nan=float("inf")), -1.0).flatten().argmax().item()
+    index = torch.unravel_index(torch.tensor(worst), tuple(err.shape))
+    where = ", ".join(f"{d.lower()}={i.item()}" for d, i in zip(dims or "?" * err.dim(), index))
+    first = ""
+    if "T" in dims:                                                  # the first time step that is off
+        t_axis = dims.index("T")
+        first = f"; the first wrong time step is t={bad.movedim(t_axis, 0).flatten(1).any(1).nonzero()[0].item()}"
+    raise AssertionError(
+        f"{what}: {bad.sum().item()} of {bad.numel()} values differ{first}; the worst at [{where}] is "
+        f"{actual.flatten()[worst].item():.6g}, expected {expected.flatten()[worst].item():.6g} (|diff| "
+        f"{err.flatten()[worst].item():.3g}, allowed {atol:.0e} + {rtol:.0e} x |expected|)")

@@ -6,11 +6,13 @@ Make a student copy of this repository, with the vectorised cores blanked: the c
 
 Each region between a line `### BEGIN SOLUTION` and a line `### END SOLUTION` (nbgrader's markers, each alone on
 its line) becomes `raise NotImplementedError("<file>.<function>: see the docstring")`, indented like the
-marker. Signatures, docstrings, the reference loops, the configs, the tasks and the harness stay, so in the
-copy `pytest` is the grader: the tests of the blanked cores fail with NotImplementedError until they are
-written, and everything else passes. GRADE_SEED=<int> pytest grades on inputs and lengths the students have
-not seen (tests/conftest.py). This script and its test are not copied. Nothing is written in place, and
-nested or unmatched markers stop it with one line before anything is written.
+marker. Signatures, docstrings, the reference loops, the configs, the tasks, the harness and the results stay,
+so in the copy `pytest` checks the students' work: the tests of the blanked cores fail with NotImplementedError
+until they are written, and everything else passes. The copy's README is the students': its "For instructors"
+section becomes "The assignment". Left out: this script, tests/grade.py, and the tests that would hand an answer
+out (tests/test_oracles.py spells the RMT step and HRM's cycles out); `python tests/grade.py SUBMISSION` grades
+with them. Nothing is written in place (nor through a link into this repository), and nested or unmatched
+markers stop it with one line before anything is written.
 """
 import glob
 import os
@@ -18,10 +20,21 @@ import re
 import shutil
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-SHIPPED = ["*.py", "tests/*.py", "README.md", "requirements.txt", "pytest.ini", ".gitignore", ".ci/run"]
-INSTRUCTOR_ONLY = ["tests/make_assignment.py", "tests/test_assignment.py"]
+SHIPPED = ["*.py", "tests/*.py", "README.md", "requirements.txt", "pytest.ini", ".gitignore", ".ci/run",
+           "results/*", "results/*/*"]
+INSTRUCTOR_ONLY = ["tests/make_assignment.py", "tests/test_assignment.py", "tests/grade.py", "tests/test_oracles.py"]
+MODULES = ["attention", "ssm", "rmt", "titans", "hrm"]
+ASSIGNMENT = """## The assignment
+
+In this copy the vectorised cores raise NotImplementedError: {names}.
+Write each one from its docstring (shapes, equations, the reference loop beside it). `pytest
+tests/test_<file>.py` checks it against that loop in float64 on several shapes; `pytest tests/test_cores.py`
+checks that it does the vectorised work itself: no call of the reference, no loop over time steps (a loop over
+chunks is fine where the docstring has chunks), no (T, T) matrices where it has chunks, and every tensor on the
+inputs' device. RMT, Titans and HRM run on `attention.Block`, so write `attention.attention` first.
+"""
 
 
 class MarkerError(ValueError):
@@ -70,47 +83,66 @@ def blank(text, module):
     return "".join(lines)
 
 
+def student_readme(text, names, shipped):
+    """The README of the copy: the "For instructors" section replaced by the assignment, and the links to files
+    that the copy does not ship turned into plain text."""
+    assignment = ASSIGNMENT.format(names=", ".join(f"`{n}`" for n in names) or "none of the cores") + "\n"
+    text = re.sub(r"^## For instructors\n.*?(?=^## |\Z)", lambda m: assignment, text, flags=re.S | re.M)
+    def link(m):
+        target = m.group(2).split("#")[0]
+        return m.group(0) if not target or "://" in target or target in shipped else m.group(1)
+    return re.sub(r"!?\[([^\]]*)\]\(([^)\s]+)\)", link, text)
+
+
 def make_assignment(dest, only=None):
     """Write the student copy to dest, blanking the cores of every file (or of the modules named in `only`);
     returns the names of the blanked functions."""
-    dest = os.path.abspath(dest)
+    dest = os.path.realpath(dest)                       # a link into this repository leads inside it
     if dest == ROOT or dest.startswith(ROOT + os.sep):
         raise MarkerError(f"{dest} is inside this repository; choose a folder outside it (nothing is written in place)")
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise MarkerError(f"{dest} exists and is not an empty folder")
-    files = sorted({os.path.relpath(p, ROOT) for pattern in SHIPPED for p in glob.glob(os.path.join(ROOT, pattern))}
-                   - set(INSTRUCTOR_ONLY))
+        raise MarkerError(f"{dest} exists and is not an empty folder; choose a new folder for each copy")
+    files = sorted({os.path.relpath(p, ROOT) for pattern in SHIPPED for p in glob.glob(os.path.join(ROOT, pattern))
+                    if os.path.isfile(p)} - set(INSTRUCTOR_ONLY))
     student, blanked = {}, []
     for rel in files:                                   # check every file before writing any
-        with open(os.path.join(ROOT, rel)) as f:
-            text = f.read()
-        module = rel[:-3].replace(os.sep, ".")
-        if rel.endswith(".py") and (only is None or module in only):
-            blanked += [name for _, _, name in regions(text.splitlines(keepends=True), module)]
-            text = blank(text, module)
-        student[rel] = text
-    for rel, text in student.items():
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            data = f.read()
+        if rel.endswith(".py"):
+            module = rel[:-3].replace(os.sep, ".")
+            if only is None or module in only:
+                text = data.decode()
+                blanked += [name for _, _, name in regions(text.splitlines(keepends=True), module)]
+                data = blank(text, module).encode()
+        student[rel] = data
+    student["README.md"] = student_readme(student["README.md"].decode(), blanked, set(files)).encode()
+    for rel, data in student.items():
         os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-        with open(os.path.join(dest, rel), "w") as f:
-            f.write(text)
+        with open(os.path.join(dest, rel), "wb") as f:
+            f.write(data)
         shutil.copymode(os.path.join(ROOT, rel), os.path.join(dest, rel))
     return blanked
 
 
+def parse_only(text):
+    """--only's value, "ssm,rmt" or "ssm, rmt", as a set of module names; MarkerError on anything else."""
+    only = {name.strip() for name in text.split(",") if name.strip()}
+    if not only or only - set(MODULES):
+        raise MarkerError(f"--only takes a comma-separated list of {', '.join(MODULES)}; not {text!r}")
+    return only
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    only = None
-    if len(args) == 3 and args[1] == "--only":
-        only = set(args[2].split(","))
-        args = args[:1]
-    if len(args) != 1:
-        sys.exit("usage: python tests/make_assignment.py DIR [--only attention,ssm,rmt,titans,hrm]")
-    unknown = sorted((only or set()) - {"attention", "ssm", "rmt", "titans", "hrm"})
-    if unknown:
-        sys.exit(f"make_assignment: --only takes attention, ssm, rmt, titans, hrm; not {', '.join(unknown)}")
+    args, only = sys.argv[1:], None
     try:
+        if "--only" in args:
+            i = args.index("--only")
+            only = parse_only(args[i + 1] if i + 1 < len(args) else "")
+            args = args[:i] + args[i + 2:]
+        if len(args) != 1:
+            sys.exit(f"usage: python tests/make_assignment.py DIR [--only {','.join(MODULES)}]")
         names = make_assignment(args[0], only)
     except MarkerError as e:
         sys.exit(f"make_assignment: {e}")
-    print(f"student copy in {os.path.abspath(args[0])}; blanked: {', '.join(names)}")
-    print(f"grade it with: cd {args[0]} && pytest   (GRADE_SEED=<int> pytest for unseen cases)")
+    print(f"student copy in {os.path.realpath(args[0])}; blanked: {', '.join(names)}")
+    print(f"students check it with: cd {args[0]} && pytest; grade a submission: python tests/grade.py SUBMISSION")

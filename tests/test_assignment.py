@@ -1,13 +1,16 @@
-"""The classroom mode (tests/make_assignment.py): the marked regions are exactly the five cores; the student copy
-imports, its core tests fail with NotImplementedError and nothing else fails; putting the bodies back restores
-the original files; bad markers and unsafe destinations are refused."""
+"""The classroom mode (tests/make_assignment.py, tests/grade.py): the marked regions are exactly the five cores;
+the student copy imports, its core tests fail with NotImplementedError and nothing else fails; putting the bodies
+back restores the original files; no line of a solution ships, nor the instructors' notes; bad markers, bad
+--only lists and unsafe destinations (a link into the repository too) are refused."""
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 
+import grade
 import make_assignment as ma
 
 CORES = ["attention.attention", "hrm.HRM.segment", "rmt.RMT.segment_step", "ssm.ssd_scan", "titans.neural_memory"]
@@ -55,6 +58,21 @@ def test_never_writes_in_place_or_over_a_folder(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "make_assignment.py"), ma.ROOT],
                          capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    os.symlink(ma.ROOT, tmp_path / "link")                          # a link that leads into the repository
+    with pytest.raises(ma.MarkerError, match="inside this repository"):
+        ma.make_assignment(tmp_path / "link" / "student")
+    assert not os.path.exists(os.path.join(ma.ROOT, "student"))
+
+
+def test_only_takes_a_list_with_or_without_spaces(tmp_path):
+    assert ma.parse_only("ssm, rmt") == ma.parse_only("ssm,rmt") == {"ssm", "rmt"}
+    script = os.path.join(ma.ROOT, "tests", "make_assignment.py")
+    run = subprocess.run([sys.executable, script, str(tmp_path / "a"), "--only", "ssm, foo"], capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "'ssm, foo'" in run.stderr
+    run = subprocess.run([sys.executable, script, str(tmp_path / "b"), "--only", "ssm, rmt"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "blanked: rmt.RMT.segment_step, ssm.ssd_scan" in run.stdout, run.stderr
 
 
 def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
@@ -78,8 +96,9 @@ def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
     for core_test in ["test_attention::test_core_equals_reference_and_loop[None-True-37]",
                       "test_ssm::test_scan_equals_reference[False-16-131]",
                       "test_titans::test_dual_form_equals_token_loop[16-64-mlp]",
-                      "test_rmt::test_segment_step_is_read_segment_write",
-                      "test_hrm::test_forward_and_gradients_equal_the_cycles_by_hand[True-one_step]"]:
+                      "test_rmt::test_segment_step_runs_the_blocks_on_2M_plus_s_positions_with_the_right_rope[5-rope]",
+                      "test_hrm::test_each_update_reads_the_latest_states[one_step]",
+                      "test_cores::test_core_does_not_call_its_reference_or_loop_over_time[ssm]"]:
         assert core_test in failures
     for kept in ["test_attention::test_reference_equals_pytorch_builtin[True]",
                  "test_ssm::test_segsum_is_the_sum_over_each_segment",
@@ -101,3 +120,52 @@ def test_only_blanks_the_named_files(tmp_path):
     assert ma.make_assignment(tmp_path / "s", only={"ssm"}) == ["ssm.ssd_scan"]
     assert (tmp_path / "s" / "attention.py").read_text() == source("attention")
     assert "raise NotImplementedError" in (tmp_path / "s" / "ssm.py").read_text()
+
+
+def test_no_line_of_a_solution_ships(tmp_path):
+    """Every line of every marked region is absent from the student copy (tests and README included), except
+    the lines the hand-out has anyway outside the regions, such as `for block in self.blocks:`."""
+    dest = tmp_path / "student"
+    ma.make_assignment(dest)
+    solution, handed_out = set(), set()
+    for module in ma.MODULES + ["tasks", "compare"]:
+        lines = source(module).splitlines()
+        inside = set()
+        for begin, end, _ in ma.regions(source(module).splitlines(keepends=True), module):
+            inside.update(range(begin + 1, end))
+        solution |= {lines[i].strip() for i in inside if lines[i].strip()}
+        handed_out |= {line.strip() for i, line in enumerate(lines) if i not in inside}
+    assert len(solution - handed_out) > 60
+    leaks = []
+    for path in dest.rglob("*"):
+        if path.is_file() and path.suffix in (".py", ".md", ".txt", ".ini", ""):
+            shipped = {line.strip() for line in path.read_text(errors="replace").splitlines()}
+            leaks += [f"{path.relative_to(dest)}: {line}" for line in sorted((solution - handed_out) & shipped)]
+    assert not leaks, leaks[:10]
+    for name in ma.INSTRUCTOR_ONLY:
+        assert not (dest / name).exists(), name
+
+
+def test_student_readme_has_no_instructor_notes_and_no_dead_links(tmp_path):
+    dest = tmp_path / "student"
+    ma.make_assignment(dest, only={"ssm"})
+    readme = (dest / "README.md").read_text()
+    assert "## For instructors" not in readme and "## The assignment" in readme and "`ssm.ssd_scan`" in readme
+    assert "GRADE_SEED" not in readme and "make_assignment.py DIR" not in readme
+    for target in re.findall(r"\]\(([^)\s#]+)", readme):
+        assert "://" in target or (dest / target).exists(), f"the student README links {target}, not shipped"
+
+
+def test_grade_parses_seeds_and_finds_changes_outside_the_cores():
+    assert grade.seeds("0-3,7") == [0, 1, 2, 3, 7] and grade.seeds("12") == [12]
+    original = source("ssm")
+    handout = ma.blank(original, "ssm")
+    assert grade.changes_outside_cores(original, handout, "ssm") == []
+    written = handout.replace('raise NotImplementedError("ssm.ssd_scan: see the docstring")', "return x, None")
+    assert grade.changes_outside_cores(original, written, "ssm") == []
+    tampered = written.replace("ys.append(torch.einsum(", "ys.append(0 * torch.einsum(")
+    assert len(grade.changes_outside_cores(original, tampered, "ssm")) == 1
+    helper = "\n\ndef helper(x):\n    return x\n"
+    graded = grade.splice(original, tampered + helper, "ssm")      # ours but the core, and the new helper
+    assert "return x, None" in graded and "0 * torch.einsum(" not in graded and graded.endswith(helper)
+    assert grade.splice(original, original, "ssm") == original

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GRADE_SEED, lengths
+from conftest import GRADE_SEED, close, lengths
 from attention import Transformer, TransformerConfig, apply_rotary, attention, attention_ref, rotary
 
 
@@ -27,12 +27,13 @@ def attention_loop(q, k, v, causal, window):
 
 @pytest.mark.parametrize("T", lengths([1, 2, 13, 37]))
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window", [None, 1, 4, 40])
+@pytest.mark.parametrize("window", [None, 1, 4, 12, 40])     # 12: longer than the head dim K = 8, shorter than T
 def test_core_equals_reference_and_loop(T, causal, window):
     q, k, v = qkv(T)
     fast, ref = attention(q, k, v, causal, window), attention_ref(q, k, v, causal, window)
-    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(ref, attention_loop(q, k, v, causal, window), rtol=1e-10, atol=1e-10)
+    close(fast, ref, f"attention.attention(causal={causal}, window={window}) at T={T}, K=8: the output", "BHTK")
+    if T <= 37:                                          # the reference itself, checked on the written lengths
+        close(ref, attention_loop(q, k, v, causal, window), f"attention_ref(causal={causal}, window={window})", "BHTK")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -56,10 +57,14 @@ def test_window_one_sees_only_itself():
     torch.testing.assert_close(attention(q, k, v, causal=True, window=1), v)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("causal, window", [(True, 3), (False, None)])
+def test_gradcheck(causal, window):
     q, k, v = (t.requires_grad_() for t in qkv(5, B=1, H=2, K=4))
-    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, True, 3), (q, k, v))
-    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, False, None), (q, k, v))
+    for name in "qkv":                                   # one input at a time, so a failure names it
+        fn = lambda x: attention(*(x if n == name else t for n, t in zip("qkv", (q, k, v))), causal, window)  # noqa
+        assert torch.autograd.gradcheck(fn, (dict(q=q, k=k, v=v)[name],), raise_exception=False), \
+            f"attention.attention(causal={causal}, window={window}): the gradient w.r.t. {name} disagrees with " \
+            f"finite differences (torch.autograd.gradcheck, float64)"
 
 
 def test_rope_scores_depend_only_on_offset():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import GRADE_SEED
+from conftest import GRADE_SEED, close
 from rmt import RMT, RMTConfig
 
 
@@ -24,20 +24,36 @@ def test_forward_equals_segments_by_hand():
     torch.testing.assert_close(final, memory)
 
 
-def test_segment_step_is_read_segment_write():
-    """The recurrence step spelled out: [memory + read embeddings ; the segment ; memory + write embeddings]
-    through the Blocks with RoPE at the model's positions; logits from the segment's outputs, the next memory
-    from the normalised outputs at the write slots."""
+@pytest.mark.parametrize("pos", ["rope", "none"])
+@pytest.mark.parametrize("s", [5, 2])                          # a full segment and a short last one
+def test_segment_step_runs_the_blocks_on_2M_plus_s_positions_with_the_right_rope(pos, s):
+    """Every Block sees [read slots ; segment ; write slots], 2M + s = 6 + s positions, with the RoPE tables of
+    `positions(s)` when pos="rope" and none at all when pos="none"."""
     from attention import rotary
-    m = model()
-    tokens, memory = torch.randint(0, 13, (2, 4)), torch.randn(2, 3, 16, dtype=torch.float64)   # a short segment
-    x = torch.cat([memory + m.read_emb, m.embed(tokens), memory + m.write_emb], dim=1)
-    rope = rotary(m.positions(4, tokens.device), m.config.block.head_dim)
-    for block in m.blocks:
-        x = block(x, rope)
-    logits, new_memory = m.segment_step(tokens, memory)
-    torch.testing.assert_close(logits, m.head(m.norm(x[:, 3:7])), rtol=0, atol=1e-12)
-    torch.testing.assert_close(new_memory, m.mem_norm(x[:, 7:]), rtol=0, atol=1e-12)
+    m = model(pos=pos)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda mod, args, kw: seen.append((args, kw)), with_kwargs=True)
+             for b in m.blocks]
+    try:
+        logits, memory = m.segment_step(torch.randint(0, 13, (2, s)), torch.randn(2, 3, 16, dtype=torch.float64))
+    finally:
+        for h in hooks:
+            h.remove()
+    name = f"rmt.RMT.segment_step(pos={pos!r}, a segment of {s} tokens, M=3)"
+    assert len(seen) == len(m.blocks), f"{name}: called the {len(m.blocks)} Blocks {len(seen)} times"
+    assert logits.shape == (2, s, 13) and memory.shape == (2, 3, 16), f"{name}: returned logits " \
+        f"{tuple(logits.shape)} and memory {tuple(memory.shape)}, expected (2, {s}, 13) and (2, 3, 16)"
+    for args, kw in seen:
+        x, rope = args[0], args[1] if len(args) > 1 else kw.get("rope")
+        assert x.shape == (2, 6 + s, 16), f"{name}: a Block got {tuple(x.shape)}, expected (2, {6 + s}, 16)"
+        if pos == "none":
+            assert rope is None, f"{name}: a Block got RoPE tables, but pos='none' means no positions at all"
+        else:
+            assert rope is not None, f"{name}: a Block got no RoPE tables, but pos='rope'"
+            want = rotary(m.positions(s, "cpu"), m.config.block.head_dim)
+            for got, ref, what in zip(rope, want, ("cos", "sin")):
+                close(got, ref, f"{name}: the RoPE {what} table (it should be rotary(positions({s}), head_dim))", "TK",
+                      rtol=0, atol=1e-6)
 
 
 def test_state_carry():
@@ -83,7 +99,11 @@ def test_truncated_bptt(bptt_depth, reaches_start):
     x = torch.randint(0, 13, (2, 25))
     m(x)[:, -5:].sum().backward()
     grad = m.memory_init.grad
-    assert (grad is not None and grad.abs().sum() > 0) == reaches_start
+    reached = grad is not None and grad.abs().sum().item() > 0
+    assert reached == reaches_start, (
+        f"RMT(bptt_depth={bptt_depth}), 5 segments: the loss on the last segment "
+        f"{'does not reach' if reaches_start else 'reaches'} the initial memory (|grad| = "
+        f"{0 if grad is None else grad.abs().sum().item():.3g}); with full BPTT it must, with depth 2 it must not")
 
 
 def test_stream_in_pieces_equals_one_call():
