@@ -6,7 +6,7 @@ import torch
 
 from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical
 
-LENGTHS = {"copy": 9, "mqar": 64, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60,
+LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60,
            "maze": 5}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
@@ -18,6 +18,11 @@ def oracle_copy(task, x, t):
 
 def oracle_mqar(task, x, t):
     pairs = x[:2 * task.n_pairs].view(-1, 2)
+    return pairs[(pairs[:, 0] == x[t]).nonzero()[0, 0], 1]
+
+
+def oracle_recall(task, x, t):   # length = P pairs: they fill the first 2P tokens
+    pairs = x[:2 * LENGTHS["recall"]].view(-1, 2)
     return pairs[(pairs[:, 0] == x[t]).nonzero()[0, 0], 1]
 
 
@@ -53,7 +58,7 @@ def oracle_babilong(task, x, t):
     return where[e] if e in task.person else where[holder[e]] if e in holder else obj_at[e]
 
 
-ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "flipflop": oracle_flipflop,
+ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "flipflop": oracle_flipflop,
            "flipflop_sparse": oracle_flipflop, "selective_copy": oracle_selective_copy,
            "babilong": oracle_babilong}
 
