@@ -870,7 +870,8 @@ def parse_args(argv):
 
 SCALE = dict(
     models=["attention", "ssm", "rmt", "titans"], tasks=["flipflop", "babilong"], size=dict(d_model=64, n_layers=2),
-    train=[[32, 64], [64, 128], [128, 256]], steps=500, batch_size=128, lrs=[1e-3, 3e-3],   # the full preset's flip-flop budget; two rates keep the run short
+    train=[[32, 64], [64, 128], [128, 256]], steps=500, batch_size=128,   # the full preset's flip-flop budget
+    lrs=[1e-3, 3e-3],        # two rates keep the run short: these models need only to learn the task
     lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],   # babilong stops at 1M: its 8 sequences
                  babilong=[16_384, 131_072, 1_048_576]),              # of 11M would take the run past 10 min
     piece=16_384,            # tokens per `stream` call, and per generated piece: the host never holds more
