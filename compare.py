@@ -460,7 +460,8 @@ def load_runs(path, preset, fresh):
         sys.exit(f"compare.py: error: {path} is not a readable results file ({type(e).__name__}); {way_out}")
     runs = results.get("runs") if isinstance(results, dict) else None
     fields = ("model", "task", "lr", "seed", "metrics")
-    if not isinstance(runs, dict) or not all(isinstance(r, dict) and all(k in r for k in fields) for r in runs.values()):
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and all(k in r for k in fields)
+                                             for r in runs.values()):
         sys.exit(f"compare.py: error: {path} does not hold compare.py runs; {way_out}")
     if results.get("meta", {}).get("preset") != preset:
         sys.exit(f"compare.py: error: {path} holds runs of preset {results.get('meta', {}).get('preset')!r}, "
@@ -486,10 +487,14 @@ def mean_spread(values):
     return f"{mean(values):.2f}" + (f"±{(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
 
 
+def md_row(cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def md_table(header, rows):
     """A markdown table; rows whose cells are all empty are left out."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows if any(c != "" for c in r[1:])])
+    rows = [md_row(r) for r in rows if any(c != "" for c in r[1:])]
+    return "\n".join([md_row(header), "|" + "---|" * len(header)] + rows)
 
 
 def accuracy_table(best, metric, task_names, model_names):
@@ -580,7 +585,8 @@ def report(runs, meta, task_names, model_names):
         parts += ["## BABILong: exact match by the depth of the deciding fact", "", depth_table(best, model_names), ""]
     parts += ["## Runs", "", details(best, edges, task_names, model_names), ""]
     if edges:
-        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {', '.join(sorted(f'{m}/{t}' for m, t in edges))}. "
+        cells = ", ".join(sorted(f"{m}/{t}" for m, t in edges))
+        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {cells}. "
                   "A wider grid might find a better rate for these.", ""]
     return "\n".join(parts)
 
@@ -720,12 +726,16 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
     return row
 
 
-def bench_line(r):
+BENCH_HEADER = ["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
+                "inference peak MiB"]
+
+
+def bench_cells(r):
     if r.get("oom"):
-        return f"| {r['model']} | {r['length']:,} | {r['state_floats']:,} | out of memory | | | |"
+        return [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}", "out of memory", "", "", ""]
     mib = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
-    return (f"| {r['model']} | {r['length']:,} | {r['state_floats']:,} | {r['train_ms']:,.1f} | {mib(r['train_mib'])} "
-            f"| {r['infer_us_per_token']:.2f} | {mib(r['infer_mib'])} |")
+    return [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}", f"{r['train_ms']:,.1f}", mib(r["train_mib"]),
+            f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])]
 
 
 def bench_main(args):
@@ -736,21 +746,19 @@ def bench_main(args):
     size = PRESETS[args.preset]["size"]
     head = ["# compare.py --bench: cost against length", "", f"Command: `python compare.py {' '.join(args.argv)}`  ",
             f"Device: {name}, {dtype}, torch {torch.__version__}, commit {git_commit()}; batch 1, model size {size}, "
-            "median of 3 after a warm-up", "",
-            "| model | length | state floats | fwd+bwd ms | fwd+bwd peak MiB | inference us/token | inference peak MiB |",
-            "|---|---|---|---|---|---|---|"]
-    print("\n".join(head))
+            "median of 3 after a warm-up", ""]
+    print("\n".join(head + [md_table(BENCH_HEADER, [])]))
     rows = []
     for m in models:
         for T in lengths:
             rows.append(bench_row(m, T, args.device, size))
             if cuda:
                 torch.cuda.empty_cache()
-            print(bench_line(rows[-1]), flush=True)
+            print(md_row(bench_cells(rows[-1])), flush=True)
     save_json(os.path.join(args.out, "bench.json"), dict(device_name=name, dtype=dtype, torch=torch.__version__,
                                                          commit=git_commit(), size=size, rows=rows))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write("\n".join(head + [bench_line(r) for r in rows]) + "\n")
+        f.write("\n".join(head + [md_table(BENCH_HEADER, [bench_cells(r) for r in rows])]) + "\n")
     plt = pyplot()
     if plt is not None:
         fig, axes = plt.subplots(1, 3, figsize=(10, 3))
@@ -798,7 +806,8 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
     p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, "
                    "up to 4 on CPU, and 16 per GPU)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for <preset>.json/.md/.png (default: runs/)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs"),
+                   help="folder for <preset>.json/.md/.png (default: runs/)")
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length (--test-lengths "
                    "sets the lengths) instead of training")
@@ -925,13 +934,16 @@ def scale_read(model, task, length, batch, piece, device, seed):
                 seconds=round(seconds, 2), peak_mib=peak)
 
 
-def scale_line(r):
+SCALE_HEADER = ["model", "task", "length", "batch", "token acc", "scored", "tokens/s", "peak MiB", "state floats"]
+
+
+def scale_cells(r):
     cells = [r["model"], r["task"], f"{r['length']:,}", str(r["batch"])]
     if r.get("wall"):
-        return "| " + " | ".join(cells + [f"wall: {r['wall']}", "", "", "", f"{r['state_floats']:,}"]) + " |"
+        return cells + [f"wall: {r['wall']}", "", "", "", f"{r['state_floats']:,}"]
     mib = f"{r['peak_mib']:,.0f}" if r["peak_mib"] is not None else "-"
-    return "| " + " | ".join(cells + [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
-                                      mib, f"{r['state_floats']:,}"]) + " |"
+    return cells + [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}", mib,
+                    f"{r['state_floats']:,}"]
 
 
 def scale_report(meta, rows, training):
@@ -947,12 +959,11 @@ def scale_report(meta, rows, training):
              " sequences read side by side (batch); peak memory is the GPU's, weights included. Lengths per task: "
              + "; ".join(f"{t} {', '.join(f'{L:,}' for L in Ls)} ({meta['examples'][t]} sequences side by side)"
                          for t, Ls in meta["lengths"].items()) + ".", "",
-             "| model | task | length | batch | token acc | scored | tokens/s | peak MiB | state floats |",
-             "|---|---|---|---|---|---|---|---|---|"] + [scale_line(r) for r in rows]
-    lines += ["", "Training runs (best lr per model and task):", "",
-              "| model | task | params | lr | val acc @256 | final loss | train s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['task']} | {r['params']:,} | {r['lr']:g} | {r['val_token_acc']:.3f} | "
-              f"{r['final_loss']:.3f} | {r['train_time_s']:.0f} |" for r in training]
+             md_table(SCALE_HEADER, [scale_cells(r) for r in rows]), "",
+             "Training runs (best lr per model and task):", "",
+             md_table(["model", "task", "params", "lr", "val acc @256", "final loss", "train s"],
+                      [[r["model"], r["task"], f"{r['params']:,}", f"{r['lr']:g}", f"{r['val_token_acc']:.3f}",
+                        f"{r['final_loss']:.3f}", f"{r['train_time_s']:.0f}"] for r in training])]
     return "\n".join(lines) + "\n"
 
 
@@ -1056,7 +1067,7 @@ def scale_main(argv):
                     except torch.OutOfMemoryError:
                         row["wall"] = "out of memory"
                 rows.append(row)
-                print(scale_line(row), flush=True)
+                print(md_row(scale_cells(row)), flush=True)
                 os.makedirs(args.out, exist_ok=True)                      # saved as it goes: a cut run keeps it
                 save_json(os.path.join(args.out, "scale.json"), dict(meta=meta, rows=rows))
                 if row.get("wall"):
@@ -1103,12 +1114,15 @@ def main(argv=None):
     def done(spec):
         return same_spec(results["runs"].get(run_key(spec)), spec)
 
+    def follow_ups_of(cell, lr=None):
+        """The cell's other seeds and its dial, at the chosen lr."""
+        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
+
     def follow_ups(cell):
-        """Once a cell's lr sweep is complete: its other seeds and its dial, at the chosen lr."""
+        """Once a cell's lr sweep is complete: its follow-ups, at the lr the sweep chose."""
         if not all(done(s) for s in sweeps[cell]):
             return []
-        lr = best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"]
-        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
+        return follow_ups_of(cell, best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"])
 
     def on_done(record):
         record["commit"] = meta["commit"]
@@ -1125,7 +1139,8 @@ def main(argv=None):
     todo = [s for s in todo if not done(s)]
     print(f"{n_reused} stored runs reused, {len(todo)} to train now"
           + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
-          + (", more once each lr sweep is done" if any(not all(done(s) for s in v) for v in sweeps.values()) else ""))
+          + (", more once each lr sweep is done" if any(not all(done(s) for s in v) and follow_ups_of(cell)
+                                                        for cell, v in sweeps.items()) else ""))
     start = time.time()
     try:
         run_all(todo, workers, devices, on_done)
