@@ -4,7 +4,8 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which); trains from scratch
     python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
-    python compare.py --bench            # time, peak memory and state size against length
+    python compare.py --bench            # time, peak memory and state size against length, untrained
+    python compare.py --scale            # train at <= 256 tokens, then read streams of up to 11M tokens
 
 How the comparison is made fair, and where each rule lives:
   1. The same budget for every model on a task: steps, batch, training lengths, optimiser and schedule
@@ -22,9 +23,10 @@ Runs are written to runs/<preset>.json (untracked) as each one finishes; a store
 whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
 changed setting re-runs what it changes. The committed reference results live in results/reference/, which
 the bench never reads. The file reads top down: training and evaluation; models and presets; the protocol;
-running many runs; reports and plots; the cost benchmark; the command line.
+running and storing many runs; reports; the two cost measurements (--bench, --scale); the command line; main.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -32,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -68,6 +70,11 @@ def stages(train_lengths):
     return [list(train_lengths)] if isinstance(train_lengths[0], int) else [list(s) for s in train_lengths]
 
 
+def all_logits(model, x):
+    """The logits to train on: HRM's one per segment (deep supervision), every other model's one."""
+    return model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
+
+
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False):
     """AdamW, linear warm-up then cosine decay, gradient clipping. Each batch draws its length uniformly from
@@ -92,7 +99,7 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
         lo, hi = plan[step * len(plan) // steps]
         x, y = sample(batch_size, int(torch.randint(lo, hi + 1, (1,), generator=g)), g, device)
         with autocast(device):
-            outputs = model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
+            outputs = all_logits(model, x)
         loss = sum(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE)
                    for logits in outputs) / len(outputs)
         opt.zero_grad(set_to_none=True)
@@ -124,7 +131,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     g = torch.Generator().manual_seed(seed)
     batch = max(1, min(n_examples, max_tokens // length))
     right = total = exact = scored_examples = seen = gen_exact = 0
-    depth_right, depth_total = [0] * 4, [0] * 4
+    depth_right, depth_total = torch.zeros(4), torch.zeros(4)
     while seen < n_examples:
         b = min(batch, n_examples - seen)
         if hasattr(task, "sample_with_depth"):
@@ -139,10 +146,9 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
         right, total = right + ok.sum().item(), total + scored.sum().item()
         exact, scored_examples = exact + row_ok.sum().item(), scored_examples + scored.any(1).sum().item()
         if depth is not None:
-            bins = (depth * 4).long().clamp(0, 3)
-            for k in range(4):
-                depth_right[k] += (row_ok & (bins == k)).sum().item()
-                depth_total[k] += (bins == k).sum().item()
+            bins = (depth * 4).long().clamp(0, 3).cpu()
+            depth_right += torch.bincount(bins[row_ok.cpu()], minlength=4)
+            depth_total += torch.bincount(bins, minlength=4)
         if hasattr(task, "prompt_length"):
             p = task.prompt_length(length)
             with autocast(device):
@@ -153,7 +159,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     if hasattr(task, "prompt_length"):
         result["gen_exact"] = gen_exact / seen
     if hasattr(task, "sample_with_depth"):
-        result["by_depth"] = [r / t if t else None for r, t in zip(depth_right, depth_total)]
+        result["by_depth"] = [r / t if t else None for r, t in zip(depth_right.tolist(), depth_total.tolist())]
     return result
 
 
@@ -210,6 +216,7 @@ class Budget:
 
 
 LRS = [3e-4, 1e-3, 3e-3]   # the sweep: log-spaced, the same for every model on a task
+CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
 PRESETS = {
     "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
         models=list(MODELS), size=dict(d_model=32, n_layers=2), batch_size=16, lrs=[3e-3], seeds=[0],
@@ -238,11 +245,10 @@ PRESETS = {
                              models=["attention", "ssm", "rmt", "titans"], seeded=["attention", "ssm"],
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory_expand": [4]}}),
-            "flipflop": Budget(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
-                               seeded=["attention", "ssm", "rmt"]),
+            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, seeded=["attention", "ssm", "rmt"]),
             "selective_copy": Budget(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
                                      models=["attention", "ssm", "rmt", "titans"]),
-            "babilong": Budget(train=[[32, 64], [64, 128], [128, 256]], test=[256, 1024, 4096], steps=500,
+            "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
                                models=["attention", "ssm", "rmt", "titans"],
                                seeded=["attention", "ssm", "rmt", "titans"]),
             "maze": Budget(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
@@ -251,6 +257,11 @@ PRESETS = {
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                            options=dict(canvas=17, n_train=1000, min_path=30)),
         }),
+    "scale": dict(  # --scale trains these (the full preset's budgets), keeps their weights, then reads SCALE's streams
+        models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=128,
+        lrs=[1e-3, 3e-3], seeds=[0], eval_examples=256, tasks={   # two rates keep it short: the task is learnt
+            "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
+            "babilong": Budget(train=CURRICULUM, test=[256], steps=500)}),
 }
 
 
@@ -266,9 +277,15 @@ def task_models(args, t):
     return [m for m in names if getattr(tasks.TASKS[t], "causal", True) or reads_grids(m)]
 
 
+def run_key(spec):
+    dial = "".join(f"[{k}={v}]" for k, v in spec.get("dial", {}).items())
+    return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
+
+
 def make_specs(args, phase="lr sweep", lr_by_cell=None):
     """The runs of one phase: the lr sweep on the first seed; then, at each cell's chosen lr, the other seeds
-    (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed)."""
+    (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed).
+    --scale's runs also keep their trained weights, which it reads the long streams with."""
     preset = PRESETS[args.preset]
     seeds = args.seeds or preset["seeds"]
     specs = []
@@ -292,17 +309,17 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
                 for option, values in b.dial.get(m, {}).items():
                     specs += [dict(base, lr=lr_by_cell[(m, t)], seed=seeds[0], dial={option: v},
                                    model_options={**options, option: v}) for v in values]
+    if args.scale:
+        specs = [dict(s, weights=os.path.join(args.out, "scale_weights", run_key(s).replace("/", "_") + ".pt"))
+                 for s in specs]
     return specs
 
 
-def run_key(spec):
-    dial = "".join(f"[{k}={v}]" for k, v in spec.get("dial", {}).items())
-    return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
-
-
 def same_spec(saved, spec):
-    """A stored run is reused only if everything that defines it is unchanged (where it ran aside)."""
-    return saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in ("device", "threads"))
+    """A stored run is reused only if everything that defines it is unchanged (where it ran aside), and the
+    weights it kept, if any, are still there."""
+    return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in ("device", "threads"))
+            and os.path.exists(spec.get("weights", ROOT)))
 
 
 def best_runs(runs):
@@ -324,14 +341,11 @@ def best_runs(runs):
     return best
 
 
-def edge_cells(runs):
+def edge_cells(runs, best):
     """The cells whose chosen lr is the smallest or largest of a grid of several: a better one may lie outside."""
-    grids = {}
-    for r in runs:
-        if not r.get("dial"):
-            grids.setdefault((r["model"], r["task"]), set()).add(r["lr"])
-    return {cell for cell, rs in best_runs(runs).items()
-            if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]), max(grids[cell]))}
+    grid = lambda cell: {r["lr"] for r in runs if (r["model"], r["task"]) == cell and not r.get("dial")}  # noqa
+    return {cell for cell, rs in best.items() if len(grid(cell)) > 1 and rs[0]["lr"] in (min(grid(cell)),
+                                                                                         max(grid(cell)))}
 
 
 def run_one(spec):
@@ -346,14 +360,16 @@ def run_one(spec):
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
                    seed=spec["seed"])
     train_time = time.time() - start
-    val = evaluate(model, task, stages(spec["train"])[-1][1], spec["eval_examples"], device, seed=10_000 + spec["seed"])
-    metrics = {str(L): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"])
-               for L in spec["test"]}
+    test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
+    val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
+    metrics = {str(L): test(L, seed=20_000 + spec["seed"]) for L in spec["test"]}
     if spec.get("test_segments") and hasattr(model, "segment_logits"):   # HRM: accuracy vs test-time segments
         for L in spec["test"]:
-            metrics[str(L)]["by_segments"] = {
-                str(s): evaluate(model, task, L, spec["eval_examples"], device, seed=20_000 + spec["seed"],
-                                 segments=s) for s in spec["test_segments"]}
+            metrics[str(L)]["by_segments"] = {str(s): test(L, seed=20_000 + spec["seed"], segments=s)
+                                              for s in spec["test_segments"]}
+    if spec.get("weights"):
+        os.makedirs(os.path.dirname(spec["weights"]), exist_ok=True)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, spec["weights"])
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
     cuda = torch.device(device).type == "cuda"
     return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
@@ -364,7 +380,7 @@ def run_one(spec):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running many runs: worker processes share the GPU (tiny models leave it mostly idle) or the CPU cores
+# Running and storing many runs: worker processes share the GPU (tiny models leave it mostly idle) or the cores
 # ---------------------------------------------------------------------------------------------------------
 
 def slow_first(spec):
@@ -374,52 +390,46 @@ def slow_first(spec):
 
 
 def run_all(specs, workers, devices, on_done):
-    """Run the specs, in this process (one worker) or in a pool of processes spread over `devices`.
-    on_done(record) stores a finished run and returns the runs it unlocks (a cell's seeds and dial once its
-    lr sweep is done), which start at once: no phase waits for the slowest run of the one before."""
+    """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes spread round
+    robin over `devices`. on_done(record) stores a finished run and returns the runs it unlocks (a cell's seeds
+    and dial once its lr sweep is done), which join the queue at once: no phase waits for the one before."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
-    queue = sorted(specs, key=slow_first)
-    if workers == 1:
-        while queue:
-            spec = dict(queue.pop(0), device=devices[0])
-            bar.set_postfix_str(run_key(spec))
-            new = on_done(run_one(spec))
-            queue += sorted(new, key=slow_first)
-            bar.total += len(new)
-            bar.update()
-        return
+    queue, running, n_started = sorted(specs, key=slow_first), set(), 0
     threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
-    # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run. A worker stopped
-    # mid-run cannot unregister its queue semaphores, so the resource-tracker process (started with the pool, and
-    # taking our warning filters) would warn about them at exit; they are released all the same.
-    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=signal.signal,
-                               initargs=(signal.SIGINT, signal.SIG_IGN))
-    running, n_started = set(), 0
+    pool = None
+    if workers > 1:
+        # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run. A worker stopped
+        # mid-run cannot unregister its queue semaphores, so the resource-tracker process (started with the pool,
+        # taking our warning filters) would warn about them at exit; they are released all the same.
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=signal.signal,
+                                   initargs=(signal.SIGINT, signal.SIG_IGN))
     try:
         while queue or running:
-            for spec in queue:                  # round-robin over the devices
-                running.add(pool.submit(run_one, dict(spec, device=devices[n_started % len(devices)], threads=threads)))
+            while queue and len(running) < workers:
+                spec = dict(queue.pop(0), device=devices[n_started % len(devices)], threads=threads)
                 n_started += 1
+                if pool:
+                    future = pool.submit(run_one, spec)
+                else:                                     # one worker: run it here and now
+                    future = Future()
+                    future.set_result(run_one(spec))
+                running.add(future)
             finished, running = wait(running, return_when=FIRST_COMPLETED)
-            queue = []
             for future in finished:
                 new = on_done(future.result())
-                queue += sorted(new, key=slow_first)
+                queue = sorted(queue + new, key=slow_first)
                 bar.total += len(new)
                 bar.update()
     except BaseException:
-        for process in list(pool._processes.values()):   # the executor has no public way to stop a running task
+        for process in list(pool._processes.values()) if pool else []:   # no public way to stop a running task
             process.terminate()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Stored runs: one JSON file per preset, written atomically after every run
-# ---------------------------------------------------------------------------------------------------------
 
 def git_commit():
     """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set: a copy of the working
@@ -459,8 +469,7 @@ def load_runs(path, preset, fresh):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         sys.exit(f"compare.py: error: {path} is not a readable results file ({type(e).__name__}); {way_out}")
     runs = results.get("runs") if isinstance(results, dict) else None
-    fields = ("model", "task", "lr", "seed", "metrics")
-    if not isinstance(runs, dict) or not all(isinstance(r, dict) and all(k in r for k in fields)
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and {"model", "task", "lr", "seed", "metrics"} <= set(r)
                                              for r in runs.values()):
         sys.exit(f"compare.py: error: {path} does not hold compare.py runs; {way_out}")
     if results.get("meta", {}).get("preset") != preset:
@@ -497,18 +506,23 @@ def md_table(header, rows):
     return "\n".join([md_row(header), "|" + "---|" * len(header)] + rows)
 
 
+def at(rs, L, *path):
+    """A metric of each seed's run at test length L, e.g. at(rs, 64, "by_depth", 0)."""
+    return [functools.reduce(lambda value, key: value[key], path, r["metrics"][str(L)]) for r in rs]
+
+
 def accuracy_table(best, metric, task_names, model_names):
     """Models x task@length, mean over seeds at the chosen lr."""
     cols = [(t, L) for t in task_names for L in next((rs[0]["test"] for (m, tt), rs in best.items() if tt == t), [])]
-    rows = [[m] + [mean_spread(r["metrics"][str(L)].get(metric) for r in best.get((m, t), [])) for t, L in cols]
-            for m in model_names]
-    return md_table(["model"] + [f"{t}@{L}" for t, L in cols], rows)
+    return md_table(["model"] + [f"{t}@{L}" for t, L in cols],
+                    [[m] + [mean_spread(r["metrics"][str(L)].get(metric) for r in best.get((m, t), []))
+                            for t, L in cols] for m in model_names])
 
 
 def dial_points(runs, best, task, model_names):
     """(model, label, state floats at the largest test length, accuracy by length) for each model at its
     default state (chosen lr, mean over seeds) and at each of the dial's other sizes."""
-    points = [(m, "default", rs[0], {L: mean(r["metrics"][L]["token_acc"] for r in rs) for L in rs[0]["metrics"]})
+    points = [(m, "default", rs[0], {L: mean(at(rs, L, "token_acc")) for L in rs[0]["metrics"]})
               for (m, t), rs in best.items() if t == task and m in model_names]
     points += [(r["model"], ", ".join(f"{k}={v}" for k, v in r["dial"].items()), r,
                 {L: v["token_acc"] for L, v in r["metrics"].items()})
@@ -517,52 +531,23 @@ def dial_points(runs, best, task, model_names):
                   key=lambda p: (model_names.index(p[0]), p[2]))
 
 
-def segments_table(best, model_names):
-    """Grid tasks: exact match against HRM's test-time segments; a fixed-depth model has one number."""
-    rows_in = [(m, rs) for m in model_names for (mm, t), rs in best.items() if mm == m and t == "maze"]
-    counts = sorted({int(s) for _, rs in rows_in for r in rs for v in r["metrics"].values()
-                     for s in v.get("by_segments", {})})
-    rows = []
-    for m, rs in rows_in:
-        for L in rs[0]["test"]:
-            by = "by_segments" in rs[0]["metrics"][str(L)]
-            rows.append([m, f"{L}x{L}", "" if by else mean_spread(r["metrics"][str(L)]["exact"] for r in rs)] +
-                        [mean_spread(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs) if by else ""
-                         for s in counts])
-    return md_table(["model", "maze size", "fixed depth"] + [f"{s} seg" for s in counts], rows)
-
-
-def depth_table(best, model_names):
-    """BABILong: exact match by the depth of the deciding fact in the stream (quarters), per test length."""
-    rows = []
-    for m in model_names:
-        for r0 in best.get((m, "babilong"), [])[:1]:
-            for L in r0["test"]:
-                rows.append([m, L] + [mean_spread(r["metrics"][str(L)]["by_depth"][k] for r in best[(m, "babilong")])
-                                      for k in range(4)])
-    return md_table(["model", "length", "depth 0-25%", "25-50%", "50-75%", "75-100%"], rows)
-
-
 def details(best, edges, task_names, model_names):
     """Per (model, task) at the chosen lr: parameters, state size, lr, seeds, steps, examples, wall time."""
     rows = []
-    for m in model_names:
-        for t in task_names:
-            rs, ref = best.get((m, t)), best.get(("attention", t))
-            if rs:
-                r = rs[0]
-                rows.append([m, t, f"{r['params']:,}" + (f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""),
-                             ", ".join(f"{v:,}" for v in r["state_size"].values()),
-                             f"{r['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(rs), r["steps"],
-                             f"{r['examples_seen']:,}", f"{mean(x['wall_time_s'] for x in rs):.1f}"])
+    for m, t in [(m, t) for m in model_names for t in task_names if (m, t) in best]:
+        rs, ref = best[(m, t)], best.get(("attention", t))
+        r = rs[0]
+        rows.append([m, t, f"{r['params']:,}" + (f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""),
+                     ", ".join(f"{v:,}" for v in r["state_size"].values()),
+                     f"{r['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(rs), r["steps"],
+                     f"{r['examples_seen']:,}", f"{mean(x['wall_time_s'] for x in rs):.1f}"])
     return md_table(["model", "task", "params (vs attention)", "state floats (per test length)", "chosen lr",
                      "seeds", "steps", "examples", "wall s"], rows)
 
 
 def report(runs, meta, task_names, model_names):
     best = best_runs(runs)
-    dial_tasks = [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]
-    edges = edge_cells(runs)
+    edges = edge_cells(runs, best)
     parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
              f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
@@ -572,25 +557,35 @@ def report(runs, meta, task_names, model_names):
              "## Exact match: every scored position of an example right (copy: greedy generation)", "",
              accuracy_table(best, "gen_exact", [t for t in task_names if t == "copy"], model_names), "",
              accuracy_table(best, "exact", [t for t in task_names if t != "copy"], model_names), ""]
-    for t in dial_tasks:
+    for t in [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]:
         points = dial_points(runs, best, t, model_names)
-        lengths = list(points[0][3])
         parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
-                  md_table(["model", "size", "state floats"] + [f"{t}@{L}" for L in lengths],
-                           [[m, label, f"{state:,}"] + [f"{acc[L]:.2f}" for L in lengths]
+                  md_table(["model", "size", "state floats"] + [f"{t}@{L}" for L in points[0][3]],
+                           [[m, label, f"{state:,}"] + [f"{a:.2f}" for a in acc.values()]
                             for m, label, state, acc in points]), ""]
-    if "maze" in task_names:
-        parts += ["## Maze: exact match against test-time segments", "", segments_table(best, model_names), ""]
-    if "babilong" in task_names:
-        parts += ["## BABILong: exact match by the depth of the deciding fact", "", depth_table(best, model_names), ""]
+    maze = [(m, best[(m, "maze")]) for m in model_names if (m, "maze") in best]
+    if maze:   # a fixed-depth model has one number per size; HRM one per count of test-time segments
+        counts = sorted({s for m, rs in maze for s in rs[0].get("test_segments", [])})
+        rows = [[m, f"{L}x{L}"] + ([""] + [mean_spread(at(rs, L, "by_segments", str(s), "exact")) for s in counts]
+                                   if "by_segments" in rs[0]["metrics"][str(L)]
+                                   else [mean_spread(at(rs, L, "exact"))] + [""] * len(counts))
+                for m, rs in maze for L in rs[0]["test"]]
+        parts += ["## Maze: exact match against test-time segments", "",
+                  md_table(["model", "maze size", "fixed depth"] + [f"{s} seg" for s in counts], rows), ""]
+    babi = [(m, best[(m, "babilong")]) for m in model_names if (m, "babilong") in best]
+    if babi:
+        parts += ["## BABILong: exact match by the depth of the deciding fact", "",
+                  md_table(["model", "length", "depth 0-25%", "25-50%", "50-75%", "75-100%"],
+                           [[m, L] + [mean_spread(at(rs, L, "by_depth", k)) for k in range(4)]
+                            for m, rs in babi for L in rs[0]["test"]]), ""]
     parts += ["## Runs", "", details(best, edges, task_names, model_names), ""]
     if edges:
-        cells = ", ".join(sorted(f"{m}/{t}" for m, t in edges))
-        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {cells}. "
-                  "A wider grid might find a better rate for these.", ""]
+        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {', '.join(sorted(f'{m}/{t}' for m, t in edges))}."
+                  " A wider grid might find a better rate for these.", ""]
     return "\n".join(parts)
 
 
+@functools.cache
 def pyplot():
     """matplotlib.pyplot, or None when matplotlib is not installed (said once)."""
     try:
@@ -599,88 +594,96 @@ def pyplot():
         import matplotlib.pyplot as plt
         return plt
     except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
         return None
 
 
-def save_figure(plt, fig, path):
+def short(n):
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e4 else f"{n:g}"
+
+
+def plot_panels(path, panels, title=None):
+    """One row of line plots on a log x axis, saved to path. Each panel is a dict of axis settings (title, xlabel,
+    ylabel, ylim, yscale) with `lines`, a list of (label, xs, ys, style), and optionally `marks`, x positions
+    to draw a dotted vertical line at (a training length, a wall)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 3.4 * len(panels)), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        panel = dict(panel)
+        xs = set()
+        for label, x, y, style in panel.pop("lines"):
+            ax.plot(x, y, label=label, **{"marker": "o", **style})
+            xs |= set(x)
+        for x in panel.pop("marks", []):
+            ax.axvline(x, color="gray", ls=":", lw=1)
+        ax.set(**{"xscale": "log", **panel})
+        ax.minorticks_off()
+        ax.set_xticks(sorted(xs), [short(x) for x in sorted(xs)], fontsize=7)
+    labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6)   # every line's label, wherever it is
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"plot: {path}")
 
 
+def series(rows, key, **match):
+    """Lines for plot_panels from rows of measurements: `key` against length, one line per model, over the rows
+    that match (e.g. task="flipflop"); rows without the key (an out-of-memory row, a wall) are left out."""
+    models, lines = list(dict.fromkeys(r["model"] for r in rows)), []
+    for i, m in enumerate(models):
+        points = [(r["length"], r[key]) for r in rows if r["model"] == m and r.get(key) is not None
+                  and all(r[k] == v for k, v in match.items())]
+        if points:
+            lines.append((m, *zip(*points), dict(color=f"C{i}")))
+    return lines
+
+
 def plot_all(runs, out, preset, task_names, model_names):
     """<preset>_length.png (accuracy vs test length), _dial.png (accuracy vs content per state size),
     _segments.png (maze vs test-time segments), _depth.png (BABILong by depth of the deciding fact)."""
-    plt = pyplot()
-    if plt is None:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
-    best = best_runs(runs)
-    seq_tasks = [t for t in task_names if t != "maze"]
-    if seq_tasks:
-        fig, axes = plt.subplots(1, len(seq_tasks), figsize=(3.2 * len(seq_tasks), 3), squeeze=False)
-        for ax, t in zip(axes[0], seq_tasks):
-            for m in model_names:
-                if (m, t) in best:
-                    rs = best[(m, t)]
-                    ax.plot(rs[0]["test"], [mean(r["metrics"][str(L)]["token_acc"] for r in rs) for L in rs[0]["test"]],
-                            marker="o", label=m)
-                    ax.axvline(stages(rs[0]["train"])[-1][1], color="gray", ls=":", lw=1)
-                    ax.set_xticks(rs[0]["test"], [str(L) for L in rs[0]["test"]], fontsize=7)
-            ax.set(title=t, xscale="log", xlabel="test length" + (" (pairs)" if t == "recall" else ""),
-                   ylim=(-0.02, 1.02))
-            ax.minorticks_off()
-        axes[0][0].set_ylabel("token accuracy")
-        axes[0][-1].legend(fontsize=7)
-        save_figure(plt, fig, os.path.join(out, f"{preset}_length.png"))
+    best, acc = best_runs(runs), dict(ylim=(-0.02, 1.02))
+    cells = lambda t: [(m, best[(m, t)]) for m in model_names if (m, t) in best]  # noqa: E731
+    plot_panels(os.path.join(out, f"{preset}_length.png"), [dict(
+        title=t, xlabel="test length" + (" (pairs)" if t == "recall" else ""), ylabel="token accuracy", **acc,
+        marks=sorted({stages(rs[0]["train"])[-1][1] for m, rs in cells(t)}),
+        lines=[(m, rs[0]["test"], [mean(at(rs, L, "token_acc")) for L in rs[0]["test"]], {}) for m, rs in cells(t)])
+        for t in task_names if t != "maze" and cells(t)])
     for t in [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        for m, label, state, acc in dial_points(runs, best, t, model_names):
-            Ls = [int(L) for L in acc]
-            ax.plot(Ls, list(acc.values()), marker="o", color=f"C{model_names.index(m)}",
-                    ls="-" if label == "default" else "--", label=f"{m} {label} ({state:,} floats)")
-            ax.set_xticks(Ls, [str(L) for L in Ls])
-        ax.set(xscale="log", xlabel="content (key-value pairs)" if t == "recall" else "test length",
-               ylabel="token accuracy", ylim=(-0.02, 1.02), title=f"the dial: {t}, accuracy against content")
-        ax.minorticks_off()
-        ax.legend(fontsize=6)
-        save_figure(plt, fig, os.path.join(out, f"{preset}_dial.png"))
-    maze = sorted((m, rs) for (m, t), rs in best.items() if t == "maze" and m in model_names)
-    if maze:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        for i, (m, rs) in enumerate(maze):
+        plot_panels(os.path.join(out, f"{preset}_dial.png"), [dict(
+            title=f"the dial: {t}, accuracy against content", ylabel="token accuracy", **acc,
+            xlabel="content (key-value pairs)" if t == "recall" else "test length",
+            lines=[(f"{m} {label} ({state:,} floats)", [int(L) for L in a], list(a.values()),
+                    dict(color=f"C{model_names.index(m)}", ls="-" if label == "default" else "--"))
+                   for m, label, state, a in dial_points(runs, best, t, model_names)])])
+    if cells("maze"):
+        counts, lines = sorted({s for m, rs in cells("maze") for s in rs[0].get("test_segments", [])}) or [1], []
+        for i, (m, rs) in enumerate(cells("maze")):
             for L, ls in zip(rs[0]["test"], ("-", "--", ":")):
-                by = rs[0]["metrics"][str(L)].get("by_segments")
-                if by:
-                    counts = [int(s) for s in by]
-                    ax.plot(counts, [mean(r["metrics"][str(L)]["by_segments"][str(s)]["exact"] for r in rs)
-                                     for s in counts], marker="o", ls=ls, color=f"C{i}", label=f"{m}, {L}x{L}")
-                    ax.set_xticks(counts, [str(s) for s in counts])
-                else:
-                    ax.axhline(mean(r["metrics"][str(L)]["exact"] for r in rs), ls=ls, color="k", lw=1,
-                               label=f"{m} (fixed depth), {L}x{L}")
-        ax.set(xscale="log", xlabel="test-time segments", ylabel="exact match (whole path right)",
-               ylim=(-0.02, 1.02), title="maze: recurrent depth at test time")
-        ax.minorticks_off()
-        ax.legend(fontsize=7)
-        save_figure(plt, fig, os.path.join(out, f"{preset}_segments.png"))
-    babi = [(m, best[(m, "babilong")]) for m in model_names if (m, "babilong") in best]
-    if babi:
-        lengths = babi[0][1][0]["test"]
-        fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3), squeeze=False)
-        for ax, L in zip(axes[0], lengths):
-            for m, rs in babi:
-                ax.plot([12.5, 37.5, 62.5, 87.5], [mean(r["metrics"][str(L)]["by_depth"][k] for r in rs)
-                                                   for k in range(4)], marker="o", label=m)
-            ax.set(title=f"babilong @ {L}", xlabel="depth of the deciding fact (%)", ylim=(-0.02, 1.02))
-        axes[0][0].set_ylabel("exact match")
-        axes[0][-1].legend(fontsize=7)
-        save_figure(plt, fig, os.path.join(out, f"{preset}_depth.png"))
+                if "by_segments" in rs[0]["metrics"][str(L)]:
+                    lines.append((f"{m}, {L}x{L}", counts, [mean(at(rs, L, "by_segments", str(s), "exact"))
+                                                            for s in counts], dict(color=f"C{i}", ls=ls)))
+                else:   # a fixed-depth model: one number, drawn flat
+                    lines.append((f"{m}, {L}x{L} (fixed depth)", counts, [mean(at(rs, L, "exact"))] * len(counts),
+                                  dict(color=f"C{i}", ls=ls, marker="")))
+        plot_panels(os.path.join(out, f"{preset}_segments.png"), [dict(
+            title="maze: recurrent depth at test time", xlabel="test-time segments", ylabel="exact match", **acc,
+            lines=lines)])
+    if cells("babilong"):
+        plot_panels(os.path.join(out, f"{preset}_depth.png"), [dict(
+            title=f"babilong @ {L}", xlabel="depth of the deciding fact (%)", xscale="linear",
+            ylabel="exact match", **acc,
+            lines=[(m, [12.5, 37.5, 62.5, 87.5], [mean(at(rs, L, "by_depth", k)) for k in range(4)], {})
+                   for m, rs in cells("babilong")]) for L in cells("babilong")[0][1][0]["test"]])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Cost against length: `python compare.py --bench`
+# Cost against length. --bench: one untrained model at a time, time and memory of a training step and of
+# reading a whole sequence in one call. --scale: trained models read streams of up to 11M tokens.
 # ---------------------------------------------------------------------------------------------------------
 
 def timed(fn, device, repeats=3):
@@ -710,7 +713,7 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
 
     def train_step():
         with autocast(device):
-            outputs = model.segment_logits(tokens) if hasattr(model, "segment_logits") else [model(tokens)]
+            outputs = all_logits(model, tokens)
         sum(o.float().logsumexp(-1).mean() for o in outputs).backward()
 
     def infer():
@@ -726,28 +729,25 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
     return row
 
 
-BENCH_HEADER = ["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
-                "inference peak MiB"]
-
-
 def bench_cells(r):
-    if r.get("oom"):
-        return [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}", "out of memory", "", "", ""]
-    mib = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
-    return [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}", f"{r['train_ms']:,.1f}", mib(r["train_mib"]),
-            f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])]
+    mib = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+    return [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (
+        ["out of memory", "", "", ""] if r.get("oom") else
+        [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
 
 
-def bench_main(args):
+def bench(args, meta):
+    """--bench: every (model, length), printed as it goes, then saved as bench.json/.md/.png."""
     cuda = args.device.startswith("cuda")
     lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
     models = args.models if args.chosen_models else ["attention", "ssm", "rmt", "titans", "hrm"]
-    name, dtype = (torch.cuda.get_device_name(args.device), "bf16 autocast") if cuda else ("CPU", "fp32")
     size = PRESETS[args.preset]["size"]
-    head = ["# compare.py --bench: cost against length", "", f"Command: `python compare.py {' '.join(args.argv)}`  ",
-            f"Device: {name}, {dtype}, torch {torch.__version__}, commit {git_commit()}; batch 1, model size {size}, "
-            "median of 3 after a warm-up", ""]
-    print("\n".join(head + [md_table(BENCH_HEADER, [])]))
+    header = ["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
+              "inference peak MiB"]
+    head = ["# compare.py --bench: cost against length", "", f"Command: `{meta['command']}`  ",
+            f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}; batch 1, "
+            f"model size {size}, median of 3 after a warm-up", ""]
+    print("\n".join(head + [md_table(header, [])]))
     rows = []
     for m in models:
         for T in lengths:
@@ -755,152 +755,23 @@ def bench_main(args):
             if cuda:
                 torch.cuda.empty_cache()
             print(md_row(bench_cells(rows[-1])), flush=True)
-    save_json(os.path.join(args.out, "bench.json"), dict(device_name=name, dtype=dtype, torch=torch.__version__,
-                                                         commit=git_commit(), size=size, rows=rows))
+    save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, rows=rows))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write("\n".join(head + [md_table(BENCH_HEADER, [bench_cells(r) for r in rows])]) + "\n")
-    plt = pyplot()
-    if plt is not None:
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-        for ax, key, label in zip(axes, ("train_ms", "infer_us_per_token", "train_mib"),
-                                  ("fwd+bwd ms (batch 1)", "inference us / token", "fwd+bwd peak MiB")):
-            for m in models:
-                pts = [(r["length"], r[key]) for r in rows if r["model"] == m and r.get(key) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=m)
-            ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{name}, {dtype}", fontsize=9)
-        save_figure(plt, fig, os.path.join(args.out, "bench.png"))
+        f.write("\n".join(head + [md_table(header, [bench_cells(r) for r in rows])]) + "\n")
+    plot_panels(os.path.join(args.out, "bench.png"), [
+        dict(title=label, xlabel="sequence length", yscale="log", lines=series(rows, key))
+        for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),
+                           ("train_mib", "fwd+bwd peak MiB")]], title=f"{meta['device_name']}, {meta['dtype']}")
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------------------
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, never a traceback
-        self.exit(2, f"compare.py: error: {message}\n")
-
-
-def csv(kind, what="values"):
-    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]."""
-    def parse(s):
-        try:
-            return [kind(v.strip()) for v in s.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
-    return parse
-
-
-def parse_args(argv):
-    p = Parser(description="Train every model on every task and compare them.")
-    p.add_argument("--preset", choices=list(PRESETS), help="default: full on CUDA, quick otherwise")
-    p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
-    p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
-    p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
-    p.add_argument("--lrs", type=csv(float, "numbers"), help="comma-separated learning rates to sweep")
-    p.add_argument("--steps", type=int, help="override every task's number of training steps")
-    p.add_argument("--test-lengths", type=csv(int, "integers"), help="override every task's test lengths")
-    p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
-    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, "
-                   "up to 4 on CPU, and 16 per GPU)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs"),
-                   help="folder for <preset>.json/.md/.png (default: runs/)")
-    p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
-    p.add_argument("--bench", action="store_true", help="measure time and memory against length (--test-lengths "
-                   "sets the lengths) instead of training")
-    p.add_argument("--scale", action="store_true", help="train at <= 256 tokens, then read streams of up to 11M "
-                   "tokens (its own options: python compare.py --scale --help)")
-    args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        p.error(f"unknown device {args.device!r}")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"device {args.device!r} is not supported; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"device {args.device!r} asked for, but CUDA is not available here")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        p.error(f"device {args.device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-    args.device = str(device)
-    args.preset = args.preset or ("full" if device.type == "cuda" else "quick")
-    preset = PRESETS[args.preset]
-    args.chosen_models = args.models is not None     # else each task may name its own models (the maze)
-    args.models = args.models or preset["models"]
-    args.tasks = args.tasks or list(preset["tasks"])
-    for m in args.models:
-        if m not in MODELS:
-            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    for t in args.tasks:
-        if t not in tasks.TASKS:
-            p.error(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
-        if t not in preset["tasks"] and not args.bench:
-            has = [n for n, pr in PRESETS.items() if t in pr["tasks"]]
-            p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
-                    + (f" (try --preset {has[-1]})" if has else ""))
-    for name in ("steps", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.seeds is not None and not args.seeds:
-        p.error("--seeds is empty")
-    if args.lrs is not None and (not args.lrs or min(args.lrs) <= 0):
-        p.error("--lrs must be positive numbers")
-    if args.test_lengths is not None and (not args.test_lengths or min(args.test_lengths) < 1):
-        p.error("--test-lengths must be positive integers")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        p.error(f"--out {args.out!r} is not a folder this process can write to ({e.strerror})")
-    if args.bench:
-        return args
-    for t in args.tasks:  # ask each task whether it can make what we will ask of it
-        b = preset["tasks"][t]
-        for L in (args.test_lengths or b.test) + sum(stages(b.train), []):
-            try:
-                tasks.TASKS[t](**b.options).sample(1, L, 0)
-            except ValueError as e:
-                p.error(str(e))
-    if not any(task_models(args, t) for t in args.tasks):
-        p.error(f"none of the models {', '.join(args.models)} can run the tasks {', '.join(args.tasks)}")
-    return args
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scale: `python compare.py --scale`. Train at <= 256 tokens, then read test streams of up to 11 million
-# tokens: the recurrent models piece by piece with `model.stream` (constant memory), attention in one call
-# until its wall (a time cap or the GPU's memory).
-# ---------------------------------------------------------------------------------------------------------
-
-SCALE = dict(
-    models=["attention", "ssm", "rmt", "titans"], tasks=["flipflop", "babilong"], size=dict(d_model=64, n_layers=2),
-    train=[[32, 64], [64, 128], [128, 256]], steps=500, batch_size=128,   # the full preset's flip-flop budget
-    lrs=[1e-3, 3e-3],        # two rates keep the run short: these models need only to learn the task
+SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
     lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],   # babilong stops at 1M: its 8 sequences
                  babilong=[16_384, 131_072, 1_048_576]),              # of 11M would take the run past 10 min
-    piece=16_384,            # tokens per `stream` call, and per generated piece: the host never holds more
-    examples=dict(flipflop=1, babilong=8),   # sequences read side by side (flipflop scores ~T/10 reads in each;
-                                             # babilong one answer per sequence)
+    examples=dict(flipflop=1, babilong=8),   # sequences read side by side (flip-flop scores ~T/10 reads in each,
+                                             # BABILong one answer per sequence)
+    piece=16_384,            # tokens per `stream` call and per generated piece: the host never holds more
     attention_cap_s=30.0)    # attention stops at the first length whose one call would take longer (predicted)
-
-
-def scale_train(spec):
-    """Worker: train one (model, task, lr) as `train` does; returns the record and the trained weights (CPU)."""
-    torch.manual_seed(0)
-    task = tasks.TASKS[spec["task"]]()
-    model = build_model(spec["model"], task.vocab_size, **spec["size"])
-    start = time.time()
-    losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], spec["device"])
-    hi = stages(spec["train"])[-1][1]
-    val = evaluate(model, task, hi, 256, spec["device"], seed=10_000)["token_acc"]
-    record = dict(spec, params=n_params(model), val_token_acc=val, final_loss=sum(losses[-20:]) / len(losses[-20:]),
-                  train_time_s=round(time.time() - start, 1))
-    return record, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
@@ -934,195 +805,194 @@ def scale_read(model, task, length, batch, piece, device, seed):
                 seconds=round(seconds, 2), peak_mib=peak)
 
 
-SCALE_HEADER = ["model", "task", "length", "batch", "token acc", "scored", "tokens/s", "peak MiB", "state floats"]
+def read_streams(best, lengths, device, rows, save):
+    """--scale's second half: each trained model (at its chosen lr) reads test streams of growing length, one model
+    at a time so that time and memory are its own, until it meets a wall. Each row is added to `rows`, then save()."""
+    cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
+    for (m, t), rs in best.items():
+        task = tasks.TASKS[t](**rs[0]["task_options"])
+        model = build_model(m, task.vocab_size, **rs[0]["model_options"])
+        model.load_state_dict(torch.load(rs[0]["weights"]))
+        model.to(device).eval()
+        batch, last = SCALE["examples"][t], None
+        scale_read(model, task, 2 * piece, batch, piece, device, seed=1)   # warm-up (and CUDA graph capture)
+        for L in lengths or SCALE["lengths"][t]:
+            row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L))
+            predicted = last and last[1] * (L / last[0]) ** 2      # attention: time grows as T^2
+            if not hasattr(model, "stream") and predicted and predicted > cap:
+                row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
+            else:
+                try:
+                    row.update(scale_read(model, task, L, batch, piece, device, seed=20_000 + L))
+                    last = (L, row["seconds"])
+                except torch.OutOfMemoryError:
+                    row["wall"] = "out of memory"
+            rows.append(row)
+            save()
+            if row.get("wall"):
+                break                                              # longer lengths would hit it too
+        del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def scale_cells(r):
-    cells = [r["model"], r["task"], f"{r['length']:,}", str(r["batch"])]
-    if r.get("wall"):
-        return cells + [f"wall: {r['wall']}", "", "", "", f"{r['state_floats']:,}"]
-    mib = f"{r['peak_mib']:,.0f}" if r["peak_mib"] is not None else "-"
-    return cells + [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}", mib,
-                    f"{r['state_floats']:,}"]
+def streams_report(rows, meta, out):
+    """The table of --scale's reading, and scale.png: accuracy per task and peak memory against length."""
+    cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
+        [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
+        [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
+         "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [f"{r['state_floats']:,}"]
+    task_names = list(dict.fromkeys(r["task"] for r in rows))
+    panels = [dict(title=f"{t} (trained <= 256)", xlabel="test length (tokens)", ylabel="token accuracy",
+                   ylim=(-0.02, 1.02), marks=[r["length"] for r in rows if r["task"] == t and r.get("wall")],
+                   lines=series(rows, "token_acc", task=t)) for t in task_names]
+    if series(rows, "peak_mib", task=task_names[0]):   # on a GPU
+        panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
+                           yscale="log", lines=series(rows, "peak_mib", task=task_names[0])))
+    plot_panels(os.path.join(out, "scale.png"), panels, title=f"{meta['device_name']}, commit {meta['commit']}")
+    return "\n".join([
+        "## Streams: read with the weights trained above (at <= 256 tokens)", "",
+        f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
+        f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
+        " runs out of memory. tokens/s counts model time only, for all the sequences read side by side (batch); peak"
+        " memory is the GPU's, weights included.", "",
+        md_table(["model", "task", "length", "batch", "token acc", "scored", "tokens/s", "peak MiB", "state floats"],
+                 [cells(r) for r in rows]), ""])
 
 
-def scale_report(meta, rows, training):
-    lines = ["# compare.py --scale: trained at <= 256 tokens, read streams of up to 11M tokens", "",
-             f"Command: `{meta['command']}`  ",
-             f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}, "
-             f"wall time {meta['wall_time_s']:.0f} s (training {meta['train_wall_s']:.0f} s)  ",
-             f"Training: every model {meta['steps']} steps of batch {meta['batch_size']}, curriculum "
-             f"{meta['train']}, model size {meta['size']}, lr from {meta['lrs']} by validation accuracy at 256. "
-             f"Reading: recurrent models `stream` pieces of {meta['piece']:,} tokens (state carried), attention "
-             f"reads each sequence in one call until a call is predicted to take over {meta['attention_cap_s']:.0f} s"
-             " (time ~ T^2 from the last length) or runs out of memory. tokens/s counts model time only, for all the"
-             " sequences read side by side (batch); peak memory is the GPU's, weights included. Lengths per task: "
-             + "; ".join(f"{t} {', '.join(f'{L:,}' for L in Ls)} ({meta['examples'][t]} sequences side by side)"
-                         for t, Ls in meta["lengths"].items()) + ".", "",
-             md_table(SCALE_HEADER, [scale_cells(r) for r in rows]), "",
-             "Training runs (best lr per model and task):", "",
-             md_table(["model", "task", "params", "lr", "val acc @256", "final loss", "train s"],
-                      [[r["model"], r["task"], f"{r['params']:,}", f"{r['lr']:g}", f"{r['val_token_acc']:.3f}",
-                        f"{r['final_loss']:.3f}", f"{r['train_time_s']:.0f}"] for r in training])]
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, never a traceback
+        self.exit(2, f"compare.py: error: {message}\n")
 
 
-def scale_plot(rows, task_names, model_names, path, meta):
-    """Accuracy against length, one panel per task, and peak memory against length (log x)."""
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(task_names) + 1, figsize=(3.4 * (len(task_names) + 1), 3.2))
-    for i, m in enumerate(model_names):
-        for ax, t in zip(axes, task_names):
-            pts = [(r["length"], r["token_acc"]) for r in rows if (r["model"], r["task"]) == (m, t)
-                   and "token_acc" in r]
-            walls = [r for r in rows if (r["model"], r["task"]) == (m, t) and r.get("wall")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=m)
-            for r in walls:
-                ax.axvline(r["length"], color=f"C{i}", ls=":", lw=1)
-                ax.annotate(f"{m}: wall", (r["length"], 0.05 + 0.08 * i), fontsize=6, color=f"C{i}", ha="right")
-            ax.set(title=f"{t} (trained <= 256)", xscale="log", xlabel="test length (tokens)", ylim=(-0.02, 1.02))
-        pts = [(r["length"], r["peak_mib"]) for r in rows if r["model"] == m and r["task"] == task_names[0]
-               and r.get("peak_mib") is not None]
-        if pts:
-            axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=m)
-    axes[0].set_ylabel("token accuracy")
-    axes[0].legend(fontsize=7)
-    axes[-1].set(title=f"peak GPU memory ({task_names[0]})", xscale="log", yscale="log",
-                 xlabel="test length (tokens)", ylabel="MiB")
-    fig.suptitle(f"{meta['device_name']}, {meta['dtype']}, commit {meta['commit']}", fontsize=8)
-    save_figure(plt, fig, path)
+def csv(kind, what):
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]."""
+    def parse(s):
+        try:
+            return [kind(v.strip()) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+    return parse
 
 
-def scale_main(argv):
-    p = Parser(description="Train at <= 256 tokens, then read test streams of up to 11M tokens.")
-    p.add_argument("--scale", action="store_true")
-    p.add_argument("--models", type=csv(str), default=SCALE["models"])
-    p.add_argument("--tasks", type=csv(str), default=SCALE["tasks"])
-    p.add_argument("--lengths", type=csv(int), help="test lengths for every task (default: per task, SCALE)")
-    p.add_argument("--steps", type=int, default=SCALE["steps"])
-    p.add_argument("--piece", type=int, default=SCALE["piece"])
-    p.add_argument("--attention-cap", type=float, default=SCALE["attention_cap_s"], help="seconds")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, help="training runs at once (default: all on a GPU, 2 on a CPU)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for scale.json/.md/.png")
+def parse_args(argv):
+    p = Parser(description="Train every model on every task and compare them.")
+    p.add_argument("--preset", choices=[p for p in PRESETS if p != "scale"],
+                   help="default: full on CUDA, quick otherwise")
+    p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
+    p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
+    p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
+    p.add_argument("--lrs", type=csv(float, "numbers"), help="comma-separated learning rates to sweep")
+    p.add_argument("--steps", type=int, help="override every task's number of training steps")
+    p.add_argument("--test-lengths", type=csv(int, "integers"), help="override every task's test lengths (with "
+                   "--bench: the lengths measured; with --scale: the lengths of the streams read)")
+    p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
+    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, "
+                   "up to 4 on CPU, and 16 per GPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for results and plots (default: runs/)")
+    p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
+    p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
+    p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop and BABILong at <= 256 "
+                   "tokens), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        p.error(f"unknown device {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"device {args.device!r} is not supported; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"device {args.device!r} asked for, but CUDA is not available here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"device {args.device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    args.device = str(device)
+    if args.scale and args.preset:
+        p.error("--scale trains its own preset; leave out --preset")
+    args.preset = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
+    if args.scale:   # the test lengths are the streams': the runs themselves test at their training length
+        args.stream_lengths, args.test_lengths = args.test_lengths, None
+    preset = PRESETS[args.preset]
+    args.chosen_models = args.models is not None     # else each task may name its own models (the maze)
+    args.models = args.models or preset["models"]
+    args.tasks = args.tasks or list(preset["tasks"])
     for m in args.models:
-        if m not in SCALE["models"]:
-            p.error(f"--scale runs {', '.join(SCALE['models'])}, not {m!r}")
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     for t in args.tasks:
-        if t not in SCALE["tasks"]:
-            p.error(f"--scale runs {', '.join(SCALE['tasks'])}, not {t!r}")
-    if min(args.lengths or [256]) < 256 or args.piece < 64 or args.piece % 64:
-        p.error("--lengths must be >= 256 and --piece a multiple of 64 (whole chunks and segments in each piece)")
-    device, start = args.device, time.time()
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
-    meta = dict(command="python compare.py " + " ".join(argv), device=device, device_name=name,
-                torch=torch.__version__, commit=git_commit(), dtype="bf16 autocast" if device.startswith("cuda")
-                else "fp32", train=SCALE["train"], steps=args.steps, batch_size=SCALE["batch_size"],
-                lrs=SCALE["lrs"], size=SCALE["size"], piece=args.piece, attention_cap_s=args.attention_cap,
-                lengths={t: args.lengths or SCALE["lengths"][t] for t in args.tasks},
-                examples={t: SCALE["examples"][t] for t in args.tasks})
-    print(f"scale on {name}: train {', '.join(args.models)} on {', '.join(args.tasks)} at <= 256 tokens, "
-          f"then read up to {max(args.lengths or sum(SCALE['lengths'].values(), [])):,} tokens", flush=True)
+        if t not in tasks.TASKS:
+            p.error(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
+        if t not in preset["tasks"] and not args.bench:
+            has = [n for n, pr in PRESETS.items() if t in pr["tasks"]]
+            p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
+                    + (f" (try --preset {has[-1]})" if has else ""))
+    for name in ("steps", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.seeds is not None and not args.seeds:
+        p.error("--seeds is empty")
+    if args.lrs is not None and (not args.lrs or min(args.lrs) <= 0):
+        p.error("--lrs must be positive numbers")
+    if args.test_lengths is not None and (not args.test_lengths or min(args.test_lengths) < 1):
+        p.error("--test-lengths must be positive integers")
+    if args.scale and min(args.stream_lengths or [256]) < 256:
+        p.error(f"--test-lengths with --scale must be >= 256 tokens, got {args.stream_lengths}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        open(os.path.join(args.out, ".write-test"), "w").close()
+        os.remove(os.path.join(args.out, ".write-test"))
+    except OSError as e:
+        p.error(f"--out {args.out!r} is not a folder this process can write to ({e.strerror})")
+    if args.bench:
+        return args
+    for t in args.tasks:  # ask each task whether it can make what we will ask of it
+        b = preset["tasks"][t]
+        for L in (args.test_lengths or b.test) + sum(stages(b.train), []):
+            try:
+                tasks.TASKS[t](**b.options).sample(1, L, 0)
+            except ValueError as e:
+                p.error(str(e))
+    if not any(task_models(args, t) for t in args.tasks):
+        p.error(f"none of the models {', '.join(args.models)} can run the tasks {', '.join(args.tasks)}")
+    return args
 
-    # 1. Train every (model, task, lr) at once, in worker processes: the budgets of the full preset.
-    specs = [dict(model=m, task=t, lr=lr, steps=args.steps, batch_size=SCALE["batch_size"], train=SCALE["train"],
-                  size=SCALE["size"], device=device) for t in args.tasks for m in args.models for lr in SCALE["lrs"]]
-    workers = args.workers or (len(specs) if device.startswith("cuda") else min(2, os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        trained = list(tqdm(pool.map(scale_train, specs), total=len(specs), desc="train"))
-    best = {}
-    for record, weights in trained:                  # the lr with the best validation accuracy, per cell
-        cell = (record["model"], record["task"])
-        if cell not in best or (record["val_token_acc"], -record["final_loss"]) > (
-                best[cell][0]["val_token_acc"], -best[cell][0]["final_loss"]):
-            best[cell] = (record, weights)
-    meta["train_wall_s"] = round(time.time() - start, 1)
 
-    # 2. Read the test streams, one model at a time (so that time and memory are its own).
-    rows = []
-    for t in args.tasks:
-        task = tasks.TASKS[t]()
-        for m in args.models:
-            record, weights = best[(m, t)]
-            model = build_model(m, task.vocab_size, **SCALE["size"])
-            model.load_state_dict(weights)
-            model.to(device).eval()
-            batch = SCALE["examples"][t]
-            scale_read(model, task, 2 * args.piece, batch, args.piece, device, seed=1)   # warm-up, CUDA graphs
-            last = None
-            for L in args.lengths or SCALE["lengths"][t]:
-                row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L),
-                           lr=record["lr"], val_token_acc=record["val_token_acc"])
-                predicted = last and last[1] * (L / last[0]) ** 2      # attention: quadratic time
-                if not hasattr(model, "stream") and predicted and predicted > args.attention_cap:
-                    row["wall"] = f"time: {predicted:,.0f} s predicted > {args.attention_cap:.0f} s cap"
-                else:
-                    try:
-                        row.update(scale_read(model, task, L, batch, args.piece, device, seed=20_000 + L))
-                        last = (L, row["seconds"])
-                    except torch.OutOfMemoryError:
-                        row["wall"] = "out of memory"
-                rows.append(row)
-                print(md_row(scale_cells(row)), flush=True)
-                os.makedirs(args.out, exist_ok=True)                      # saved as it goes: a cut run keeps it
-                save_json(os.path.join(args.out, "scale.json"), dict(meta=meta, rows=rows))
-                if row.get("wall"):
-                    break                                                 # longer lengths hit it too
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    meta["wall_time_s"] = round(time.time() - start, 1)
-
-    os.makedirs(args.out, exist_ok=True)
-    save_json(os.path.join(args.out, "scale.json"), dict(meta=meta, training=[r for r, _ in best.values()],
-                                                         rows=rows))
-    text = scale_report(meta, rows, [r for r, _ in best.values()])
-    with open(os.path.join(args.out, "scale.md"), "w") as f:
-        f.write(text)
-    print(text)
-    scale_plot(rows, args.tasks, args.models, os.path.join(args.out, "scale.png"), meta)
-    return 0
-
+# ---------------------------------------------------------------------------------------------------------
+# main: the runs a command owes, trained and stored as they finish, then the report
+# ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--scale" in argv:
-        return scale_main(argv)
     args = parse_args(argv)
-    if args.bench:
-        return bench_main(args)
-    path = os.path.join(args.out, f"{args.preset}.json")
-    stored = load_runs(path, args.preset, args.fresh)
+    cuda = args.device.startswith("cuda")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if args.device == "cuda" else [args.device]
-    workers = args.workers or (min(16 * len(devices), os.cpu_count() or 1) if devices[0].startswith("cuda")
-                               else min(4, os.cpu_count() or 1))
-    device_name = torch.cuda.get_device_name(devices[0]) if devices[0].startswith("cuda") else "CPU"
     meta = dict(preset=args.preset, command="python compare.py " + " ".join(args.argv), device=args.device,
-                device_name=device_name, torch=torch.__version__, commit=git_commit(), workers=workers,
+                device_name=torch.cuda.get_device_name(devices[0]) if cuda else "CPU", torch=torch.__version__,
+                commit=git_commit(), dtype="bf16 autocast" if cuda else "fp32",
                 lrs=args.lrs or PRESETS[args.preset]["lrs"])
-    results = {"meta": meta, "runs": stored}
-    print(f"preset {args.preset!r} on {device_name} ({args.device}), {workers} worker(s); runs are saved in {path}")
+    if args.bench:
+        return bench(args, meta)
+    path = os.path.join(args.out, f"{args.preset}.json")
+    results = {"meta": meta, "runs": load_runs(path, args.preset, args.fresh)}
+    meta["workers"] = workers = args.workers or min(16 * len(devices) if cuda else 4, os.cpu_count() or 1)
+    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s); runs are saved in "
+          f"{path}")
 
+    # The lr sweep of every cell first; a cell's other seeds and dial (its follow-ups) once its sweep is complete.
     sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], [0]
-    for s in make_specs(args, "lr sweep"):
+    for s in make_specs(args):
         sweeps.setdefault((s["model"], s["task"]), []).append(s)
+    done = lambda spec: same_spec(results["runs"].get(run_key(spec)), spec)  # noqa: E731
 
-    def done(spec):
-        return same_spec(results["runs"].get(run_key(spec)), spec)
-
-    def follow_ups_of(cell, lr=None):
-        """The cell's other seeds and its dial, at the chosen lr."""
-        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
-
-    def follow_ups(cell):
-        """Once a cell's lr sweep is complete: its follow-ups, at the lr the sweep chose."""
-        if not all(done(s) for s in sweeps[cell]):
+    def follow_ups(cell, lr=None):
+        """The cell's follow-ups at `lr`, or at the lr its sweep chose once the sweep is complete ([] before)."""
+        if lr is None and not all(done(s) for s in sweeps[cell]):
             return []
-        return follow_ups_of(cell, best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"])
+        lr = lr or best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"]
+        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
 
     def on_done(record):
         record["commit"] = meta["commit"]
@@ -1132,35 +1002,38 @@ def main(argv=None):
         sweep_run = not record.get("dial") and record["seed"] == first_seed
         return [s for s in follow_ups((record["model"], record["task"])) if not done(s)] if sweep_run else []
 
-    todo = [s for specs in sweeps.values() for s in specs]
-    todo += [s for cell in sweeps for s in follow_ups(cell)]   # cells swept earlier may still owe their follow-ups
-    stale = sum(run_key(s) in stored and not done(s) for s in todo)
-    n_reused = sum(done(s) for s in todo)
-    todo = [s for s in todo if not done(s)]
-    print(f"{n_reused} stored runs reused, {len(todo)} to train now"
+    todo = [s for specs in sweeps.values() for s in specs] + [s for cell in sweeps for s in follow_ups(cell)]
+    stale = sum(run_key(s) in results["runs"] and not done(s) for s in todo)
+    print(f"{sum(map(done, todo))} stored runs reused, {sum(not done(s) for s in todo)} to train now"
           + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
-          + (", more once each lr sweep is done" if any(not all(done(s) for s in v) and follow_ups_of(cell)
-                                                        for cell, v in sweeps.items()) else ""))
+          + (", more once each lr sweep is done" if any(not all(map(done, v)) and follow_ups(cell, lr=1.0)
+                                                        for cell, v in sweeps.items()) else ""))   # (any lr will do)
     start = time.time()
     try:
-        run_all(todo, workers, devices, on_done)
+        run_all([s for s in todo if not done(s)], workers, devices, on_done)
     except KeyboardInterrupt:
-        if n_run[0]:
-            print(f"\nstopped: the {n_run[0]} runs finished by this command are saved in {path}; run the same command"
-                  f"{' without --fresh' if args.fresh else ''} to go on from there")
-        else:
-            print("\nstopped before any run finished: nothing new was saved")
+        print(f"\nstopped: the {n_run[0]} runs finished by this command are saved in {path}; run the same command"
+              f"{' without --fresh' if args.fresh else ''} to go on from there" if n_run[0] else
+              "\nstopped before any run finished: nothing new was saved")
         return 130
-    wanted = [s for specs in sweeps.values() for s in specs] + [s for cell in sweeps for s in follow_ups(cell)]
-    runs = [results["runs"][run_key(s)] for s in wanted]
+    runs = [results["runs"][run_key(s)] for specs in sweeps.values() for s in specs]
+    runs += [results["runs"][run_key(s)] for cell in sweeps for s in follow_ups(cell)]
+    if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
+        longest = max(args.stream_lengths or [L for t in args.tasks for L in SCALE["lengths"][t]])
+        print(f"reading streams of up to {longest:,} tokens")
+        results["streams"] = []
+        read_streams(best_runs(runs), args.stream_lengths, args.device, results["streams"],
+                     lambda: save_json(path, results))
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run[0], runs_reused=len(runs) - n_run[0])
     save_json(path, results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
-    text = report(runs, meta, args.tasks, models)
+    text = report(runs, meta, args.tasks, models) + ("\n" + streams_report(results["streams"], meta, args.out)
+                                                     if args.scale else "")
     with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
         f.write(text)
     print(text)
-    plot_all(runs, args.out, args.preset, args.tasks, models)
+    if not args.scale:
+        plot_all(runs, args.out, args.preset, args.tasks, models)
     return 0
 
 

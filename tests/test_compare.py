@@ -303,3 +303,25 @@ def test_scale_read_in_pieces_scores_like_one_call(name):
     mask = y != tasks.IGNORE
     assert row["scored"] == mask.sum().item() > 50
     assert row["token_acc"] == ((pred == y) & mask).sum().item() / mask.sum().item()
+
+
+@pytest.mark.slow
+def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
+    """--scale: the scale preset's runs through the usual protocol (stored, resumable), their weights kept, then
+    every chosen model reads every stream length; a second command reuses the training and reads again."""
+    argv = ["--scale", "--models", "ssm,attention", "--tasks", "flipflop", "--steps", "3", "--test-lengths",
+            "512,1024", "--workers", "1", "--out", str(tmp_path)]
+    assert compare.main(argv) == 0
+    saved = json.load(open(tmp_path / "scale.json"))
+    assert len(saved["runs"]) == 2 * len(compare.PRESETS["scale"]["lrs"])
+    assert all(os.path.exists(r["weights"]) for r in saved["runs"].values())
+    streams = saved["streams"]
+    assert [(r["model"], r["length"]) for r in streams] == [(m, L) for m in ("ssm", "attention") for L in (512, 1024)]
+    assert all(0 <= r["token_acc"] <= 1 and r["scored"] > 0 for r in streams)
+    assert streams[0]["state_floats"] == streams[1]["state_floats"] < streams[3]["state_floats"]  # SSM vs KV cache
+    assert "## Streams" in (tmp_path / "scale.md").read_text()
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    assert "4 stored runs reused, 0 to train now" in capsys.readouterr().out
+    again = json.load(open(tmp_path / "scale.json"))["streams"]          # the same weights read the same streams
+    assert [(r["token_acc"], r["scored"]) for r in again] == [(r["token_acc"], r["scored"]) for r in streams]
