@@ -479,11 +479,13 @@ def load_runs(path, preset, fresh):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reports: markdown tables and plots, made from the stored runs
+# Reports. Every table and figure is made from "panels": a panel is one block of columns in a table and one
+# axes in a figure, with x values `xs` and `lines`, a dict from a label (a model, or a tuple that starts with
+# one) to one list of values per x, a value per seed. Tables show mean±half the spread; figures the mean.
 # ---------------------------------------------------------------------------------------------------------
 
 def mean(values):
-    """The mean over seeds of the values that exist; nan when none does."""
+    """The mean of the values that exist; nan when none does."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
 
@@ -501,88 +503,19 @@ def md_row(cells):
 
 
 def md_table(header, rows):
-    """A markdown table; rows whose cells are all empty are left out."""
-    rows = [md_row(r) for r in rows if any(c != "" for c in r[1:])]
-    return "\n".join([md_row(header), "|" + "---|" * len(header)] + rows)
+    return "\n".join([md_row(header), "|" + "---|" * len(header)] + [md_row(r) for r in rows])
 
 
-def at(rs, L, *path):
-    """A metric of each seed's run at test length L, e.g. at(rs, 64, "by_depth", 0)."""
-    return [functools.reduce(lambda value, key: value[key], path, r["metrics"][str(L)]) for r in rs]
-
-
-def accuracy_table(best, metric, task_names, model_names):
-    """Models x task@length, mean over seeds at the chosen lr."""
-    cols = [(t, L) for t in task_names for L in next((rs[0]["test"] for (m, tt), rs in best.items() if tt == t), [])]
-    return md_table(["model"] + [f"{t}@{L}" for t, L in cols],
-                    [[m] + [mean_spread(r["metrics"][str(L)].get(metric) for r in best.get((m, t), []))
-                            for t, L in cols] for m in model_names])
-
-
-def dial_points(runs, best, task, model_names):
-    """(model, label, state floats at the largest test length, accuracy by length) for each model at its
-    default state (chosen lr, mean over seeds) and at each of the dial's other sizes."""
-    points = [(m, "default", rs[0], {L: mean(at(rs, L, "token_acc")) for L in rs[0]["metrics"]})
-              for (m, t), rs in best.items() if t == task and m in model_names]
-    points += [(r["model"], ", ".join(f"{k}={v}" for k, v in r["dial"].items()), r,
-                {L: v["token_acc"] for L, v in r["metrics"].items()})
-               for r in runs if r.get("dial") and r["task"] == task and r["model"] in model_names]
-    return sorted([(m, label, r["state_size"][str(r["test"][-1])], acc) for m, label, r, acc in points],
-                  key=lambda p: (model_names.index(p[0]), p[2]))
-
-
-def details(best, edges, task_names, model_names):
-    """Per (model, task) at the chosen lr: parameters, state size, lr, seeds, steps, examples, wall time."""
+def table(panels, first=("model",)):
+    """One row per label (a tuple label fills the first columns), a column per x of each panel, named by the
+    panel's `names` or as title@x; a row with no value anywhere is left out."""
+    header = list(first) + [n for p in panels for n in p.get("names") or [f"{p['title']}@{x}" for x in p["xs"]]]
     rows = []
-    for m, t in [(m, t) for m in model_names for t in task_names if (m, t) in best]:
-        rs, ref = best[(m, t)], best.get(("attention", t))
-        r = rs[0]
-        rows.append([m, t, f"{r['params']:,}" + (f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""),
-                     ", ".join(f"{v:,}" for v in r["state_size"].values()),
-                     f"{r['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(rs), r["steps"],
-                     f"{r['examples_seen']:,}", f"{mean(x['wall_time_s'] for x in rs):.1f}"])
-    return md_table(["model", "task", "params (vs attention)", "state floats (per test length)", "chosen lr",
-                     "seeds", "steps", "examples", "wall s"], rows)
-
-
-def report(runs, meta, task_names, model_names):
-    best = best_runs(runs)
-    edges = edge_cells(runs, best)
-    parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
-             f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
-             f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
-             f"{meta.get('runs_reused', 0)} reused from earlier ones", "",
-             "## Token accuracy on scored positions (training length first; mean±half-spread over seeds)", "",
-             accuracy_table(best, "token_acc", task_names, model_names), "",
-             "## Exact match: every scored position of an example right (copy: greedy generation)", "",
-             accuracy_table(best, "gen_exact", [t for t in task_names if t == "copy"], model_names), "",
-             accuracy_table(best, "exact", [t for t in task_names if t != "copy"], model_names), ""]
-    for t in [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]:
-        points = dial_points(runs, best, t, model_names)
-        parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
-                  md_table(["model", "size", "state floats"] + [f"{t}@{L}" for L in points[0][3]],
-                           [[m, label, f"{state:,}"] + [f"{a:.2f}" for a in acc.values()]
-                            for m, label, state, acc in points]), ""]
-    maze = [(m, best[(m, "maze")]) for m in model_names if (m, "maze") in best]
-    if maze:   # a fixed-depth model has one number per size; HRM one per count of test-time segments
-        counts = sorted({s for m, rs in maze for s in rs[0].get("test_segments", [])})
-        rows = [[m, f"{L}x{L}"] + ([""] + [mean_spread(at(rs, L, "by_segments", str(s), "exact")) for s in counts]
-                                   if "by_segments" in rs[0]["metrics"][str(L)]
-                                   else [mean_spread(at(rs, L, "exact"))] + [""] * len(counts))
-                for m, rs in maze for L in rs[0]["test"]]
-        parts += ["## Maze: exact match against test-time segments", "",
-                  md_table(["model", "maze size", "fixed depth"] + [f"{s} seg" for s in counts], rows), ""]
-    babi = [(m, best[(m, "babilong")]) for m in model_names if (m, "babilong") in best]
-    if babi:
-        parts += ["## BABILong: exact match by the depth of the deciding fact", "",
-                  md_table(["model", "length", "depth 0-25%", "25-50%", "50-75%", "75-100%"],
-                           [[m, L] + [mean_spread(at(rs, L, "by_depth", k)) for k in range(4)]
-                            for m, rs in babi for L in rs[0]["test"]]), ""]
-    parts += ["## Runs", "", details(best, edges, task_names, model_names), ""]
-    if edges:
-        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {', '.join(sorted(f'{m}/{t}' for m, t in edges))}."
-                  " A wider grid might find a better rate for these.", ""]
-    return "\n".join(parts)
+    for label in dict.fromkeys(label for p in panels for label in p["lines"]):
+        cells = [mean_spread(v) for p in panels for v in p["lines"].get(label, [[]] * len(p["xs"]))]
+        if any(cells):
+            rows.append(list(label if isinstance(label, tuple) else [label]) + cells)
+    return md_table(header, rows)
 
 
 @functools.cache
@@ -602,25 +535,28 @@ def short(n):
     return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e4 else f"{n:g}"
 
 
-def plot_panels(path, panels, title=None):
-    """One row of line plots on a log x axis, saved to path. Each panel is a dict of axis settings (title, xlabel,
-    ylabel, ylim, yscale) with `lines`, a list of (label, xs, ys, style), and optionally `marks`, x positions
-    to draw a dotted vertical line at (a training length, a wall)."""
+def plot(path, panels, title=None):
+    """Panels side by side, a log x axis unless a panel says otherwise. One colour per model in every figure;
+    a model's second and later lines in a panel are dashed. Dotted verticals at a panel's `marks`."""
     plt = pyplot()
-    if plt is None:
+    if plt is None or not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 3.4 * len(panels)), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        panel = dict(panel)
-        xs = set()
-        for label, x, y, style in panel.pop("lines"):
-            ax.plot(x, y, label=label, **{"marker": "o", **style})
-            xs |= set(x)
-        for x in panel.pop("marks", []):
+    for ax, p in zip(axes[0], panels):
+        drawn = []
+        for label, values in p["lines"].items():
+            label = label if isinstance(label, tuple) else (label,)
+            points = [(x, mean(v)) for x, v in zip(p["xs"], values) if not math.isnan(mean(v))]
+            if points:
+                ax.plot(*zip(*points), marker="o", color=f"C{list(MODELS).index(label[0])}",
+                        ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4], label=", ".join(map(str, label)))
+            drawn.append(label[0])
+        for x in p.get("marks", []):
             ax.axvline(x, color="gray", ls=":", lw=1)
-        ax.set(**{"xscale": "log", **panel})
+        ax.set(xscale=p.get("xscale", "log"), **{k: p[k] for k in ("title", "xlabel", "ylabel", "ylim", "yscale")
+                                                  if k in p})
         ax.minorticks_off()
-        ax.set_xticks(sorted(xs), [short(x) for x in sorted(xs)], fontsize=7)
+        ax.set_xticks(p["xs"], [short(x) for x in p["xs"]], fontsize=7)
     labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
     axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6)   # every line's label, wherever it is
     if title:
@@ -631,76 +567,115 @@ def plot_panels(path, panels, title=None):
     print(f"plot: {path}")
 
 
-def series(rows, key, **match):
-    """Lines for plot_panels from rows of measurements: `key` against length, one line per model, over the rows
-    that match (e.g. task="flipflop"); rows without the key (an out-of-memory row, a wall) are left out."""
-    models, lines = list(dict.fromkeys(r["model"] for r in rows)), []
-    for i, m in enumerate(models):
-        points = [(r["length"], r[key]) for r in rows if r["model"] == m and r.get(key) is not None
-                  and all(r[k] == v for k, v in match.items())]
-        if points:
-            lines.append((m, *zip(*points), dict(color=f"C{i}")))
-    return lines
+def at(rs, L, *path):
+    """A metric of each seed's run at test length L, e.g. at(rs, 64, "by_depth", 0)."""
+    return [functools.reduce(lambda value, key: value[key], path, r["metrics"][str(L)]) for r in rs]
 
 
-def plot_all(runs, out, preset, task_names, model_names):
-    """<preset>_length.png (accuracy vs test length), _dial.png (accuracy vs content per state size),
-    _segments.png (maze vs test-time segments), _depth.png (BABILong by depth of the deciding fact)."""
-    best, acc = best_runs(runs), dict(ylim=(-0.02, 1.02))
+ACCURACY = dict(ylim=(-0.02, 1.02))
+
+
+def report(runs, meta, task_names, model_names):
+    """The markdown report of a preset's runs, and its figures as {name: panels}."""
+    best = best_runs(runs)
+    edges = edge_cells(runs, best)
     cells = lambda t: [(m, best[(m, t)]) for m in model_names if (m, t) in best]  # noqa: E731
-    plot_panels(os.path.join(out, f"{preset}_length.png"), [dict(
-        title=t, xlabel="test length" + (" (pairs)" if t == "recall" else ""), ylabel="token accuracy", **acc,
-        marks=sorted({stages(rs[0]["train"])[-1][1] for m, rs in cells(t)}),
-        lines=[(m, rs[0]["test"], [mean(at(rs, L, "token_acc")) for L in rs[0]["test"]], {}) for m, rs in cells(t)])
-        for t in task_names if t != "maze" and cells(t)])
-    for t in [t for t in task_names if any(r.get("dial") and r["task"] == t for r in runs)]:
-        plot_panels(os.path.join(out, f"{preset}_dial.png"), [dict(
-            title=f"the dial: {t}, accuracy against content", ylabel="token accuracy", **acc,
-            xlabel="content (key-value pairs)" if t == "recall" else "test length",
-            lines=[(f"{m} {label} ({state:,} floats)", [int(L) for L in a], list(a.values()),
-                    dict(color=f"C{model_names.index(m)}", ls="-" if label == "default" else "--"))
-                   for m, label, state, a in dial_points(runs, best, t, model_names)])])
-    if cells("maze"):
-        counts, lines = sorted({s for m, rs in cells("maze") for s in rs[0].get("test_segments", [])}) or [1], []
-        for i, (m, rs) in enumerate(cells("maze")):
-            for L, ls in zip(rs[0]["test"], ("-", "--", ":")):
+    tests = lambda t: cells(t)[0][1][0]["test"]  # noqa: E731   (the same for every model on a task)
+    sequence_tasks = [t for t in task_names if t != "maze" and cells(t)]
+
+    def by_length(t, metric):   # a task's panel: a metric against test length (recall: pairs), a line per model
+        return dict(title=t, xs=tests(t), lines={m: [at(rs, L, metric) for L in tests(t)] for m, rs in cells(t)},
+                    xlabel="test length" + (" (pairs)" if t == "recall" else ""), ylabel="token accuracy",
+                    marks=[stages(cells(t)[0][1][0]["train"])[-1][1]], **ACCURACY)
+    figures = {"length": [by_length(t, "token_acc") for t in sequence_tasks]}
+    parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
+             f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
+             f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
+             f"{meta.get('runs_reused', 0)} reused from earlier ones", "",
+             "## Token accuracy on scored positions (training length first; mean±half-spread over seeds)", "",
+             table(figures["length"]), "",
+             "## Exact match: every scored position of an example right (copy: greedy generation)", "",
+             table([by_length(t, "gen_exact" if t == "copy" else "exact") for t in sequence_tasks]), ""]
+    for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
+        points = [(m, "default", rs) for m, rs in cells(t)] + [
+            (r["model"], ", ".join(f"{k}={v}" for k, v in r["dial"].items()), [r])
+            for r in runs if r.get("dial") and r["task"] == t and r["model"] in model_names]
+        state = lambda rs: rs[0]["state_size"][str(tests(t)[-1])]  # noqa: E731   (at the largest content)
+        points.sort(key=lambda p: (model_names.index(p[0]), state(p[2])))
+        figures["dial"] = [dict(by_length(t, "token_acc"), title=f"the dial: {t}, accuracy against content", lines={
+            (m, size, f"{state(rs):,}"): [at(rs, L, "token_acc") for L in tests(t)] for m, size, rs in points})]
+        parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
+                  table([dict(figures["dial"][0], title=t)], first=("model", "size", "state floats")), ""]
+    if cells("maze"):   # HRM at each count of test-time segments; a fixed-depth model has one number
+        counts, lines = sorted({s for m, rs in cells("maze") for s in rs[0].get("test_segments", [])}) or [1], {}
+        for m, rs in cells("maze"):
+            for L in rs[0]["test"]:
                 if "by_segments" in rs[0]["metrics"][str(L)]:
-                    lines.append((f"{m}, {L}x{L}", counts, [mean(at(rs, L, "by_segments", str(s), "exact"))
-                                                            for s in counts], dict(color=f"C{i}", ls=ls)))
-                else:   # a fixed-depth model: one number, drawn flat
-                    lines.append((f"{m}, {L}x{L} (fixed depth)", counts, [mean(at(rs, L, "exact"))] * len(counts),
-                                  dict(color=f"C{i}", ls=ls, marker="")))
-        plot_panels(os.path.join(out, f"{preset}_segments.png"), [dict(
-            title="maze: recurrent depth at test time", xlabel="test-time segments", ylabel="exact match", **acc,
-            lines=lines)])
-    if cells("babilong"):
-        plot_panels(os.path.join(out, f"{preset}_depth.png"), [dict(
-            title=f"babilong @ {L}", xlabel="depth of the deciding fact (%)", xscale="linear",
-            ylabel="exact match", **acc,
-            lines=[(m, [12.5, 37.5, 62.5, 87.5], [mean(at(rs, L, "by_depth", k)) for k in range(4)], {})
-                   for m, rs in cells("babilong")]) for L in cells("babilong")[0][1][0]["test"]])
-
+                    lines[(m, f"{L}x{L}")] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
+                else:
+                    lines[(m, f"{L}x{L}, fixed depth")] = [at(rs, L, "exact")] * len(counts)
+        figures["segments"] = [dict(title="maze: recurrent depth at test time", xs=counts, lines=lines,
+                                    names=[f"{s} seg" for s in counts], xlabel="test-time segments",
+                                    ylabel="exact match", **ACCURACY)]
+        parts += ["## Maze: exact match against test-time segments", "",
+                  table(figures["segments"], first=("model", "maze")), ""]
+    if cells("babilong"):   # one row per (model, length); one panel per length in the figure
+        quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
+                        ylabel="exact match", **ACCURACY)
+        depth = {(m, L): [at(rs, L, "by_depth", k) for k in range(4)] for m, rs in cells("babilong")
+                 for L in tests("babilong")}
+        figures["depth"] = [dict(quarters, title=f"babilong@{L}", lines={m: v for (m, LL), v in depth.items()
+                                                                          if LL == L}) for L in tests("babilong")]
+        parts += ["## BABILong: exact match by the depth of the deciding fact", "",
+                  table([dict(quarters, lines=depth, names=["0-25%", "25-50%", "50-75%", "75-100%"])],
+                        first=("model", "length")), ""]
+    rows = []   # the cost of each cell, at its chosen lr
+    for m, t in [(m, t) for m in model_names for t in task_names if (m, t) in best]:
+        (r, *_), ref = best[(m, t)], best.get(("attention", t))
+        rows.append([m, t, f"{r['params']:,}" + (f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""),
+                     ", ".join(f"{v:,}" for v in r["state_size"].values()),
+                     f"{r['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(best[(m, t)]), r["steps"],
+                     f"{r['examples_seen']:,}", f"{mean(x['wall_time_s'] for x in best[(m, t)]):.1f}"])
+    parts += ["## Runs", "", md_table(["model", "task", "params (vs attention)", "state floats (per test length)",
+                                       "chosen lr", "seeds", "steps", "examples", "wall s"], rows), ""]
+    if edges:
+        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {', '.join(sorted(f'{m}/{t}' for m, t in edges))}."
+                  " A wider grid might find a better rate for these.", ""]
+    return "\n".join(parts), figures
 
 # ---------------------------------------------------------------------------------------------------------
-# Cost against length. --bench: one untrained model at a time, time and memory of a training step and of
-# reading a whole sequence in one call. --scale: trained models read streams of up to 11M tokens.
+# Cost against length. --bench: one untrained model at a time, the time and memory of a training step and of
+# reading a whole sequence in one call. --scale: the trained models read streams of up to 11M tokens.
 # ---------------------------------------------------------------------------------------------------------
+
+def series(rows, key, **match):
+    """A panel's xs and lines from rows of measurements: `key` against length, a line per model, over the rows
+    that match (e.g. task="flipflop"); rows without the key (out of memory, a wall) are left out."""
+    rows = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    xs = sorted({r["length"] for r in rows})
+    return dict(xs=xs, lines={m: [[r[key] for r in rows if (r["model"], r["length"]) == (m, x) and r.get(key)
+                                   is not None] for x in xs] for m in dict.fromkeys(r["model"] for r in rows)})
+
+
+def peak_mib(device, start=False):
+    """CUDA: reset the peak-memory counter (start) or read it in MiB; None on a CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.reset_peak_memory_stats(device) if start else torch.cuda.max_memory_allocated(device) / 2 ** 20
+
 
 def timed(fn, device, repeats=3):
     """Median seconds of fn() after one warm-up call, and the peak memory (MiB) it allocated on CUDA."""
     fn()
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_mib(device, start=True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize(device)
+        peak_mib(device)   # waits for the GPU to finish
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None)
+    return sorted(times)[len(times) // 2], peak_mib(device)
 
 
 def bench_row(name, T, device, size, vocab_size=32, batch=1):
@@ -729,37 +704,34 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
     return row
 
 
-def bench_cells(r):
-    mib = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
-    return [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (
-        ["out of memory", "", "", ""] if r.get("oom") else
-        [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
-
-
 def bench(args, meta):
     """--bench: every (model, length), printed as it goes, then saved as bench.json/.md/.png."""
     cuda = args.device.startswith("cuda")
     lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
     models = args.models if args.chosen_models else ["attention", "ssm", "rmt", "titans", "hrm"]
     size = PRESETS[args.preset]["size"]
-    header = ["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
-              "inference peak MiB"]
+    mib = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+    cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
+        ["out of memory", "", "", ""] if r.get("oom") else
+        [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
     head = ["# compare.py --bench: cost against length", "", f"Command: `{meta['command']}`  ",
             f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}; batch 1, "
-            f"model size {size}, median of 3 after a warm-up", ""]
-    print("\n".join(head + [md_table(header, [])]))
+            f"model size {size}, median of 3 after a warm-up", "",
+            md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
+                      "inference peak MiB"], [])]
+    print("\n".join(head))
     rows = []
     for m in models:
         for T in lengths:
             rows.append(bench_row(m, T, args.device, size))
             if cuda:
                 torch.cuda.empty_cache()
-            print(md_row(bench_cells(rows[-1])), flush=True)
+            print(md_row(cells(rows[-1])), flush=True)
     save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, rows=rows))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write("\n".join(head + [md_table(header, [bench_cells(r) for r in rows])]) + "\n")
-    plot_panels(os.path.join(args.out, "bench.png"), [
-        dict(title=label, xlabel="sequence length", yscale="log", lines=series(rows, key))
+        f.write("\n".join(head + [md_row(cells(r)) for r in rows]) + "\n")
+    plot(os.path.join(args.out, "bench.png"), [
+        dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))
         for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),
                            ("train_mib", "fwd+bwd peak MiB")]], title=f"{meta['device_name']}, {meta['dtype']}")
     return 0
@@ -780,10 +752,7 @@ def scale_read(model, task, length, batch, piece, device, seed):
     `model.stream` on each piece with the state carried, attention reads the whole sequence in one call.
     Returns token accuracy, scored positions, tokens per second of model time (all sequences together) and
     the peak GPU memory in MiB (None on CPU)."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_mib(device, start=True)
     pieces = task.pieces(batch, length, piece, seed, device)
     if not hasattr(model, "stream"):                 # attention: one call on the whole sequence
         pieces = [tuple(torch.cat(t, dim=1) for t in zip(*pieces))]
@@ -794,15 +763,13 @@ def scale_read(model, task, length, batch, piece, device, seed):
         with autocast(device):
             logits, state = model.stream(x, state) if hasattr(model, "stream") else (model(x), None)
         pred = logits.argmax(-1)
-        if cuda:
-            torch.cuda.synchronize(device)
+        peak_mib(device)   # waits for the GPU to finish
         seconds += time.perf_counter() - start
         mask = y != tasks.IGNORE
         right += ((pred == y) & mask).sum().item()
         scored += mask.sum().item()
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
     return dict(token_acc=right / max(scored, 1), scored=scored, tokens_per_s=batch * length / seconds,
-                seconds=round(seconds, 2), peak_mib=peak)
+                seconds=round(seconds, 2), peak_mib=peak_mib(device))
 
 
 def read_streams(best, lengths, device, rows, save):
@@ -836,20 +803,20 @@ def read_streams(best, lengths, device, rows, save):
             torch.cuda.empty_cache()
 
 
-def streams_report(rows, meta, out):
-    """The table of --scale's reading, and scale.png: accuracy per task and peak memory against length."""
+def streams_report(rows):
+    """The table of --scale's reading, and its figure: accuracy per task and peak memory against length."""
     cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
         [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
         [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
     panels = [dict(title=f"{t} (trained <= 256)", xlabel="test length (tokens)", ylabel="token accuracy",
-                   ylim=(-0.02, 1.02), marks=[r["length"] for r in rows if r["task"] == t and r.get("wall")],
-                   lines=series(rows, "token_acc", task=t)) for t in task_names]
-    if series(rows, "peak_mib", task=task_names[0]):   # on a GPU
+                   marks=[r["length"] for r in rows if r["task"] == t and r.get("wall")],
+                   **series(rows, "token_acc", task=t), **ACCURACY) for t in task_names]
+    memory = series(rows, "peak_mib", task=task_names[0])
+    if any(any(v) for v in memory["lines"].values()):   # on a GPU
         panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
-                           yscale="log", lines=series(rows, "peak_mib", task=task_names[0])))
-    plot_panels(os.path.join(out, "scale.png"), panels, title=f"{meta['device_name']}, commit {meta['commit']}")
+                           yscale="log", **memory))
     return "\n".join([
         "## Streams: read with the weights trained above (at <= 256 tokens)", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
@@ -857,8 +824,7 @@ def streams_report(rows, meta, out):
         " runs out of memory. tokens/s counts model time only, for all the sequences read side by side (batch); peak"
         " memory is the GPU's, weights included.", "",
         md_table(["model", "task", "length", "batch", "token acc", "scored", "tokens/s", "peak MiB", "state floats"],
-                 [cells(r) for r in rows]), ""])
-
+                 [cells(r) for r in rows]), ""]), panels
 
 # ---------------------------------------------------------------------------------------------------------
 # The command line
@@ -1027,13 +993,15 @@ def main(argv=None):
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run[0], runs_reused=len(runs) - n_run[0])
     save_json(path, results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
-    text = report(runs, meta, args.tasks, models) + ("\n" + streams_report(results["streams"], meta, args.out)
-                                                     if args.scale else "")
+    text, figures = report(runs, meta, args.tasks, models)
+    if args.scale:   # its figure is the streams'; the runs' own test is only at the training length
+        streams_text, panels = streams_report(results["streams"])
+        text, figures = text + "\n" + streams_text, {"streams": panels}
     with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
         f.write(text)
     print(text)
-    if not args.scale:
-        plot_all(runs, args.out, args.preset, args.tasks, models)
+    for name, panels in figures.items():
+        plot(os.path.join(args.out, f"{args.preset}_{name}.png"), panels, f"{meta['device_name']}, commit {meta['commit']}")
     return 0
 
 
