@@ -835,14 +835,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"compare.py: error: {message}\n")
 
 
-def csv(kind, what):
-    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]."""
+def csv(kind, what, ok=lambda v: True):
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]; at least one value, each ok(value)."""
     def parse(s):
         try:
-            return [kind(v.strip()) for v in s.split(",") if v.strip()]
+            values = [kind(v) for v in s.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+            values = []
+        if not values or not all(map(ok, values)):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        return values
     return parse
+
+
+def positive(s):
+    """An argparse type: an integer >= 1."""
+    if not s.strip().isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return int(s)
 
 
 def parse_args(argv):
@@ -852,12 +862,12 @@ def parse_args(argv):
     p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
     p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
-    p.add_argument("--lrs", type=csv(float, "numbers"), help="comma-separated learning rates to sweep")
-    p.add_argument("--steps", type=int, help="override every task's number of training steps")
-    p.add_argument("--test-lengths", type=csv(int, "integers"), help="override every task's test lengths (with "
+    p.add_argument("--lrs", type=csv(float, "positive numbers", lambda v: v > 0), help="learning rates to sweep")
+    p.add_argument("--steps", type=positive, help="override every task's number of training steps")
+    p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every task's test lengths (with "
                    "--bench: the lengths measured; with --scale: the lengths of the streams read)")
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
-    p.add_argument("--workers", type=int, help="runs at once, each in its own process (default: one per CPU core, "
+    p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: one per CPU core, "
                    "up to 4 on CPU, and 16 per GPU)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for results and plots (default: runs/)")
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
@@ -870,12 +880,9 @@ def parse_args(argv):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         p.error(f"unknown device {args.device!r}")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"device {args.device!r} is not supported; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"device {args.device!r} asked for, but CUDA is not available here")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        p.error(f"device {args.device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type != "cpu" and (device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count()):
+        p.error(f"device {args.device!r} is not available here; this machine has cpu and "
+                f"{torch.cuda.device_count()} CUDA GPU(s)")
     args.device = str(device)
     if args.scale and args.preset:
         p.error("--scale trains its own preset; leave out --preset")
@@ -896,15 +903,6 @@ def parse_args(argv):
             has = [n for n, pr in PRESETS.items() if t in pr["tasks"]]
             p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
                     + (f" (try --preset {has[-1]})" if has else ""))
-    for name in ("steps", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.seeds is not None and not args.seeds:
-        p.error("--seeds is empty")
-    if args.lrs is not None and (not args.lrs or min(args.lrs) <= 0):
-        p.error("--lrs must be positive numbers")
-    if args.test_lengths is not None and (not args.test_lengths or min(args.test_lengths) < 1):
-        p.error("--test-lengths must be positive integers")
     if args.scale and min(args.stream_lengths or [256]) < 256:
         p.error(f"--test-lengths with --scale must be >= 256 tokens, got {args.stream_lengths}")
     try:
