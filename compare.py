@@ -17,7 +17,8 @@ How the comparison is made fair, and where each rule lives:
      edge of the grid is marked in the report, since the grid may then hide a better rate.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
-  6. Cost in the open: parameters, state floats, steps, examples seen and wall time for every run (`details`).
+  6. Cost in the open: parameters, state floats, steps, examples seen and wall time for every run (the Runs
+     table that `report` ends with).
 
 Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
 whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
@@ -469,8 +470,8 @@ def load_runs(path, preset, fresh):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         sys.exit(f"compare.py: error: {path} is not a readable results file ({type(e).__name__}); {way_out}")
     runs = results.get("runs") if isinstance(results, dict) else None
-    if not isinstance(runs, dict) or not all(isinstance(r, dict) and {"model", "task", "lr", "seed", "metrics"} <= set(r)
-                                             for r in runs.values()):
+    fields = {"model", "task", "lr", "seed", "metrics"}
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and fields <= set(r) for r in runs.values()):
         sys.exit(f"compare.py: error: {path} does not hold compare.py runs; {way_out}")
     if results.get("meta", {}).get("preset") != preset:
         sys.exit(f"compare.py: error: {path} holds runs of preset {results.get('meta', {}).get('preset')!r}, "
@@ -864,8 +865,8 @@ def parse_args(argv):
     p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
     p.add_argument("--lrs", type=csv(float, "positive numbers", lambda v: v > 0), help="learning rates to sweep")
     p.add_argument("--steps", type=positive, help="override every task's number of training steps")
-    p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every task's test lengths (with "
-                   "--bench: the lengths measured; with --scale: the lengths of the streams read)")
+    p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
+                   "task's test lengths (with --bench: the lengths measured; with --scale: the streams' lengths)")
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
     p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: one per CPU core, "
                    "up to 4 on CPU, and 16 per GPU)")
@@ -999,7 +1000,8 @@ def main(argv=None):
         f.write(text)
     print(text)
     for name, panels in figures.items():
-        plot(os.path.join(args.out, f"{args.preset}_{name}.png"), panels, f"{meta['device_name']}, commit {meta['commit']}")
+        plot(os.path.join(args.out, f"{args.preset}_{name}.png"), panels,
+             f"{meta['device_name']}, commit {meta['commit']}")
     return 0
 
 
