@@ -1,7 +1,7 @@
 """
 compare.py: train every model on every task at matched size, and show when filtering beats copying.
 
-    python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which); trains from scratch
+    python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
     python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
     python compare.py --bench            # time, peak memory and state size against length, untrained
@@ -17,8 +17,8 @@ How the comparison is made fair, and where each rule lives:
      edge of the grid is marked in the report, since the grid may then hide a better rate.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
-  6. Cost in the open: parameters, state floats, steps, examples seen and wall time for every run (the Runs
-     table that `report` ends with).
+  6. Cost in the open: parameters, state floats, steps, examples seen and wall time of every (model, task) at
+     its chosen rate (the Runs table of `report`).
 
 Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
 whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
@@ -78,7 +78,8 @@ def all_logits(model, x):
 
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False):
-    """AdamW, linear warm-up then cosine decay, gradient clipping. Each batch draws its length uniformly from
+    """AdamW; the learning rate is the lower of a linear warm-up (the first 10% of the steps) and a cosine decay
+    over all the steps; gradient clipping. Each batch draws its length uniformly from
     train_lengths = [lo, hi], or, for a curriculum [[lo1, hi1], [lo2, hi2], ...], from the stage that the
     step falls in (equal shares of the steps; RMT's segment-count curriculum, given to every model alike).
     HRM trains with deep supervision: one loss per segment, and one optimiser step on their mean per batch.
@@ -126,7 +127,8 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     """Accuracy at one length. Returns token_acc (scored positions right), exact (every scored position of an
     example right, over the examples that have one; None if none has), and where the task defines them
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
-    depth, e.g. babilong). `segments`: HRM's test-time segments."""
+    depth, e.g. babilong). `segments`: HRM's test-time segments. Batches hold about max_tokens // length
+    examples (length is the task's knob, which is the number of tokens for most tasks)."""
     forward = model if segments is None else lambda x: model(x, segments=segments)
     model.to(device).eval()
     g = torch.Generator().manual_seed(seed)
@@ -192,6 +194,11 @@ def build_model(name, vocab_size, **overrides):
     return model_class(config_class(vocab_size=vocab_size, **{**variant, **overrides}))
 
 
+def is_grid(task_name):
+    """Whether a task is a grid puzzle (the maze), read bidirectionally, rather than a next-token sequence."""
+    return not getattr(tasks.TASKS[task_name], "causal", True)
+
+
 def reads_grids(name):
     """Whether a model can run bidirectionally, as grid tasks (the maze) need: attention and HRM can."""
     return "causal" in MODELS[name][1].__dataclass_fields__
@@ -205,7 +212,7 @@ def n_params(model):
 class Budget:
     """What one task gets: the same for every model that runs it."""
     train: list                 # training lengths [lo, hi] (each batch draws one), or a curriculum [[lo, hi], ...]
-    test: list                  # test lengths, the training length first
+    test: list                  # test lengths (the first usually the longest training length)
     steps: int                  # optimiser steps
     options: dict = field(default_factory=dict)        # the task's constructor options
     models: list = None         # the models that run it (default: the preset's)
@@ -275,7 +282,7 @@ def task_models(args, t):
     models that can read it bidirectionally."""
     budget = PRESETS[args.preset]["tasks"][t]
     names = args.models if args.chosen_models else (budget.models or args.models)
-    return [m for m in names if getattr(tasks.TASKS[t], "causal", True) or reads_grids(m)]
+    return [m for m in names if not is_grid(t) or reads_grids(m)]
 
 
 def run_key(spec):
@@ -296,7 +303,7 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
             if phase != "lr sweep" and (m, t) not in lr_by_cell:
                 continue
             options = {**preset["size"], **b.size, **b.model_options.get(m, {}),
-                       **({} if getattr(tasks.TASKS[t], "causal", True) else {"causal": False})}
+                       **({"causal": False} if is_grid(t) else {})}
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
                         test=args.test_lengths or b.test, steps=args.steps or b.steps, batch_size=preset["batch_size"],
                         eval_examples=preset["eval_examples"], protocol=PROTOCOL, device=args.device)
@@ -319,8 +326,14 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
 def same_spec(saved, spec):
     """A stored run is reused only if everything that defines it is unchanged (where it ran aside), and the
     weights it kept, if any, are still there."""
-    return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in ("device", "threads"))
+    return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k != "device")
             and os.path.exists(spec.get("weights", ROOT)))
+
+
+def mean(values):
+    """The mean of the values that exist (a metric over seeds, say); nan when none does."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def best_runs(runs):
@@ -337,7 +350,7 @@ def best_runs(runs):
 
         def score(lr):
             rs = [r for r in by_lr[lr] if r["seed"] in sweep]
-            return (sum(r["val_token_acc"] for r in rs) / len(rs), -sum(r["final_loss"] for r in rs) / len(rs))
+            return mean(r["val_token_acc"] for r in rs), -mean(r["final_loss"] for r in rs)
         best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
 
@@ -391,11 +404,12 @@ def slow_first(spec):
 
 
 def run_all(specs, workers, devices, on_done):
-    """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes spread round
-    robin over `devices`. on_done(record) stores a finished run and returns the runs it unlocks (a cell's seeds
-    and dial once its lr sweep is done), which join the queue at once: no phase waits for the one before."""
+    """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes, each run on
+    the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
+    unlocks (a cell's seeds and dial once its lr sweep is done), which join the queue at once: no phase waits
+    for the one before."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
-    queue, running, n_started = sorted(specs, key=slow_first), set(), 0
+    queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
     threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
     pool = None
     if workers > 1:
@@ -408,16 +422,17 @@ def run_all(specs, workers, devices, on_done):
     try:
         while queue or running:
             while queue and len(running) < workers:
-                spec = dict(queue.pop(0), device=devices[n_started % len(devices)], threads=threads)
-                n_started += 1
+                device = min(devices, key=list(running.values()).count)
+                spec = dict(queue.pop(0), device=device, threads=threads)
                 if pool:
                     future = pool.submit(run_one, spec)
                 else:                                     # one worker: run it here and now
                     future = Future()
                     future.set_result(run_one(spec))
-                running.add(future)
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
+                running[future] = device
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
+                del running[future]
                 new = on_done(future.result())
                 queue = sorted(queue + new, key=slow_first)
                 bar.total += len(new)
@@ -485,12 +500,6 @@ def load_runs(path, preset, fresh):
 # one) to one list of values per x, a value per seed. Tables show mean±half the spread; figures the mean.
 # ---------------------------------------------------------------------------------------------------------
 
-def mean(values):
-    """The mean of the values that exist; nan when none does."""
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
-
-
 def mean_spread(values):
     """'mean' or 'mean±half-spread' over seeds; '' when there is nothing to average."""
     values = [v for v in values if v is not None]
@@ -538,9 +547,10 @@ def short(n):
 
 def plot(path, panels, title=None):
     """Panels side by side, a log x axis unless a panel says otherwise. One colour per model in every figure;
-    a model's second and later lines in a panel are dashed. Dotted verticals at a panel's `marks`."""
+    a model's second and later lines in a panel get other dash styles. Dotted verticals at a panel's `marks`."""
+    panels = [p for p in panels if any(not math.isnan(mean(v)) for values in p["lines"].values() for v in values)]
     plt = pyplot()
-    if plt is None or not panels:
+    if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 3.4 * len(panels)), 3.4), squeeze=False)
     for ax, p in zip(axes[0], panels):
@@ -580,63 +590,73 @@ def report(runs, meta, task_names, model_names):
     """The markdown report of a preset's runs, and its figures as {name: panels}."""
     best = best_runs(runs)
     edges = edge_cells(runs, best)
-    cells = lambda t: [(m, best[(m, t)]) for m in model_names if (m, t) in best]  # noqa: E731
-    tests = lambda t: cells(t)[0][1][0]["test"]  # noqa: E731   (the same for every model on a task)
-    sequence_tasks = [t for t in task_names if t != "maze" and cells(t)]
+    cells = {t: [(m, best[(m, t)]) for m in model_names if (m, t) in best] for t in task_names}
+    first = {t: rs[0][1][0] for t, rs in cells.items() if rs}   # a run of each task: its test and train lengths
+    sequence_tasks = [t for t in first if not is_grid(t)]
 
     def by_length(t, metric):   # a task's panel: a metric against test length (recall: pairs), a line per model
-        return dict(title=t, xs=tests(t), lines={m: [at(rs, L, metric) for L in tests(t)] for m, rs in cells(t)},
-                    xlabel="test length" + (" (pairs)" if t == "recall" else ""), ylabel="token accuracy",
-                    marks=[stages(cells(t)[0][1][0]["train"])[-1][1]], **ACCURACY)
-    figures = {"length": [by_length(t, "token_acc") for t in sequence_tasks]}
+        return dict(title=t, xs=first[t]["test"], xlabel="test length" + (" (pairs)" if t == "recall" else ""),
+                    lines={m: [at(rs, L, metric) for L in first[t]["test"]] for m, rs in cells[t]},
+                    ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], **ACCURACY)
+    made_on = sorted({f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs})
     parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
              f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
-             f"{meta.get('runs_reused', 0)} reused from earlier ones", "",
-             "## Token accuracy on scored positions (training length first; mean±half-spread over seeds)", "",
-             table(figures["length"]), "",
-             "## Exact match: every scored position of an example right (copy: greedy generation)", "",
-             table([by_length(t, "gen_exact" if t == "copy" else "exact") for t in sequence_tasks]), ""]
+             f"{meta.get('runs_reused', 0)} reused from earlier ones" + (
+                 f"; the runs were made on: {'; '.join(made_on)}" if len(made_on) > 1 else ""), ""]
+    figures = {}
+    if sequence_tasks:
+        figures["length"] = [by_length(t, "token_acc") for t in sequence_tasks]
+        parts += ["## Token accuracy on scored positions, by test length (mean±half-spread over seeds)", "",
+                  table(figures["length"]), "",
+                  "## Exact match: every scored position of an example right (copy: greedy generation)", "",
+                  table([by_length(t, "gen_exact" if hasattr(tasks.TASKS[t], "prompt_length") else "exact")
+                         for t in sequence_tasks]), ""]
     for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
-        points = [(m, "default", rs) for m, rs in cells(t)] + [
+        points = [(m, "default", rs) for m, rs in cells[t]] + [
             (r["model"], ", ".join(f"{k}={v}" for k, v in r["dial"].items()), [r])
             for r in runs if r.get("dial") and r["task"] == t and r["model"] in model_names]
-        state = lambda rs: rs[0]["state_size"][str(tests(t)[-1])]  # noqa: E731   (at the largest content)
+
+        def state(rs):   # the state floats at the largest content
+            return rs[0]["state_size"][str(first[t]["test"][-1])]
         points.sort(key=lambda p: (model_names.index(p[0]), state(p[2])))
-        figures["dial"] = [dict(by_length(t, "token_acc"), title=f"the dial: {t}, accuracy against content", lines={
-            (m, size, f"{state(rs):,}"): [at(rs, L, "token_acc") for L in tests(t)] for m, size, rs in points})]
+        dial = dict(by_length(t, "token_acc"), lines={(m, size, f"{state(rs):,}"): [at(rs, L, "token_acc")
+                                                                                 for L in first[t]["test"]]
+                                                       for m, size, rs in points})
+        figures.setdefault("dial", []).append(dict(dial, title=f"the dial: {t}, accuracy against content"))
         parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
-                  table([dict(figures["dial"][0], title=t)], first=("model", "size", "state floats")), ""]
-    if cells("maze"):   # HRM at each count of test-time segments; a fixed-depth model has one number
-        counts, lines = sorted({s for m, rs in cells("maze") for s in rs[0].get("test_segments", [])}) or [1], {}
-        for m, rs in cells("maze"):
+                  table([dial], first=("model", "size", "state floats")), ""]
+    for t in [t for t in first if is_grid(t)]:   # HRM at each count of test-time segments
+        counts = sorted({s for m, rs in cells[t] for s in rs[0].get("test_segments", [1])})
+        lines = {}
+        for m, rs in cells[t]:
             for L in rs[0]["test"]:
                 if "by_segments" in rs[0]["metrics"][str(L)]:
                     lines[(m, f"{L}x{L}")] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
-                else:
+                else:   # a fixed-depth model has one number, the same at every count
                     lines[(m, f"{L}x{L}, fixed depth")] = [at(rs, L, "exact")] * len(counts)
-        figures["segments"] = [dict(title="maze: recurrent depth at test time", xs=counts, lines=lines,
+        figures["segments"] = [dict(title=f"{t}: recurrent depth at test time", xs=counts, lines=lines,
                                     names=[f"{s} seg" for s in counts], xlabel="test-time segments",
                                     ylabel="exact match", **ACCURACY)]
-        parts += ["## Maze: exact match against test-time segments", "",
-                  table(figures["segments"], first=("model", "maze")), ""]
-    if cells("babilong"):   # one row per (model, length); one panel per length in the figure
+        parts += [f"## {t}: exact match against test-time segments", "",
+                  table(figures["segments"], first=("model", "size")), ""]
+    if "babilong" in first:   # one row per (model, length); one panel per length in the figure
         quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
                         ylabel="exact match", **ACCURACY)
-        depth = {(m, L): [at(rs, L, "by_depth", k) for k in range(4)] for m, rs in cells("babilong")
-                 for L in tests("babilong")}
-        figures["depth"] = [dict(quarters, title=f"babilong@{L}", lines={m: v for (m, LL), v in depth.items()
-                                                                          if LL == L}) for L in tests("babilong")]
+        lengths = first["babilong"]["test"]
+        depth = {(m, L): [at(rs, L, "by_depth", k) for k in range(4)] for m, rs in cells["babilong"] for L in lengths}
+        figures["depth"] = [dict(quarters, title=f"babilong@{L}", lines={m: v for (m, at_L), v in depth.items()
+                                                                          if at_L == L}) for L in lengths]
         parts += ["## BABILong: exact match by the depth of the deciding fact", "",
                   table([dict(quarters, lines=depth, names=["0-25%", "25-50%", "50-75%", "75-100%"])],
                         first=("model", "length")), ""]
     rows = []   # the cost of each cell, at its chosen lr
     for m, t in [(m, t) for m in model_names for t in task_names if (m, t) in best]:
-        (r, *_), ref = best[(m, t)], best.get(("attention", t))
-        rows.append([m, t, f"{r['params']:,}" + (f" ({r['params'] / ref[0]['params']:.2f}x)" if ref else ""),
-                     ", ".join(f"{v:,}" for v in r["state_size"].values()),
-                     f"{r['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(best[(m, t)]), r["steps"],
-                     f"{r['examples_seen']:,}", f"{mean(x['wall_time_s'] for x in best[(m, t)]):.1f}"])
+        rs, ref = best[(m, t)], best.get(("attention", t))
+        rows.append([m, t, f"{rs[0]['params']:,}" + (f" ({rs[0]['params'] / ref[0]['params']:.2f}x)" if ref else ""),
+                     ", ".join(f"{v:,}" for v in rs[0]["state_size"].values()),
+                     f"{rs[0]['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(rs), rs[0]["steps"],
+                     f"{rs[0]['examples_seen']:,}", f"{mean(r['wall_time_s'] for r in rs):.1f}"])
     parts += ["## Runs", "", md_table(["model", "task", "params (vs attention)", "state floats (per test length)",
                                        "chosen lr", "seeds", "steps", "examples", "wall s"], rows), ""]
     if edges:
@@ -728,6 +748,8 @@ def bench(args, meta):
             if cuda:
                 torch.cuda.empty_cache()
             print(md_row(cells(rows[-1])), flush=True)
+            if rows[-1].get("oom"):
+                break                    # longer sequences would not fit either
     save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, rows=rows))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write("\n".join(head + [md_row(cells(r)) for r in rows]) + "\n")
@@ -814,10 +836,8 @@ def streams_report(rows):
     panels = [dict(title=f"{t} (trained <= 256)", xlabel="test length (tokens)", ylabel="token accuracy",
                    marks=[r["length"] for r in rows if r["task"] == t and r.get("wall")],
                    **series(rows, "token_acc", task=t), **ACCURACY) for t in task_names]
-    memory = series(rows, "peak_mib", task=task_names[0])
-    if any(any(v) for v in memory["lines"].values()):   # on a GPU
-        panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
-                           yscale="log", **memory))
+    panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
+                       yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
     return "\n".join([
         "## Streams: read with the weights trained above (at <= 256 tokens)", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
@@ -837,10 +857,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def csv(kind, what, ok=lambda v: True):
-    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]; at least one value, each ok(value)."""
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]: at least one value, each once, each ok(value)."""
     def parse(s):
         try:
-            values = [kind(v) for v in s.split(",") if v.strip()]
+            values = list(dict.fromkeys(kind(v.strip()) for v in s.split(",") if v.strip()))   # each once
         except ValueError:
             values = []
         if not values or not all(map(ok, values)):
@@ -858,18 +878,19 @@ def positive(s):
 
 def parse_args(argv):
     p = Parser(description="Train every model on every task and compare them.")
-    p.add_argument("--preset", choices=[p for p in PRESETS if p != "scale"],
+    p.add_argument("--preset", choices=[name for name in PRESETS if name != "scale"],
                    help="default: full on CUDA, quick otherwise")
     p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
     p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
-    p.add_argument("--lrs", type=csv(float, "positive numbers", lambda v: v > 0), help="learning rates to sweep")
+    p.add_argument("--lrs", type=csv(float, "positive numbers", lambda v: v > 0),
+                   help="comma-separated learning rates to sweep")
     p.add_argument("--steps", type=positive, help="override every task's number of training steps")
     p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
                    "task's test lengths (with --bench: the lengths measured; with --scale: the streams' lengths)")
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
-    p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: one per CPU core, "
-                   "up to 4 on CPU, and 16 per GPU)")
+    p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: 16 per GPU, "
+                   "up to 4 on a CPU; never more than the CPU cores)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for results and plots (default: runs/)")
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
@@ -885,8 +906,8 @@ def parse_args(argv):
         p.error(f"device {args.device!r} is not available here; this machine has cpu and "
                 f"{torch.cuda.device_count()} CUDA GPU(s)")
     args.device = str(device)
-    if args.scale and args.preset:
-        p.error("--scale trains its own preset; leave out --preset")
+    if args.scale and (args.preset or args.bench):
+        p.error("--scale trains its own preset and measures its own costs; leave out --preset and --bench")
     args.preset = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
     if args.scale:   # the test lengths are the streams': the runs themselves test at their training length
         args.stream_lengths, args.test_lengths = args.test_lengths, None
@@ -894,18 +915,18 @@ def parse_args(argv):
     args.chosen_models = args.models is not None     # else each task may name its own models (the maze)
     args.models = args.models or preset["models"]
     args.tasks = args.tasks or list(preset["tasks"])
-    for m in args.models:
-        if m not in MODELS:
-            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for kind, names, known in [("model", args.models, MODELS), ("task", args.tasks, tasks.TASKS)]:
+        for name in names:
+            if name not in known:
+                p.error(f"unknown {kind} {name!r}; choose from {', '.join(known)}")
     for t in args.tasks:
-        if t not in tasks.TASKS:
-            p.error(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
         if t not in preset["tasks"] and not args.bench:
-            has = [n for n, pr in PRESETS.items() if t in pr["tasks"]]
+            has = [n for n, pr in PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
             p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
                     + (f" (try --preset {has[-1]})" if has else ""))
-    if args.scale and min(args.stream_lengths or [256]) < 256:
-        p.error(f"--test-lengths with --scale must be >= 256 tokens, got {args.stream_lengths}")
+    if args.scale and min(args.stream_lengths or [math.inf]) < CURRICULUM[-1][1]:   # no shorter than trained
+        p.error(f"--test-lengths with --scale are stream lengths, at least {CURRICULUM[-1][1]} tokens (the training "
+                f"length), got {args.stream_lengths}")
     try:
         os.makedirs(args.out, exist_ok=True)
         open(os.path.join(args.out, ".write-test"), "w").close()
@@ -947,49 +968,57 @@ def main(argv=None):
           f"{path}")
 
     # The lr sweep of every cell first; a cell's other seeds and dial (its follow-ups) once its sweep is complete.
-    sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], [0]
+    sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], 0
     for s in make_specs(args):
         sweeps.setdefault((s["model"], s["task"]), []).append(s)
-    done = lambda spec: same_spec(results["runs"].get(run_key(spec)), spec)  # noqa: E731
 
-    def follow_ups(cell, lr=None):
-        """The cell's follow-ups at `lr`, or at the lr its sweep chose once the sweep is complete ([] before)."""
-        if lr is None and not all(done(s) for s in sweeps[cell]):
-            return []
-        lr = lr or best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"]
+    def done(spec):
+        return same_spec(results["runs"].get(run_key(spec)), spec)
+
+    def follow_ups(cell, lr):
         return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
 
+    def owed_follow_ups(cell):
+        """Once every run of the cell's sweep is stored: its follow-ups at the lr the sweep chose; [] before."""
+        if not all(map(done, sweeps[cell])):
+            return []
+        return follow_ups(cell, best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"])
+
+    def owed():
+        return [s for cell in sweeps for s in sweeps[cell] + owed_follow_ups(cell)]
+
     def on_done(record):
+        nonlocal n_run
         record["commit"] = meta["commit"]
         results["runs"][run_key(record)] = record
-        n_run[0] += 1
+        n_run += 1
         save_json(path, results)
         sweep_run = not record.get("dial") and record["seed"] == first_seed
-        return [s for s in follow_ups((record["model"], record["task"])) if not done(s)] if sweep_run else []
+        return [s for s in owed_follow_ups((record["model"], record["task"])) if sweep_run and not done(s)]
 
-    todo = [s for specs in sweeps.values() for s in specs] + [s for cell in sweeps for s in follow_ups(cell)]
+    todo = owed()
     stale = sum(run_key(s) in results["runs"] and not done(s) for s in todo)
+    later = sum(len(follow_ups(cell, None)) for cell in sweeps if not all(map(done, sweeps[cell])))
     print(f"{sum(map(done, todo))} stored runs reused, {sum(not done(s) for s in todo)} to train now"
           + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
-          + (", more once each lr sweep is done" if any(not all(map(done, v)) and follow_ups(cell, lr=1.0)
-                                                        for cell, v in sweeps.items()) else ""))   # (any lr will do)
+          + (f", {later} more once their cells' lr sweeps are done" if later else ""))
     start = time.time()
     try:
         run_all([s for s in todo if not done(s)], workers, devices, on_done)
+        runs = [results["runs"][run_key(s)] for s in owed()]
+        if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
+            print(f"reading streams of up to {max(args.stream_lengths or sum(SCALE['lengths'].values(), [])):,} tokens")
+            results["streams"] = []
+            read_streams(best_runs(runs), args.stream_lengths, args.device, results["streams"],
+                         lambda: save_json(path, results))
     except KeyboardInterrupt:
-        print(f"\nstopped: the {n_run[0]} runs finished by this command are saved in {path}; run the same command"
-              f"{' without --fresh' if args.fresh else ''} to go on from there" if n_run[0] else
+        kept = f"the {n_run} runs finished by this command" + (
+            f" and {len(results['streams'])} stream rows" if results.get("streams") else "")
+        print(f"\nstopped: {kept} are saved in {path}; run the same command{' without --fresh' if args.fresh else ''}"
+              " to go on from there" if n_run or results.get("streams") else
               "\nstopped before any run finished: nothing new was saved")
         return 130
-    runs = [results["runs"][run_key(s)] for specs in sweeps.values() for s in specs]
-    runs += [results["runs"][run_key(s)] for cell in sweeps for s in follow_ups(cell)]
-    if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
-        longest = max(args.stream_lengths or [L for t in args.tasks for L in SCALE["lengths"][t]])
-        print(f"reading streams of up to {longest:,} tokens")
-        results["streams"] = []
-        read_streams(best_runs(runs), args.stream_lengths, args.device, results["streams"],
-                     lambda: save_json(path, results))
-    meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run[0], runs_reused=len(runs) - n_run[0])
+    meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
     save_json(path, results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
     text, figures = report(runs, meta, args.tasks, models)
