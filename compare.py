@@ -327,7 +327,7 @@ def same_spec(saved, spec):
     """A stored run is reused only if everything that defines it is unchanged (where it ran aside), and the
     weights it kept, if any, are still there."""
     return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k != "device")
-            and os.path.exists(spec.get("weights", ROOT)))
+            and ("weights" not in spec or os.path.exists(spec["weights"])))
 
 
 def mean(values):
@@ -357,9 +357,12 @@ def best_runs(runs):
 
 def edge_cells(runs, best):
     """The cells whose chosen lr is the smallest or largest of a grid of several: a better one may lie outside."""
-    grid = lambda cell: {r["lr"] for r in runs if (r["model"], r["task"]) == cell and not r.get("dial")}  # noqa
-    return {cell for cell, rs in best.items() if len(grid(cell)) > 1 and rs[0]["lr"] in (min(grid(cell)),
-                                                                                         max(grid(cell)))}
+    grids = {}
+    for r in runs:
+        if not r.get("dial"):
+            grids.setdefault((r["model"], r["task"]), set()).add(r["lr"])
+    return {cell for cell, rs in best.items() if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]),
+                                                                                           max(grids[cell]))}
 
 
 def run_one(spec):
@@ -594,8 +597,8 @@ def report(runs, meta, task_names, model_names):
     first = {t: rs[0][1][0] for t, rs in cells.items() if rs}   # a run of each task: its test and train lengths
     sequence_tasks = [t for t in first if not is_grid(t)]
 
-    def by_length(t, metric):   # a task's panel: a metric against test length (recall: pairs), a line per model
-        return dict(title=t, xs=first[t]["test"], xlabel="test length" + (" (pairs)" if t == "recall" else ""),
+    def by_length(t, metric):   # a task's panel: a metric against test length (recall: content), a line per model
+        return dict(title=t, xs=first[t]["test"], xlabel="key-value pairs" if t == "recall" else "test length",
                     lines={m: [at(rs, L, metric) for L in first[t]["test"]] for m, rs in cells[t]},
                     ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], **ACCURACY)
     made_on = sorted({f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs})
@@ -833,13 +836,13 @@ def streams_report(rows):
         [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
-    panels = [dict(title=f"{t} (trained <= 256)", xlabel="test length (tokens)", ylabel="token accuracy",
+    panels = [dict(title=f"{t} (trained <= {CURRICULUM[-1][1]})", xlabel="test length (tokens)", ylabel="token accuracy",
                    marks=[r["length"] for r in rows if r["task"] == t and r.get("wall")],
                    **series(rows, "token_acc", task=t), **ACCURACY) for t in task_names]
     panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
                        yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
     return "\n".join([
-        "## Streams: read with the weights trained above (at <= 256 tokens)", "",
+        f"## Streams: read with the weights trained above (at <= {CURRICULUM[-1][1]} tokens)", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
         f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
         " runs out of memory. tokens/s counts model time only, for all the sequences read side by side (batch); peak"
