@@ -807,9 +807,9 @@ def read_streams(best, lengths, device, rows, save):
         model = build_model(m, task.vocab_size, **rs[0]["model_options"])
         model.load_state_dict(torch.load(rs[0]["weights"]))
         model.to(device).eval()
-        batch, last = SCALE["examples"][t], None
-        scale_read(model, task, 2 * piece, batch, piece, device, seed=1)   # warm-up (and CUDA graph capture)
-        for L in lengths or SCALE["lengths"][t]:
+        batch, last, lengths_t = SCALE["examples"][t], None, lengths or SCALE["lengths"][t]
+        scale_read(model, task, min(2 * piece, lengths_t[0]), batch, piece, device, seed=1)   # warm-up, CUDA graphs
+        for L in lengths_t:
             row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L))
             predicted = last and last[1] * (L / last[0]) ** 2      # attention: time grows as T^2
             if not hasattr(model, "stream") and predicted and predicted > cap:
@@ -846,7 +846,7 @@ def streams_report(rows):
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
         f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
         " runs out of memory. tokens/s counts model time only, for all the sequences read side by side (batch); peak"
-        " memory is the GPU's, weights included.", "",
+        " memory is the GPU's, weights included (- on a CPU).", "",
         md_table(["model", "task", "length", "batch", "token acc", "scored", "tokens/s", "peak MiB", "state floats"],
                  [cells(r) for r in rows]), ""]), panels
 
@@ -905,10 +905,11 @@ def parse_args(argv):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         p.error(f"unknown device {args.device!r}")
-    if device.type != "cpu" and (device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count()):
+    if not (device.type == "cpu" and not device.index
+            or device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()):
         p.error(f"device {args.device!r} is not available here; this machine has cpu and "
                 f"{torch.cuda.device_count()} CUDA GPU(s)")
-    args.device = str(device)
+    args.device = "cpu" if device.type == "cpu" else str(device)
     if args.scale and (args.preset or args.bench):
         p.error("--scale trains its own preset and measures its own costs; leave out --preset and --bench")
     args.preset = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
