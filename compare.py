@@ -481,19 +481,21 @@ def load_runs(path, preset, fresh):
         os.replace(path, kept)
         print(f"--fresh: the old runs are kept in {kept}")
         return {}
-    way_out = "move it away, point --out at another folder, or run with --fresh (which keeps it under a new name)"
+
+    def stop(why):
+        sys.exit(f"compare.py: error: {path} {why}; move it away, point --out at another folder, or run with --fresh "
+                 "(which keeps it under a new name)")
     try:
         with open(path) as f:
             results = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        sys.exit(f"compare.py: error: {path} is not a readable results file ({type(e).__name__}); {way_out}")
+        stop(f"is not a readable results file ({type(e).__name__})")
     runs = results.get("runs") if isinstance(results, dict) else None
     fields = {"model", "task", "lr", "seed", "metrics"}
     if not isinstance(runs, dict) or not all(isinstance(r, dict) and fields <= set(r) for r in runs.values()):
-        sys.exit(f"compare.py: error: {path} does not hold compare.py runs; {way_out}")
+        stop("does not hold compare.py runs")
     if results.get("meta", {}).get("preset") != preset:
-        sys.exit(f"compare.py: error: {path} holds runs of preset {results.get('meta', {}).get('preset')!r}, "
-                 f"not {preset!r}; {way_out}")
+        stop(f"holds runs of preset {results.get('meta', {}).get('preset')!r}, not {preset!r}")
     return runs
 
 
@@ -719,10 +721,10 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
         with torch.no_grad(), autocast(device):
             model(tokens)
     try:
-        row["train_ms"], row["train_mib"] = timed(train_step, device)
-        row["infer_s"], row["infer_mib"] = timed(infer, device)
-        row["train_ms"] *= 1e3
-        row["infer_us_per_token"] = row.pop("infer_s") * 1e6 / (batch * T)
+        seconds, row["train_mib"] = timed(train_step, device)
+        row["train_ms"] = seconds * 1e3
+        seconds, row["infer_mib"] = timed(infer, device)
+        row["infer_us_per_token"] = seconds * 1e6 / (batch * T)
     except torch.OutOfMemoryError:
         row["oom"] = True
     return row
@@ -732,7 +734,7 @@ def bench(args, meta):
     """--bench: every (model, length), printed as it goes, then saved as bench.json/.md/.png."""
     cuda = args.device.startswith("cuda")
     lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
-    models = args.models if args.chosen_models else ["attention", "ssm", "rmt", "titans", "hrm"]
+    models = args.models if args.chosen_models else PRESETS["full"]["models"]
     size = PRESETS[args.preset]["size"]
     mib = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
     cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
