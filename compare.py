@@ -807,14 +807,14 @@ def read_streams(best, lengths, device, rows, save):
     for (m, t), rs in best.items():
         task = tasks.TASKS[t](**rs[0]["task_options"])
         model = build_model(m, task.vocab_size, **rs[0]["model_options"])
-        model.load_state_dict(torch.load(rs[0]["weights"]))
+        model.load_state_dict(torch.load(rs[0]["weights"], weights_only=True))
         model.to(device).eval()
         batch, last, lengths_t = SCALE["examples"][t], None, lengths or SCALE["lengths"][t]
         scale_read(model, task, min(2 * piece, lengths_t[0]), batch, piece, device, seed=1)   # warm-up, CUDA graphs
         for L in lengths_t:
             row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L))
-            predicted = last and last[1] * (L / last[0]) ** 2      # attention: time grows as T^2
-            if not hasattr(model, "stream") and predicted and predicted > cap:
+            predicted = last[1] * (L / last[0]) ** 2 if last else 0      # attention: time grows as T^2
+            if not hasattr(model, "stream") and predicted > cap:
                 row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
             else:
                 try:
