@@ -28,6 +28,7 @@ running and storing many runs; reports; the two cost measurements (--bench, --sc
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -290,6 +291,14 @@ def run_key(spec):
     return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
 
 
+WHERE = ("device", "out")   # where a run ran and where it is stored: not part of what defines it
+
+
+def spec_hash(spec):
+    defining = {k: v for k, v in spec.items() if k not in WHERE}
+    return hashlib.sha1(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def make_specs(args, phase="lr sweep", lr_by_cell=None):
     """The runs of one phase: the lr sweep on the first seed; then, at each cell's chosen lr, the other seeds
     (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed).
@@ -317,17 +326,17 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
                 for option, values in b.dial.get(m, {}).items():
                     specs += [dict(base, lr=lr_by_cell[(m, t)], seed=seeds[0], dial={option: v},
                                    model_options={**options, option: v}) for v in values]
-    if args.scale:
-        specs = [dict(s, weights=os.path.join(args.out, "scale_weights", run_key(s).replace("/", "_") + ".pt"))
+    if args.scale:   # weights named by all that defines the run: other settings never read them
+        specs = [dict(s, out=args.out, weights=f"scale_weights/{s['model']}_{s['task']}_{spec_hash(s)}.pt")
                  for s in specs]
     return specs
 
 
 def same_spec(saved, spec):
-    """A stored run is reused only if everything that defines it is unchanged (where it ran aside), and the
-    weights it kept, if any, are still there."""
-    return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k != "device")
-            and ("weights" not in spec or os.path.exists(spec["weights"])))
+    """A stored run is reused only if everything that defines it is unchanged, and the weights it kept, if any,
+    are still in the folder the runs are stored in."""
+    return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in WHERE)
+            and ("weights" not in spec or os.path.exists(os.path.join(spec["out"], spec["weights"]))))
 
 
 def mean(values):
@@ -385,8 +394,8 @@ def run_one(spec):
             metrics[str(L)]["by_segments"] = {str(s): test(L, seed=20_000 + spec["seed"], segments=s)
                                               for s in spec["test_segments"]}
     if spec.get("weights"):
-        os.makedirs(os.path.dirname(spec["weights"]), exist_ok=True)
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, spec["weights"])
+        os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
     cuda = torch.device(device).type == "cuda"
     return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
@@ -567,8 +576,9 @@ def plot(path, panels, title=None):
                 ax.plot(*zip(*points), marker="o", color=f"C{list(MODELS).index(label[0])}",
                         ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4], label=", ".join(map(str, label)))
             drawn.append(label[0])
-        for x in p.get("marks", []):
-            ax.axvline(x, color="gray", ls=":", lw=1)
+        for mark in p.get("marks", []):   # a length, or (length, model): drawn in the model's colour
+            x, m = mark if isinstance(mark, tuple) else (mark, None)
+            ax.axvline(x, color=f"C{list(MODELS).index(m)}" if m else "gray", ls=":", lw=1)
         ax.set(xscale=p.get("xscale", "log"), **{k: p[k] for k in ("title", "xlabel", "ylabel", "ylim", "yscale")
                                                   if k in p})
         ax.minorticks_off()
@@ -800,14 +810,14 @@ def scale_read(model, task, length, batch, piece, device, seed):
                 seconds=round(seconds, 2), peak_mib=peak_mib(device))
 
 
-def read_streams(best, lengths, device, rows, save):
+def read_streams(best, lengths, device, out, rows, save):
     """--scale's second half: each trained model (at its chosen lr) reads test streams of growing length, one model
     at a time so that time and memory are its own, until it meets a wall. Each row is added to `rows`, then save()."""
     cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
     for (m, t), rs in best.items():
         task = tasks.TASKS[t](**rs[0]["task_options"])
         model = build_model(m, task.vocab_size, **rs[0]["model_options"])
-        model.load_state_dict(torch.load(rs[0]["weights"], weights_only=True))
+        model.load_state_dict(torch.load(os.path.join(out, rs[0]["weights"]), weights_only=True))
         model.to(device).eval()
         batch, last, lengths_t = SCALE["examples"][t], None, lengths or SCALE["lengths"][t]
         scale_read(model, task, min(2 * piece, lengths_t[0]), batch, piece, device, seed=1)   # warm-up, CUDA graphs
@@ -838,8 +848,9 @@ def streams_report(rows):
         [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
-    panels = [dict(title=f"{t} (trained <= {CURRICULUM[-1][1]})", xlabel="test length (tokens)", ylabel="token accuracy",
-                   marks=[r["length"] for r in rows if r["task"] == t and r.get("wall")],
+    panels = [dict(title=f"{t} (trained <= {CURRICULUM[-1][1]}; dotted: a wall)", xlabel="test length (tokens)",
+                   ylabel="token accuracy", marks=[(r["length"], r["model"]) for r in rows if r["task"] == t
+                                                   and r.get("wall")],
                    **series(rows, "token_acc", task=t), **ACCURACY) for t in task_names]
     panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
                        yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
@@ -1015,14 +1026,18 @@ def main(argv=None):
         if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
             print(f"reading streams of up to {max(args.stream_lengths or sum(SCALE['lengths'].values(), [])):,} tokens")
             results["streams"] = []
-            read_streams(best_runs(runs), args.stream_lengths, args.device, results["streams"],
+            read_streams(best_runs(runs), args.stream_lengths, args.device, args.out, results["streams"],
                          lambda: save_json(path, results))
     except KeyboardInterrupt:
-        kept = f"the {n_run} runs finished by this command" + (
-            f" and {len(results['streams'])} stream rows" if results.get("streams") else "")
-        print(f"\nstopped: {kept} are saved in {path}; run the same command{' without --fresh' if args.fresh else ''}"
-              " to go on from there" if n_run or results.get("streams") else
-              "\nstopped before any run finished: nothing new was saved")
+        again = f"run the same command{' without --fresh' if args.fresh else ''}"
+        if "streams" in results:   # the training is all stored; the reading starts over
+            print(f"\nstopped while reading streams: the {len(results['streams'])} rows read so far are saved in "
+                  f"{path}; {again} to reuse the training and read the streams again")
+        elif n_run:
+            print(f"\nstopped: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
+                  "from there")
+        else:
+            print("\nstopped before any run finished: nothing new was saved")
         return 130
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
     save_json(path, results)

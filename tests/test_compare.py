@@ -3,6 +3,7 @@
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -307,23 +308,26 @@ def test_scale_read_in_pieces_scores_like_one_call(name):
 
 @pytest.mark.slow
 def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
-    """--scale: the scale preset's runs through the usual protocol (stored, resumable), their weights kept, then
-    every chosen model reads every stream length; a second command reuses the training and reads again."""
-    argv = ["--scale", "--models", "ssm,attention", "--tasks", "flipflop", "--steps", "3", "--test-lengths",
-            "512,1024", "--workers", "1", "--out", str(tmp_path)]
-    assert compare.main(argv) == 0
-    saved = json.load(open(tmp_path / "scale.json"))
-    assert len(saved["runs"]) == 2 * len(compare.PRESETS["scale"]["lrs"])
-    assert all(os.path.exists(r["weights"]) for r in saved["runs"].values())
+    """--scale: the scale preset's runs through the usual protocol (stored, resumable, a second seed as a
+    follow-up), their weights kept beside them, then every chosen model reads every stream length; the same
+    command on a copy of the folder elsewhere reuses the training and reads the same streams again."""
+    argv = ["--scale", "--models", "ssm,attention", "--tasks", "flipflop", "--seeds", "0,1", "--steps", "3",
+            "--test-lengths", "512,1024", "--workers", "1"]
+    assert compare.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    saved = json.load(open(tmp_path / "a" / "scale.json"))
+    assert len(saved["runs"]) == 2 * len(compare.PRESETS["scale"]["lrs"]) + 2      # the sweep, then seed 1
+    assert all((tmp_path / "a" / r["weights"]).exists() for r in saved["runs"].values())
+    assert len({r["weights"] for r in saved["runs"].values()}) == len(saved["runs"])
     streams = saved["streams"]
     assert [(r["model"], r["length"]) for r in streams] == [(m, L) for m in ("ssm", "attention") for L in (512, 1024)]
     assert all(r["scored"] > 0 and r["tokens_per_s"] > 0 for r in streams)
     assert streams[0]["state_floats"] == streams[1]["state_floats"] < streams[3]["state_floats"]  # SSM vs KV cache
-    assert "## Streams" in (tmp_path / "scale.md").read_text()
+    assert "## Streams" in (tmp_path / "a" / "scale.md").read_text()
     capsys.readouterr()
-    assert compare.main(argv) == 0
-    assert "4 stored runs reused, 0 to train now" in capsys.readouterr().out
-    again = json.load(open(tmp_path / "scale.json"))["streams"]          # the same weights read the same streams
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert compare.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert "6 stored runs reused, 0 to train now" in capsys.readouterr().out
+    again = json.load(open(tmp_path / "b" / "scale.json"))["streams"]    # the same weights read the same streams
     assert [(r["token_acc"], r["scored"]) for r in again] == [(r["token_acc"], r["scored"]) for r in streams]
 
 
