@@ -62,9 +62,10 @@ torch.set_flush_denormal(True)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def autocast(device, cache=True):
+    """bf16 autocast on CUDA, plain fp32 elsewhere. (A CUDA graph's capture needs the cast-weights cache off.)"""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda",
+                          cache_enabled=cache)
 
 
 def stages(train_lengths):
@@ -77,41 +78,113 @@ def all_logits(model, x):
     return model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
 
 
+class StepGraphs:
+    """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch
+    shape: one launch instead of hundreds of tiny kernels (the models are so small that a step is all launch
+    overhead otherwise). `step(x, y)` is the eager step it captures; the learning rate is a tensor the graphs
+    read, set before each replay. The first batch of a shape runs the step once to warm up (lazy inits, the
+    optimiser's state), then the weights and the optimiser's state are put back as they were, so the graphs
+    learn exactly what the eager loop learns. All graphs of a run share one memory pool: they run one at a time.
+
+    A curriculum draws many lengths, and each new shape costs a capture, so a causal task's batch is padded on the
+    right to a multiple of `bucket` tokens, with targets that score nothing: the logits at t see only tokens <= t,
+    so the padding changes neither the loss nor a gradient (tested), and 32..256 tokens make 8 graphs, not 225."""
+
+    def __init__(self, step, model, opt, bucket=None):
+        self.step, self.model, self.opt, self.bucket = step, model, opt, bucket
+        self.graphs, self.pool = {}, torch.cuda.graph_pool_handle()
+
+    def __call__(self, x, y):
+        if self.bucket:
+            pad = -x.shape[1] % self.bucket
+            x, y = F.pad(x, (0, pad)), F.pad(y, (0, pad), value=tasks.IGNORE)
+        if x.shape not in self.graphs:
+            self.capture(x, y)
+        graph, static_x, static_y, loss = self.graphs[x.shape]
+        static_x.copy_(x.pin_memory(), non_blocking=True)     # pinned: the copy does not wait for the GPU
+        static_y.copy_(y.pin_memory(), non_blocking=True)
+        graph.replay()
+        return loss
+
+    def capture(self, x, y):
+        device = next(self.model.parameters()).device
+        static_x, static_y = x.to(device), y.to(device)
+        state = list(self.model.parameters()) + [p for p in self.model.buffers()]
+        saved = [t.detach().clone() for t in state]
+        saved_opt = {p: {k: v.clone() for k, v in s.items()} for p, s in self.opt.state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                           # the warm-up step, on a side stream as CUDA asks
+            self.step(static_x, static_y)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():                                   # undo it: weights and optimiser state as before
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            for p, s in self.opt.state.items():                 # a state made by the warm-up starts at zero
+                for k, v in s.items():
+                    v.copy_(saved_opt[p][k]) if p in saved_opt else v.zero_()
+        self.opt.zero_grad(set_to_none=True)                    # the graph's backward makes its own gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.step(static_x, static_y)
+        self.graphs[x.shape] = (graph, static_x, static_y, loss)
+
+
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
-          warmup=0.1, clip=1.0, progress=False):
+          warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200):
     """AdamW; the learning rate is the lower of a linear warm-up (the first 10% of the steps) and a cosine decay
     over all the steps; gradient clipping. Each batch draws its length uniformly from
     train_lengths = [lo, hi], or, for a curriculum [[lo1, hi1], [lo2, hi2], ...], from the stage that the
     step falls in (equal shares of the steps; RMT's segment-count curriculum, given to every model alike).
     HRM trains with deep supervision: one loss per segment, and one optimiser step on their mean per batch.
-    Returns the list of training losses."""
+
+    On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`), which learns the same as
+    the eager loop (tested) at a fraction of the time. The losses stay on the device and are read every
+    `check_every` steps: a non-finite loss stops the run there (diverged).
+    Returns the list of training losses, which ends at the first non-finite one if the run diverged."""
     model.to(device).train()
+    cuda = torch.device(device).type == "cuda"
+    fast = graphs and cuda
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    rate = torch.tensor(float(lr), device=device) if fast else lr   # a graph reads the rate from a tensor
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
-                            fused=torch.device(device).type == "cuda")   # fewer kernel launches per step
+                             {"params": no_decay, "weight_decay": 0.0}], lr=rate, betas=(0.9, 0.98),
+                            fused=cuda, capturable=fast)       # fused: fewer kernels; capturable: in a graph
     n_warm = max(1, int(warmup * steps))
     schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
-    sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
-    plan = stages(train_lengths)
-    losses = []
-    for step in tqdm(range(steps), desc="train", leave=False, disable=not progress):
-        lo, hi = plan[step * len(plan) // steps]
-        x, y = sample(batch_size, int(torch.randint(lo, hi + 1, (1,), generator=g)), g, device)
-        with autocast(device):
+
+    def step(x, y):
+        with autocast(device, cache=not fast):
             outputs = all_logits(model, x)
         loss = sum(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE)
                    for logits in outputs) / len(outputs)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    run_step = StepGraphs(step, model, opt, bucket=32 if getattr(task, "causal", True) else None) if fast else step
+    g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
+    sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
+    plan = stages(train_lengths)
+    losses, read = torch.zeros(steps, device=device), 0
+    for s in tqdm(range(steps), desc="train", leave=False, disable=not progress):
+        lo, hi = plan[s * len(plan) // steps]
+        x, y = sample(batch_size, int(torch.randint(lo, hi + 1, (1,), generator=g)), g, "cpu" if fast else device)
+        if fast:
+            rate.fill_(lr * schedule(s))                           # every param group holds this tensor
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr * schedule(s)
+        losses[s] = run_step(x, y)
+        if s + 1 == steps or (s + 1) % check_every == 0:           # the only host sync of the loop
+            bad = (~torch.isfinite(losses[read:s + 1])).nonzero()
+            if len(bad):
+                return losses[:read + int(bad[0]) + 1].tolist()
+            read = s + 1
+    return losses.tolist()
 
 
 @torch.no_grad()
@@ -740,6 +813,83 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
     return row
 
 
+STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
+
+
+def step_row(name, t, preset, device, graphs, steps=(5, 105)):
+    """ms per optimiser step of `train` (sampling, forward, backward, clipping, AdamW) for model `name` on task t
+    at the preset's size, batch and longest training length: the time of steps[1] steps less that of steps[0]
+    steps, over the difference, so one-off costs (building the optimiser, capturing the graphs) cancel."""
+    b = preset["tasks"][t]
+    task = tasks.TASKS[t](**b.options)
+    options = {**preset["size"], **b.size, **b.model_options.get(name, {}), **({"causal": False} if is_grid(t) else {})}
+    L = stages(b.train)[-1][1]
+    seconds = []
+    for n in (steps[0],) + tuple(steps):          # the first, untimed, warms up (lazy initialisations)
+        torch.manual_seed(0)
+        model = build_model(name, task.vocab_size, **options)
+        start = time.perf_counter()
+        train(model, task, n, preset["batch_size"], 1e-3, [L, L], device, graphs=graphs)   # returns after a sync
+        seconds.append(time.perf_counter() - start)
+    tokens = task.sample(1, L, 0)[0].shape[1]
+    return dict(model=name, task=t, length=L, tokens=tokens, batch=preset["batch_size"], params=n_params(model),
+                graphs=graphs, ms_per_step=(seconds[2] - seconds[1]) * 1e3 / (steps[1] - steps[0]))
+
+
+def step_bench(args, meta):
+    """--bench's first table: ms per training step of every model on STEP_TASKS, eager and (on CUDA) from CUDA
+    graphs, each model alone on the device. A GPU measures the full preset's sizes, a CPU the smoke preset's."""
+    cuda = args.device.startswith("cuda")
+    preset = PRESETS["full" if cuda else "smoke"]
+    cells = [(m, t) for t in STEP_TASKS for m in (args.models if args.chosen_models else
+                                                   preset["tasks"][t].models or preset["models"])
+             if t in preset["tasks"] and (not is_grid(t) or reads_grids(m))]
+    rows = []
+    print(f"## Training step: ms per optimiser step (batch {preset['batch_size']}, the "
+          f"{'full' if cuda else 'smoke'} preset's sizes)")
+    for m, t in cells:
+        eager = step_row(m, t, preset, args.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
+        fast = step_row(m, t, preset, args.device, graphs=True) if cuda else None
+        rows.append(dict(eager, graphs_ms_per_step=fast["ms_per_step"] if fast else None))
+        print(f"{m:16} {t}@{eager['length']} ({eager['tokens']} tokens): eager {eager['ms_per_step']:.1f} ms"
+              + (f", CUDA graphs {fast['ms_per_step']:.2f} ms" if fast else ""), flush=True)
+    table = md_table(["model", "task", "tokens", "params", "eager ms/step", "CUDA graphs ms/step", "speed-up"], [
+        [r["model"], f"{r['task']}@{r['length']}", r["tokens"], f"{r['params']:,}", f"{r['ms_per_step']:.2f}"] + (
+            [f"{r['graphs_ms_per_step']:.2f}", f"{r['ms_per_step'] / r['graphs_ms_per_step']:.1f}x"]
+            if r["graphs_ms_per_step"] else ["-", "-"]) for r in rows])
+    return rows, table
+
+
+def sharing_worker(m, t, device, steps, barrier, results):
+    """One of shared_rate's processes: warm up, wait for the others, train `steps` steps, report the seconds."""
+    preset = PRESETS["full"]
+    b = preset["tasks"][t]
+    task = tasks.TASKS[t](**b.options)
+    L = stages(b.train)[-1][1]
+    for n in (5, steps):                     # the first call warms up (CUDA's lazy initialisations)
+        torch.manual_seed(0)
+        model = build_model(m, task.vocab_size, **preset["size"], **b.size)
+        if n == steps:
+            barrier.wait()
+            start = time.perf_counter()
+        train(model, task, n, preset["batch_size"], 1e-3, [L, L], device)
+    results.put(time.perf_counter() - start)
+
+
+def shared_rate(n, m, t, device, steps=300):
+    """Training steps per second of n processes at once on one GPU, each training its own copy of model m on task
+    t for `steps` steps from a common start (graph captures included): how many runs should share a GPU."""
+    ctx = get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    processes = [ctx.Process(target=sharing_worker, args=(m, t, device, steps, barrier, results)) for _ in range(n)]
+    for p in processes:
+        p.start()
+    seconds = [results.get() for _ in processes]
+    for p in processes:
+        p.join()
+    return n * steps / max(seconds)
+
+
 def bench(args, meta):
     """--bench: every (model, length), printed as it goes, then saved as bench.json/.md/.png."""
     cuda = args.device.startswith("cuda")
@@ -750,12 +900,21 @@ def bench(args, meta):
     cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
         ["out of memory", "", "", ""] if r.get("oom") else
         [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
-    head = ["# compare.py --bench: cost against length", "", f"Command: `{meta['command']}`  ",
-            f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}; batch 1, "
-            f"model size {size}, median of 3 after a warm-up", "",
-            md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
-                      "inference peak MiB"], [])]
-    print("\n".join(head))
+    intro = ["# compare.py --bench: the cost of a training step, and cost against length", "",
+             f"Command: `{meta['command']}`  ", f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, "
+             f"commit {meta['commit']}", ""]
+    print("\n".join(intro))
+    step_rows, step_table = step_bench(args, meta)
+    sharing = None
+    if cuda and not args.chosen_models:   # how many runs should share one GPU: the default of --workers
+        sharing = {n: shared_rate(n, "ssm", "flipflop", args.device) for n in (1, 2, 4, 8, 16)}
+        step_table += "\n\n" + md_table(["processes on one GPU", "steps/s, all together", "vs one"],
+                                          [[n, f"{r:.0f}", f"{r / sharing[1]:.1f}x"] for n, r in sharing.items()])
+        print(step_table.split("\n\n")[-1], flush=True)
+    head = intro + [step_table, "", f"## Cost against length: batch 1, model size {size}, median of 3 after a warm-up",
+                    "", md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB",
+                                  "inference us/token", "inference peak MiB"], [])]
+    print("\n".join(head[len(intro):]))
     rows = []
     for m in models:
         for T in lengths:
@@ -765,7 +924,8 @@ def bench(args, meta):
             print(md_row(cells(rows[-1])), flush=True)
             if rows[-1].get("oom"):
                 break                    # longer sequences would not fit either
-    save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, rows=rows))
+    save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, step_rows=step_rows, sharing=sharing,
+                                                         rows=rows))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write("\n".join(head + [md_row(cells(r)) for r in rows]) + "\n")
     plot(os.path.join(args.out, "bench.png"), [

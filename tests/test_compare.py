@@ -2,6 +2,7 @@
 
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -223,6 +224,61 @@ def test_training_learns_flipflop():
     losses = compare.train(model, task, steps=150, batch_size=32, lr=3e-3, train_lengths=[16, 16])
     assert sum(losses[-10:]) < sum(losses[:10])
     assert compare.evaluate(model, task, 16, n_examples=256)["token_acc"] > 0.75
+
+
+@pytest.mark.parametrize("name", [m for m in compare.MODELS])
+def test_right_padding_changes_no_loss_and_no_gradient(name):
+    """The CUDA-graph path pads a causal batch on the right with unscored positions (fewer shapes to capture):
+    by causality that must leave the loss and every gradient as they were. float64, odd lengths, every model."""
+    torch.manual_seed(0)
+    task = tasks.FlipFlop()
+    model = compare.build_model(name, task.vocab_size, d_model=16, n_layers=2).double()
+    x, y = task.sample(3, 37, seed=1)
+    grads = []
+    for pad in (0, 27):
+        model.zero_grad()
+        xp, yp = nn.functional.pad(x, (0, pad)), nn.functional.pad(y, (0, pad), value=tasks.IGNORE)
+        losses = [nn.functional.cross_entropy(o.flatten(0, 1), yp.flatten(), ignore_index=tasks.IGNORE)
+                  for o in compare.all_logits(model, xp)]
+        (sum(losses) / len(losses)).backward()
+        grads.append([sum(losses).item()] + [p.grad.clone() for p in model.parameters()])
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
+    for g0, g1 in zip(grads[0][1:], grads[1][1:]):
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
+
+
+CELLS = [(m, "flipflop") for m in compare.MODELS] + [(m, "maze") for m in compare.MODELS if compare.reads_grids(m)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name,task_name", CELLS)
+def test_cuda_graph_training_learns_what_the_eager_loop_learns(name, task_name):
+    """The fast path (the whole step replayed from CUDA graphs, one per padded batch shape, the warm-up undone)
+    gives the eager loop's losses and weights. Flip-flop lengths drawn from [20, 40] pad to 32 or 64 tokens: two
+    graphs, each replayed several times; the maze (bidirectional, never padded) has one shape."""
+    task, lengths = (tasks.Maze(canvas=9, n_train=50), [3, 4]) if task_name == "maze" else (tasks.FlipFlop(), [20, 40])
+    results = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = compare.build_model(name, task.vocab_size, d_model=32, n_layers=2,
+                                    **({"causal": False} if task_name == "maze" else {}))
+        losses = compare.train(model, task, steps=12, batch_size=8, lr=3e-3, train_lengths=lengths, device="cuda",
+                               graphs=graphs)
+        results.append((torch.tensor(losses), [p.detach().float().cpu() for p in model.parameters()]))
+    (eager, w_eager), (fast, w_fast) = results
+    assert len(eager) == len(fast) == 12 and torch.isfinite(eager).all()
+    torch.testing.assert_close(fast, eager, rtol=2e-3, atol=2e-3)
+    for a, b in zip(w_fast, w_eager):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)   # Adam moves a weight ~lr a step, whatever the gradient
+
+
+def test_a_diverged_run_stops_at_its_first_non_finite_loss():
+    """Losses stay on the device and are read in blocks; a non-finite one ends the list there."""
+    torch.manual_seed(0)
+    model = compare.build_model("attention", 5, d_model=16, n_layers=1)
+    losses = compare.train(model, tasks.FlipFlop(), steps=40, batch_size=8, lr=1e12, train_lengths=[32, 32],
+                           check_every=7)
+    assert 1 < len(losses) < 40 and not math.isfinite(losses[-1]) and all(map(math.isfinite, losses[:-1]))
 
 
 def test_curriculum_draws_lengths_stage_by_stage():
