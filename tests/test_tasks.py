@@ -1,6 +1,7 @@
 """tasks.py: determinism, vocabularies, answers that follow from the prefix alone, no leak, clear errors."""
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,6 +200,22 @@ def test_maze_same_seed_same_mazes_and_test_mazes_are_not_training_mazes():
     assert len(train) <= 50                                         # a fixed pool, seen under symmetries
     test = {_canonical(g.numpy()) for g in task.sample(200, 4, seed=0)[0].view(-1, 11, 11)[:, :9, :9]}
     assert not train & test
+
+
+def test_maze_training_batches_are_the_training_mazes_under_symmetries():
+    """sample_train's examples are the fixed training mazes, each with its path under one of the 8 rotations /
+    reflections: a large batch shows all of them and nothing else."""
+    task = Maze(canvas=11, n_train=5)
+    x, y = task.sample_train(400, 4, seed=0)
+    assert x.dtype == y.dtype == torch.long
+    expected = set()
+    for maze in task.train_set(4):
+        for k in range(4):
+            for flip in range(2):
+                grid, path = (np.rot90(a, k).T if flip else np.rot90(a, k) for a in maze)
+                ex, ey = task._batch([grid], [path], "cpu")
+                expected.add((tuple(ex[0].tolist()), tuple(ey[0].tolist())))
+    assert {(tuple(a.tolist()), tuple(b.tolist())) for a, b in zip(x, y)} == expected
 
 
 def test_maze_bad_sizes_raise():
