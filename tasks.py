@@ -276,7 +276,9 @@ class BabiLong:
         return range(first, first + len(names)) if len(names) > 1 else first
 
     def _story(self, k, g):
-        """Simulate k facts; return the facts as token triples, the question entity, answer, deciding fact."""
+        """Simulate k facts; return the facts as token triples, the question entity, answer, deciding fact.
+        The reference, one story at a time: `_stories` tells the same stories for a whole batch at once with
+        tensor ops (fast), and tests/test_tasks.py checks that the two draw from the same distribution."""
         rand = partial(rand_int, g=g)
         where, last_move, holder, obj_at, obj_fact = {}, {}, {}, {}, {}
         facts = []
@@ -306,24 +308,87 @@ class BabiLong:
         p = list(where)[rand(len(where))]                         # qa1: where is a person
         return facts, self.person[p], self.place[where[p]], last_move[p]
 
+    def _stories(self, batch_size, length, g):
+        """`_story` for the whole batch at once, and where each story goes in a stream of `length` tokens.
+        One step per fact slot (S = max_facts of them) with the batch's state as tensors, so a batch costs a
+        few hundred small tensor ops, not a Python loop per example (the sampler is paid at every training
+        step). Returns the positions and tokens (B, 3S + 3) of the facts and the question (the slots past an
+        example's k facts repeat its question, so writing them changes nothing), the answer token (B,) and the
+        position of the deciding fact (B,)."""
+        B, S = batch_size, self.max_facts
+        slot, persons = torch.arange(S), torch.arange(self.n_persons)
+        k = torch.randint(self.min_facts, S + 1, (B,), generator=g)
+        # Every choice drawn up front, one per slot. "Uniform among the allowed ones" (persons who have moved,
+        # free or held objects) is the argmax of random scores with the others masked out.
+        kind = torch.randint(0, 3, (B, S), generator=g)           # 0 move, 1 grab, 2 drop: what is tried
+        kind[:, 0] = 0                                            # the first fact is always a move
+        try_grab, try_drop = kind == 1, kind == 2
+        mover = torch.randint(0, self.n_persons, (B, S), generator=g)
+        place = torch.randint(0, self.n_places, (B, S), generator=g)
+        person_score = torch.rand(B, S, self.n_persons, generator=g)
+        object_score = torch.rand(B, S, self.n_objects, generator=g)
+        # Only what decides which facts are possible is carried from slot to slot: who has moved and who holds
+        # what. Every example runs all S slots; those past its k facts come after the story and change nothing
+        # in it, and everything below reads only the first k.
+        person, obj = mover.clone(), torch.zeros(B, S, dtype=torch.long)  # each fact's person and object
+        moved = persons == mover[:, :1]                           # (B, n_persons), after the first fact (a move)
+        holder = torch.full((B, self.n_objects), -1)              # -1: not held
+        for f in range(1, S):
+            held = holder >= 0                                    # (B, n_objects)
+            grab = try_grab[:, f] & ~held.all(1)                  # a grab needs a free object, a drop a held one;
+            drop = try_drop[:, f] & held.any(1)                   # without one, the fact is a move (as in _story)
+            move = ~(grab | drop)
+            o = object_score[:, f].masked_fill(held == grab[:, None], -1).argmax(1)   # a grab's free, else a held one
+            grabber = person_score[:, f].masked_fill(~moved, -1).argmax(1)
+            o_holder = holder.gather(1, o[:, None])[:, 0]
+            p = torch.where(grab, grabber, torch.where(drop, o_holder, mover[:, f]))
+            moved |= move[:, None] & (persons == p[:, None])
+            holder.scatter_(1, o[:, None], torch.where(grab, p, torch.where(drop, -1, o_holder))[:, None])
+            kind[:, f].masked_fill_(move, 0)                      # from here on, kind is what happened
+            person[:, f], obj[:, f] = p, o
+        # The state after each story's k facts: the latest fact about each person (their last move) and about
+        # each object (its last grab or drop), (B, n_persons) and (B, n_objects); -1: none.
+        live = slot < k[:, None]                                  # (B, S)
+        is_move = (kind == 0) & live
+        last_move = torch.where(is_move[:, :, None] & (person[:, :, None] == persons), slot[:, None], -1).amax(1)
+        obj_fact = torch.where((live & ~is_move)[:, :, None] & (obj[:, :, None] == torch.arange(self.n_objects)),
+                               slot[:, None], -1).amax(1)
+        # The question: qa2 (an object) half the time when some object has a fact, else qa1 (a person who moved).
+        qa2 = (obj_fact >= 0).any(1) & (torch.randint(0, 2, (B,), generator=g) == 1)
+        o = torch.rand(B, self.n_objects, generator=g).masked_fill(obj_fact < 0, -1).argmax(1)
+        asked = torch.rand(B, self.n_persons, generator=g).masked_fill(last_move < 0, -1).argmax(1)
+        # The answer is a person's place: qa1 the asked one's now; qa2 the place of the object's latest fact's
+        # person, now if that fact is a grab (it carries the object), at that fact if it is a drop. So it is
+        # the place of that person's latest move before `until`, and the deciding fact the later of the two.
+        o_fact = torch.where(qa2, obj_fact.gather(1, o[:, None])[:, 0], -1)          # (B,) -1 for qa1
+        who = torch.where(qa2, person.gather(1, o_fact.clamp(min=0)[:, None])[:, 0], asked)
+        dropped = qa2 & (kind.gather(1, o_fact.clamp(min=0)[:, None])[:, 0] == 2)
+        until = torch.where(dropped, o_fact, k)
+        move_slot = torch.where(is_move & (person == who[:, None]) & (slot < until[:, None]), slot, -1).amax(1)
+        answer = place.gather(1, move_slot[:, None])[:, 0]
+        deciding = move_slot.maximum(o_fact)
+        entity = torch.where(qa2, self.object.start + o, self.person.start + asked)
+        question = torch.stack([torch.full((B,), self.question), entity, torch.full((B,), self.answer)], dim=1)
+        facts = torch.stack([self.person.start + person, self.move + kind,
+                             torch.where(kind == 0, self.place.start + place, self.object.start + obj)], dim=2)
+        # Noise before each fact: k draws from [0, length - 3 - 3k], sorted (a 62-bit draw modulo the bound,
+        # whose bias is nil; the empty slots sort last).
+        gaps = torch.randint(0, 2 ** 62, (B, S), generator=g) % (length - 2 - 3 * k)[:, None]
+        starts = gaps.masked_fill(~live, length).sort(dim=1).values + 3 * slot
+        positions = torch.where(live, starts, length - 3)[:, :, None] + torch.arange(3)             # (B, S, 3)
+        tokens = torch.where(live[:, :, None], facts, question[:, None])
+        positions = torch.cat([positions.flatten(1), length - 3 + torch.arange(3).expand(B, 3)], dim=1)
+        return positions, torch.cat([tokens.flatten(1), question], dim=1), self.place.start + answer, \
+            starts.gather(1, deciding[:, None])[:, 0]
+
     def sample_with_depth(self, batch_size, length, seed=0, device="cpu"):
         _check(batch_size, length, self.min_length, f"babilong with up to {self.max_facts} facts")
         g = _generator(seed)
-        x = torch.randint(0, self.n_noise, (batch_size, length), generator=g)
+        positions, tokens, answer, deciding = self._stories(batch_size, length, g)
+        x = torch.randint(0, self.n_noise, (batch_size, length), generator=g).scatter_(1, positions, tokens)
         y = torch.full((batch_size, length), IGNORE)
-        depth = torch.zeros(batch_size)
-        for b in range(batch_size):
-            k = self.min_facts + rand_int(self.max_facts - self.min_facts + 1, g)
-            facts, entity, answer, deciding = self._story(k, g)
-            n_noise = length - 3 - 3 * k
-            gaps = torch.randint(0, n_noise + 1, (k,), generator=g).sort().values  # noise before each fact
-            starts = gaps + 3 * torch.arange(k)
-            for s, fact in zip(starts.tolist(), facts):
-                x[b, s:s + 3] = torch.tensor(fact)
-            x[b, -3:] = torch.tensor([self.question, entity, self.answer])
-            y[b, -1] = answer
-            depth[b] = starts[deciding] / length
-        return x.to(device), y.to(device), depth.to(device)
+        y[:, -1] = answer
+        return x.to(device), y.to(device), (deciding / length).to(device)
 
     def sample(self, batch_size, length, seed=0, device="cpu"):
         x, y, _ = self.sample_with_depth(batch_size, length, seed, device)
@@ -332,31 +397,23 @@ class BabiLong:
     def pieces(self, batch_size, length, piece, seed=0, device="cpu"):
         """Examples like `sample`'s, made and yielded `piece` tokens at a time, so that a stream of millions of
         tokens never sits whole on the host: (x, y) pieces of (B, piece), the last one shorter. The stories and
-        the facts' positions are drawn first (a few numbers per example), then the noise piece by piece, so
-        the batch differs from `sample`'s for the same seed; the question and its answer come at the end."""
+        the facts' positions are drawn first (a few numbers per example), then the noise piece by piece: the
+        stories are `sample`'s for the same seed, the noise differs unless piece >= length (then the one piece
+        is `sample`'s batch); the question and its answer come at the end."""
         _check(batch_size, length, self.min_length, f"babilong with up to {self.max_facts} facts")
         if piece < 1:
             raise ValueError(f"babilong: piece must be >= 1, got {piece}")
         g = _generator(seed)
-        placed, answers = [], []                                  # per example: (positions, tokens) to place
-        for _ in range(batch_size):
-            k = self.min_facts + rand_int(self.max_facts - self.min_facts + 1, g)
-            facts, entity, answer, _ = self._story(k, g)
-            gaps = torch.randint(0, length - 3 - 3 * k + 1, (k,), generator=g).sort().values
-            starts = (gaps + 3 * torch.arange(k)).tolist() + [length - 3]
-            tokens = [t for fact in facts for t in fact] + [self.question, entity, self.answer]
-            placed.append((torch.tensor([s + i for s in starts for i in range(3)]), torch.tensor(tokens)))
-            answers.append(answer)
+        positions, tokens, answer, _ = self._stories(batch_size, length, g)
         for start in range(0, length, piece):
             n = min(piece, length - start)
-            x = torch.randint(0, self.n_noise, (batch_size, n), generator=g)
+            x = F.pad(torch.randint(0, self.n_noise, (batch_size, n), generator=g), (0, 1))
+            here = (positions >= start) & (positions < start + n)  # a fact may straddle two pieces
+            x = x.scatter_(1, torch.where(here, positions - start, n), tokens)[:, :n]  # the rest: a spare column
             y = torch.full((batch_size, n), IGNORE)
-            for b, (positions, tokens) in enumerate(placed):
-                here = (positions >= start) & (positions < start + n)   # a fact may straddle two pieces
-                x[b, positions[here] - start] = tokens[here]
             if start + n == length:
-                y[:, -1] = torch.tensor(answers)
-            yield x.to(device), y.to(device)
+                y[:, -1] = answer
+            yield x.contiguous().to(device), y.to(device)
 
 
 class Maze:

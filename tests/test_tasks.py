@@ -38,25 +38,42 @@ def oracle_selective_copy(task, x, t):
     return data[t - first_marker]
 
 
-def oracle_babilong(task, x, t):
-    """Replay the story read from x[:t+1]: persons move, grab and drop; then answer the question."""
-    where, holder, obj_at = {}, {}, {}
-    i = 0
+def replay_babilong(task, x, t):
+    """Replay the story read from x[:t+1] in plain Python, the way `BabiLong._story` tells it: persons move, grab
+    and drop, the latest fact wins. Every fact must be possible where it stands (the first one a move, a grab
+    of a free object by a person who has moved, a drop by the holder). Returns the answer to the question
+    that ends at t and the position of the fact that decides it."""
+    where, holder, obj_at = {}, {}, {}     # person -> (place, position of the move); object -> (person, position
+    i = n_facts = 0                        # of the grab); object -> (place, position of the drop)
     while i < t - 2:
-        if x[i] in task.person:
-            p, verb, arg = x[i].item(), x[i + 1].item(), x[i + 2].item()
-            if verb == task.move:
-                where[p] = arg
-            elif verb == task.grab:
-                holder[arg] = p
-            else:
-                obj_at[arg] = where[holder.pop(arg)]
-            i += 3
-        else:
+        if x[i] < task.n_noise:
             i += 1
+            continue
+        p, verb, arg = x[i:i + 3].tolist()
+        assert p in task.person and (n_facts or verb == task.move), (i, p, verb)
+        if verb == task.move:
+            where[p] = arg, i
+        elif verb == task.grab:
+            assert p in where and arg not in holder, ("impossible grab", i)
+            holder[arg] = p, i
+        else:
+            assert verb == task.drop and holder.get(arg, (None,))[0] == p, ("impossible drop", i)
+            del holder[arg]
+            obj_at[arg] = where[p][0], i
+        i, n_facts = i + 3, n_facts + 1
+    assert task.min_facts <= n_facts <= task.max_facts
     assert x[t - 2] == task.question and x[t] == task.answer
     e = x[t - 1].item()
-    return where[e] if e in task.person else where[holder[e]] if e in holder else obj_at[e]
+    if e in task.person:                   # qa1: their last move
+        return where[e]
+    if e in holder:                        # qa2, carried: where the holder is now, since the later of the two
+        p, grabbed = holder[e]
+        return where[p][0], max(grabbed, where[p][1])
+    return obj_at[e]                       # qa2, dropped: where the drop left it
+
+
+def oracle_babilong(task, x, t):
+    return replay_babilong(task, x, t)[0]
 
 
 ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "flipflop": oracle_flipflop,
@@ -110,6 +127,45 @@ def test_answer_not_visible_at_the_scored_position(name):
     for (inp, ans), c in pairs.items():
         best[inp] = max(best[inp], c)
     assert sum(best.values()) / scored.sum().item() < 0.6
+
+
+@pytest.mark.parametrize("seed, batch_size", [(0, 1), (1, 7), (2, 33), (3, 129)])
+@pytest.mark.parametrize("options, length", [({}, 27), ({}, 301),
+                                             (dict(n_persons=2, n_objects=2, min_facts=1, max_facts=12), 50)])
+def test_babilong_replayed_stories_give_the_answer_and_the_depth(seed, batch_size, options, length):
+    """The batch is drawn all at once with tensor ops; replayed one example at a time in plain Python, each
+    story must be possible fact by fact and give the answer y and the depth of the deciding fact. Dense (no
+    room for noise at k = max_facts) and sparse streams; two persons and two objects over up to 12 facts,
+    so that grabs and drops are often impossible and fall back to moves."""
+    task = BabiLong(**options)
+    x, y, depth = task.sample_with_depth(batch_size, length, seed=seed)
+    assert ((depth >= 0) & (depth < 1)).all() and (y[:, :-1] == IGNORE).all()
+    for b in range(batch_size):
+        answer, deciding = replay_babilong(task, x[b], length - 1)
+        assert y[b, -1] == answer, b
+        assert round(depth[b].item() * length) == deciding, b
+
+
+def test_babilong_batches_tell_the_stories_of_story():
+    """`_story`, one story at a time in plain Python, is the reference; the batched sampler must draw from the
+    same distribution: the same mean number of facts, of moves, grabs and drops, of object questions and of
+    the deciding fact's index, each within 5 standard errors."""
+    task, n = BabiLong(), 4000
+    g = torch.Generator().manual_seed(0)
+    ref = []
+    for _ in range(n):
+        facts, entity, _, deciding = task._story(task.min_facts + int(torch.randint(0, 7, (1,), generator=g)), g)
+        verbs = [verb for _, verb, _ in facts]
+        ref.append([len(facts), *(verbs.count(v) for v in (task.move, task.grab, task.drop)),
+                    entity in task.object, deciding])
+    x, y, depth = task.sample_with_depth(n, 60, seed=0)
+    is_fact = (x[:, :-3] >= task.person.start) & (x[:, :-3] < task.person.stop)    # each fact's first token
+    at = (depth * 60).round().long()
+    batch = torch.stack([is_fact.sum(1), *((x[:, :-3] == v).sum(1) for v in (task.move, task.grab, task.drop)),
+                         x[:, -2] >= task.object.start, (is_fact & (torch.arange(57) < at[:, None])).sum(1)], dim=1)
+    ref, batch = torch.tensor(ref, dtype=torch.float64), batch.double()
+    error = ((ref.var(0) + batch.var(0)) / n).sqrt()
+    assert ((ref.mean(0) - batch.mean(0)).abs() < 5 * error).all(), (ref.mean(0), batch.mean(0))
 
 
 def test_babilong_depth_points_at_the_deciding_fact():
@@ -225,12 +281,22 @@ def test_maze_bad_sizes_raise():
         Maze(canvas=7, min_path=40).sample(2, 3)
 
 
-def test_flipflop_in_one_piece_is_sample():
-    task = TASKS["flipflop"]()
+@pytest.mark.parametrize("name", ["flipflop", "babilong"])
+def test_in_one_piece_is_sample(name):
+    task = TASKS[name]()
     for length in (40, 41):
         x, y = task.sample(4, length, seed=5)
         (px, py), = task.pieces(4, length, length, seed=5)
         assert torch.equal(x, px) and torch.equal(y, py)
+
+
+def test_babilong_pieces_tell_sample_stories():
+    """In smaller pieces only the noise differs from `sample`'s batch: the facts, question and answer do not."""
+    task = TASKS["babilong"]()
+    x, y = task.sample(4, 60, seed=5)
+    px, py = (torch.cat(t, dim=1) for t in zip(*task.pieces(4, 60, 7, seed=5)))
+    story = x >= task.n_noise
+    assert torch.equal(story, px >= task.n_noise) and torch.equal(x[story], px[story]) and torch.equal(y, py)
 
 
 @pytest.mark.parametrize("name, length, piece", [("flipflop", 301, 12), ("flipflop_sparse", 300, 30),
