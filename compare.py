@@ -78,6 +78,13 @@ def all_logits(model, x):
     return model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
 
 
+@functools.cache
+def side_stream(device):
+    """One side stream per GPU for the warm-ups before a capture: cuBLAS gives every stream it runs on a workspace
+    of its own, kept until the process ends, so a new stream per capture would hold more and more memory."""
+    return torch.cuda.Stream(device)
+
+
 class StepGraphs:
     """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch
     shape: one launch instead of hundreds of tiny kernels (the models are so small that a step is all launch
@@ -112,7 +119,7 @@ class StepGraphs:
         state = list(self.model.parameters()) + [p for p in self.model.buffers()]
         saved = [t.detach().clone() for t in state]
         saved_opt = {p: {k: v.clone() for k, v in s.items()} for p, s in self.opt.state.items()}
-        side = torch.cuda.Stream()
+        side = side_stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):                           # the warm-up step, on a side stream as CUDA asks
             self.step(static_x, static_y)
@@ -845,15 +852,17 @@ def step_bench(args, meta):
                                                    preset["tasks"][t].models or preset["models"])
              if t in preset["tasks"] and (not is_grid(t) or reads_grids(m))]
     rows = []
-    print(f"## Training step: ms per optimiser step (batch {preset['batch_size']}, the "
-          f"{'full' if cuda else 'smoke'} preset's sizes)")
+    heading = (f"## Training step: ms per optimiser step (batch {preset['batch_size']}, the {'full' if cuda else 'smoke'}"
+               " preset's sizes, the task's longest training length), each model alone on the device")
+    print(heading)
     for m, t in cells:
         eager = step_row(m, t, preset, args.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
         fast = step_row(m, t, preset, args.device, graphs=True) if cuda else None
         rows.append(dict(eager, graphs_ms_per_step=fast["ms_per_step"] if fast else None))
         print(f"{m:16} {t}@{eager['length']} ({eager['tokens']} tokens): eager {eager['ms_per_step']:.1f} ms"
               + (f", CUDA graphs {fast['ms_per_step']:.2f} ms" if fast else ""), flush=True)
-    table = md_table(["model", "task", "tokens", "params", "eager ms/step", "CUDA graphs ms/step", "speed-up"], [
+    table = heading + "\n\n" + md_table(["model", "task", "tokens", "params", "eager ms/step", "CUDA graphs ms/step",
+                                          "speed-up"], [
         [r["model"], f"{r['task']}@{r['length']}", r["tokens"], f"{r['params']:,}", f"{r['ms_per_step']:.2f}"] + (
             [f"{r['graphs_ms_per_step']:.2f}", f"{r['ms_per_step'] / r['graphs_ms_per_step']:.1f}x"]
             if r["graphs_ms_per_step"] else ["-", "-"]) for r in rows])
@@ -891,7 +900,9 @@ def shared_rate(n, m, t, device, steps=300):
 
 
 def bench(args, meta):
-    """--bench: every (model, length), printed as it goes, then saved as bench.json/.md/.png."""
+    """--bench: the length table (every model at every length), then the training-step table and, on a GPU with the
+    default models, how many processes should share it; printed as they go, saved as bench.json/.md/.png. The
+    lengths go first so that their peak memory holds nothing left over from the training steps' CUDA graphs."""
     cuda = args.device.startswith("cuda")
     lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
     models = args.models if args.chosen_models else PRESETS["full"]["models"]
@@ -900,21 +911,12 @@ def bench(args, meta):
     cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
         ["out of memory", "", "", ""] if r.get("oom") else
         [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
-    intro = ["# compare.py --bench: the cost of a training step, and cost against length", "",
-             f"Command: `{meta['command']}`  ", f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, "
-             f"commit {meta['commit']}", ""]
-    print("\n".join(intro))
-    step_rows, step_table = step_bench(args, meta)
-    sharing = None
-    if cuda and not args.chosen_models:   # how many runs should share one GPU: the default of --workers
-        sharing = {n: shared_rate(n, "ssm", "flipflop", args.device) for n in (1, 2, 4, 8, 16)}
-        step_table += "\n\n" + md_table(["processes on one GPU", "steps/s, all together", "vs one"],
-                                          [[n, f"{r:.0f}", f"{r / sharing[1]:.1f}x"] for n, r in sharing.items()])
-        print(step_table.split("\n\n")[-1], flush=True)
-    head = intro + [step_table, "", f"## Cost against length: batch 1, model size {size}, median of 3 after a warm-up",
-                    "", md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB",
-                                  "inference us/token", "inference peak MiB"], [])]
-    print("\n".join(head[len(intro):]))
+    head = ["# compare.py --bench: cost against length, and the cost of a training step", "",
+            f"Command: `{meta['command']}`  ", f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, "
+            f"commit {meta['commit']}", "", f"## Cost against length: batch 1, model size {size}, median of 3 after a "
+            "warm-up", "", md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB",
+                                     "inference us/token", "inference peak MiB"], [])]
+    print("\n".join(head))
     rows = []
     for m in models:
         for T in lengths:
@@ -924,10 +926,18 @@ def bench(args, meta):
             print(md_row(cells(rows[-1])), flush=True)
             if rows[-1].get("oom"):
                 break                    # longer sequences would not fit either
-    save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, step_rows=step_rows, sharing=sharing,
-                                                         rows=rows))
+    print()
+    step_rows, step_table = step_bench(args, meta)
+    sharing = None
+    if cuda and not args.chosen_models:   # how many runs should share one GPU: the default of --workers
+        sharing = {n: shared_rate(n, "ssm", "flipflop", args.device) for n in (1, 2, 4, 8, 16)}
+        step_table += "\n\n" + md_table(["processes on one GPU", "steps/s, all together", "vs one"],
+                                          [[n, f"{r:.0f}", f"{r / sharing[1]:.1f}x"] for n, r in sharing.items()])
+    print(step_table, flush=True)
+    save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, rows=rows, step_rows=step_rows,
+                                                         sharing=sharing))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write("\n".join(head + [md_row(cells(r)) for r in rows]) + "\n")
+        f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", step_table]) + "\n")
     plot(os.path.join(args.out, "bench.png"), [
         dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))
         for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),
