@@ -52,7 +52,7 @@ import tasks
 import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PROTOCOL = 2   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+PROTOCOL = 3   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
 # On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
 # cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
 torch.set_flush_denormal(True)
@@ -419,16 +419,20 @@ def same_spec(saved, spec):
             and ("weights" not in spec or os.path.exists(os.path.join(spec["out"], spec["weights"]))))
 
 
+DIVERGED = "diverged"   # what a diverged run shows in place of a metric
+
+
 def mean(values):
-    """The mean of the values that exist (a metric over seeds, say); nan when none does."""
-    values = [v for v in values if v is not None]
+    """The mean of the numbers among the values (a metric over seeds, say: None where it does not exist,
+    DIVERGED for a diverged run); nan when there is none."""
+    values = [v for v in values if isinstance(v, (int, float))]
     return sum(values) / len(values) if values else float("nan")
 
 
 def best_runs(runs):
     """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
-    lr): best mean validation accuracy, ties broken by the lower final training loss. Seeds added later at
-    that lr never change the choice."""
+    lr): best mean validation accuracy, ties broken by the lower final training loss; an lr where a sweep run
+    diverged is chosen only if every lr did. Seeds added later at that lr never change the choice."""
     by_cell = {}
     for r in runs:
         if not r.get("dial"):         # the dial's extra state sizes are not cells of the table
@@ -439,6 +443,8 @@ def best_runs(runs):
 
         def score(lr):
             rs = [r for r in by_lr[lr] if r["seed"] in sweep]
+            if any(r.get("diverged_at") is not None for r in rs):
+                return -math.inf, -math.inf
             return mean(r["val_token_acc"] for r in rs), -mean(r["final_loss"] for r in rs)
         best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
@@ -466,6 +472,16 @@ def run_one(spec):
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
                    seed=spec["seed"])
     train_time = time.time() - start
+    tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
+    record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
+              "examples_seen": spec["steps"] * spec["batch_size"], "torch": torch.__version__,
+              "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"}
+    if spec.get("weights"):
+        os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
+    if not math.isfinite(losses[-1]):   # diverged: nothing to test, and the lr choice skips it (best_runs)
+        return {**record, "diverged_at": len(losses) - 1, "final_loss": None, "val_token_acc": None, "metrics": {},
+                "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
     val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
     metrics = {str(L): test(L, seed=20_000 + spec["seed"]) for L in spec["test"]}
@@ -473,16 +489,9 @@ def run_one(spec):
         for L in spec["test"]:
             metrics[str(L)]["by_segments"] = {str(s): test(L, seed=20_000 + spec["seed"], segments=s)
                                               for s in spec["test_segments"]}
-    if spec.get("weights"):
-        os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
-    tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
-    cuda = torch.device(device).type == "cuda"
-    return {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
-            "examples_seen": spec["steps"] * spec["batch_size"], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+    return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
-            "val_token_acc": val["token_acc"], "metrics": metrics, "torch": torch.__version__,
-            "device_name": torch.cuda.get_device_name(device) if cuda else "CPU"}
+            "val_token_acc": val["token_acc"], "metrics": metrics}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,11 +604,13 @@ def load_runs(path, preset, fresh):
 # ---------------------------------------------------------------------------------------------------------
 
 def mean_spread(values):
-    """'mean' or 'mean±half-spread' over seeds; '' when there is nothing to average."""
+    """'mean' or 'mean±half-spread' over seeds, with how many seeds diverged; '' when there is nothing at all."""
     values = [v for v in values if v is not None]
-    if not values:
-        return ""
-    return f"{mean(values):.2f}" + (f"±{(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
+    numbers, diverged = [v for v in values if v != DIVERGED], values.count(DIVERGED)
+    if not numbers:
+        return DIVERGED if diverged else ""
+    return (f"{mean(numbers):.2f}" + (f"±{(max(numbers) - min(numbers)) / 2:.2f}" if len(numbers) > 1 else "")
+            + (f" ({diverged} {DIVERGED})" if diverged else ""))
 
 
 def md_row(cells):
@@ -674,8 +685,9 @@ def plot(path, panels, title=None):
 
 
 def at(rs, L, *path):
-    """A metric of each seed's run at test length L, e.g. at(rs, 64, "by_depth", 0)."""
-    return [functools.reduce(lambda value, key: value[key], path, r["metrics"][str(L)]) for r in rs]
+    """A metric of each seed's run at test length L, e.g. at(rs, 64, "by_depth", 0); DIVERGED for a diverged run."""
+    return [DIVERGED if r.get("diverged_at") is not None else
+            functools.reduce(lambda value, key: value[key], path, r["metrics"][str(L)]) for r in rs]
 
 
 ACCURACY = dict(ylim=(-0.02, 1.02))
@@ -726,7 +738,7 @@ def report(runs, meta, task_names, model_names):
         lines = {}
         for m, rs in cells[t]:
             for L in rs[0]["test"]:
-                if "by_segments" in rs[0]["metrics"][str(L)]:
+                if any("by_segments" in r["metrics"].get(str(L), {}) for r in rs):
                     lines[(m, f"{L}x{L}")] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
                 else:   # a fixed-depth model has one number, the same at every count
                     lines[(m, f"{L}x{L}, fixed depth")] = [at(rs, L, "exact")] * len(counts)
@@ -750,7 +762,9 @@ def report(runs, meta, task_names, model_names):
         rs, ref = best[(m, t)], best.get(("attention", t))
         rows.append([m, t, f"{rs[0]['params']:,}" + (f" ({rs[0]['params'] / ref[0]['params']:.2f}x)" if ref else ""),
                      ", ".join(f"{v:,}" for v in rs[0]["state_size"].values()),
-                     f"{rs[0]['lr']:g}" + (" (edge)" if (m, t) in edges else ""), len(rs), rs[0]["steps"],
+                     f"{rs[0]['lr']:g}" + (" (edge)" if (m, t) in edges else ""),
+                     f"{len(rs)}" + "".join(f", seed {r['seed']} {DIVERGED} at step {r['diverged_at']}" for r in rs
+                                            if r.get("diverged_at") is not None), rs[0]["steps"],
                      f"{rs[0]['examples_seen']:,}", f"{mean(r['wall_time_s'] for r in rs):.1f}"])
     parts += ["## Runs", "", md_table(["model", "task", "params (vs attention)", "state floats (per test length)",
                                        "chosen lr", "seeds", "steps", "examples", "wall s"], rows), ""]
@@ -985,6 +999,8 @@ def read_streams(best, lengths, device, out, rows, save):
     at a time so that time and memory are its own, until it meets a wall. Each row is added to `rows`, then save()."""
     cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
     for (m, t), rs in best.items():
+        if rs[0].get("diverged_at") is not None:                  # every lr diverged: nothing to read with
+            continue
         task = tasks.TASKS[t](**rs[0]["task_options"])
         model = build_model(m, task.vocab_size, **rs[0]["model_options"])
         model.load_state_dict(torch.load(os.path.join(out, rs[0]["weights"]), weights_only=True))

@@ -281,6 +281,25 @@ def test_a_diverged_run_stops_at_its_first_non_finite_loss():
     assert 1 < len(losses) < 40 and not math.isfinite(losses[-1]) and all(map(math.isfinite, losses[:-1]))
 
 
+def test_a_diverged_run_is_stored_as_such_never_chosen_and_reported(tmp_path):
+    """A run whose loss goes non-finite is stored with the step it diverged at and no metrics (valid JSON, no NaN);
+    the lr choice passes over it, and the report says "diverged" where its numbers would be."""
+    args = compare.parse_args(["--preset", "smoke", "--models", "attention", "--tasks", "flipflop", "--out",
+                               str(tmp_path)])
+    spec = dict(compare.make_specs(args)[0], steps=12)
+    bad, good = compare.run_one(dict(spec, lr=1e12)), compare.run_one(dict(spec, lr=3e-3))
+    assert bad["diverged_at"] is not None and bad["metrics"] == {} and good["diverged_at"] is None
+    json.dumps(bad, allow_nan=False)
+    later_seed = dict(bad, lr=3e-3, seed=1)            # a second seed at the chosen lr that diverged
+    best = compare.best_runs([bad, good, later_seed])
+    assert [(r["lr"], r["seed"]) for r in best[("attention", "flipflop")]] == [(3e-3, 0), (3e-3, 1)]
+    meta = dict(preset="smoke", command="test", device_name="CPU", torch="-", commit="-", lrs=[3e-3, 1e12])
+    text, _ = compare.report([bad, good, later_seed], meta, ["flipflop"], ["attention"])
+    assert "(1 diverged)" in text and f"seed 1 diverged at step {bad['diverged_at']}" in text
+    text, _ = compare.report([bad], meta, ["flipflop"], ["attention"])    # every lr diverged
+    assert "| attention | diverged |" in text
+
+
 def test_curriculum_draws_lengths_stage_by_stage():
     seen = []
 
