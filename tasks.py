@@ -97,18 +97,24 @@ class MQAR:
     """Multi-query associative recall (Zoology's `multiquery_ar`): P key-value pairs, then the P keys again as
     queries in a stream of zeros; at each query, output its value. Keys come from [1, V/2), values from
     [V/2, V); query gaps follow a power law (power_a), so most queries come soon after the pairs.
+    Zoology's harder settings: `random_non_queries` fills the stream between the queries with random tokens of
+    the whole vocabulary instead of zeros (a query no longer stands out, and the noise must not be stored), and
+    `distinct_values` draws the values without replacement, as the keys are.
 
     length = T, the sequence length; it must be at least 4P. n_pairs = P is a constructor option.
 
     Example (V=16, P=2, T=8): keys 3, 5 -> values 12, 9:
         3 12 5 9 5->9 0 3->12 0
+    and with random_non_queries, say:
+        3 12 5 9 5->9 14 3->12 7
     """
 
-    def __init__(self, n_pairs=8, vocab_size=256, power_a=0.01):
+    def __init__(self, n_pairs=8, vocab_size=256, power_a=0.01, random_non_queries=False, distinct_values=False):
         if n_pairs < 1 or n_pairs > vocab_size // 2 - 1:
             raise ValueError(f"mqar: n_pairs={n_pairs} needs 1 <= P <= vocab_size/2 - 1 = {vocab_size // 2 - 1} "
                              "distinct keys")
         self.n_pairs, self.vocab_size, self.power_a = n_pairs, vocab_size, power_a
+        self.random_non_queries, self.distinct_values = random_non_queries, distinct_values
         self.min_length = 4 * n_pairs
         self.names = [str(i) for i in range(vocab_size)]
 
@@ -117,7 +123,10 @@ class MQAR:
         g = _generator(seed)
         B, P, V = batch_size, self.n_pairs, self.vocab_size
         keys = torch.rand(B, V // 2 - 1, generator=g).argsort(dim=1)[:, :P] + 1       # distinct, in [1, V/2)
-        values = torch.randint(V // 2, V, (B, P), generator=g)
+        if self.distinct_values:
+            values = torch.rand(B, V - V // 2, generator=g).argsort(dim=1)[:, :P] + V // 2  # distinct, in [V/2, V)
+        else:
+            values = torch.randint(V // 2, V, (B, P), generator=g)
         context = torch.stack([keys, values], dim=2).reshape(B, 2 * P)               # k1 v1 k2 v2 ...
         n_slots = (length - 2 * P) // 2                                             # query slots, even offsets
         gaps = torch.arange(1, n_slots + 1, dtype=torch.float64)
@@ -127,6 +136,8 @@ class MQAR:
         targets = torch.full((B, length - 2 * P), IGNORE)
         queries.scatter_(1, 2 * slots, keys)                                        # query i asks for key i
         targets.scatter_(1, 2 * slots, values)
+        if self.random_non_queries:                                                 # noise wherever no query is
+            queries = torch.where(targets == IGNORE, torch.randint(0, V, queries.shape, generator=g), queries)
         x = torch.cat([context, queries], dim=1)
         y = torch.cat([torch.full((B, 2 * P), IGNORE), targets], dim=1)
         return x.to(device), y.to(device)
@@ -142,8 +153,8 @@ class Recall(MQAR):
     Example (V=16, P=2): the same as MQAR's with T=8.
     """
 
-    def __init__(self, vocab_size=256, power_a=0.01):
-        super().__init__(1, vocab_size, power_a)
+    def __init__(self, vocab_size=256, power_a=0.01, random_non_queries=False, distinct_values=False):
+        super().__init__(1, vocab_size, power_a, random_non_queries, distinct_values)
         self.min_length = 1
 
     def sample(self, batch_size, length, seed=0, device="cpu"):
@@ -151,7 +162,8 @@ class Recall(MQAR):
             raise ValueError(f"recall: {length} pairs need {length} distinct keys, but vocab_size "
                              f"{self.vocab_size} has only {self.vocab_size // 2 - 1}")
         _check(batch_size, length, 1, "recall")
-        return MQAR(length, self.vocab_size, self.power_a).sample(batch_size, 4 * length, seed, device)
+        return MQAR(length, self.vocab_size, self.power_a, self.random_non_queries,
+                    self.distinct_values).sample(batch_size, 4 * length, seed, device)
 
 class FlipFlop:
     """Flip-flop language (Liu et al. 2023): pairs (instruction, bit) with instructions write / ignore / read.

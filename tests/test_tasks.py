@@ -129,6 +129,25 @@ def test_answer_not_visible_at_the_scored_position(name):
     assert sum(best.values()) / scored.sum().item() < 0.6
 
 
+def test_recall_at_zoologys_difficulty():
+    """random_non_queries and distinct_values: noise of the whole vocabulary between the queries (no zeros to spot
+    them by), values distinct within an example; every answer still follows from the prefix, nothing leaks, and
+    the lenient variant's batches are left as they were."""
+    hard, easy = TASKS["recall"](vocab_size=64, random_non_queries=True, distinct_values=True), TASKS["recall"](64)
+    P = 24
+    x, y = hard.sample(128, P, seed=5)
+    scored = y != IGNORE
+    for b, t in scored.nonzero().tolist():
+        assert oracle_mqar(TASKS["mqar"](n_pairs=P), x[b, :t + 1], t) == y[b, t]
+    values = x[:, 1:2 * P:2]
+    assert all(len(set(row)) == P for row in values.tolist())              # 24 of 32 values: often equal if drawn
+    assert (values >= 32).all() and (x[:, 2 * P:][~scored[:, 2 * P:]] != 0).float().mean() > 0.9   # with replacement
+    assert len(set(x[:, 2 * P:][~scored[:, 2 * P:]].tolist())) > 48        # noise from the whole vocabulary
+    ex, ey = easy.sample(128, P, seed=5)
+    assert (ex[:, 2 * P:][ey[:, 2 * P:] == IGNORE] == 0).all()
+    assert torch.equal(ex, TASKS["mqar"](n_pairs=P, vocab_size=64).sample(128, 4 * P, seed=5)[0])
+
+
 @pytest.mark.parametrize("seed, batch_size", [(0, 1), (1, 7), (2, 33), (3, 129)])
 @pytest.mark.parametrize("options, length", [({}, 27), ({}, 301),
                                              (dict(n_persons=2, n_objects=2, min_facts=1, max_facts=12), 50)])
