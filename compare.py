@@ -205,7 +205,8 @@ def generate(model, prompt, n_new):
 
 @torch.no_grad()
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None):
-    """Accuracy at one length. Returns token_acc (scored positions right), exact (every scored position of an
+    """Accuracy at one length. Returns token_acc (scored positions right), loss (their mean cross-entropy), exact
+    (every scored position of an
     example right, over the examples that have one; None if none has), and where the task defines them
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
     depth, e.g. babilong). `segments`: HRM's test-time segments. Batches hold about max_tokens // length
@@ -214,7 +215,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     model.to(device).eval()
     g = torch.Generator().manual_seed(seed)
     batch = max(1, min(n_examples, max_tokens // length))
-    right = total = exact = scored_examples = seen = gen_exact = 0
+    right = total = exact = scored_examples = seen = gen_exact = loss = 0
     depth_right, depth_total = torch.zeros(4), torch.zeros(4)
     while seen < n_examples:
         b = min(batch, n_examples - seen)
@@ -223,7 +224,9 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
         else:
             x, y, depth = *task.sample(b, length, g, device), None
         with autocast(device):
-            pred = forward(x).argmax(-1)
+            logits = forward(x).float()
+        pred = logits.argmax(-1)
+        loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=tasks.IGNORE, reduction="sum").item()
         scored = y != tasks.IGNORE
         ok = (pred == y) & scored
         row_ok = (ok.sum(1) == scored.sum(1)) & scored.any(1)   # an example with nothing scored is not a match
@@ -239,7 +242,8 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
                 out = generate(model, x[:, :p], length)
             gen_exact += (out == y[:, p - 1:p - 1 + length]).all(1).sum().item()
         seen += b
-    result = {"token_acc": right / max(total, 1), "exact": exact / scored_examples if scored_examples else None}
+    result = {"token_acc": right / max(total, 1), "loss": loss / max(total, 1),
+              "exact": exact / scored_examples if scored_examples else None}
     if hasattr(task, "prompt_length"):
         result["gen_exact"] = gen_exact / seen
     if hasattr(task, "sample_with_depth"):
@@ -431,7 +435,7 @@ def mean(values):
 
 def best_runs(runs):
     """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
-    lr): best mean validation accuracy, ties broken by the lower final training loss; an lr where a sweep run
+    lr): best mean validation accuracy, ties broken by the lower validation loss; an lr where a sweep run
     diverged is chosen only if every lr did. Seeds added later at that lr never change the choice."""
     by_cell = {}
     for r in runs:
@@ -445,7 +449,7 @@ def best_runs(runs):
             rs = [r for r in by_lr[lr] if r["seed"] in sweep]
             if any(r.get("diverged_at") is not None for r in rs):
                 return -math.inf, -math.inf
-            return mean(r["val_token_acc"] for r in rs), -mean(r["final_loss"] for r in rs)
+            return mean(r["val_token_acc"] for r in rs), -mean(r["val_loss"] for r in rs)
         best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
 
@@ -480,7 +484,8 @@ def run_one(spec):
         os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
     if not math.isfinite(losses[-1]):   # diverged: nothing to test, and the lr choice skips it (best_runs)
-        return {**record, "diverged_at": len(losses) - 1, "final_loss": None, "val_token_acc": None, "metrics": {},
+        return {**record, "diverged_at": len(losses) - 1, "final_loss": None, "val_token_acc": None, "val_loss": None,
+                "metrics": {},
                 "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
     val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
@@ -491,7 +496,7 @@ def run_one(spec):
                                               for s in spec["test_segments"]}
     return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
-            "val_token_acc": val["token_acc"], "metrics": metrics}
+            "val_token_acc": val["token_acc"], "val_loss": val["loss"], "metrics": metrics}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ class CopyOracle(nn.Module):
 def test_evaluate_scores_a_perfect_copier_perfectly():
     task = tasks.Copy()
     m = compare.evaluate(CopyOracle(task), task, 7, n_examples=10)
-    assert m == {"token_acc": 1.0, "exact": 1.0, "gen_exact": 1.0}
+    V = task.vocab_size    # logit 1 on the right letter, 0 on the V - 1 others: loss log(V - 1 + e) - 1
+    assert m == {"token_acc": 1.0, "exact": 1.0, "gen_exact": 1.0, "loss": pytest.approx(math.log(V - 1 + math.e) - 1)}
 
 
 def test_evaluate_scores_a_constant_model_at_chance():
@@ -173,6 +174,10 @@ def test_evaluate_scores_a_constant_model_at_chance():
             return torch.zeros(*x.shape, 5).index_fill_(2, torch.tensor([3]), 1.0)  # always says bit 0
     m = compare.evaluate(Constant(), tasks.FlipFlop(), 64, n_examples=200)
     assert 0.4 < m["token_acc"] < 0.6
+    # the validation loss (which breaks ties between learning rates): -log softmax of the target's logit, averaged
+    # over scored positions; logits (0, 0, 0, 1, 0): log(4 + e) - 1 when right, log(4 + e) when wrong
+    right = m["token_acc"]
+    assert m["loss"] == pytest.approx(math.log(4 + math.e) - right, rel=1e-5)
 
 
 def test_exact_match_counts_only_examples_with_a_scored_position():
@@ -316,7 +321,7 @@ def test_curriculum_draws_lengths_stage_by_stage():
 def test_best_lr_is_chosen_on_the_sweep_seed_only():
     """A later seed at the chosen lr must not move the choice to another lr (where only seed 0 ran)."""
     run = lambda lr, seed, val, loss=1.0: dict(model="m", task="t", lr=lr, seed=seed, val_token_acc=val,  # noqa
-                                               final_loss=loss)
+                                               val_loss=loss)
     runs = [run(1e-3, 0, 0.9), run(3e-3, 0, 0.95), run(3e-3, 1, 0.5)]
     assert [r["seed"] for r in compare.best_runs(runs)[("m", "t")]] == [0, 1]
     assert compare.best_runs(runs)[("m", "t")][0]["lr"] == 3e-3
