@@ -10,7 +10,7 @@ compare.py: train every model on every task at matched size, and show when filte
 How the comparison is made fair, and where each rule lives:
   1. The same budget for every model on a task: steps, batch, training lengths, optimiser and schedule
      (`Budget` and `PRESETS` below; the optimiser and schedule in `train`).
-  2. Matched size: one width and depth per task, so parameter counts stay within +-25% of the Transformer's
+  2. Matched size: one width and depth per task, so parameter counts stay within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full preset).
   3. Each model at its own best learning rate: every (model, task) sweeps the same grid of log-spaced rates on the
      first seed and keeps the one with the best validation accuracy (`make_specs`, `best_runs`); a choice on the

@@ -56,7 +56,7 @@ class TitansConfig:
     d_model: int = 64         # D
     n_layers: int = 2
     n_heads: int = 2          # H; memory head dim K = D / H
-    mlp_ratio: int = 2        # 2, not the Transformer's 4: pays for the memory branch (parameters matched)
+    mlp_ratio: int = 1        # 1, not the Transformer's 4: pays for the memory branch (parameters within 10%)
     memory: str = "mlp"       # "linear" (a K x K matrix) or "mlp" (K -> memory_expand * K -> K, SiLU)
     memory_expand: int = 1
     chunk_size: int = 16      # C: gradients inside a chunk are taken at the chunk-start weights
