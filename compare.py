@@ -716,6 +716,16 @@ def report(runs, meta, task_names, model_names):
              f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
              f"{meta.get('runs_reused', 0)} reused from earlier ones" + (
                  f"; the runs were made on: {'; '.join(made_on)}" if len(made_on) > 1 else ""), ""]
+
+    def curriculum(r):   # "2-4, 2-8, 2-16 (a third of the steps each)" or "2-16"
+        plan = stages(r["train"])
+        share = {1: "", 2: " (half of the steps each)", 3: " (a third of the steps each)"}.get(
+            len(plan), f" (1/{len(plan)} of the steps each)")
+        return ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in plan) + share
+    parts += ["## Budgets: the same for every model on a task", "", md_table(
+        ["task", "steps", "batch", "training lengths, stage by stage", "test lengths", "task options"],
+        [[t, r["steps"], r["batch_size"], curriculum(r), ", ".join(map(str, r["test"])),
+          ", ".join(f"{k}={v}" for k, v in r["task_options"].items()) or "-"] for t, r in first.items()]), ""]
     figures = {}
     if sequence_tasks:
         figures["length"] = [by_length(t, "token_acc") for t in sequence_tasks]

@@ -301,6 +301,7 @@ def test_a_diverged_run_is_stored_as_such_never_chosen_and_reported(tmp_path):
     meta = dict(preset="smoke", command="test", device_name="CPU", torch="-", commit="-", lrs=[3e-3, 1e12])
     text, _ = compare.report([bad, good, later_seed], meta, ["flipflop"], ["attention"])
     assert "(1 diverged)" in text and f"seed 1 diverged at step {bad['diverged_at']}" in text
+    assert "| flipflop | 12 | 16 | 32 | 32, 128 | - |" in text          # the budget: steps, batch, lengths
     text, _ = compare.report([bad], meta, ["flipflop"], ["attention"])    # every lr diverged
     assert "| attention | diverged |" in text
 
