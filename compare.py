@@ -4,7 +4,7 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
     python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
-    python compare.py --bench            # time, peak memory and state size against length, untrained
+    python compare.py --bench            # cost against length (untrained), and the cost of a training step
     python compare.py --scale            # train at <= 256 tokens, then read streams of up to 11M tokens
 
 How the comparison is made fair, and where each rule lives:
@@ -13,8 +13,9 @@ How the comparison is made fair, and where each rule lives:
   2. Matched size: one width and depth per task, so parameter counts stay within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full preset).
   3. Each model at its own best learning rate: every (model, task) sweeps the same grid of log-spaced rates on the
-     first seed and keeps the one with the best validation accuracy (`make_specs`, `best_runs`); a choice on the
-     edge of the grid is marked in the report, since the grid may then hide a better rate.
+     first seed and keeps the one with the best validation accuracy, ties broken by validation loss, never one
+     where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked in the report,
+     since the grid may then hide a better rate.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
   6. Cost in the open: parameters, state floats, steps, examples seen and wall time of every (model, task) at
@@ -52,7 +53,8 @@ import tasks
 import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PROTOCOL = 3   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+PROTOCOL = 4   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+               # (4: BABILong and maze batches drawn anew, SSM and Titans resized, validation loss stored)
 # On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
 # cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
 torch.set_flush_denormal(True)
@@ -91,11 +93,15 @@ class StepGraphs:
     overhead otherwise). `step(x, y)` is the eager step it captures; the learning rate is a tensor the graphs
     read, set before each replay. The first batch of a shape runs the step once to warm up (lazy inits, the
     optimiser's state), then the weights and the optimiser's state are put back as they were, so the graphs
-    learn exactly what the eager loop learns. All graphs of a run share one memory pool: they run one at a time.
+    learn what the eager loop learns (the same losses and weights up to floating-point rounding: tested on CUDA).
+    All graphs of a run share one memory pool, which is safe here because everything a graph reads lives outside
+    the pool (weights, optimiser state, static inputs) and its one output, the loss, is copied out before any
+    other graph replays: the tensor `__call__` returns is overwritten by the next call, whatever its shape.
 
-    A curriculum draws many lengths, and each new shape costs a capture, so a causal task's batch is padded on the
-    right to a multiple of `bucket` tokens, with targets that score nothing: the logits at t see only tokens <= t,
-    so the padding changes neither the loss nor a gradient (tested), and 32..256 tokens make 8 graphs, not 225."""
+    A curriculum draws many lengths, and each new shape costs a capture, so when both the task and the model are
+    causal the batch is padded on the right to a multiple of `bucket` tokens, with targets that score nothing: the
+    logits at t see only tokens <= t, so the padding changes neither the loss nor a gradient (tested for every
+    model), and 32..256 tokens make 8 graphs, not 225."""
 
     def __init__(self, step, model, opt, bucket=None):
         self.step, self.model, self.opt, self.bucket = step, model, opt, bucket
@@ -129,7 +135,10 @@ class StepGraphs:
                 t.copy_(s)
             for p, s in self.opt.state.items():                 # a state made by the warm-up starts at zero
                 for k, v in s.items():
-                    v.copy_(saved_opt[p][k]) if p in saved_opt else v.zero_()
+                    if p in saved_opt:
+                        v.copy_(saved_opt[p][k])
+                    else:
+                        v.zero_()
         self.opt.zero_grad(set_to_none=True)                    # the graph's backward makes its own gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
@@ -172,7 +181,8 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    run_step = StepGraphs(step, model, opt, bucket=32 if getattr(task, "causal", True) else None) if fast else step
+    causal = getattr(task, "causal", True) and getattr(getattr(model, "config", None), "causal", True)
+    run_step = StepGraphs(step, model, opt, bucket=32 if causal else None) if fast else step
     g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
     sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
     plan = stages(train_lengths)
@@ -206,8 +216,8 @@ def generate(model, prompt, n_new):
 @torch.no_grad()
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None):
     """Accuracy at one length. Returns token_acc (scored positions right), loss (their mean cross-entropy), exact
-    (every scored position of an
-    example right, over the examples that have one; None if none has), and where the task defines them
+    (every scored position of an example right, over the examples that have one; None if none has), and where
+    the task defines them
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
     depth, e.g. babilong). `segments`: HRM's test-time segments. Batches hold about max_tokens // length
     examples (length is the task's knob, which is the number of tokens for most tasks)."""
@@ -480,13 +490,12 @@ def run_one(spec):
     record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
               "examples_seen": spec["steps"] * spec["batch_size"], "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"}
-    if spec.get("weights"):
+    if spec.get("weights"):   # kept even when diverged: a stored run is reused only while its weights exist
         os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
     if not math.isfinite(losses[-1]):   # diverged: nothing to test, and the lr choice skips it (best_runs)
-        return {**record, "diverged_at": len(losses) - 1, "final_loss": None, "val_token_acc": None, "val_loss": None,
-                "metrics": {},
-                "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
+        return {**record, "diverged_at": len(losses), "final_loss": None, "val_token_acc": None, "val_loss": None,
+                "metrics": {}, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
     val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
     metrics = {str(L): test(L, seed=20_000 + spec["seed"]) for L in spec["test"]}
@@ -756,7 +765,8 @@ def report(runs, meta, task_names, model_names):
                 if any("by_segments" in r["metrics"].get(str(L), {}) for r in rs):
                     lines[(m, f"{L}x{L}")] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
                 else:   # a fixed-depth model has one number, the same at every count
-                    lines[(m, f"{L}x{L}, fixed depth")] = [at(rs, L, "exact")] * len(counts)
+                    fixed = "" if all(r.get("diverged_at") is not None for r in rs) else ", fixed depth"
+                    lines[(m, f"{L}x{L}{fixed}")] = [at(rs, L, "exact")] * len(counts)
         figures["segments"] = [dict(title=f"{t}: recurrent depth at test time", xs=counts, lines=lines,
                                     names=[f"{s} seg" for s in counts], xlabel="test-time segments",
                                     ylabel="exact match", **ACCURACY)]
@@ -898,17 +908,19 @@ def step_bench(args, meta):
     return rows, table
 
 
-def sharing_worker(m, t, device, steps, barrier, results):
+def sharing_worker(m, t, device, steps, threads, barrier, results):
     """One of shared_rate's processes: warm up, wait for the others, train `steps` steps, report the seconds."""
+    torch.set_num_threads(threads)
     preset = PRESETS["full"]
     b = preset["tasks"][t]
     task = tasks.TASKS[t](**b.options)
     L = stages(b.train)[-1][1]
     for n in (5, steps):                     # the first call warms up (CUDA's lazy initialisations)
         torch.manual_seed(0)
-        model = build_model(m, task.vocab_size, **preset["size"], **b.size)
+        model = build_model(m, task.vocab_size, **preset["size"], **b.size, **b.model_options.get(m, {}),
+                            **({"causal": False} if is_grid(t) else {}))
         if n == steps:
-            barrier.wait()
+            barrier.wait(timeout=600)
             start = time.perf_counter()
         train(model, task, n, preset["batch_size"], 1e-3, [L, L], device)
     results.put(time.perf_counter() - start)
@@ -916,13 +928,16 @@ def sharing_worker(m, t, device, steps, barrier, results):
 
 def shared_rate(n, m, t, device, steps=300):
     """Training steps per second of n processes at once on one GPU, each training its own copy of model m on task
-    t for `steps` steps from a common start (graph captures included): how many runs should share a GPU."""
+    t for `steps` steps from a common start (graph captures included), each with its share of the CPU's threads:
+    how many training runs should share a GPU. (It times training only, not the evaluations that follow it.)"""
     ctx = get_context("spawn")
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    processes = [ctx.Process(target=sharing_worker, args=(m, t, device, steps, barrier, results)) for _ in range(n)]
+    threads = max(1, (os.cpu_count() or 1) // n)
+    processes = [ctx.Process(target=sharing_worker, args=(m, t, device, steps, threads, barrier, results))
+                 for _ in range(n)]
     for p in processes:
         p.start()
-    seconds = [results.get() for _ in processes]
+    seconds = [results.get(timeout=1200) for _ in processes]   # a worker that died raises queue.Empty, not a hang
     for p in processes:
         p.join()
     return n * steps / max(seconds)
@@ -1015,6 +1030,9 @@ def read_streams(best, lengths, device, out, rows, save):
     cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
     for (m, t), rs in best.items():
         if rs[0].get("diverged_at") is not None:                  # every lr diverged: nothing to read with
+            rows.append(dict(model=m, task=t, length=CURRICULUM[-1][1], batch=0, state_floats=None,
+                             wall="every learning rate diverged in training"))
+            save()
             continue
         task = tasks.TASKS[t](**rs[0]["task_options"])
         model = build_model(m, task.vocab_size, **rs[0]["model_options"])
@@ -1047,7 +1065,8 @@ def streams_report(rows):
     cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
         [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
         [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
-         "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [f"{r['state_floats']:,}"]
+         "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [
+            "-" if r["state_floats"] is None else f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
     panels = [dict(title=f"{t} (trained <= {CURRICULUM[-1][1]}; dotted: a wall)", xlabel="test length (tokens)",
                    ylabel="token accuracy", marks=[(r["length"], r["model"]) for r in rows if r["task"] == t
@@ -1200,10 +1219,12 @@ def main(argv=None):
         return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
 
     def owed_follow_ups(cell):
-        """Once every run of the cell's sweep is stored: its follow-ups at the lr the sweep chose; [] before."""
+        """Once every run of the cell's sweep is stored: its follow-ups at the lr the sweep chose; [] before, and
+        [] when every lr diverged."""
         if not all(map(done, sweeps[cell])):
             return []
-        return follow_ups(cell, best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]["lr"])
+        chosen = best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]
+        return [] if chosen.get("diverged_at") is not None else follow_ups(cell, chosen["lr"])
 
     def owed():
         return [s for cell in sweeps for s in sweeps[cell] + owed_follow_ups(cell)]
