@@ -891,8 +891,9 @@ def step_bench(args, meta):
                                                    preset["tasks"][t].models or preset["models"])
              if t in preset["tasks"] and (not is_grid(t) or reads_grids(m))]
     rows = []
-    heading = (f"## Training step: ms per optimiser step (batch {preset['batch_size']}, the {'full' if cuda else 'smoke'}"
-               " preset's sizes, the task's longest training length), each model alone on the device")
+    heading = (f"## Training step: ms per optimiser step (batch {preset['batch_size']}, the "
+               f"{'full' if cuda else 'smoke'} preset's sizes, the task's longest training length), each model alone "
+               "on the device")
     print(heading)
     for m, t in cells:
         eager = step_row(m, t, preset, args.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
@@ -956,7 +957,8 @@ def bench(args, meta):
         ["out of memory", "", "", ""] if r.get("oom") else
         [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
     head = ["# compare.py --bench: cost against length, and the cost of a training step", "",
-            f"Command: `{meta['command']}`  ", f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, "
+            f"Command: `{meta['command']}`  ",
+            f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, "
             f"commit {meta['commit']}", "", f"## Cost against length: batch 1, model size {size}, median of 3 after a "
             "warm-up", "", md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB",
                                      "inference us/token", "inference peak MiB"], [])]
