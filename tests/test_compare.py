@@ -115,6 +115,16 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert message in err and "\n" not in err
 
 
+def test_a_maze_size_with_no_fresh_test_maze_is_one_line(monkeypatch, capsys):
+    """The argument check asks each task for its lengths; a maze size whose training set holds every maze (2x2
+    cells, 1,000 training mazes) stops it with the task's one line, before any training."""
+    monkeypatch.setitem(compare.PRESETS["smoke"]["tasks"]["maze"].options, "n_train", 1000)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--tasks", "maze", "--models", "hrm", "--test-lengths", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "no 2x2 maze outside the training set" in err and "\n" not in err
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not a readable results file"),
     ("", "is not a readable results file"),
