@@ -372,6 +372,29 @@ def test_scale_read_in_pieces_scores_like_one_call(name):
     assert row["token_acc"] == ((pred == y) & mask).sum().item() / mask.sum().item()
 
 
+def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_path, monkeypatch):
+    """--scale's attention reads until a call is predicted (time ~ T^2) to take over the cap. A read of 4 ms at 1,000
+    tokens predicts 40 s at 100,000: a wall, even though the row shows its time rounded to 0.0 s."""
+    model = compare.build_model("attention", 5, d_model=16, n_layers=1)
+    torch.save(model.state_dict(), tmp_path / "attention.pt")
+    run = dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights="attention.pt")
+    read = []
+
+    def timed_read(model, task, length, batch, piece, device, seed):   # 4 ms at 1,000 tokens, growing as T^2
+        read.append(length)
+        seconds = 4e-3 * (length / 1000) ** 2
+        return dict(token_acc=1.0, scored=1, tokens_per_s=batch * length / seconds, seconds=round(seconds, 2),
+                    peak_mib=None)
+
+    monkeypatch.setattr(compare, "scale_read", timed_read)
+    rows = []
+    compare.read_streams({("attention", "flipflop"): [run]}, [1000, 100_000, 400_000], "cpu", str(tmp_path), rows,
+                         lambda: None)
+    assert read == [1000, 1000]                                     # the warm-up, then the first length only
+    assert [r["length"] for r in rows] == [1000, 100_000] and rows[0]["seconds"] == 0.0
+    assert "40 s predicted" in rows[1]["wall"]
+
+
 @pytest.mark.slow
 def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
     """--scale: the scale preset's runs through the usual protocol (stored, resumable, a second seed as a
