@@ -120,8 +120,11 @@ def test_state_size_is_constant_in_length():
 
 
 def test_trains_on_a_bench_task():
+    """Flip-flop at 32 tokens, 100 steps: the SSM reads the last written bit (0.99 when this test was written).
+    Chance is 0.5, and the 4-token convolution alone, with the scan's output zeroed, reaches only 0.74."""
     torch.manual_seed(0)
     task = tasks.FlipFlop()
     model = compare.build_model("ssm", task.vocab_size, d_model=32, n_layers=1)
-    losses = compare.train(model, task, steps=60, batch_size=16, lr=3e-3, train_lengths=[32, 32])
-    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+    compare.train(model, task, steps=100, batch_size=32, lr=1e-2, train_lengths=[32, 32])
+    accuracy = compare.evaluate(model, task, 32, n_examples=256)["token_acc"]
+    assert accuracy > 0.9, f"ssm on flip-flop after 100 steps: token accuracy {accuracy:.3f} (chance 0.5)"

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import compare
+import tasks
 from conftest import GRADE_SEED, close, lengths
 from titans import Titans, TitansConfig, neural_memory, neural_memory_ref
 
@@ -133,12 +134,14 @@ def test_lmm_has_no_attention_and_a_constant_state():
 
 
 def test_trains_on_a_bench_task():
+    """Flip-flop at 32 tokens, 100 steps, the memory alone (LMM: no window to read the last write from): it reads
+    the last written bit (0.99 when this test was written); chance is 0.5, and 0.50 with the memory's read zeroed."""
     torch.manual_seed(0)
-    import tasks
     task = tasks.FlipFlop()
-    model = compare.build_model("titans", task.vocab_size, d_model=32, n_layers=1)
-    losses = compare.train(model, task, steps=60, batch_size=16, lr=3e-3, train_lengths=[32, 32])
-    assert all(map(lambda x: x == x, losses)) and sum(losses[-10:]) < 0.8 * sum(losses[:10])
+    model = compare.build_model("titans_lmm", task.vocab_size, d_model=32, n_layers=1)
+    compare.train(model, task, steps=100, batch_size=32, lr=1e-2, train_lengths=[32, 32])
+    accuracy = compare.evaluate(model, task, 32, n_examples=256)["token_acc"]
+    assert accuracy > 0.9, f"titans_lmm on flip-flop after 100 steps: token accuracy {accuracy:.3f} (chance 0.5)"
 
 
 @pytest.mark.parametrize("options", [dict(), dict(use_attention=False, memory="linear")])
