@@ -102,9 +102,21 @@ def test_bidirectional_model_sees_the_future():
 
 
 def test_state_size_is_the_kv_cache():
-    cfg = TransformerConfig(d_model=32, n_layers=3)
-    assert Transformer(cfg).state_size(100) == 2 * 32 * 3 * 100
-    assert Transformer(TransformerConfig(d_model=32, n_layers=3, window=16)).state_size(100) == 2 * 32 * 3 * 16
+    """Without a window, state_size(T) is the keys and values that the layers compute for T tokens (counted from
+    the outputs of their qkv projections, two thirds of which are keys and values); with a window of w it stops
+    growing at w tokens."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2)).eval()
+    counted = []
+    for block in model.blocks:
+        block.attn.qkv.register_forward_hook(lambda m, args, out: counted.append(out[0].numel() * 2 // 3))
+    for T in (1, 7):
+        counted.clear()
+        with torch.no_grad():
+            model(torch.randint(0, 11, (2, T)))
+        assert len(counted) == 3 and sum(counted) == model.state_size(T), T
+    windowed = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2, window=5))
+    assert windowed.state_size(4) == model.state_size(4) and windowed.state_size(100) == model.state_size(5)
 
 
 def test_bad_config_raises():

@@ -124,6 +124,10 @@ def test_stream_in_pieces_equals_one_call():
     assert state.numel() == 2 * m.state_size(256)
 
 
-def test_state_size_is_constant_in_length():
+def test_state_size_is_what_stream_carries_at_any_length():
+    """state_size(T) counts the floats that `stream` hands on after T tokens, the same at 3 tokens and at 23."""
     m = model()
-    assert m.state_size(10) == m.state_size(10 ** 6) == 3 * 16
+    for T in (3, 23):
+        with torch.no_grad():
+            _, state = m.stream(torch.randint(0, 13, (1, T)))
+        assert state.numel() == m.state_size(T), T

@@ -113,10 +113,14 @@ def test_stream_in_pieces_equals_one_call():
     assert sum(t.numel() for layer in state for t in layer) == 2 * model.state_size(256)
 
 
-def test_state_size_is_constant_in_length():
-    c = MambaConfig(d_model=64, d_state=16)
-    m = Mamba(c)
-    assert m.state_size(10) == m.state_size(10_000) == 2 * (4 * 32 * 16 + 3 * (128 + 32))
+def test_state_size_is_what_stream_carries_at_any_length():
+    """state_size(T) counts the floats that `stream` hands on after T tokens, the same at 1 token and at 300."""
+    torch.manual_seed(0)
+    model = Mamba(MambaConfig(vocab_size=11, d_model=12, n_heads=3, d_state=5, d_conv=3, chunk_size=16)).eval()
+    for T in (1, 300):
+        with torch.no_grad():
+            _, state = model.stream(torch.randint(0, 11, (1, T)))
+        assert sum(t.numel() for layer in state for t in layer) == model.state_size(T), T
 
 
 def test_trains_on_a_bench_task():
