@@ -126,3 +126,6 @@ def test_bad_config_raises():
         TransformerConfig(pos="alibi")
     with pytest.raises(ValueError):
         TransformerConfig(window=0)
+    with pytest.raises(ValueError, match="even"):               # RoPE's pairs; apply_rotary would make K + 1 channels
+        TransformerConfig(d_model=6, n_heads=2)
+    TransformerConfig(d_model=6, n_heads=2, pos="none")         # without RoPE any head dim is fine
