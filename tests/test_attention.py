@@ -67,6 +67,16 @@ def test_gradcheck(causal, window):
             f"finite differences (torch.autograd.gradcheck, float64)"
 
 
+def test_rotary_tables_are_roformers():
+    """rotary(positions, K): cos and sin of t * 10000^(-2i/K) for i < K/2 at any positions, RoFormer's base being
+    the default that RMT, Titans and HRM rely on."""
+    positions = torch.tensor([0, 1, 5, 2, 40])
+    i = torch.arange(3, dtype=torch.float64)
+    angle = positions.double()[:, None] * 10000.0 ** (-2 * i / 6)
+    for got, want, what in zip(rotary(positions, 6), (angle.cos(), angle.sin()), ("cos", "sin")):
+        close(got, want, f"attention.rotary(positions, 6): the {what} table", "TK", rtol=0, atol=1e-5)
+
+
 def test_rope_scores_depend_only_on_offset():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1, 1, 1, 16, generator=g, dtype=torch.float64).unbind(0)

@@ -1,6 +1,7 @@
 """compare.py: the smoke preset end to end, resumption and stored-run checks, bad input, the metrics, the size match.
 
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
+import contextlib
 import json
 import math
 import os
@@ -255,6 +256,25 @@ def test_right_padding_changes_no_loss_and_no_gradient(name):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
     for g0, g1 in zip(grads[0][1:], grads[1][1:]):
         torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(compare.MODELS))
+def test_every_model_makes_its_tensors_on_its_inputs_device(name, monkeypatch):
+    """On PyTorch's data-free 'meta' device, a tensor made elsewhere (a torch.arange without device=) meets the
+    model's tensors and fails: the forward pass, the backward pass, and a stream read in two pieces. (autocast has
+    no 'meta' mode; the SSM and Titans only switch it off, so here it is replaced by nothing.)"""
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    model = compare.build_model(name, 7, d_model=16, n_layers=2).to("meta")
+    x = torch.randint(0, 7, (2, 37)).to("meta")
+    outputs = compare.all_logits(model, x)
+    assert all(o.device.type == "meta" and o.shape == (2, 37, 7) for o in outputs)
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad.device.type == "meta" for p in model.parameters() if p.grad is not None)
+    if hasattr(model, "stream"):
+        with torch.no_grad():
+            _, state = model.stream(x[:, :32])
+            logits, _ = model.stream(x[:, 32:], state)
+        assert logits.device.type == "meta" and logits.shape == (2, 5, 7)
 
 
 CELLS = [(m, "flipflop") for m in compare.MODELS] + [(m, "maze") for m in compare.MODELS if compare.reads_grids(m)]
