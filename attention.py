@@ -48,6 +48,9 @@ class TransformerConfig:
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, not {self.window}")
         self.head_dim = self.d_model // self.n_heads  # K
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of channels: the head dim d_model / n_heads = {self.head_dim} must "
+                             "be even")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1050,7 +1050,7 @@ def read_streams(best, lengths, device, out, rows, save):
             else:
                 try:
                     row.update(scale_read(model, task, L, batch, piece, device, seed=20_000 + L))
-                    last = (L, row["seconds"])
+                    last = (L, batch * L / row["tokens_per_s"])          # unrounded: row["seconds"] has 10 ms steps
                 except torch.OutOfMemoryError:
                     row["wall"] = "out of memory"
             rows.append(row)

@@ -441,7 +441,8 @@ class Maze:
     Nothing is causal here (`causal = False`): a model reads the whole grid at once, and x never contains `o`.
 
     Data-scarce by design (HRM, TRM): `sample_train` draws from a fixed set of `n_train` mazes per size, under
-    one of the 8 symmetries of the square; `sample` draws fresh mazes that are in no training set.
+    one of the 8 symmetries of the square; `sample` draws fresh mazes that are in no training set, and raises
+    ValueError when the training set leaves none (at 2x2 cells there are 6 mazes in all).
 
     Example (n=2, canvas 5):  x  # # # # #    y  . . . . .    (y shown with walls and S, G as `.`:
                                  # S . . #       . . o o .     they are not scored)
@@ -451,6 +452,8 @@ class Maze:
     """
     causal = False
     min_length = 2
+    max_misses = 2000   # `sample` stops after this many training mazes in a row: 2x2 cells make only 6 mazes; at 3x3,
+                        # 27% of draws are new to 1,000 training mazes, so 2,000 misses in a row never come by chance
     WALL, OPEN, START, GOAL, PATH = range(5)
 
     def __init__(self, canvas=17, n_train=1000, min_path=0, train_seed=1234):
@@ -543,12 +546,19 @@ class Maze:
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
         self.train_set(length)
         seen = self._train_keys[length]
-        grids, paths = [], []
+        grids, paths, misses = [], [], 0
         while len(grids) < batch_size:
             grid, path = self._maze(length, rng)
             if _canonical(grid) not in seen:
                 grids.append(grid)
                 paths.append(path)
+                misses = 0
+            else:
+                misses += 1
+                if misses == self.max_misses:     # small mazes: the training set can hold every one of them
+                    raise ValueError(f"maze: no {length}x{length} maze outside the training set in {misses:,} draws "
+                                     f"in a row; its {self.n_train:,} mazes ({len(seen):,} distinct up to symmetry) "
+                                     f"cover (nearly) every maze of this size: test on larger mazes or train on fewer")
         return self._batch(grids, paths, device)
 
 

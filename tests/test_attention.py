@@ -67,6 +67,16 @@ def test_gradcheck(causal, window):
             f"finite differences (torch.autograd.gradcheck, float64)"
 
 
+def test_rotary_tables_are_roformers():
+    """rotary(positions, K): cos and sin of t * 10000^(-2i/K) for i < K/2 at any positions, RoFormer's base being
+    the default that RMT, Titans and HRM rely on."""
+    positions = torch.tensor([0, 1, 5, 2, 40])
+    i = torch.arange(3, dtype=torch.float64)
+    angle = positions.double()[:, None] * 10000.0 ** (-2 * i / 6)
+    for got, want, what in zip(rotary(positions, 6), (angle.cos(), angle.sin()), ("cos", "sin")):
+        close(got, want, f"attention.rotary(positions, 6): the {what} table", "TK", rtol=0, atol=1e-5)
+
+
 def test_rope_scores_depend_only_on_offset():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1, 1, 1, 16, generator=g, dtype=torch.float64).unbind(0)
@@ -77,6 +87,55 @@ def test_rope_scores_depend_only_on_offset():
         return (qi * kj).sum().item()
     assert score(3, 1) == pytest.approx(score(103, 101), rel=1e-5)
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_by_hand(x, base=10000.0):
+    """RoFormer Eq. 34 on x (B, H, T, K), in the half-split pairing: channels i and i + K/2 turn together by the
+    angle t * base^(-2i/K) at position t, x_i' = x_i cos - x_(i+K/2) sin, x_(i+K/2)' = x_i sin + x_(i+K/2) cos."""
+    T, K = x.shape[-2:]
+    i = torch.arange(K // 2, dtype=torch.float64)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * base ** (-2 * i / K)                 # (T, K/2)
+    first, second = x[..., :K // 2], x[..., K // 2:]
+    return torch.cat([first * angle.cos() - second * angle.sin(), first * angle.sin() + second * angle.cos()], dim=-1)
+
+
+def transformer_by_hand(model, tokens):
+    """The pre-norm Transformer spelled out, `attention_ref` as the oracle of the attention itself: per block,
+    h = RMSNorm(x); q, k, v = h W + b split into heads; RoPE on q and k (not v) when pos="rope"; attention (causal or
+    not, windowed or not); the output projection and the residual; then x + MLP(RMSNorm(x)), MLP = GELU between
+    two linear maps. The logits: head(RMSNorm(x))."""
+    c = model.config
+    B, T = tokens.shape
+    x = model.embed.weight[tokens]
+    for block in model.blocks:
+        h, a = rms_norm(x, block.norm1.weight), block.attn
+        q, k, v = (h @ a.qkv.weight.T + a.qkv.bias).split(c.d_model, dim=-1)
+        q, k, v = (z.view(B, T, c.n_heads, c.head_dim).transpose(1, 2) for z in (q, k, v))
+        if c.pos == "rope":
+            q, k = rope_by_hand(q, c.rope_base), rope_by_hand(k, c.rope_base)
+        o = attention_ref(q, k, v, causal=c.causal, window=c.window).transpose(1, 2).reshape(B, T, c.d_model)
+        x = x + o @ a.proj.weight.T + a.proj.bias
+        h = rms_norm(x, block.norm2.weight)
+        x = x + F.gelu(h @ block.mlp.fc.weight.T + block.mlp.fc.bias) @ block.mlp.proj.weight.T + block.mlp.proj.bias
+    return rms_norm(x, model.norm.weight) @ model.head.weight.T
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3, causal=False, rope_base=100.0)])
+def test_model_is_the_transformer_spelled_out(options):
+    """Every parameter drawn at random (so that no default of 1 or 0 hides a missing term), float64, D=12, H=2,
+    K=6, T=9. (RoPE tables are fp32, hence the tolerance.)"""
+    torch.manual_seed(GRADE_SEED)
+    model = Transformer(TransformerConfig(vocab_size=7, d_model=12, n_layers=2, n_heads=2, **options)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    tokens = torch.randint(0, 7, (2, 9))
+    close(model(tokens), transformer_by_hand(model, tokens), f"attention.Transformer({options}): the logits against "
+          "the Transformer spelled out", "BTV", rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3)])
@@ -102,9 +161,21 @@ def test_bidirectional_model_sees_the_future():
 
 
 def test_state_size_is_the_kv_cache():
-    cfg = TransformerConfig(d_model=32, n_layers=3)
-    assert Transformer(cfg).state_size(100) == 2 * 32 * 3 * 100
-    assert Transformer(TransformerConfig(d_model=32, n_layers=3, window=16)).state_size(100) == 2 * 32 * 3 * 16
+    """Without a window, state_size(T) is the keys and values that the layers compute for T tokens (counted from
+    the outputs of their qkv projections, two thirds of which are keys and values); with a window of w it stops
+    growing at w tokens."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2)).eval()
+    counted = []
+    for block in model.blocks:
+        block.attn.qkv.register_forward_hook(lambda m, args, out: counted.append(out[0].numel() * 2 // 3))
+    for T in (1, 7):
+        counted.clear()
+        with torch.no_grad():
+            model(torch.randint(0, 11, (2, T)))
+        assert len(counted) == 3 and sum(counted) == model.state_size(T), T
+    windowed = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2, window=5))
+    assert windowed.state_size(4) == model.state_size(4) and windowed.state_size(100) == model.state_size(5)
 
 
 def test_bad_config_raises():
@@ -114,3 +185,6 @@ def test_bad_config_raises():
         TransformerConfig(pos="alibi")
     with pytest.raises(ValueError):
         TransformerConfig(window=0)
+    with pytest.raises(ValueError, match="even"):               # RoPE's pairs; apply_rotary would make K + 1 channels
+        TransformerConfig(d_model=6, n_heads=2)
+    TransformerConfig(d_model=6, n_heads=2, pos="none")         # without RoPE any head dim is fine

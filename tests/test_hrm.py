@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import GRADE_SEED, close
+from attention import rotary
 from hrm import HRM, HRMConfig, training_memory
 
 
@@ -56,6 +57,36 @@ def test_each_update_reads_the_latest_states(gradient):
           atol=1e-12)
     close(carry_H, state["H"], "hrm.HRM.segment: the z_H it returns", "BTD", rtol=0, atol=0)
     close(carry_L, state["L"], "hrm.HRM.segment: the z_L it returns", "BTD", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pos", ["rope", "none"])
+def test_start_and_each_update_spelled_out(pos):
+    """HRM's input and modules (Wang et al. arXiv 2506.21734 §2): x is the token embedding; z_H and z_L start from
+    z_init[0] and z_init[1] at every position; RoPE over positions 0..T-1 (or none); an update of a level adds its
+    injection to its state, runs its Blocks (attention.Block, tested on its own) and ends with RMSNorm."""
+    model = make(pos=pos)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    tokens = torch.randint(0, 7, (2, 5))
+    x, rope, z_H, z_L = model.start(tokens)
+    close(x, model.embed.weight[tokens], "hrm.HRM.start: x (should be the token embedding)", "BTD", rtol=0, atol=0)
+    close(z_H, model.z_init[0].expand(2, 5, 16), "hrm.HRM.start: z_H (should be z_init[0])", "BTD", rtol=0, atol=0)
+    close(z_L, model.z_init[1].expand(2, 5, 16), "hrm.HRM.start: z_L (should be z_init[1])", "BTD", rtol=0, atol=0)
+    if pos == "none":
+        assert rope is None
+    else:
+        for got, want in zip(rope, rotary(torch.arange(5), model.config.block.head_dim)):
+            close(got, want, "hrm.HRM.start: the RoPE tables of positions 0..T-1", "TK", rtol=0, atol=0)
+    z, injection = torch.randn(2, 2, 5, 16, dtype=torch.float64)
+    for name in ("low", "high"):
+        module = getattr(model, name)
+        h = z + injection
+        for block in module.blocks:
+            h = block(h, rope)
+        want = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * module.norm.weight
+        close(module(z, injection, rope), want, f"hrm.HRM.{name}: norm(Blocks(z + injection))", "BTD", rtol=0,
+              atol=1e-12)
 
 
 def test_no_gradient_inside_no_grad():

@@ -91,19 +91,22 @@ def test_write_slots_keep_their_positions_in_a_short_segment():
     assert short.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
 
 
-@pytest.mark.parametrize("bptt_depth, reaches_start", [(None, True), (2, False)])
-def test_truncated_bptt(bptt_depth, reaches_start):
-    """The loss on the last of 5 segments reaches the initial memory only with full BPTT; with depth 2 the
-    memory is cut before segments 2 and 4."""
+@pytest.mark.parametrize("bptt_depth, loss_on, reached", [(None, 3, [0, 1, 2, 3]), (2, 3, [2, 3]), (2, 4, [4]),
+                                                       (3, 4, [3, 4]), (1, 3, [3])])
+def test_truncated_bptt(bptt_depth, loss_on, reached):
+    """5 segments of 5 tokens, segment j made of token j + 1 only, so the gradient on that token's embedding says
+    whether the loss reached segment j. With depth k the memory is cut before segments k, 2k, ...: a loss on
+    segment i reaches the segments of its own window, from k * (i // k) to i, and the initial memory only from
+    the first window; with full BPTT it reaches every segment up to i and the initial memory."""
     m = model(bptt_depth=bptt_depth).train()
-    x = torch.randint(0, 13, (2, 25))
-    m(x)[:, -5:].sum().backward()
-    grad = m.memory_init.grad
-    reached = grad is not None and grad.abs().sum().item() > 0
-    assert reached == reaches_start, (
-        f"RMT(bptt_depth={bptt_depth}), 5 segments: the loss on the last segment "
-        f"{'does not reach' if reaches_start else 'reaches'} the initial memory (|grad| = "
-        f"{0 if grad is None else grad.abs().sum().item():.3g}); with full BPTT it must, with depth 2 it must not")
+    x = torch.arange(1, 6).repeat_interleave(5).expand(2, 25)
+    logits = m(x)[:, 5 * loss_on:5 * loss_on + 5]
+    (logits * torch.randn(logits.shape, dtype=torch.float64)).sum().backward()
+    got = [j for j in range(5) if m.embed.weight.grad[j + 1].abs().sum() > 0]
+    init = m.memory_init.grad is not None and m.memory_init.grad.abs().sum().item() > 0
+    name = f"RMT(bptt_depth={bptt_depth}), 5 segments, the loss on segment {loss_on}"
+    assert got == reached, f"{name}: its gradient reaches segments {got}, expected {reached}"
+    assert init == (reached[0] == 0), f"{name}: {'reaches' if init else 'does not reach'} the initial memory"
 
 
 def test_stream_in_pieces_equals_one_call():
@@ -121,6 +124,10 @@ def test_stream_in_pieces_equals_one_call():
     assert state.numel() == 2 * m.state_size(256)
 
 
-def test_state_size_is_constant_in_length():
+def test_state_size_is_what_stream_carries_at_any_length():
+    """state_size(T) counts the floats that `stream` hands on after T tokens, the same at 3 tokens and at 23."""
     m = model()
-    assert m.state_size(10) == m.state_size(10 ** 6) == 3 * 16
+    for T in (3, 23):
+        with torch.no_grad():
+            _, state = m.stream(torch.randint(0, 13, (1, T)))
+        assert state.numel() == m.state_size(T), T

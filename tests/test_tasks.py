@@ -303,6 +303,16 @@ def test_maze_bad_sizes_raise():
         Maze(canvas=7, min_path=40).sample(2, 3)
 
 
+def test_maze_says_so_when_the_training_set_leaves_no_test_maze():
+    """2x2 cells make 6 mazes up to symmetry; 1,000 training mazes hold them all, so there is no fresh test maze to
+    draw: `sample` raises instead of searching forever. With 20 training mazes some are left, and it finds them."""
+    with pytest.raises(ValueError, match=r"no 2x2 maze outside the training set.*\(6 distinct"):
+        Maze(canvas=7).sample(1, 2)
+    task = Maze(canvas=7, n_train=20)
+    x, _ = task.sample(4, 2, seed=0)
+    assert not {_canonical(g.numpy()) for g in x.view(-1, 7, 7)[:, :5, :5]} & task._train_keys[2]
+
+
 @pytest.mark.parametrize("name", ["flipflop", "babilong"])
 def test_in_one_piece_is_sample(name):
     task = TASKS[name]()
