@@ -178,6 +178,20 @@ def test_state_size_is_the_kv_cache():
     assert windowed.state_size(4) == model.state_size(4) and windowed.state_size(100) == model.state_size(5)
 
 
+def test_init_is_gpt2s_with_the_residual_projections_scaled():
+    """GPT-2's init, as nanoGPT's: every matrix N(0, 0.02), biases 0, norms 1; then the projections into the
+    residual stream (attn.proj, mlp.proj) N(0, 0.02 / sqrt(2 L)), after the blanket init, which would overwrite
+    them. 64 x 64 and larger matrices: their sample std is within 10% of the target."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=64, d_model=64, n_layers=8))
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            want = 0.02 / 4 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
+            assert abs(p.std().item() / want - 1) < 0.1 and abs(p.mean().item()) < want / 10, (name, p.std().item())
+        else:
+            assert (p == (1.0 if "norm" in name else 0.0)).all(), name
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError):
         TransformerConfig(d_model=30, n_heads=4)

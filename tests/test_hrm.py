@@ -89,6 +89,16 @@ def test_start_and_each_update_spelled_out(pos):
               atol=1e-12)
 
 
+def test_input_and_states_start_at_unit_scale():
+    """The embedding is N(0, 1) (after the blanket N(0, 0.02), which would make the input vanish next to the
+    unit-scale states it is added to); the states start from fixed N(0, 1) vectors clamped to [-2, 2]."""
+    torch.manual_seed(0)
+    model = HRM(HRMConfig(vocab_size=64, d_model=256))
+    assert abs(model.embed.weight.std().item() - 1) < 0.05
+    assert 1.9 < model.z_init.abs().max() <= 2 and abs(model.z_init.std().item() - 1) < 0.15
+    assert abs(model.head.weight.std().item() / 0.02 - 1) < 0.1
+
+
 def test_no_gradient_inside_no_grad():
     """Inference under torch.no_grad() keeps no graph: no update may turn gradients back on."""
     model = make()

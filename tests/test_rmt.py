@@ -12,6 +12,15 @@ def model(**options):
     return RMT(RMTConfig(**{**config, **options})).double().eval()
 
 
+def test_memory_starts_on_the_embeddings_scale():
+    """The memory's parameters, N(0, 0.02) like the token embeddings (attention.py's init), and the memory's norm
+    set to 0.02 after it, so that the memory a segment writes stays on that scale, not at RMSNorm's unit scale."""
+    m = RMT(RMTConfig(d_model=64, n_mem=64))
+    for p in (m.memory_init, m.read_emb, m.write_emb, m.embed.weight):
+        assert abs(p.std().item() / 0.02 - 1) < 0.1
+    assert (m.mem_norm.weight == 0.02).all() and (m.norm.weight == 1).all()
+
+
 def test_forward_equals_segments_by_hand():
     m = model()
     x = torch.randint(0, 13, (2, 23))                          # 4 full segments and a short one of 3

@@ -152,6 +152,28 @@ def test_dt_init_is_log_uniform_in_range():
     assert (dt < 1e-2).float().mean().item() == pytest.approx(0.5, abs=0.1)  # log-uniform: half below 1e-2
 
 
+def test_inits_after_the_blanket_init():
+    """The Transformer's N(0, 0.02) on every matrix but the convolution's (PyTorch's default, uniform within
+    +-1 / sqrt(d_conv)), biases 0, norms 1; then Mamba's own, which the blanket init would overwrite: A = -exp(A_log)
+    uniform in [-16, -1] (Mamba-2), D = 1, and the projections into the residual stream (out_proj, mlp.proj)
+    N(0, 0.02 / sqrt(2 L)). (dt's init: test_dt_init_is_log_uniform_in_range.)"""
+    torch.manual_seed(0)
+    model = Mamba(MambaConfig(d_model=64, n_layers=8, n_heads=64))
+    for name, p in model.named_parameters():
+        if name.endswith("conv.weight"):
+            assert p.abs().max() <= 0.5 and p.std() > 0.2, name              # uniform within +-0.5: std 0.29
+        elif p.dim() >= 2:
+            want = 0.02 / 4 if name.endswith(("out_proj.weight", "mlp.proj.weight")) else 0.02
+            assert abs(p.std().item() / want - 1) < 0.1 and abs(p.mean().item()) < want / 10, (name, p.std().item())
+        elif name.endswith("A_log"):
+            A = -torch.exp(p)
+            assert A.min() >= -16 and A.max() <= -1 and A.min() < -12 and A.max() > -5, A
+        elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".D")):
+            assert (p == 1).all(), name
+        elif name.endswith(("proj.bias", "fc.bias")):
+            assert (p == 0).all(), name
+
+
 def test_stream_in_pieces_equals_one_call():
     """Pieces of 64, 128 and 64 tokens, the state passed along, equal one call on the whole; the state is the
     scan state and the convolution's last inputs of each layer, state_size floats per sequence."""

@@ -206,6 +206,23 @@ def test_lmm_has_no_attention_and_a_constant_state():
     assert hybrid.state_size(10_000) == hybrid.state_size(32) > hybrid.state_size(8)
 
 
+def test_memory_inits_after_the_blanket_init():
+    """attention.py's init (tested there), then the memory's own, which it would overwrite: the gate biases give
+    theta = theta_max / 2, eta = 0.9 and alpha = sigmoid(-5) at first; the memory's last layer is 0 (it reads 0
+    before it has learnt anything), the others N(0, 1 / fan-in); its output projection is scaled as a residual
+    one, N(0, 0.02 / sqrt(2 L))."""
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(d_model=64, n_heads=2, n_layers=8, memory_expand=2))
+    for block in model.blocks:
+        m = block.memory
+        theta, eta, alpha = torch.sigmoid(m.gates.bias).view(3, 2)
+        assert (theta == 0.5).all() and torch.allclose(eta, torch.tensor(0.9)) and (alpha < 0.01).all()
+        first, last = m.memory_init
+        assert (last == 0).all() and abs(first.std().item() * 32 ** 0.5 - 1) < 0.1
+        assert abs(m.proj.weight.std().item() / (0.02 / 4) - 1) < 0.1
+        assert abs(m.qkv.weight.std().item() / 0.02 - 1) < 0.1
+
+
 def test_trains_on_a_bench_task():
     """Flip-flop at 32 tokens, 100 steps, the memory alone (LMM: no window to read the last write from): it reads
     the last written bit (0.99 when this test was written); chance is 0.5, and 0.50 with the memory's read zeroed."""
