@@ -350,6 +350,26 @@ def test_curriculum_draws_lengths_stage_by_stage():
     assert seen[:2] == [4, 4] and set(seen[2:4]) <= {8, 9} and seen[4:] == [16, 16]
 
 
+def test_a_stored_run_is_reused_only_while_what_defines_it_is_unchanged(tmp_path):
+    """same_spec: every key of the spec but where it ran and is stored (WHERE) must match the stored record (which
+    holds more, its results), and the weights a --scale run kept must still be there; spec_hash names the weights
+    by the same keys; run_key names a run by model, dial, task, lr and seed."""
+    spec = dict(model="ssm", task="recall", lr=3e-3, seed=0, steps=10, dial={"d_state": 4}, device="cpu",
+                out=str(tmp_path))
+    saved = dict(spec, device="cuda:1", out="elsewhere", metrics={"4": {}})
+    assert compare.same_spec(saved, spec) and not compare.same_spec(None, spec)
+    assert not compare.same_spec(dict(saved, steps=11), spec)
+    assert not compare.same_spec({k: v for k, v in saved.items() if k != "dial"}, spec)
+    kept = dict(spec, weights="w.pt")
+    assert not compare.same_spec(dict(saved, weights="w.pt"), kept)    # its weights are gone
+    (tmp_path / "w.pt").write_bytes(b"")
+    assert compare.same_spec(dict(saved, weights="w.pt"), kept)
+    assert compare.spec_hash(spec) == compare.spec_hash(dict(reversed(spec.items()), device="cuda:1", out="elsewhere"))
+    assert compare.spec_hash(spec) != compare.spec_hash(dict(spec, lr=1e-3))
+    assert compare.run_key(spec) == "ssm[d_state=4]/recall/lr=0.003/seed=0"
+    assert compare.run_key({k: v for k, v in spec.items() if k != "dial"}) == "ssm/recall/lr=0.003/seed=0"
+
+
 def test_best_lr_is_chosen_on_the_sweep_seed_only():
     """A later seed at the chosen lr must not move the choice to another lr (where only seed 0 ran)."""
     run = lambda lr, seed, val, loss=1.0: dict(model="m", task="t", lr=lr, seed=seed, val_token_acc=val,  # noqa
@@ -439,6 +459,57 @@ def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_pa
     assert read == [1000, 1000]                                     # the warm-up, then the first length only
     assert [r["length"] for r in rows] == [1000, 100_000] and rows[0]["seconds"] == 0.0
     assert "40 s predicted" in rows[1]["wall"]
+
+
+def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monkeypatch):
+    """--scale's reading, with the reads faked: each cell's trained weights are loaded and read at every length,
+    warm-up first, the same test streams (seeds) for every model and other ones at each length; the recurrent
+    model reads even where a call is slow, attention stops at its first predicted wall or out-of-memory; a cell
+    that diverged at every lr gets a row that says so; every row is saved as it comes."""
+    monkeypatch.setitem(compare.SCALE, "attention_cap_s", 1.0)
+    cells, trained = {}, {}
+    for m in ("ssm", "attention"):
+        model = compare.build_model(m, 5, d_model=16, n_layers=1)
+        torch.save(model.state_dict(), tmp_path / f"{m}.pt")
+        trained[type(model).__name__] = model.embed.weight.detach().clone()
+        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt",
+                                     diverged_at=None)]
+    cells["rmt", "flipflop"] = [dict(diverged_at=7)]
+    calls, saved = [], []
+
+    def fake_read(model, task, length, batch, piece, device, seed):
+        name = type(model).__name__
+        assert torch.equal(model.embed.weight, trained[name]) and not model.training
+        assert isinstance(task, tasks.FlipFlop)
+        calls.append((name, length, batch, piece, device, seed))
+        if name == "Transformer" and length == 4000:
+            raise torch.OutOfMemoryError("fake")
+        seconds = 0.6 if length == 1000 else 2.0                    # attention: 0.6 s at 1,000 predicts 2.4 s at 2,000
+        return dict(token_acc=0.5, scored=3, tokens_per_s=batch * length / seconds, seconds=seconds, peak_mib=None)
+
+    monkeypatch.setattr(compare, "scale_read", fake_read)
+    rows = []
+    compare.read_streams(cells, [1000, 2000, 4000], "cpu", str(tmp_path), rows, lambda: saved.append(len(rows)))
+    batch, piece = compare.SCALE["examples"]["flipflop"], compare.SCALE["piece"]
+    warm_ups, reads = [c for c in calls if c[5] == calls[0][5]], [c for c in calls if c[5] != calls[0][5]]
+    assert [c[:5] for c in warm_ups] == [(name, 1000, batch, piece, "cpu") for name in ("Mamba", "Transformer")]
+    assert [c[:2] for c in reads] == [("Mamba", 1000), ("Mamba", 2000), ("Mamba", 4000), ("Transformer", 1000)]
+    assert all(c[2:5] == (batch, piece, "cpu") for c in reads)
+    seeds = {L: {c[5] for c in reads if c[1] == L} for L in (1000, 2000, 4000)}
+    assert len(seeds[1000]) == 1 and len(set.union(*seeds.values())) == 3   # the same streams, others per length
+    assert [(r["model"], r["length"], r.get("wall", "")[:5]) for r in rows] == [
+        ("ssm", 1000, ""), ("ssm", 2000, ""), ("ssm", 4000, ""), ("attention", 1000, ""), ("attention", 2000, "time:"),
+        ("rmt", compare.CURRICULUM[-1][1], "every")]
+    assert saved == list(range(1, 7)) and all(r["task"] == "flipflop" for r in rows)
+    ssm = compare.build_model("ssm", 5, d_model=16, n_layers=1)
+    assert [r["state_floats"] for r in rows[:3]] == [ssm.state_size(L) for L in (1000, 2000, 4000)]
+    assert rows[0]["token_acc"] == 0.5 and rows[0]["batch"] == batch
+
+    rows = []                                                        # a wall of memory stops attention too
+    monkeypatch.setitem(compare.SCALE, "attention_cap_s", 100.0)
+    compare.read_streams({("attention", "flipflop"): cells["attention", "flipflop"]}, [1000, 4000, 8000], "cpu",
+                         str(tmp_path), rows, lambda: None)
+    assert [(r["length"], r.get("wall")) for r in rows] == [(1000, None), (4000, "out of memory")]
 
 
 @pytest.mark.slow
