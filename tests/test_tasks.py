@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical
+from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
 
 LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60,
            "maze": 5}
@@ -201,25 +201,109 @@ def test_babilong_depth_points_at_the_deciding_fact():
 @pytest.mark.parametrize("name, options, length", [
     ("copy", {}, 0),
     ("mqar", dict(n_pairs=8), 31),
+    ("recall", dict(vocab_size=16), 0),
     ("flipflop", {}, 3),
     ("selective_copy", dict(n_data=8), 15),
     ("babilong", dict(max_facts=8), 26),
-    ("maze", {}, 1),
+    ("maze", dict(n_train=20), 1),
 ])
-def test_impossible_lengths_raise(name, options, length):
-    with pytest.raises(ValueError, match="too short"):
-        TASKS[name](**options).sample(2, length)
+def test_impossible_lengths_raise_and_the_shortest_is_made(name, options, length):
+    """One below the shortest length raises ValueError naming the task; the shortest itself is made."""
+    task = TASKS[name](**options)
+    with pytest.raises(ValueError, match=rf"^{name}\b.*too short"):
+        task.sample(2, length)
+    x, y = task.sample(1, length + 1)
+    assert x.shape == y.shape and x.shape[0] == 1
 
 
-def test_impossible_options_raise():
+def test_impossible_options_raise_and_the_smallest_are_accepted():
     with pytest.raises(ValueError, match="distinct keys"):
         TASKS["mqar"](n_pairs=200, vocab_size=256)
+    with pytest.raises(ValueError, match=r"^recall: 8 pairs"):
+        TASKS["recall"](vocab_size=16).sample(2, 8)
     with pytest.raises(ValueError):
         TASKS["flipflop"](p_ignore=1.0)
     with pytest.raises(ValueError):
         TASKS["babilong"](min_facts=5, max_facts=2)
+    with pytest.raises(ValueError):
+        TASKS["selective_copy"](n_data=0)
+    with pytest.raises(ValueError):
+        TASKS["selective_copy"](vocab_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         TASKS["copy"]().sample(0, 5)
+    with pytest.raises(ValueError, match="piece"):
+        next(TASKS["babilong"]().pieces(2, 40, 0))
+    TASKS["mqar"](n_pairs=1, vocab_size=4).sample(1, 4)              # one key of [1, 2), one value of [2, 4)
+    TASKS["recall"](vocab_size=16).sample(1, 7)
+    TASKS["flipflop"](p_ignore=0.0).sample(1, 4)
+    TASKS["selective_copy"](n_data=1, vocab_size=3).sample(1, 2)
+    TASKS["babilong"](min_facts=1, max_facts=1).sample(1, 6)
+    assert sum(x.shape[1] for x, _ in TASKS["babilong"]().pieces(1, 40, 1)) == 40   # pieces of one token
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_batches_come_on_the_asked_device(name):
+    """'meta', PyTorch's device without data: every sampler hands its tensors over on the device asked for."""
+    task = TASKS[name](n_train=20) if name == "maze" else TASKS[name]()
+    batches = [task.sample(2, LENGTHS[name], device="meta")]
+    batches += [task.sample_with_depth(2, LENGTHS[name], device="meta")] if hasattr(task, "sample_with_depth") else []
+    batches += [task.sample_train(2, LENGTHS[name], device="meta")] if hasattr(task, "sample_train") else []
+    batches += list(task.pieces(2, 40, 16, device="meta")) if hasattr(task, "pieces") else []
+    assert all(t.device.type == "meta" for batch in batches for t in batch)
+
+
+def test_random_tokens_cover_their_whole_range():
+    """A large batch uses every letter, key, value, bit and data token its task draws from, and nothing else."""
+    def seen(t):
+        return set(t.flatten().tolist())
+    x, _ = TASKS["copy"]().sample(256, 8)
+    assert seen(x[:, 1:9]) == set(range(26))
+    task = TASKS["mqar"](n_pairs=4, vocab_size=16)
+    x, _ = task.sample(256, 16)
+    assert seen(x[:, 0:8:2]) == set(range(1, 8)) and seen(x[:, 1:8:2]) == set(range(8, 16))
+    task = TASKS["mqar"](n_pairs=4, vocab_size=16, distinct_values=True)
+    x, _ = task.sample(256, 16)
+    assert seen(x[:, 1:8:2]) == set(range(8, 16)) and all(len(seen(row)) == 4 for row in x[:, 1:8:2])
+    x, _ = TASKS["flipflop"]().sample(64, 40)
+    assert seen(x[:, 0::2]) == {0, 1, 2} and seen(x[:, 1::2]) == {3, 4}
+    task = TASKS["selective_copy"](n_data=4, vocab_size=8)
+    _, y = task.sample(256, 12)
+    assert seen(y[:, -4:]) == set(range(1, 7))
+
+
+SPECIMENS = {   # the examples of the docstrings (and of the README's table of tasks), with their options
+    "copy": ({}, "$ q d k |->q q->d d->k"),
+    "mqar": (dict(n_pairs=2, vocab_size=16), "3 12 5 9 5->9 0 3->12 0"),
+    "flipflop": ({}, "w 1 i 0 r->1 1 w 0 i 1 r->0"),
+    "selective_copy": (dict(n_data=3), ". 4 . . 7 2 . #->4 #->7 #->2"),
+    "babilong": ({}, ". P1 move L3 . P0 move L1 . P1 grab O2 P1 move L0 . . ? O2 =->L0"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECIMENS))
+def test_the_docstring_examples_are_what_render_prints_and_are_right(name):
+    """Each docstring's example, read back into tokens through the task's names, is printed the same by render,
+    and every answer in it follows from its prefix (the task's oracle above)."""
+    options, text = SPECIMENS[name]
+    task = TASKS[name](**options)
+    words = [w.partition("->") for w in text.split()]
+    x = torch.tensor([[task.names.index(w) for w, _, _ in words]])
+    y = torch.tensor([[task.names.index(a) if a else IGNORE for _, _, a in words]])
+    assert render(task, x, y) == text
+    for t in (y[0] != IGNORE).nonzero()[:, 0].tolist():
+        assert ORACLES[name](task, x[0, :t + 1], t) == y[0, t], (name, t)
+
+
+def test_the_maze_renders_its_path_on_the_grid():
+    """The maze's docstring example: render shows walls, S and G from x, and each open square's target, `o` on
+    the path."""
+    task = Maze(canvas=5)
+    grid = ["# # # # #", "# S . . #", "# # # . #", "# G . . #", "# # # # #"]
+    path = ["# # # # #", "# S o o #", "# # # o #", "# G o o #", "# # # # #"]
+    x = torch.tensor([[task.names.index(c) for row in grid for c in row.split()]])
+    y = torch.tensor([[task.names.index(c) if g == "." else IGNORE for prow, grow in zip(path, grid)
+                       for c, g in zip(prow.split(), grow.split())]])
+    assert render(task, x, y) == "\n".join(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
