@@ -381,6 +381,27 @@ def test_best_lr_is_chosen_on_the_sweep_seed_only():
     assert compare.best_runs(tie)[("m", "t")][0]["lr"] == 3e-3
 
 
+def test_the_lr_choice_and_its_edges_leave_the_dial_out():
+    """The dial's extra state sizes run at the chosen lr and are not cells: a dial run with a better score at another
+    lr neither moves the choice nor counts in its cell's runs, nor widens the grid whose edges are marked. The
+    choice is the best score, whichever end of the grid it is at; a grid of one lr has no edge to mark."""
+    run = lambda lr, val, seed=0, **kw: dict(model="m", task="t", lr=lr, seed=seed, val_token_acc=val,  # noqa: E731
+                                             val_loss=1.0, **kw)
+    runs = [run(1e-3, 0.9), run(3e-3, 0.5), run(1e-2, 0.4), run(1e-2, 1.0, dial={"n_mem": 2}),
+            run(1e-4, 1.0, dial={"n_mem": 2})]
+    best = compare.best_runs(runs)
+    assert list(best) == [("m", "t")] and [(r["lr"], r.get("dial")) for r in best["m", "t"]] == [(1e-3, None)]
+    assert compare.edge_cells(runs, best) == {("m", "t")}            # the smallest of its grid, not the dial's
+    runs[0]["val_token_acc"] = 0.3
+    best = compare.best_runs(runs)
+    assert best["m", "t"][0]["lr"] == 3e-3 and compare.edge_cells(runs, best) == set()
+    runs[2]["val_token_acc"] = 0.6
+    best = compare.best_runs(runs)
+    assert best["m", "t"][0]["lr"] == 1e-2 and compare.edge_cells(runs, best) == {("m", "t")}
+    one = [run(1e-3, 0.9)]
+    assert compare.edge_cells(one, compare.best_runs(one)) == set()
+
+
 def test_bench_records_cost_and_state_against_length(tmp_path):
     assert compare.main(["--bench", "--models", "attention,ssm,hrm", "--test-lengths", "16,48",
                          "--out", str(tmp_path)]) == 0
