@@ -23,11 +23,14 @@ How the comparison is made fair, and where each rule lives:
 
 Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
 whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
-changed setting re-runs what it changes. The committed reference results live in results/reference/, which
+changed setting re-runs what it changes. Commands may share the folder: none drops the runs another stored, nor
+trains a run another is training (`Store`). The committed reference results live in results/reference/, which
 the bench never reads. The file reads top down: training and evaluation; models and presets; the protocol;
 running and storing many runs; reports; the two cost measurements (--bench, --scale); the command line; main.
 """
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -36,6 +39,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -518,11 +522,12 @@ def slow_first(spec):
     return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
 
 
-def run_all(specs, workers, devices, on_done):
+def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes, each run on
     the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
     unlocks (a cell's seeds and dial once its lr sweep is done), which join the queue at once: no phase waits
-    for the one before."""
+    for the one before. A run starts only if claim(spec) says so (`Store.claim`: not one that another command on
+    the same folder has stored or is training); the others are left out."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
     threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
@@ -537,6 +542,10 @@ def run_all(specs, workers, devices, on_done):
     try:
         while queue or running:
             while queue and len(running) < workers:
+                if not claim(queue[0]):
+                    queue.pop(0)
+                    bar.total -= 1
+                    continue
                 device = min(devices, key=list(running.values()).count)
                 spec = dict(queue.pop(0), device=device, threads=threads)
                 if pool:
@@ -577,10 +586,12 @@ def git_commit():
 
 
 def save_json(path, obj):
-    """Write to a temporary file, then rename: a killed process never leaves a half-written file."""
-    with open(path + ".tmp", "w") as f:
+    """Write to a temporary file of this process, then rename: a killed process never leaves a half-written file,
+    and two processes never write the same temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def load_runs(path, preset, fresh):
@@ -609,6 +620,87 @@ def load_runs(path, preset, fresh):
     if results.get("meta", {}).get("preset") != preset:
         stop(f"holds runs of preset {results.get('meta', {}).get('preset')!r}, not {preset!r}")
     return runs
+
+
+def alive(pid):
+    """Whether process `pid` of this machine is still running."""
+    try:
+        os.kill(pid, 0)                      # signal 0 only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # running, as another user
+        pass
+    return True
+
+
+class Store:
+    """A preset's results file, <out>/<preset>.json, shared by every command that points --out at its folder: none
+    drops a run another stored, and none trains a run another is training.
+      - Every read-and-write holds a lock (fcntl.flock on <preset>.json.lock, which the kernel releases however its
+        holder ends) and writes the runs on disk merged with those this command trained.
+      - The lock file lists the runs being trained, each with the process that claimed it. A command trains a run
+        only once it has claimed it, and leaves a run that another live process claimed to that one (`main` waits
+        for it to be stored). Processes are told apart by their ids: the commands must run on one machine."""
+
+    def __init__(self, path, preset, fresh):
+        self.path, self.preset, self.mine = path, preset, {}    # mine: the runs this command trained
+        with self.locked():
+            self.runs = load_runs(path, preset, fresh)          # run_key -> record: the disk's, then ours
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the lock; yields the claims of live processes, {run_key: pid}, which the caller may change."""
+        with open(self.path + ".lock", "a+") as lock:           # a+: made if missing, never emptied by opening
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.seek(0)
+            try:
+                claims = {k: pid for k, pid in json.loads(lock.read()).items()
+                          if isinstance(pid, int) and pid > 0 and alive(pid)}
+            except (ValueError, AttributeError):                # empty, or cut short by a kill: no claims
+                claims = {}
+            yield claims
+            lock.seek(0)
+            lock.truncate()
+            json.dump(claims, lock)
+
+    def merge(self):
+        """(Under the lock.) The runs on disk, and over them the runs this command trained."""
+        disk = load_runs(self.path, self.preset, fresh=False)
+        self.runs.clear()
+        self.runs.update({**disk, **self.mine})
+
+    def sync(self):
+        """Read what other commands stored meanwhile; returns the claims of other live processes."""
+        with self.locked() as claims:
+            self.merge()
+            return {k: pid for k, pid in claims.items() if pid != os.getpid()}
+
+    def claim(self, spec):
+        """Whether this command should train `spec` now, claiming it if so: not when another command has stored it
+        meanwhile, nor when another live process is training it."""
+        key = run_key(spec)
+        with self.locked() as claims:
+            self.merge()
+            if same_spec(self.runs.get(key), spec) or claims.get(key, os.getpid()) != os.getpid():
+                return False
+            claims[key] = os.getpid()
+            return True
+
+    def save(self, results, record=None):
+        """Write `results` (its "runs" are self.runs) with `record`, a run this command has just trained, merged with
+        what is on disk; the run's claim is given up."""
+        with self.locked() as claims:
+            if record is not None:
+                self.mine[run_key(record)] = record
+                claims.pop(run_key(record), None)
+            self.merge()
+            save_json(self.path, {**results, "runs": self.runs})
+
+    def release(self):
+        """Give up this process's claims on the runs it did not finish (stopped): other commands may train them."""
+        with self.locked() as claims:
+            for key in [k for k, pid in claims.items() if pid == os.getpid()]:
+                del claims[key]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1168,8 +1260,7 @@ def parse_args(argv):
                 f"length), got {args.stream_lengths}")
     try:
         os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, ".write-test"), "w").close()
-        os.remove(os.path.join(args.out, ".write-test"))
+        tempfile.TemporaryFile(dir=args.out).close()          # a name of its own: other commands may be testing too
     except OSError as e:
         p.error(f"--out {args.out!r} is not a folder this process can write to ({e.strerror})")
     if args.bench:
@@ -1201,7 +1292,8 @@ def main(argv=None):
     if args.bench:
         return bench(args, meta)
     path = os.path.join(args.out, f"{args.preset}.json")
-    results = {"meta": meta, "runs": load_runs(path, args.preset, args.fresh)}
+    store = Store(path, args.preset, args.fresh)
+    results = {"meta": meta, "runs": store.runs}
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
     # graphed, and the host work.
@@ -1234,9 +1326,8 @@ def main(argv=None):
     def on_done(record):
         nonlocal n_run
         record["commit"] = meta["commit"]
-        results["runs"][run_key(record)] = record
         n_run += 1
-        save_json(path, results)
+        store.save(results, record)
         sweep_run = not record.get("dial") and record["seed"] == first_seed
         return [s for s in owed_follow_ups((record["model"], record["task"])) if sweep_run and not done(s)]
 
@@ -1248,14 +1339,28 @@ def main(argv=None):
           + (f", {later} more once their cells' lr sweeps are done" if later else ""))
     start = time.time()
     try:
-        run_all([s for s in todo if not done(s)], workers, devices, on_done)
+        todo, told = [s for s in todo if not done(s)], False
+        while todo:
+            run_all(todo, workers, devices, on_done, store.claim)
+            others = store.sync()                   # with the runs other commands stored meanwhile
+            todo = [s for s in owed() if not done(s)]
+            pids = sorted({others[run_key(s)] for s in todo if run_key(s) in others})
+            if pids:                                # never trained twice: wait until they are stored
+                if not told:
+                    print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
+                          f"{', '.join(map(str, pids))}) is training in {args.out}: they will be reused, not trained "
+                          "again")
+                told = True
+                time.sleep(1)
         runs = [results["runs"][run_key(s)] for s in owed()]
         if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
             print(f"reading streams of up to {max(args.stream_lengths or sum(SCALE['lengths'].values(), [])):,} tokens")
             results["streams"] = []
             read_streams(best_runs(runs), args.stream_lengths, args.device, args.out, results["streams"],
-                         lambda: save_json(path, results))
+                         lambda: store.save(results))
     except KeyboardInterrupt:
+        if n_run:
+            store.save(results)                     # (in case the stop came while the last run was being saved)
         again = f"run the same command{' without --fresh' if args.fresh else ''}"
         if "streams" in results:   # the training is all stored; the reading starts over
             print(f"\nstopped while reading streams: the {len(results['streams'])} rows read so far are saved in "
@@ -1266,8 +1371,10 @@ def main(argv=None):
         else:
             print("\nstopped before any run finished: nothing new was saved")
         return 130
+    finally:
+        store.release()
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
-    save_json(path, results)
+    store.save(results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
     text, figures = report(runs, meta, args.tasks, models)
     if args.scale:   # its figure is the streams'; the runs' own test is only at the training length

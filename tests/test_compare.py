@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,57 @@ def test_bad_input_from_the_shell_has_no_traceback():
     out = subprocess.run([sys.executable, "compare.py", "--models", "nope"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "unknown model" in out.stderr
+
+
+def smoke_command(out, *args, steps=2):
+    """`python compare.py --preset smoke` in its own process: a thread a worker, one worker unless args say."""
+    return subprocess.Popen([sys.executable, "compare.py", "--preset", "smoke", "--steps", str(steps), "--out",
+                             str(out), *(args if "--workers" in args else args + ("--workers", "1"))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))   # a thread each: the cores are shared
+
+
+@pytest.mark.slow
+def test_three_commands_at_once_on_one_folder_keep_every_run_and_train_none_twice(tmp_path):
+    """Three commands at once on one --out: two with different --models, and a third the same as the first. Each
+    stores its runs under a lock, merged with what the others stored, through a temporary file of its own: none is
+    dropped, none fails. A run that one command is training is waited for by the other, then reused: between them
+    the two identical commands train each of their runs once, and both report all of them."""
+    jobs = [smoke_command(tmp_path, "--models", m, "--tasks", "copy,flipflop")
+            for m in ("attention", "ssm", "attention")]
+    outs = [job.communicate(timeout=600) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], [err[-1500:] for _, err in outs]
+    runs = json.load(open(tmp_path / "smoke.json"))["runs"]
+    assert sorted(runs) == sorted(f"{m}/{t}/lr=0.003/seed=0" for m in ("attention", "ssm")
+                                  for t in ("copy", "flipflop"))
+    trained = [int(re.search(r"(\d+) runs trained by this command", out).group(1)) for out, _ in outs]
+    assert trained[1] == 2 and trained[0] + trained[2] == 2, trained
+    assert all(out.count("| attention |") for out, _ in outs[::2]) and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_run_another_live_command_claimed_is_waited_for_and_taken_over_if_it_ends_unstored(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A run claimed in the lock file by a live process is left to it, and the command says it waits; once that
+    process has ended without storing the run (killed, say), the command trains the run itself."""
+    other = subprocess.Popen(["sleep", "600"])                       # "another command", which will store nothing
+    (tmp_path / "smoke.json.lock").write_text(json.dumps({"attention/copy/lr=0.003/seed=0": other.pid}))
+
+    sync = compare.Store.sync
+
+    def sync_then_end_the_other(store):                              # once the command has seen the claim
+        others = sync(store)
+        if other.pid in others.values():
+            other.kill()
+            other.wait()                                             # reaped: a zombie would still look alive
+        return others
+    monkeypatch.setattr(compare.Store, "sync", sync_then_end_the_other)
+    assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop", "--steps", "2",
+                         "--workers", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"waiting for 1 runs that another command (pid {other.pid}) is training in {tmp_path}" in out
+    assert "2 runs trained by this command" in out and other.returncode is not None
+    assert json.loads((tmp_path / "smoke.json.lock").read_text()) == {}          # no claim left behind
 
 
 class CopyOracle(nn.Module):
