@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -522,6 +523,19 @@ def slow_first(spec):
     return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
 
 
+def worker_start(parent):
+    """Each worker process's first act. It ignores Ctrl-C: the main process gets it (the terminal sends it to all),
+    stops the workers and keeps every finished run. And it ends as soon as the main process is gone, however that
+    ended (kill -9 included), rather than finish its run for no one and then idle: a thread looks every second."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes, each run on
     the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
@@ -533,12 +547,11 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
     pool = None
     if workers > 1:
-        # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run. A worker stopped
-        # mid-run cannot unregister its queue semaphores, so the resource-tracker process (started with the pool,
-        # taking our warning filters) would warn about them at exit; they are released all the same.
+        # A worker stopped mid-run cannot unregister its queue semaphores, so the resource-tracker process (started
+        # with the pool, taking our warning filters) would warn about them at exit; they are released all the same.
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=signal.signal,
-                                   initargs=(signal.SIGINT, signal.SIG_IGN))
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_start,
+                                   initargs=(os.getpid(),))
     try:
         while queue or running:
             while queue and len(running) < workers:
@@ -1281,6 +1294,14 @@ def parse_args(argv):
 # main: the runs a command owes, trained and stored as they finish, then the report
 # ---------------------------------------------------------------------------------------------------------
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`), raised in the main process so that it stops the command as Ctrl-C does."""
+
+
+def terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
     args = parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -1338,6 +1359,7 @@ def main(argv=None):
           + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
           + (f", {later} more once their cells' lr sweeps are done" if later else ""))
     start = time.time()
+    sigterm = signal.signal(signal.SIGTERM, terminated)
     try:
         todo, told = [s for s in todo if not done(s)], False
         while todo:
@@ -1358,20 +1380,22 @@ def main(argv=None):
             results["streams"] = []
             read_streams(best_runs(runs), args.stream_lengths, args.device, args.out, results["streams"],
                          lambda: store.save(results))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:               # Ctrl-C, or SIGTERM: the workers are stopped by now
         if n_run:
             store.save(results)                     # (in case the stop came while the last run was being saved)
-        again = f"run the same command{' without --fresh' if args.fresh else ''}"
+        again, how = f"run the same command{' without --fresh' if args.fresh else ''}", (
+            " by SIGTERM" if isinstance(stop, Terminated) else "")
         if "streams" in results:   # the training is all stored; the reading starts over
-            print(f"\nstopped while reading streams: the {len(results['streams'])} rows read so far are saved in "
+            print(f"\nstopped{how} while reading streams: the {len(results['streams'])} rows read so far are saved in "
                   f"{path}; {again} to reuse the training and read the streams again")
         elif n_run:
-            print(f"\nstopped: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
+            print(f"\nstopped{how}: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
                   "from there")
         else:
-            print("\nstopped before any run finished: nothing new was saved")
-        return 130
+            print(f"\nstopped{how} before any run finished: nothing new was saved")
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         store.release()
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
     store.save(results)

@@ -2,13 +2,16 @@
 
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
 import contextlib
+import glob
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -205,6 +208,62 @@ def test_a_run_another_live_command_claimed_is_waited_for_and_taken_over_if_it_e
     assert f"waiting for 1 runs that another command (pid {other.pid}) is training in {tmp_path}" in out
     assert "2 runs trained by this command" in out and other.returncode is not None
     assert json.loads((tmp_path / "smoke.json.lock").read_text()) == {}          # no claim left behind
+
+
+def workers_of(pid):
+    """The worker processes of compare.py's main process `pid` that are still running (Linux: from /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state, ppid = open(stat).read().rsplit(")", 1)[1].split()[:2]
+            cmdline = open(stat[:-len("stat")] + "cmdline").read()
+        except OSError:                                    # ended meanwhile
+            continue
+        if int(ppid) == pid and state not in "ZX" and "spawn_main" in cmdline:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def still_running(pids, seconds=15):
+    """Those of pids that still run (neither gone nor a zombie) after waiting up to `seconds` for them to end."""
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+    deadline = time.time() + seconds
+    while any(map(running, pids)) and time.time() < deadline:
+        time.sleep(0.2)
+    return [pid for pid in pids if running(pid)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process table from /proc (Linux)")
+def test_workers_end_with_the_main_process_however_it_is_stopped(tmp_path):
+    """Two commands with two workers each, stopped mid-run. `kill PID` (SIGTERM) stops one as Ctrl-C does: a
+    message, the finished runs kept, exit status 143 (128 + SIGTERM), its workers ended. `kill -9` cannot be
+    caught: the other's workers notice that their parent is gone and end within seconds, mid-run."""
+    jobs = {sig: smoke_command(tmp_path / sig.name, "--models", "attention,ssm", "--tasks", "copy,flipflop",
+                               "--workers", "2", steps=300) for sig in (signal.SIGTERM, signal.SIGKILL)}
+    workers, deadline = {}, time.time() + 240
+    while len(workers) < len(jobs):                    # SIGTERM once a run is stored, SIGKILL once both workers run
+        for sig, job in [(sig, job) for sig, job in jobs.items() if sig not in workers]:
+            assert job.poll() is None and time.time() < deadline, job.communicate()
+            if len(workers_of(job.pid)) == 2 and (
+                    sig == signal.SIGKILL or (tmp_path / sig.name / "smoke.json").exists()):
+                workers[sig] = workers_of(job.pid)
+                job.send_signal(sig)
+        time.sleep(0.1)
+    out, err = jobs[signal.SIGTERM].communicate(timeout=120)
+    assert jobs[signal.SIGTERM].returncode == 143, err[-1500:]
+    stopped = re.search(r"stopped by SIGTERM: the (\d+) runs finished by this command are saved", out)
+    runs = json.load(open(tmp_path / "SIGTERM" / "smoke.json"))["runs"]
+    assert stopped and len(runs) == int(stopped.group(1)) >= 1 and "Traceback" not in err
+    assert jobs[signal.SIGKILL].wait(timeout=60) == -signal.SIGKILL
+    left = still_running(workers[signal.SIGTERM] + workers[signal.SIGKILL])
+    for pid in left:                                   # (orphans of a failed test are not left behind)
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
 
 
 class CopyOracle(nn.Module):
