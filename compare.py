@@ -30,24 +30,29 @@ running and storing many runs; reports; the two cost measurements (--bench, --sc
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import reprlib
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode   # (torch's own tracing and memory tools use these two)
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import attention
@@ -607,6 +612,42 @@ def save_json(path, obj):
     os.replace(tmp, path)
 
 
+def run_problem(run):
+    """What is wrong with a stored run of this protocol, in a few words, or None. A result the report reads must have
+    its type and range: a hand-edited accuracy of 1.5 would print as such, a metrics list would crash the report."""
+    number = lambda v: type(v) in (int, float) and math.isfinite(v)                    # noqa: E731 (not a bool)
+    share = (lambda v: v is None or number(v) and 0 <= v <= 1, "an accuracy in [0, 1] or null")
+    loss = (lambda v: v is None or type(v) in (int, float) and not v < 0, "a loss >= 0 or null")   # (nan: overflow)
+    count = (lambda v: type(v) is int and v >= 0, "a count")
+    a_dict = (lambda v: isinstance(v, dict), "a dict")
+
+    def metrics(path, m):   # the checks of the metrics at one test length, or at one count of test-time segments
+        yield path, a_dict
+        for k, v in m.items():
+            if k == "by_segments":
+                yield path + (k,), a_dict
+                for s, at_s in v.items():
+                    yield from metrics(path + (k, s), at_s)
+            elif k == "by_depth":
+                yield path + (k,), (lambda v: isinstance(v, list) and all(map(share[0], v)), "a list of accuracies")
+            elif k in ("token_acc", "exact", "gen_exact", "loss"):
+                yield path + (k,), loss if k == "loss" else share
+
+    def checks():   # (path, check), lazily: a dict is checked before anything in it is looked at
+        yield from [(("val_token_acc",), share), (("val_loss",), loss), (("final_loss",), loss), (("params",), count),
+                    (("examples_seen",), count), (("wall_time_s",), (lambda v: number(v) and v >= 0, "seconds")),
+                    (("diverged_at",), (lambda v: v is None or count[0](v), "a step or null")),
+                    (("state_size",), a_dict), (("metrics",), a_dict)]
+        yield from ((("state_size", L), count) for L in run["state_size"])
+        for L, m in run["metrics"].items():
+            yield from metrics(("metrics", L), m)
+    for path, (ok, what) in checks():
+        value = functools.reduce(lambda v, k: v.get(k), path, run)
+        if not ok(value):
+            return f"has {path[0]}{''.join(f'[{k!r}]' for k in path[1:])} {reprlib.repr(value)}, expected {what}"
+    return None
+
+
 def load_runs(path, preset, fresh):
     """The stored runs of `path`, checked; with fresh, the old file is kept under a new name and none are used.
     A file that is not a results file of this preset stops the command with one line saying what to do."""
@@ -630,8 +671,13 @@ def load_runs(path, preset, fresh):
     fields = {"model", "task", "lr", "seed", "metrics"}
     if not isinstance(runs, dict) or not all(isinstance(r, dict) and fields <= set(r) for r in runs.values()):
         stop("does not hold compare.py runs")
-    if results.get("meta", {}).get("preset") != preset:
-        stop(f"holds runs of preset {results.get('meta', {}).get('preset')!r}, not {preset!r}")
+    meta = results.get("meta") if isinstance(results.get("meta"), dict) else {}
+    if meta.get("preset") != preset:
+        stop(f"holds runs of preset {meta.get('preset')!r}, not {preset!r}")
+    for key, run in runs.items():   # (a run of another protocol is never read, only run again)
+        problem = run.get("protocol") == PROTOCOL and run_problem(run)
+        if problem:
+            stop(f"holds a run {key!r} that {problem}")
     return runs
 
 
@@ -1200,14 +1246,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def csv(kind, what, ok=lambda v: True):
-    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]: at least one value, each once, each ok(value)."""
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]: at least one value, each ok(value), none twice."""
     def parse(s):
         try:
-            values = list(dict.fromkeys(kind(v.strip()) for v in s.split(",") if v.strip()))   # each once
+            values = [kind(v.strip()) for v in s.split(",") if v.strip()]
         except ValueError:
             values = []
         if not values or not all(map(ok, values)):
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{twice[0]} is given twice in {s!r}; expected comma-separated {what}, "
+                                             "each once")
         return values
     return parse
 
@@ -1219,14 +1269,84 @@ def positive(s):
     return int(s)
 
 
+class LiveBytes(TorchDispatchMode):
+    """While active, counts the bytes of every tensor that an op makes for as long as the tensor lives, and keeps
+    the peak: the memory a piece of code needs, on any device (a CPU has no peak-memory counter of its own). An op
+    whose result is a view or one of its inputs (in place) makes no new memory. The op after the first max_ops
+    raises LiveBytes.TooLong."""
+
+    class TooLong(Exception):
+        pass
+
+    def __init__(self, max_ops=math.inf):
+        super().__init__()
+        self.live = self.peak = self.ops = 0
+        self.max_ops = max_ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if self.ops > self.max_ops:
+            raise LiveBytes.TooLong
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info for r in func._schema.returns):
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    size = t.untyped_storage().nbytes()
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self.free, size)
+        return out
+
+    def free(self, size):
+        self.live -= size
+
+
+def eval_bytes(model, tokens, device, max_ops=5000):
+    """About the memory `evaluate` needs to read one sequence of `tokens` tokens with `model`: LiveBytes counts its
+    forward at 1,024 tokens, then on fake tensors (shapes without data: no arithmetic, no memory) at 4x, 16x, ...,
+    up to `tokens`. Counted rather than scaled, because some models need more than linear memory (the SSM's
+    chunk-to-chunk decays are (T / chunk)^2 a head). A model that loops in Python over its segments (RMT, Titans)
+    runs more ops the longer the sequence, and fake tensors are slow: past max_ops in a forward, the longest length
+    counted is scaled linearly, as such a model carries a state of fixed size from one segment to the next."""
+    n, counted = min(1024, tokens), None
+    while counted is None or counted[0] < tokens:
+        try:
+            with (FakeTensorMode(allow_non_fake_inputs=True) if counted else contextlib.nullcontext()), \
+                    torch.no_grad(), LiveBytes(max_ops if counted else math.inf) as live:
+                x = y = torch.zeros(1, n, dtype=torch.long, device=device)    # the tokens and targets, as evaluate
+                with autocast(device):
+                    logits = model(x).float()
+                F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), logits.argmax(-1)
+        except Exception:   # past max_ops (LiveBytes.TooLong), or an op that fake tensors cannot run
+            if counted is None:
+                raise
+            break
+        counted, n = (n, live.peak), min(4 * n, tokens)
+    return counted[1] * tokens / counted[0]
+
+
+def device_bytes(device):
+    """The memory of a device: a GPU's own, or the machine's for the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+SEEDS = 2 ** 32        # seeds are 0 .. 2**32 - 1: every generator seed made from one (1_000_003 * seed + 1) fits
+LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt in these budgets; above,
+                        # one step is larger than the weights themselves
+
+
 def parse_args(argv):
     p = Parser(description="Train every model on every task and compare them.")
     p.add_argument("--preset", choices=[name for name in PRESETS if name != "scale"],
                    help="default: full on CUDA, quick otherwise")
     p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
-    p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
-    p.add_argument("--lrs", type=csv(float, "positive numbers", lambda v: v > 0),
+    p.add_argument("--seeds", type=csv(int, f"integers from 0 to {SEEDS - 1}", lambda v: 0 <= v < SEEDS),
+                   help="comma-separated seeds (the first runs the lr sweep)")
+    p.add_argument("--lrs", type=csv(float, f"learning rates from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}",
+                                     lambda v: LR_RANGE[0] <= v <= LR_RANGE[1]),
                    help="comma-separated learning rates to sweep")
     p.add_argument("--steps", type=positive, help="override every task's number of training steps")
     p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
@@ -1267,26 +1387,45 @@ def parse_args(argv):
         if t not in preset["tasks"] and not args.bench:
             has = [n for n, pr in PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
             p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
-                    + (f" (try --preset {has[-1]})" if has else ""))
+                    + (f" (try {' or '.join(f'--preset {n}' for n in has)})" if has else ""))
     if args.scale and min(args.stream_lengths or [math.inf]) < CURRICULUM[-1][1]:   # no shorter than trained
         p.error(f"--test-lengths with --scale are stream lengths, at least {CURRICULUM[-1][1]} tokens (the training "
                 f"length), got {args.stream_lengths}")
+    folder = "expected a folder (new or existing) that this process can write to"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file; {folder}")
     try:
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()          # a name of its own: other commands may be testing too
     except OSError as e:
-        p.error(f"--out {args.out!r} is not a folder this process can write to ({e.strerror})")
+        why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "a read-only file "
+               "system", errno.ENOSPC: "no space left", errno.ENOTDIR: "a part of the path is a file"}.get(
+                   e.errno, "no file can be made there")
+        p.error(f"--out {args.out!r}: {why}; {folder}")
     if args.bench:
         return args
+    tokens = {}
     for t in args.tasks:  # ask each task whether it can make what we will ask of it
         b = preset["tasks"][t]
         for L in (args.test_lengths or b.test) + sum(stages(b.train), []):
             try:
-                tasks.TASKS[t](**b.options).sample(1, L, 0)
+                tokens[t, L] = tasks.TASKS[t](**b.options).sample(1, L, 0)[0].shape[1]
             except ValueError as e:
                 p.error(str(e))
     if not any(task_models(args, t) for t in args.tasks):
         p.error(f"none of the models {', '.join(args.models)} can run the tasks {', '.join(args.tasks)}")
+    longest = max(args.test_lengths or [0])
+    if longest > 2 ** 16:   # past one of evaluate's batches: would its one sequence fit? Asked now, not after training
+        memory = device_bytes(args.device)
+        for s in {(s["model"], s["task"]): s for s in make_specs(args)}.values():
+            task = tasks.TASKS[s["task"]](**s["task_options"])
+            model = build_model(s["model"], task.vocab_size, **s["model_options"]).to(args.device).eval()
+            need = eval_bytes(model, tokens[s["task"], longest], args.device)
+            if need > memory:
+                p.error(f"--test-lengths {longest}: testing {s['model']} on {s['task']} at that length reads "
+                        f"{tokens[s['task'], longest]:,} tokens at once and needs about {need / 2 ** 30:,.1f} GiB, "
+                        f"more than the device's {memory / 2 ** 30:,.1f} GiB ({args.device}); expected test lengths "
+                        f"whose evaluation fits in {memory / 2 ** 30:,.1f} GiB")
     return args
 
 

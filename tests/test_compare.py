@@ -111,6 +111,14 @@ def test_interrupt_before_any_run_finished_says_nothing_was_saved(tmp_path, monk
     (["--tasks", "mqar", "--test-lengths", "15"], "too short"),
     (["--device", "tpu9"], "device"),
     (["--steps", "0"], "--steps"),
+    (["--lrs", "inf"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got 'inf'"),
+    (["--lrs", "1e9"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e9'"),
+    (["--lrs", "1e-3,0.001"], "--lrs: 0.001 is given twice in '1e-3,0.001'"),
+    (["--seeds", "0,0"], "--seeds: 0 is given twice in '0,0'; expected comma-separated integers from 0 to 4294967295"),
+    (["--seeds", "99999999999999999999"], "--seeds: expected comma-separated integers from 0 to 4294967295, got"),
+    (["--models", "ssm,ssm"], "--models: ssm is given twice"),
+    (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
+                                               "smoke or --preset full)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -146,11 +154,80 @@ def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, m
 
 def test_out_must_be_a_writable_folder(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+    cases = [(tmp_path / "a_file", "is a file;"), (tmp_path / "a_file" / "below", "a part of the path is a file;")]
+    if os.path.isdir("/proc"):                      # a folder where no file can be made (Linux)
+        cases.append(("/proc", "no file can be made there;"))
+    for out, why in cases:
         with pytest.raises(SystemExit) as exit:
             compare.main(["--preset", "smoke", "--out", str(out)])
         err = capsys.readouterr().err.strip()
-        assert exit.value.code == 2 and "--out" in err and "\n" not in err
+        assert exit.value.code == 2 and f"--out {str(out)!r}" in err and why in err and "\n" not in err
+        assert "expected a folder (new or existing) that this process can write to" in err
+
+
+def test_a_test_length_whose_evaluation_cannot_fit_is_refused_before_training(monkeypatch, capsys):
+    """A test length past one of evaluate's batches is read as one sequence: if its forward would need more memory
+    than the device has (here a device of 1 GiB), the command stops before any training, saying how much."""
+    monkeypatch.setattr(compare, "device_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr(compare, "run_one", lambda spec: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--models", "ssm", "--tasks", "flipflop", "--test-lengths", "32,1000000"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "\n" not in err
+    need = float(re.search(r"--test-lengths 1000000: testing ssm on flipflop at that length reads 1,000,000 tokens at "
+                           r"once and needs about ([\d,.]+) GiB, more than the device's 1.0 GiB \(cpu\); expected "
+                           r"test lengths whose evaluation fits in 1.0 GiB$", err).group(1))
+    assert 9 < need < 12    # 10.6 GiB when this was written: the SSM's (T / chunk)^2 decays, not a linear guess
+
+
+def test_the_memory_of_an_evaluation_is_counted_not_guessed():
+    """eval_bytes counts a forward on fake tensors as LiveBytes counts it on real ones; a forward of more than
+    max_ops ops (a Python loop over segments) is counted at 1,024 tokens and scaled linearly."""
+    torch.manual_seed(0)
+    model = compare.build_model("ssm", 5, d_model=32, n_layers=2).eval()
+    def counted(tokens):   # what evaluate holds for one sequence, counted on real tensors
+        with torch.no_grad(), compare.LiveBytes() as live:
+            x = y = torch.zeros(1, tokens, dtype=torch.long)
+            logits = model(x).float()
+            nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), logits.argmax(-1)
+        return live.peak
+    assert compare.eval_bytes(model, 16384, "cpu") == pytest.approx(counted(16384), rel=1e-3)
+    assert compare.eval_bytes(model, 16384, "cpu", max_ops=0) == pytest.approx(16 * counted(1024), rel=1e-3)
+
+
+def stored_run(**changes):
+    """A stored run of this protocol as run_one makes it, with some fields changed."""
+    run = dict(model="attention", task="copy", lr=0.003, seed=0, protocol=compare.PROTOCOL, params=1000,
+               state_size={"6": 10}, examples_seen=32, final_loss=0.5, val_token_acc=0.9, val_loss=0.4,
+               wall_time_s=1.0, diverged_at=None, metrics={"6": {"token_acc": 0.9, "loss": 0.4, "exact": None,
+                                                                  "gen_exact": 0.5}})
+    return {**run, **changes}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(metrics=[1, 2]), "has metrics [1, 2], expected a dict"),
+    (dict(metrics={"6": {"token_acc": 1.5}}), "has metrics['6']['token_acc'] 1.5, expected an accuracy in [0, 1]"),
+    (dict(metrics={"6": {"token_acc": 0.5, "by_depth": [0.1, "x"]}}), "has metrics['6']['by_depth'] [0.1, 'x']"),
+    (dict(metrics={"6": {"by_segments": {"2": {"exact": -1}}}}), "has metrics['6']['by_segments']['2']['exact'] -1"),
+    (dict(val_token_acc=float("nan")), "has val_token_acc nan, expected an accuracy in [0, 1] or null"),
+    (dict(params="1000"), "has params '1000', expected a count"),
+    (dict(state_size={"6": 2.5}), "has state_size['6'] 2.5, expected a count"),
+    (dict(state_size=None), "has state_size None, expected a dict"),
+])
+def test_a_stored_run_with_a_field_of_the_wrong_type_or_range_is_refused(tmp_path, changes, message):
+    key = "attention/copy/lr=0.003/seed=0"
+    (tmp_path / "smoke.json").write_text(json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run()}}))
+    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)        # the run as made is fine
+    content = json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run(**changes)}})
+    (tmp_path / "smoke.json").write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert str(exit.value).startswith(f"compare.py: error: {tmp_path / 'smoke.json'} holds a run {key!r} that ")
+    assert message in str(exit.value) and "--fresh" in str(exit.value) and "\n" not in str(exit.value)
+    assert (tmp_path / "smoke.json").read_text() == content                         # left as it was
+    old = json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run(**changes, protocol=1)}})
+    (tmp_path / "smoke.json").write_text(old)                                        # another protocol: run again
+    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)
 
 
 def test_bad_input_from_the_shell_has_no_traceback():
