@@ -522,6 +522,18 @@ def run_one(spec):
 # Running and storing many runs: worker processes share the GPU (tiny models leave it mostly idle) or the cores
 # ---------------------------------------------------------------------------------------------------------
 
+def usable_cores():
+    """The CPU cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(workers):
+    """torch threads per worker on a CPU: workers x threads never exceeds the cores, and no worker gets more threads
+    than this process has (torch's default, or OMP_NUM_THREADS: README, "Threads"), since threads that wait for
+    busy cores spin and slow everything down."""
+    return max(1, min(usable_cores() // workers, torch.get_num_threads()))
+
+
 def slow_first(spec):
     """Scheduling order: the slowest runs first (the maze, then the models with loops inside a step), so that
     no long run starts last and keeps the others waiting."""
@@ -549,7 +561,7 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     the same folder has stored or is training); the others are left out."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
-    threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
+    threads = cpu_threads(workers) if devices[0] == "cpu" else None
     pool = None
     if workers > 1:
         # A worker stopped mid-run cannot unregister its queue semaphores, so the resource-tracker process (started
@@ -1457,9 +1469,11 @@ def main(argv=None):
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
     # graphed, and the host work.
-    meta["workers"] = workers = args.workers or min(4 * len(devices) if cuda else 4, os.cpu_count() or 1)
-    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s); runs are saved in "
-          f"{path}")
+    cores = usable_cores()   # never more workers than cores, whatever --workers asks (it says so)
+    meta["workers"] = workers = min(args.workers or (4 * len(devices) if cuda else 4), cores)
+    capped = f" (--workers {args.workers} is capped at the {cores} CPU cores)" if workers < (args.workers or 0) else ""
+    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s){capped}; runs are "
+          f"saved in {path}")
 
     # The lr sweep of every cell first; a cell's other seeds and dial (its follow-ups) once its sweep is complete.
     sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], 0

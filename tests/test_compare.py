@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -230,6 +231,27 @@ def test_a_stored_run_with_a_field_of_the_wrong_type_or_range_is_refused(tmp_pat
     assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)
 
 
+def test_workers_are_capped_at_the_cores_and_workers_times_threads_never_exceeds_them(tmp_path, monkeypatch, capsys):
+    """--workers 1000 on one core runs one worker, and the header says so; on a CPU, workers x torch threads never
+    exceeds the cores, nor does a worker get more threads than this process has (OMP_NUM_THREADS, say)."""
+    monkeypatch.setattr(compare, "usable_cores", lambda: 1)
+    started = []
+
+    def stop_at_once(spec):
+        started.append(spec)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "run_one", stop_at_once)
+    assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy", "--workers", "1000",
+                         "--out", str(tmp_path)]) == 130
+    assert "1 worker(s) (--workers 1000 is capped at the 1 CPU cores)" in capsys.readouterr().out
+    assert len(started) == 1 and started[0]["threads"] == 1
+    threads = torch.get_num_threads()
+    for cores in (1, 2, 3, 8, 64):
+        monkeypatch.setattr(compare, "usable_cores", lambda: cores)
+        for workers in range(1, cores + 1):
+            assert 1 <= compare.cpu_threads(workers) <= threads and workers * compare.cpu_threads(workers) <= cores
+
+
 def test_bad_input_from_the_shell_has_no_traceback():
     out = subprocess.run([sys.executable, "compare.py", "--models", "nope"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -285,6 +307,21 @@ def test_a_run_another_live_command_claimed_is_waited_for_and_taken_over_if_it_e
     assert f"waiting for 1 runs that another command (pid {other.pid}) is training in {tmp_path}" in out
     assert "2 runs trained by this command" in out and other.returncode is not None
     assert json.loads((tmp_path / "smoke.json.lock").read_text()) == {}          # no claim left behind
+
+
+@pytest.mark.parametrize("name", ["attention", "ssm", "rmt", "titans", "hrm"])
+def test_python_model_py_benchmarks_on_one_thread_unless_told_otherwise(name, monkeypatch):
+    """`python <model>.py` sets one torch thread before its work (torch itself reads OMP_NUM_THREADS when set)."""
+    class ThreadsSet(Exception):
+        pass
+
+    def stop(n):
+        raise ThreadsSet(n)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", stop)              # stops the script where it sets them
+    with pytest.raises(ThreadsSet) as threads:
+        runpy.run_path(os.path.join(ROOT, f"{name}.py"), run_name="__main__")
+    assert threads.value.args == (1,)
 
 
 def workers_of(pid):
