@@ -21,6 +21,7 @@ Glossary (the same letters are used in all five files)
   theta_i    RoPE frequency base**(-2i/K) for the i-th pair of channels
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,8 @@ class Transformer(nn.Module):
 
 
 if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
+        torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(vocab_size=32))
     tokens = torch.randint(0, 32, (2, 50))

@@ -23,26 +23,36 @@ How the comparison is made fair, and where each rule lives:
 
 Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
 whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
-changed setting re-runs what it changes. The committed reference results live in results/reference/, which
+changed setting re-runs what it changes. Commands may share the folder: none drops the runs another stored, nor
+trains a run another is training (`Store`). The committed reference results live in results/reference/, which
 the bench never reads. The file reads top down: training and evaluation; models and presets; the protocol;
 running and storing many runs; reports; the two cost measurements (--bench, --scale); the command line; main.
 """
 import argparse
+import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import reprlib
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import weakref
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode   # (torch's own tracing and memory tools use these two)
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import attention
@@ -512,31 +522,60 @@ def run_one(spec):
 # Running and storing many runs: worker processes share the GPU (tiny models leave it mostly idle) or the cores
 # ---------------------------------------------------------------------------------------------------------
 
+def usable_cores():
+    """The CPU cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(workers):
+    """torch threads per worker on a CPU: workers x threads never exceeds the cores, and no worker gets more threads
+    than this process has (torch's default, or OMP_NUM_THREADS: README, "Threads"), since threads that wait for
+    busy cores spin and slow everything down."""
+    return max(1, min(usable_cores() // workers, torch.get_num_threads()))
+
+
 def slow_first(spec):
     """Scheduling order: the slowest runs first (the maze, then the models with loops inside a step), so that
     no long run starts last and keeps the others waiting."""
     return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
 
 
-def run_all(specs, workers, devices, on_done):
+def worker_start(parent):
+    """Each worker process's first act. It ignores Ctrl-C: the main process gets it (the terminal sends it to all),
+    stops the workers and keeps every finished run. And it ends as soon as the main process is gone, however that
+    ended (kill -9 included), rather than finish its run for no one and then idle: a thread looks every second."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes, each run on
     the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
     unlocks (a cell's seeds and dial once its lr sweep is done), which join the queue at once: no phase waits
-    for the one before."""
+    for the one before. A run starts only if claim(spec) says so (`Store.claim`: not one that another command on
+    the same folder has stored or is training); the others are left out."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
-    threads = max(1, (os.cpu_count() or 1) // workers) if devices[0] == "cpu" else None
+    threads = cpu_threads(workers) if devices[0] == "cpu" else None
     pool = None
     if workers > 1:
-        # Workers ignore Ctrl-C: the main process gets it, stops them, and keeps every finished run. A worker stopped
-        # mid-run cannot unregister its queue semaphores, so the resource-tracker process (started with the pool,
-        # taking our warning filters) would warn about them at exit; they are released all the same.
+        # A worker stopped mid-run cannot unregister its queue semaphores, so the resource-tracker process (started
+        # with the pool, taking our warning filters) would warn about them at exit; they are released all the same.
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=signal.signal,
-                                   initargs=(signal.SIGINT, signal.SIG_IGN))
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_start,
+                                   initargs=(os.getpid(),))
     try:
         while queue or running:
             while queue and len(running) < workers:
+                if not claim(queue[0]):
+                    queue.pop(0)
+                    bar.total -= 1
+                    continue
                 device = min(devices, key=list(running.values()).count)
                 spec = dict(queue.pop(0), device=device, threads=threads)
                 if pool:
@@ -577,10 +616,48 @@ def git_commit():
 
 
 def save_json(path, obj):
-    """Write to a temporary file, then rename: a killed process never leaves a half-written file."""
-    with open(path + ".tmp", "w") as f:
+    """Write to a temporary file of this process, then rename: a killed process never leaves a half-written file,
+    and two processes never write the same temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
+
+
+def run_problem(run):
+    """What is wrong with a stored run of this protocol, in a few words, or None. A result the report reads must have
+    its type and range: a hand-edited accuracy of 1.5 would print as such, a metrics list would crash the report."""
+    number = lambda v: type(v) in (int, float) and math.isfinite(v)                    # noqa: E731 (not a bool)
+    share = (lambda v: v is None or number(v) and 0 <= v <= 1, "an accuracy in [0, 1] or null")
+    loss = (lambda v: v is None or type(v) in (int, float) and not v < 0, "a loss >= 0 or null")   # (nan: overflow)
+    count = (lambda v: type(v) is int and v >= 0, "a count")
+    a_dict = (lambda v: isinstance(v, dict), "a dict")
+
+    def metrics(path, m):   # the checks of the metrics at one test length, or at one count of test-time segments
+        yield path, a_dict
+        for k, v in m.items():
+            if k == "by_segments":
+                yield path + (k,), a_dict
+                for s, at_s in v.items():
+                    yield from metrics(path + (k, s), at_s)
+            elif k == "by_depth":
+                yield path + (k,), (lambda v: isinstance(v, list) and all(map(share[0], v)), "a list of accuracies")
+            elif k in ("token_acc", "exact", "gen_exact", "loss"):
+                yield path + (k,), loss if k == "loss" else share
+
+    def checks():   # (path, check), lazily: a dict is checked before anything in it is looked at
+        yield from [(("val_token_acc",), share), (("val_loss",), loss), (("final_loss",), loss), (("params",), count),
+                    (("examples_seen",), count), (("wall_time_s",), (lambda v: number(v) and v >= 0, "seconds")),
+                    (("diverged_at",), (lambda v: v is None or count[0](v), "a step or null")),
+                    (("state_size",), a_dict), (("metrics",), a_dict)]
+        yield from ((("state_size", L), count) for L in run["state_size"])
+        for L, m in run["metrics"].items():
+            yield from metrics(("metrics", L), m)
+    for path, (ok, what) in checks():
+        value = functools.reduce(lambda v, k: v.get(k), path, run)
+        if not ok(value):
+            return f"has {path[0]}{''.join(f'[{k!r}]' for k in path[1:])} {reprlib.repr(value)}, expected {what}"
+    return None
 
 
 def load_runs(path, preset, fresh):
@@ -606,9 +683,95 @@ def load_runs(path, preset, fresh):
     fields = {"model", "task", "lr", "seed", "metrics"}
     if not isinstance(runs, dict) or not all(isinstance(r, dict) and fields <= set(r) for r in runs.values()):
         stop("does not hold compare.py runs")
-    if results.get("meta", {}).get("preset") != preset:
-        stop(f"holds runs of preset {results.get('meta', {}).get('preset')!r}, not {preset!r}")
+    meta = results.get("meta") if isinstance(results.get("meta"), dict) else {}
+    if meta.get("preset") != preset:
+        stop(f"holds runs of preset {meta.get('preset')!r}, not {preset!r}")
+    for key, run in runs.items():   # (a run of another protocol is never read, only run again)
+        problem = run.get("protocol") == PROTOCOL and run_problem(run)
+        if problem:
+            stop(f"holds a run {key!r} that {problem}")
     return runs
+
+
+def alive(pid):
+    """Whether process `pid` of this machine is still running."""
+    try:
+        os.kill(pid, 0)                      # signal 0 only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # running, as another user
+        pass
+    return True
+
+
+class Store:
+    """A preset's results file, <out>/<preset>.json, shared by every command that points --out at its folder: none
+    drops a run another stored, and none trains a run another is training.
+      - Every read-and-write holds a lock (fcntl.flock on <preset>.json.lock, which the kernel releases however its
+        holder ends) and writes the runs on disk merged with those this command trained.
+      - The lock file lists the runs being trained, each with the process that claimed it. A command trains a run
+        only once it has claimed it, and leaves a run that another live process claimed to that one (`main` waits
+        for it to be stored). Processes are told apart by their ids: the commands must run on one machine."""
+
+    def __init__(self, path, preset, fresh):
+        self.path, self.preset, self.mine = path, preset, {}    # mine: the runs this command trained
+        with self.locked():
+            self.runs = load_runs(path, preset, fresh)          # run_key -> record: the disk's, then ours
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the lock; yields the claims of live processes, {run_key: pid}, which the caller may change."""
+        with open(self.path + ".lock", "a+") as lock:           # a+: made if missing, never emptied by opening
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.seek(0)
+            try:
+                claims = {k: pid for k, pid in json.loads(lock.read()).items()
+                          if isinstance(pid, int) and pid > 0 and alive(pid)}
+            except (ValueError, AttributeError):                # empty, or cut short by a kill: no claims
+                claims = {}
+            yield claims
+            lock.seek(0)
+            lock.truncate()
+            json.dump(claims, lock)
+
+    def merge(self):
+        """(Under the lock.) The runs on disk, and over them the runs this command trained."""
+        disk = load_runs(self.path, self.preset, fresh=False)
+        self.runs.clear()
+        self.runs.update({**disk, **self.mine})
+
+    def sync(self):
+        """Read what other commands stored meanwhile; returns the claims of other live processes."""
+        with self.locked() as claims:
+            self.merge()
+            return {k: pid for k, pid in claims.items() if pid != os.getpid()}
+
+    def claim(self, spec):
+        """Whether this command should train `spec` now, claiming it if so: not when another command has stored it
+        meanwhile, nor when another live process is training it."""
+        key = run_key(spec)
+        with self.locked() as claims:
+            self.merge()
+            if same_spec(self.runs.get(key), spec) or claims.get(key, os.getpid()) != os.getpid():
+                return False
+            claims[key] = os.getpid()
+            return True
+
+    def save(self, results, record=None):
+        """Write `results` (its "runs" are self.runs) with `record`, a run this command has just trained, merged with
+        what is on disk; the run's claim is given up."""
+        with self.locked() as claims:
+            if record is not None:
+                self.mine[run_key(record)] = record
+                claims.pop(run_key(record), None)
+            self.merge()
+            save_json(self.path, {**results, "runs": self.runs})
+
+    def release(self):
+        """Give up this process's claims on the runs it did not finish (stopped): other commands may train them."""
+        with self.locked() as claims:
+            for key in [k for k, pid in claims.items() if pid == os.getpid()]:
+                del claims[key]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1095,14 +1258,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def csv(kind, what, ok=lambda v: True):
-    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]: at least one value, each once, each ok(value)."""
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]: at least one value, each ok(value), none twice."""
     def parse(s):
         try:
-            values = list(dict.fromkeys(kind(v.strip()) for v in s.split(",") if v.strip()))   # each once
+            values = [kind(v.strip()) for v in s.split(",") if v.strip()]
         except ValueError:
             values = []
         if not values or not all(map(ok, values)):
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{twice[0]} is given twice in {s!r}; expected comma-separated {what}, "
+                                             "each once")
         return values
     return parse
 
@@ -1114,14 +1281,84 @@ def positive(s):
     return int(s)
 
 
+class LiveBytes(TorchDispatchMode):
+    """While active, counts the bytes of every tensor that an op makes for as long as the tensor lives, and keeps
+    the peak: the memory a piece of code needs, on any device (a CPU has no peak-memory counter of its own). An op
+    whose result is a view or one of its inputs (in place) makes no new memory. The op after the first max_ops
+    raises LiveBytes.TooLong."""
+
+    class TooLong(Exception):
+        pass
+
+    def __init__(self, max_ops=math.inf):
+        super().__init__()
+        self.live = self.peak = self.ops = 0
+        self.max_ops = max_ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if self.ops > self.max_ops:
+            raise LiveBytes.TooLong
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info for r in func._schema.returns):
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    size = t.untyped_storage().nbytes()
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self.free, size)
+        return out
+
+    def free(self, size):
+        self.live -= size
+
+
+def eval_bytes(model, tokens, device, max_ops=5000):
+    """About the memory `evaluate` needs to read one sequence of `tokens` tokens with `model`: LiveBytes counts its
+    forward at 1,024 tokens, then on fake tensors (shapes without data: no arithmetic, no memory) at 4x, 16x, ...,
+    up to `tokens`. Counted rather than scaled, because some models need more than linear memory (the SSM's
+    chunk-to-chunk decays are (T / chunk)^2 a head). A model that loops in Python over its segments (RMT, Titans)
+    runs more ops the longer the sequence, and fake tensors are slow: past max_ops in a forward, the longest length
+    counted is scaled linearly, as such a model carries a state of fixed size from one segment to the next."""
+    n, counted = min(1024, tokens), None
+    while counted is None or counted[0] < tokens:
+        try:
+            with (FakeTensorMode(allow_non_fake_inputs=True) if counted else contextlib.nullcontext()), \
+                    torch.no_grad(), LiveBytes(max_ops if counted else math.inf) as live:
+                x = y = torch.zeros(1, n, dtype=torch.long, device=device)    # the tokens and targets, as evaluate
+                with autocast(device):
+                    logits = model(x).float()
+                F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), logits.argmax(-1)
+        except Exception:   # past max_ops (LiveBytes.TooLong), or an op that fake tensors cannot run
+            if counted is None:
+                raise
+            break
+        counted, n = (n, live.peak), min(4 * n, tokens)
+    return counted[1] * tokens / counted[0]
+
+
+def device_bytes(device):
+    """The memory of a device: a GPU's own, or the machine's for the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+SEEDS = 2 ** 32        # seeds are 0 .. 2**32 - 1: every generator seed made from one (1_000_003 * seed + 1) fits
+LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt in these budgets; above,
+                        # one step is larger than the weights themselves
+
+
 def parse_args(argv):
     p = Parser(description="Train every model on every task and compare them.")
     p.add_argument("--preset", choices=[name for name in PRESETS if name != "scale"],
                    help="default: full on CUDA, quick otherwise")
     p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
-    p.add_argument("--seeds", type=csv(int, "integers"), help="comma-separated seeds (the first runs the lr sweep)")
-    p.add_argument("--lrs", type=csv(float, "positive numbers", lambda v: v > 0),
+    p.add_argument("--seeds", type=csv(int, f"integers from 0 to {SEEDS - 1}", lambda v: 0 <= v < SEEDS),
+                   help="comma-separated seeds (the first runs the lr sweep)")
+    p.add_argument("--lrs", type=csv(float, f"learning rates from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}",
+                                     lambda v: LR_RANGE[0] <= v <= LR_RANGE[1]),
                    help="comma-separated learning rates to sweep")
     p.add_argument("--steps", type=positive, help="override every task's number of training steps")
     p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
@@ -1162,33 +1399,59 @@ def parse_args(argv):
         if t not in preset["tasks"] and not args.bench:
             has = [n for n, pr in PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
             p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
-                    + (f" (try --preset {has[-1]})" if has else ""))
+                    + (f" (try {' or '.join(f'--preset {n}' for n in has)})" if has else ""))
     if args.scale and min(args.stream_lengths or [math.inf]) < CURRICULUM[-1][1]:   # no shorter than trained
         p.error(f"--test-lengths with --scale are stream lengths, at least {CURRICULUM[-1][1]} tokens (the training "
                 f"length), got {args.stream_lengths}")
+    folder = "expected a folder (new or existing) that this process can write to"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file; {folder}")
     try:
         os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, ".write-test"), "w").close()
-        os.remove(os.path.join(args.out, ".write-test"))
+        tempfile.TemporaryFile(dir=args.out).close()          # a name of its own: other commands may be testing too
     except OSError as e:
-        p.error(f"--out {args.out!r} is not a folder this process can write to ({e.strerror})")
+        why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "a read-only file "
+               "system", errno.ENOSPC: "no space left", errno.ENOTDIR: "a part of the path is a file"}.get(
+                   e.errno, "no file can be made there")
+        p.error(f"--out {args.out!r}: {why}; {folder}")
     if args.bench:
         return args
+    tokens = {}
     for t in args.tasks:  # ask each task whether it can make what we will ask of it
         b = preset["tasks"][t]
         for L in (args.test_lengths or b.test) + sum(stages(b.train), []):
             try:
-                tasks.TASKS[t](**b.options).sample(1, L, 0)
+                tokens[t, L] = tasks.TASKS[t](**b.options).sample(1, L, 0)[0].shape[1]
             except ValueError as e:
                 p.error(str(e))
     if not any(task_models(args, t) for t in args.tasks):
         p.error(f"none of the models {', '.join(args.models)} can run the tasks {', '.join(args.tasks)}")
+    longest = max(args.test_lengths or [0])
+    if longest > 2 ** 16:   # past one of evaluate's batches: would its one sequence fit? Asked now, not after training
+        memory = device_bytes(args.device)
+        for s in {(s["model"], s["task"]): s for s in make_specs(args)}.values():
+            task = tasks.TASKS[s["task"]](**s["task_options"])
+            model = build_model(s["model"], task.vocab_size, **s["model_options"]).to(args.device).eval()
+            need = eval_bytes(model, tokens[s["task"], longest], args.device)
+            if need > memory:
+                p.error(f"--test-lengths {longest}: testing {s['model']} on {s['task']} at that length reads "
+                        f"{tokens[s['task'], longest]:,} tokens at once and needs about {need / 2 ** 30:,.1f} GiB, "
+                        f"more than the device's {memory / 2 ** 30:,.1f} GiB ({args.device}); expected test lengths "
+                        f"whose evaluation fits in {memory / 2 ** 30:,.1f} GiB")
     return args
 
 
 # ---------------------------------------------------------------------------------------------------------
 # main: the runs a command owes, trained and stored as they finish, then the report
 # ---------------------------------------------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`), raised in the main process so that it stops the command as Ctrl-C does."""
+
+
+def terminated(signum, frame):
+    raise Terminated
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -1201,13 +1464,16 @@ def main(argv=None):
     if args.bench:
         return bench(args, meta)
     path = os.path.join(args.out, f"{args.preset}.json")
-    results = {"meta": meta, "runs": load_runs(path, args.preset, args.fresh)}
+    store = Store(path, args.preset, args.fresh)
+    results = {"meta": meta, "runs": store.runs}
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
     # graphed, and the host work.
-    meta["workers"] = workers = args.workers or min(4 * len(devices) if cuda else 4, os.cpu_count() or 1)
-    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s); runs are saved in "
-          f"{path}")
+    cores = usable_cores()   # never more workers than cores, whatever --workers asks (it says so)
+    meta["workers"] = workers = min(args.workers or (4 * len(devices) if cuda else 4), cores)
+    capped = f" (--workers {args.workers} is capped at the {cores} CPU cores)" if workers < (args.workers or 0) else ""
+    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s){capped}; runs are "
+          f"saved in {path}")
 
     # The lr sweep of every cell first; a cell's other seeds and dial (its follow-ups) once its sweep is complete.
     sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], 0
@@ -1234,9 +1500,8 @@ def main(argv=None):
     def on_done(record):
         nonlocal n_run
         record["commit"] = meta["commit"]
-        results["runs"][run_key(record)] = record
         n_run += 1
-        save_json(path, results)
+        store.save(results, record)
         sweep_run = not record.get("dial") and record["seed"] == first_seed
         return [s for s in owed_follow_ups((record["model"], record["task"])) if sweep_run and not done(s)]
 
@@ -1247,27 +1512,46 @@ def main(argv=None):
           + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
           + (f", {later} more once their cells' lr sweeps are done" if later else ""))
     start = time.time()
+    sigterm = signal.signal(signal.SIGTERM, terminated)
     try:
-        run_all([s for s in todo if not done(s)], workers, devices, on_done)
+        todo, told = [s for s in todo if not done(s)], False
+        while todo:
+            run_all(todo, workers, devices, on_done, store.claim)
+            others = store.sync()                   # with the runs other commands stored meanwhile
+            todo = [s for s in owed() if not done(s)]
+            pids = sorted({others[run_key(s)] for s in todo if run_key(s) in others})
+            if pids:                                # never trained twice: wait until they are stored
+                if not told:
+                    print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
+                          f"{', '.join(map(str, pids))}) is training in {args.out}: they will be reused, not trained "
+                          "again")
+                told = True
+                time.sleep(1)
         runs = [results["runs"][run_key(s)] for s in owed()]
         if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
             print(f"reading streams of up to {max(args.stream_lengths or sum(SCALE['lengths'].values(), [])):,} tokens")
             results["streams"] = []
             read_streams(best_runs(runs), args.stream_lengths, args.device, args.out, results["streams"],
-                         lambda: save_json(path, results))
-    except KeyboardInterrupt:
-        again = f"run the same command{' without --fresh' if args.fresh else ''}"
+                         lambda: store.save(results))
+    except KeyboardInterrupt as stop:               # Ctrl-C, or SIGTERM: the workers are stopped by now
+        if n_run:
+            store.save(results)                     # (in case the stop came while the last run was being saved)
+        again, how = f"run the same command{' without --fresh' if args.fresh else ''}", (
+            " by SIGTERM" if isinstance(stop, Terminated) else "")
         if "streams" in results:   # the training is all stored; the reading starts over
-            print(f"\nstopped while reading streams: the {len(results['streams'])} rows read so far are saved in "
+            print(f"\nstopped{how} while reading streams: the {len(results['streams'])} rows read so far are saved in "
                   f"{path}; {again} to reuse the training and read the streams again")
         elif n_run:
-            print(f"\nstopped: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
+            print(f"\nstopped{how}: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
                   "from there")
         else:
-            print("\nstopped before any run finished: nothing new was saved")
-        return 130
+            print(f"\nstopped{how} before any run finished: nothing new was saved")
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        store.release()
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
-    save_json(path, results)
+    store.save(results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
     text, figures = report(runs, meta, args.tasks, models)
     if args.scale:   # its figure is the streams'; the runs' own test is only at the training length

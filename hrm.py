@@ -43,6 +43,7 @@ Glossary (B, T, D, H, V as in attention.py: H is the number of attention heads, 
   segment    H_cycles * L_cycles low-level and H_cycles high-level updates, in the order
              low..low high low..low high ...; logits = head(z_H)
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +211,8 @@ def training_memory(H_cycles, L_cycles, gradient="one_step", device="cpu", batch
 
 
 if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
+        torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = HRM(HRMConfig(vocab_size=5, n_layers=4, causal=False))
     tokens = torch.randint(0, 5, (2, 49))

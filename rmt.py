@@ -28,6 +28,7 @@ Glossary
   bptt_depth k       None: full BPTT; k: the memory is detached every k segments (gradient windows of k)
   stream             reads a long stream in pieces, carrying only the memory: constant memory at any length
 """
+import os
 import time
 from dataclasses import dataclass
 
@@ -178,6 +179,8 @@ class RMT(nn.Module):
 
 
 if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
+        torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)
     model = RMT(RMTConfig(vocab_size=32))
     tokens = torch.randint(0, 32, (2, 100))

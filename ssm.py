@@ -33,6 +33,7 @@ Glossary (paper -> here)
   We discretise B with an Euler step (dt * B), as Mamba-2 does; A's step is exact (exp(dt * A)).
 """
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -319,6 +320,8 @@ def benchmark(fn, b, T, H, K, N, device, repeats=5):
 
 
 if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
+        torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)
     model = Mamba(MambaConfig(vocab_size=32))
     tokens = torch.randint(0, 32, (2, 50))

@@ -40,6 +40,7 @@ Glossary (paper -> here)
                             the conv's last inputs and the window's last keys and values: constant memory
 """
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -415,6 +416,8 @@ def nested(fn, *trees):
 
 
 if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
+        torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.set_flush_denormal(True)  # CPU: products of many decays underflow to subnormals, which are very slow
     torch.manual_seed(0)
     model = Titans(TitansConfig(vocab_size=32))

@@ -14,6 +14,7 @@ out (tests/test_oracles.py spells the RMT step and HRM's cycles out); `python te
 with them. Nothing is written in place (nor through a link into this repository), and nested or unmatched
 markers stop it with one line before anything is written.
 """
+import argparse
 import glob
 import os
 import re
@@ -128,21 +129,40 @@ def parse_only(text):
     """--only's value, "ssm,rmt" or "ssm, rmt", as a set of module names; MarkerError on anything else."""
     only = {name.strip() for name in text.split(",") if name.strip()}
     if not only or only - set(MODULES):
-        raise MarkerError(f"--only takes a comma-separated list of {', '.join(MODULES)}; not {text!r}")
+        raise MarkerError(f"expected a comma-separated list of {', '.join(MODULES)}; got {text!r}")
     return only
 
 
-if __name__ == "__main__":
-    args, only = sys.argv[1:], None
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, never a traceback
+        self.exit(2, f"make_assignment: {message}\n")
+
+
+def only_type(text):
+    """--only's argparse type: parse_only, with its one-line message."""
     try:
-        if "--only" in args:
-            i = args.index("--only")
-            only = parse_only(args[i + 1] if i + 1 < len(args) else "")
-            args = args[:i] + args[i + 2:]
-        if len(args) != 1:
-            sys.exit(f"usage: python tests/make_assignment.py DIR [--only {','.join(MODULES)}]")
-        names = make_assignment(args[0], only)
+        return parse_only(text)
+    except MarkerError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv=None):
+    p = Parser(prog="python tests/make_assignment.py", description="Write a student copy of this repository with the "
+               "vectorised cores blanked (see this file's docstring).")
+    p.add_argument("dest", metavar="DIR", help="a new (or empty) folder outside this repository")
+    p.add_argument("--only", type=only_type, help=f"blank only these files' cores, comma-separated from: "
+                   f"{', '.join(MODULES)} (default: all)")
+    args = p.parse_args(argv)
+    try:
+        names = make_assignment(args.dest, args.only)
     except MarkerError as e:
         sys.exit(f"make_assignment: {e}")
-    print(f"student copy in {os.path.realpath(args[0])}; blanked: {', '.join(names)}")
-    print(f"students check it with: cd {args[0]} && pytest; grade a submission: python tests/grade.py SUBMISSION")
+    except OSError as e:
+        sys.exit(f"make_assignment: cannot write the copy in {args.dest} ({e.strerror}: {e.filename}); choose a new "
+                 "folder that you can write to")
+    print(f"student copy in {os.path.realpath(args.dest)}; blanked: {', '.join(names)}")
+    print(f"students check it with: cd {args.dest} && pytest; grade a submission: python tests/grade.py SUBMISSION")
+
+
+if __name__ == "__main__":
+    main()

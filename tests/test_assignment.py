@@ -75,6 +75,24 @@ def test_only_takes_a_list_with_or_without_spaces(tmp_path):
     assert run.returncode == 0 and "blanked: rmt.RMT.segment_step, ssm.ssd_scan" in run.stdout, run.stderr
 
 
+def test_help_is_help_and_an_unwritable_destination_is_one_line(tmp_path):
+    def make(*argv):
+        return subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "make_assignment.py"), *map(str, argv)],
+                              cwd=tmp_path, capture_output=True, text=True)
+    run = make("--help")
+    assert run.returncode == 0 and "usage: python tests/make_assignment.py" in run.stdout
+    assert os.listdir(tmp_path) == []                             # no student copy in a folder named --help
+    (tmp_path / "a_file").write_text("")
+    for dest in [tmp_path / "a_file" / "student"] + (["/proc/student"] if os.path.isdir("/proc/self") else []):
+        run = make(dest)
+        assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+        assert run.stderr.startswith(f"make_assignment: cannot write the copy in {dest} (")
+        assert run.stderr.endswith("choose a new folder that you can write to\n")
+    for argv in ([], ["a", "b"]):                                   # no folder, two folders: one line, status 2
+        run = make(*argv)
+        assert run.returncode == 2 and run.stderr.startswith("make_assignment: ") and run.stderr.count("\n") == 1
+
+
 def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
     dest = tmp_path / "student"
     assert sorted(ma.make_assignment(dest)) == CORES

@@ -2,12 +2,17 @@
 
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
 import contextlib
+import glob
 import json
 import math
 import os
+import re
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -107,6 +112,14 @@ def test_interrupt_before_any_run_finished_says_nothing_was_saved(tmp_path, monk
     (["--tasks", "mqar", "--test-lengths", "15"], "too short"),
     (["--device", "tpu9"], "device"),
     (["--steps", "0"], "--steps"),
+    (["--lrs", "inf"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got 'inf'"),
+    (["--lrs", "1e9"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e9'"),
+    (["--lrs", "1e-3,0.001"], "--lrs: 0.001 is given twice in '1e-3,0.001'"),
+    (["--seeds", "0,0"], "--seeds: 0 is given twice in '0,0'; expected comma-separated integers from 0 to 4294967295"),
+    (["--seeds", "99999999999999999999"], "--seeds: expected comma-separated integers from 0 to 4294967295, got"),
+    (["--models", "ssm,ssm"], "--models: ssm is given twice"),
+    (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
+                                               "smoke or --preset full)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -142,17 +155,229 @@ def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, m
 
 def test_out_must_be_a_writable_folder(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+    cases = [(tmp_path / "a_file", "is a file;"), (tmp_path / "a_file" / "below", "a part of the path is a file;")]
+    if os.path.isdir("/proc"):                      # a folder where no file can be made (Linux)
+        cases.append(("/proc", "no file can be made there;"))
+    for out, why in cases:
         with pytest.raises(SystemExit) as exit:
             compare.main(["--preset", "smoke", "--out", str(out)])
         err = capsys.readouterr().err.strip()
-        assert exit.value.code == 2 and "--out" in err and "\n" not in err
+        assert exit.value.code == 2 and f"--out {str(out)!r}" in err and why in err and "\n" not in err
+        assert "expected a folder (new or existing) that this process can write to" in err
+
+
+def test_a_test_length_whose_evaluation_cannot_fit_is_refused_before_training(monkeypatch, capsys):
+    """A test length past one of evaluate's batches is read as one sequence: if its forward would need more memory
+    than the device has (here a device of 1 GiB), the command stops before any training, saying how much."""
+    monkeypatch.setattr(compare, "device_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr(compare, "run_one", lambda spec: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--models", "ssm", "--tasks", "flipflop", "--test-lengths", "32,1000000"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "\n" not in err
+    need = float(re.search(r"--test-lengths 1000000: testing ssm on flipflop at that length reads 1,000,000 tokens at "
+                           r"once and needs about ([\d,.]+) GiB, more than the device's 1.0 GiB \(cpu\); expected "
+                           r"test lengths whose evaluation fits in 1.0 GiB$", err).group(1))
+    assert 9 < need < 12    # 10.6 GiB when this was written: the SSM's (T / chunk)^2 decays, not a linear guess
+
+
+def test_the_memory_of_an_evaluation_is_counted_not_guessed():
+    """eval_bytes counts a forward on fake tensors as LiveBytes counts it on real ones; a forward of more than
+    max_ops ops (a Python loop over segments) is counted at 1,024 tokens and scaled linearly."""
+    torch.manual_seed(0)
+    model = compare.build_model("ssm", 5, d_model=32, n_layers=2).eval()
+    def counted(tokens):   # what evaluate holds for one sequence, counted on real tensors
+        with torch.no_grad(), compare.LiveBytes() as live:
+            x = y = torch.zeros(1, tokens, dtype=torch.long)
+            logits = model(x).float()
+            nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), logits.argmax(-1)
+        return live.peak
+    assert compare.eval_bytes(model, 16384, "cpu") == pytest.approx(counted(16384), rel=1e-3)
+    assert compare.eval_bytes(model, 16384, "cpu", max_ops=0) == pytest.approx(16 * counted(1024), rel=1e-3)
+
+
+def stored_run(**changes):
+    """A stored run of this protocol as run_one makes it, with some fields changed."""
+    run = dict(model="attention", task="copy", lr=0.003, seed=0, protocol=compare.PROTOCOL, params=1000,
+               state_size={"6": 10}, examples_seen=32, final_loss=0.5, val_token_acc=0.9, val_loss=0.4,
+               wall_time_s=1.0, diverged_at=None, metrics={"6": {"token_acc": 0.9, "loss": 0.4, "exact": None,
+                                                                  "gen_exact": 0.5}})
+    return {**run, **changes}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(metrics=[1, 2]), "has metrics [1, 2], expected a dict"),
+    (dict(metrics={"6": {"token_acc": 1.5}}), "has metrics['6']['token_acc'] 1.5, expected an accuracy in [0, 1]"),
+    (dict(metrics={"6": {"token_acc": 0.5, "by_depth": [0.1, "x"]}}), "has metrics['6']['by_depth'] [0.1, 'x']"),
+    (dict(metrics={"6": {"by_segments": {"2": {"exact": -1}}}}), "has metrics['6']['by_segments']['2']['exact'] -1"),
+    (dict(val_token_acc=float("nan")), "has val_token_acc nan, expected an accuracy in [0, 1] or null"),
+    (dict(params="1000"), "has params '1000', expected a count"),
+    (dict(state_size={"6": 2.5}), "has state_size['6'] 2.5, expected a count"),
+    (dict(state_size=None), "has state_size None, expected a dict"),
+])
+def test_a_stored_run_with_a_field_of_the_wrong_type_or_range_is_refused(tmp_path, changes, message):
+    key = "attention/copy/lr=0.003/seed=0"
+    (tmp_path / "smoke.json").write_text(json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run()}}))
+    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)        # the run as made is fine
+    content = json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run(**changes)}})
+    (tmp_path / "smoke.json").write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert str(exit.value).startswith(f"compare.py: error: {tmp_path / 'smoke.json'} holds a run {key!r} that ")
+    assert message in str(exit.value) and "--fresh" in str(exit.value) and "\n" not in str(exit.value)
+    assert (tmp_path / "smoke.json").read_text() == content                         # left as it was
+    old = json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run(**changes, protocol=1)}})
+    (tmp_path / "smoke.json").write_text(old)                                        # another protocol: run again
+    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)
+
+
+def test_workers_are_capped_at_the_cores_and_workers_times_threads_never_exceeds_them(tmp_path, monkeypatch, capsys):
+    """--workers 1000 on one core runs one worker, and the header says so; on a CPU, workers x torch threads never
+    exceeds the cores, nor does a worker get more threads than this process has (OMP_NUM_THREADS, say)."""
+    monkeypatch.setattr(compare, "usable_cores", lambda: 1)
+    started = []
+
+    def stop_at_once(spec):
+        started.append(spec)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "run_one", stop_at_once)
+    assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy", "--workers", "1000",
+                         "--out", str(tmp_path)]) == 130
+    assert "1 worker(s) (--workers 1000 is capped at the 1 CPU cores)" in capsys.readouterr().out
+    assert len(started) == 1 and started[0]["threads"] == 1
+    threads = torch.get_num_threads()
+    for cores in (1, 2, 3, 8, 64):
+        monkeypatch.setattr(compare, "usable_cores", lambda: cores)
+        for workers in range(1, cores + 1):
+            assert 1 <= compare.cpu_threads(workers) <= threads and workers * compare.cpu_threads(workers) <= cores
 
 
 def test_bad_input_from_the_shell_has_no_traceback():
     out = subprocess.run([sys.executable, "compare.py", "--models", "nope"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "unknown model" in out.stderr
+
+
+def smoke_command(out, *args, steps=2):
+    """`python compare.py --preset smoke` in its own process: a thread a worker, one worker unless args say."""
+    return subprocess.Popen([sys.executable, "compare.py", "--preset", "smoke", "--steps", str(steps), "--out",
+                             str(out), *(args if "--workers" in args else args + ("--workers", "1"))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))   # a thread each: the cores are shared
+
+
+@pytest.mark.slow
+def test_three_commands_at_once_on_one_folder_keep_every_run_and_train_none_twice(tmp_path):
+    """Three commands at once on one --out: two with different --models, and a third the same as the first. Each
+    stores its runs under a lock, merged with what the others stored, through a temporary file of its own: none is
+    dropped, none fails. A run that one command is training is waited for by the other, then reused: between them
+    the two identical commands train each of their runs once, and both report all of them."""
+    jobs = [smoke_command(tmp_path, "--models", m, "--tasks", "copy,flipflop")
+            for m in ("attention", "ssm", "attention")]
+    outs = [job.communicate(timeout=600) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], [err[-1500:] for _, err in outs]
+    runs = json.load(open(tmp_path / "smoke.json"))["runs"]
+    assert sorted(runs) == sorted(f"{m}/{t}/lr=0.003/seed=0" for m in ("attention", "ssm")
+                                  for t in ("copy", "flipflop"))
+    trained = [int(re.search(r"(\d+) runs trained by this command", out).group(1)) for out, _ in outs]
+    assert trained[1] == 2 and trained[0] + trained[2] == 2, trained
+    assert all(out.count("| attention |") for out, _ in outs[::2]) and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_run_another_live_command_claimed_is_waited_for_and_taken_over_if_it_ends_unstored(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A run claimed in the lock file by a live process is left to it, and the command says it waits; once that
+    process has ended without storing the run (killed, say), the command trains the run itself."""
+    other = subprocess.Popen(["sleep", "600"])                       # "another command", which will store nothing
+    (tmp_path / "smoke.json.lock").write_text(json.dumps({"attention/copy/lr=0.003/seed=0": other.pid}))
+
+    sync = compare.Store.sync
+
+    def sync_then_end_the_other(store):                              # once the command has seen the claim
+        others = sync(store)
+        if other.pid in others.values():
+            other.kill()
+            other.wait()                                             # reaped: a zombie would still look alive
+        return others
+    monkeypatch.setattr(compare.Store, "sync", sync_then_end_the_other)
+    assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop", "--steps", "2",
+                         "--workers", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"waiting for 1 runs that another command (pid {other.pid}) is training in {tmp_path}" in out
+    assert "2 runs trained by this command" in out and other.returncode is not None
+    assert json.loads((tmp_path / "smoke.json.lock").read_text()) == {}          # no claim left behind
+
+
+@pytest.mark.parametrize("name", ["attention", "ssm", "rmt", "titans", "hrm"])
+def test_python_model_py_benchmarks_on_one_thread_unless_told_otherwise(name, monkeypatch):
+    """`python <model>.py` sets one torch thread before its work (torch itself reads OMP_NUM_THREADS when set)."""
+    class ThreadsSet(Exception):
+        pass
+
+    def stop(n):
+        raise ThreadsSet(n)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", stop)              # stops the script where it sets them
+    with pytest.raises(ThreadsSet) as threads:
+        runpy.run_path(os.path.join(ROOT, f"{name}.py"), run_name="__main__")
+    assert threads.value.args == (1,)
+
+
+def workers_of(pid):
+    """The worker processes of compare.py's main process `pid` that are still running (Linux: from /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state, ppid = open(stat).read().rsplit(")", 1)[1].split()[:2]
+            cmdline = open(stat[:-len("stat")] + "cmdline").read()
+        except OSError:                                    # ended meanwhile
+            continue
+        if int(ppid) == pid and state not in "ZX" and "spawn_main" in cmdline:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def still_running(pids, seconds=15):
+    """Those of pids that still run (neither gone nor a zombie) after waiting up to `seconds` for them to end."""
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+    deadline = time.time() + seconds
+    while any(map(running, pids)) and time.time() < deadline:
+        time.sleep(0.2)
+    return [pid for pid in pids if running(pid)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process table from /proc (Linux)")
+def test_workers_end_with_the_main_process_however_it_is_stopped(tmp_path):
+    """Two commands with two workers each, stopped mid-run. `kill PID` (SIGTERM) stops one as Ctrl-C does: a
+    message, the finished runs kept, exit status 143 (128 + SIGTERM), its workers ended. `kill -9` cannot be
+    caught: the other's workers notice that their parent is gone and end within seconds, mid-run."""
+    jobs = {sig: smoke_command(tmp_path / sig.name, "--models", "attention,ssm", "--tasks", "copy,flipflop",
+                               "--workers", "2", steps=300) for sig in (signal.SIGTERM, signal.SIGKILL)}
+    workers, deadline = {}, time.time() + 240
+    while len(workers) < len(jobs):                    # SIGTERM once a run is stored, SIGKILL once both workers run
+        for sig, job in [(sig, job) for sig, job in jobs.items() if sig not in workers]:
+            assert job.poll() is None and time.time() < deadline, job.communicate()
+            if len(workers_of(job.pid)) == 2 and (
+                    sig == signal.SIGKILL or (tmp_path / sig.name / "smoke.json").exists()):
+                workers[sig] = workers_of(job.pid)
+                job.send_signal(sig)
+        time.sleep(0.1)
+    out, err = jobs[signal.SIGTERM].communicate(timeout=120)
+    assert jobs[signal.SIGTERM].returncode == 143, err[-1500:]
+    stopped = re.search(r"stopped by SIGTERM: the (\d+) runs finished by this command are saved", out)
+    runs = json.load(open(tmp_path / "SIGTERM" / "smoke.json"))["runs"]
+    assert stopped and len(runs) == int(stopped.group(1)) >= 1 and "Traceback" not in err
+    assert jobs[signal.SIGKILL].wait(timeout=60) == -signal.SIGKILL
+    left = still_running(workers[signal.SIGTERM] + workers[signal.SIGKILL])
+    for pid in left:                                   # (orphans of a failed test are not left behind)
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
 
 
 class CopyOracle(nn.Module):
