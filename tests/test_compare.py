@@ -289,7 +289,7 @@ def test_a_run_another_live_command_claimed_is_waited_for_and_taken_over_if_it_e
                                                                                              capsys):
     """A run claimed in the lock file by a live process is left to it, and the command says it waits; once that
     process has ended without storing the run (killed, say), the command trains the run itself."""
-    other = subprocess.Popen(["sleep", "600"])                       # "another command", which will store nothing
+    other = subprocess.Popen(["sleep", "300"])                       # "another command", which will store nothing
     (tmp_path / "smoke.json.lock").write_text(json.dumps({"attention/copy/lr=0.003/seed=0": other.pid}))
 
     sync = compare.Store.sync
@@ -301,8 +301,12 @@ def test_a_run_another_live_command_claimed_is_waited_for_and_taken_over_if_it_e
             other.wait()                                             # reaped: a zombie would still look alive
         return others
     monkeypatch.setattr(compare.Store, "sync", sync_then_end_the_other)
-    assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop", "--steps", "2",
-                         "--workers", "1", "--out", str(tmp_path)]) == 0
+    try:
+        assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop", "--steps", "2",
+                             "--workers", "1", "--out", str(tmp_path)]) == 0
+    finally:                                                         # (never left behind by a failing test)
+        other.kill()
+        other.wait()
     out = capsys.readouterr().out
     assert f"waiting for 1 runs that another command (pid {other.pid}) is training in {tmp_path}" in out
     assert "2 runs trained by this command" in out and other.returncode is not None
