@@ -381,6 +381,60 @@ def test_best_lr_is_chosen_on_the_sweep_seed_only():
     assert compare.best_runs(tie)[("m", "t")][0]["lr"] == 3e-3
 
 
+def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch):
+    """run_one with training and evaluation faked: the record holds the spec, the parameters, the state size at
+    each test length (copy's length n is 2n + 1 tokens), the examples seen, the mean of the last 20 losses, the
+    times, the device; validation runs at the longest training length on a seed of its own, the tests at each
+    test length on another, every call with the spec's examples and device; HRM is also tested at each number of
+    segments; --scale's weights are kept where the spec says; the spec's thread count is set."""
+    calls = []
+
+    def fake_train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, **kwargs):
+        calls.append(("train", steps, batch_size, lr, train_lengths, device, seed))
+        return [float(i) for i in range(1, 31)]
+
+    def fake_evaluate(model, task, length, n_examples, device="cpu", seed=0, segments=None, **kwargs):
+        calls.append(("evaluate", length, n_examples, device, seed, segments))
+        return dict(token_acc=length / 100, loss=float(seed), exact=None)
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    monkeypatch.setattr(compare, "evaluate", fake_evaluate)
+    threads = torch.get_num_threads()
+    args = compare.parse_args(["--preset", "smoke", "--models", "attention,hrm", "--tasks", "copy,maze",
+                               "--out", str(tmp_path)])
+    copy, maze = (next(s for s in compare.make_specs(args) if s["model"] == m and s["task"] == t)
+                  for m, t in [("attention", "copy"), ("hrm", "maze")])
+    try:
+        record = compare.run_one(dict(copy, threads=1, weights="w.pt", out=str(tmp_path)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    model = compare.build_model("attention", tasks.Copy().vocab_size, **copy["model_options"])
+    assert {k: record[k] for k in copy} == copy
+    assert record["params"] == compare.n_params(model)
+    assert record["state_size"] == {str(L): model.state_size(2 * L + 1) for L in copy["test"]}
+    assert record["examples_seen"] == copy["steps"] * copy["batch_size"] and record["final_loss"] == 20.5
+    assert 0 <= record["train_time_s"] <= record["wall_time_s"] < 60 and record["device_name"] == "CPU"
+    assert record["diverged_at"] is None
+    assert calls[0] == ("train", copy["steps"], copy["batch_size"], copy["lr"], copy["train"], "cpu", copy["seed"])
+    val, *tested = calls[1:]
+    longest = compare.stages(copy["train"])[-1][1]
+    assert val[:4] == ("evaluate", longest, copy["eval_examples"], "cpu") and val[5] is None
+    assert [c[1] for c in tested] == copy["test"] and all(c[2:4] == (copy["eval_examples"], "cpu") for c in tested)
+    assert len({c[4] for c in tested}) == 1 and val[4] != tested[0][4]   # one test seed, not validation's
+    assert record["val_token_acc"] == longest / 100 and record["val_loss"] == val[4]
+    assert record["metrics"] == {str(L): dict(token_acc=L / 100, loss=float(tested[0][4]), exact=None)
+                                 for L in copy["test"]}
+    model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))   # the trained weights, kept
+
+    calls.clear()
+    record = compare.run_one(maze)
+    segments = [c[5] for c in calls if c[0] == "evaluate" and c[5]]
+    assert sorted(segments) == sorted(maze["test_segments"] * len(maze["test"]))
+    assert all(set(record["metrics"][str(L)]["by_segments"]) == {str(s) for s in maze["test_segments"]}
+               for L in maze["test"])
+
+
 def test_the_lr_choice_and_its_edges_leave_the_dial_out():
     """The dial's extra state sizes run at the chosen lr and are not cells: a dial run with a better score at another
     lr neither moves the choice nor counts in its cell's runs, nor widens the grid whose edges are marked. The
