@@ -282,6 +282,18 @@ def test_every_model_makes_its_tensors_on_its_inputs_device(name, monkeypatch):
         assert logits.device.type == "meta" and logits.shape == (2, 5, 7)
 
 
+@pytest.mark.parametrize("name", list(compare.MODELS))
+def test_size_options_reach_every_block(name):
+    """The width, heads, MLP ratio and depth that a preset sets reach every block of every model (RMT builds its
+    Blocks from a config of its own), and every model ends in the same bias-free head."""
+    model = compare.build_model(name, 7, d_model=24, n_layers=2, n_heads=3, mlp_ratio=2)
+    mlps = [m for m in model.modules() if type(m).__name__ == "MLP"]
+    attentions = [m for m in model.modules() if type(m).__name__ == "SelfAttention"]
+    assert len(mlps) == 2 and all(m.fc.in_features == 24 and m.fc.out_features == 48 for m in mlps)
+    assert all(a.config.n_heads == 3 and a.config.d_model == 24 for a in attentions)
+    assert model.head.bias is None and model.head.weight.shape == (7, 24)
+
+
 CELLS = [(m, "flipflop") for m in compare.MODELS] + [(m, "maze") for m in compare.MODELS if compare.reads_grids(m)]
 
 
@@ -433,6 +445,12 @@ def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch)
     assert sorted(segments) == sorted(maze["test_segments"] * len(maze["test"]))
     assert all(set(record["metrics"][str(L)]["by_segments"]) == {str(s) for s in maze["test_segments"]}
                for L in maze["test"])
+
+
+def test_mean_is_over_the_numbers_only():
+    """A metric over seeds: None (no such metric) and "diverged" are left out; nothing left is nan."""
+    assert compare.mean([0.25, None, 0.75, compare.DIVERGED, 0.5]) == 0.5
+    assert math.isnan(compare.mean([None, compare.DIVERGED])) and math.isnan(compare.mean([]))
 
 
 def test_the_lr_choice_and_its_edges_leave_the_dial_out():
