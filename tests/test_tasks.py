@@ -270,6 +270,12 @@ def test_random_tokens_cover_their_whole_range():
     task = TASKS["selective_copy"](n_data=4, vocab_size=8)
     _, y = task.sample(256, 12)
     assert seen(y[:, -4:]) == set(range(1, 7))
+    task = BabiLong()
+    x, y = task.sample(256, 40)
+    assert seen(x) == set(range(task.vocab_size)) and seen(y[:, -1]) == set(task.place)
+    assert seen(x[:, -2]) == set(task.person) | set(task.object)   # the questions ask about every entity
+    story = task._story(8, torch.Generator().manual_seed(3))
+    assert story == task._story(8, torch.Generator().manual_seed(3)) != task._story(8, torch.Generator().manual_seed(4))
 
 
 SPECIMENS = {   # the examples of the docstrings (and of the README's table of tasks), with their options
