@@ -283,9 +283,10 @@ class BabiLong:
         self.min_length = 3 * max_facts + 3
 
     def _add(self, names):
+        """Append names to the vocabulary; their token ids, a range (a single person, place or object too)."""
         first = len(self.names)
         self.names += names
-        return range(first, first + len(names)) if len(names) > 1 else first
+        return range(first, first + len(names))
 
     def _story(self, k, g):
         """Simulate k facts; return the facts as token triples, the question entity, answer, deciding fact.

@@ -52,6 +52,14 @@ def test_blocked_window_equals_reference(T, causal):
                                rtol=1e-10, atol=1e-10)
 
 
+def test_reference_runs_on_its_inputs_device():
+    """On 'meta', PyTorch's device without data, the reference's mask is built beside its inputs (a mask made on
+    the CPU would fail there), with and without a window."""
+    q, k, v = (t.to("meta") for t in qkv(7))
+    for causal, window in [(True, None), (False, 3)]:
+        assert attention_ref(q, k, v, causal, window).device.type == "meta"
+
+
 def test_window_one_sees_only_itself():
     q, k, v = qkv(9)
     torch.testing.assert_close(attention(q, k, v, causal=True, window=1), v)

@@ -511,6 +511,18 @@ def test_every_model_makes_its_tensors_on_its_inputs_device(name, monkeypatch):
         assert logits.device.type == "meta" and logits.shape == (2, 5, 7)
 
 
+@pytest.mark.parametrize("name", list(compare.MODELS))
+def test_size_options_reach_every_block(name):
+    """The width, heads, MLP ratio and depth that a preset sets reach every block of every model (RMT builds its
+    Blocks from a config of its own), and every model ends in the same bias-free head."""
+    model = compare.build_model(name, 7, d_model=24, n_layers=2, n_heads=3, mlp_ratio=2)
+    mlps = [m for m in model.modules() if type(m).__name__ == "MLP"]
+    attentions = [m for m in model.modules() if type(m).__name__ == "SelfAttention"]
+    assert len(mlps) == 2 and all(m.fc.in_features == 24 and m.fc.out_features == 48 for m in mlps)
+    assert all(a.config.n_heads == 3 and a.config.d_model == 24 for a in attentions)
+    assert model.head.bias is None and model.head.weight.shape == (7, 24)
+
+
 CELLS = [(m, "flipflop") for m in compare.MODELS] + [(m, "maze") for m in compare.MODELS if compare.reads_grids(m)]
 
 
@@ -608,6 +620,66 @@ def test_best_lr_is_chosen_on_the_sweep_seed_only():
     assert compare.best_runs(runs)[("m", "t")][0]["lr"] == 3e-3
     tie = [run(1e-3, 0, 1.0, loss=0.2), run(3e-3, 0, 1.0, loss=0.1)]
     assert compare.best_runs(tie)[("m", "t")][0]["lr"] == 3e-3
+
+
+def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch):
+    """run_one with training and evaluation faked: the record holds the spec, the parameters, the state size at
+    each test length (copy's length n is 2n + 1 tokens), the examples seen, the mean of the last 20 losses, the
+    times, the device; validation runs at the longest training length on a seed of its own, the tests at each
+    test length on another, every call with the spec's examples and device; HRM is also tested at each number of
+    segments; --scale's weights are kept where the spec says; the spec's thread count is set."""
+    calls = []
+
+    def fake_train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, **kwargs):
+        calls.append(("train", steps, batch_size, lr, train_lengths, device, seed))
+        return [float(i) for i in range(1, 31)]
+
+    def fake_evaluate(model, task, length, n_examples, device="cpu", seed=0, segments=None, **kwargs):
+        calls.append(("evaluate", length, n_examples, device, seed, segments))
+        return dict(token_acc=length / 100, loss=float(seed), exact=None)
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    monkeypatch.setattr(compare, "evaluate", fake_evaluate)
+    threads = torch.get_num_threads()
+    args = compare.parse_args(["--preset", "smoke", "--models", "attention,hrm", "--tasks", "copy,maze",
+                               "--out", str(tmp_path)])
+    copy, maze = (next(s for s in compare.make_specs(args) if s["model"] == m and s["task"] == t)
+                  for m, t in [("attention", "copy"), ("hrm", "maze")])
+    try:
+        record = compare.run_one(dict(copy, threads=1, weights="w.pt", out=str(tmp_path)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    model = compare.build_model("attention", tasks.Copy().vocab_size, **copy["model_options"])
+    assert {k: record[k] for k in copy} == copy
+    assert record["params"] == compare.n_params(model)
+    assert record["state_size"] == {str(L): model.state_size(2 * L + 1) for L in copy["test"]}
+    assert record["examples_seen"] == copy["steps"] * copy["batch_size"] and record["final_loss"] == 20.5
+    assert 0 <= record["train_time_s"] <= record["wall_time_s"] < 60 and record["device_name"] == "CPU"
+    assert record["diverged_at"] is None
+    assert calls[0] == ("train", copy["steps"], copy["batch_size"], copy["lr"], copy["train"], "cpu", copy["seed"])
+    val, *tested = calls[1:]
+    longest = compare.stages(copy["train"])[-1][1]
+    assert val[:4] == ("evaluate", longest, copy["eval_examples"], "cpu") and val[5] is None
+    assert [c[1] for c in tested] == copy["test"] and all(c[2:4] == (copy["eval_examples"], "cpu") for c in tested)
+    assert len({c[4] for c in tested}) == 1 and val[4] != tested[0][4]   # one test seed, not validation's
+    assert record["val_token_acc"] == longest / 100 and record["val_loss"] == val[4]
+    assert record["metrics"] == {str(L): dict(token_acc=L / 100, loss=float(tested[0][4]), exact=None)
+                                 for L in copy["test"]}
+    model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))   # the trained weights, kept
+
+    calls.clear()
+    record = compare.run_one(maze)
+    segments = [c[5] for c in calls if c[0] == "evaluate" and c[5]]
+    assert sorted(segments) == sorted(maze["test_segments"] * len(maze["test"]))
+    assert all(set(record["metrics"][str(L)]["by_segments"]) == {str(s) for s in maze["test_segments"]}
+               for L in maze["test"])
+
+
+def test_mean_is_over_the_numbers_only():
+    """A metric over seeds: None (no such metric) and "diverged" are left out; nothing left is nan."""
+    assert compare.mean([0.25, None, 0.75, compare.DIVERGED, 0.5]) == 0.5
+    assert math.isnan(compare.mean([None, compare.DIVERGED])) and math.isnan(compare.mean([]))
 
 
 def test_the_lr_choice_and_its_edges_leave_the_dial_out():

@@ -165,6 +165,19 @@ def test_one_step_gradient_memory_does_not_grow_with_cycles():
     assert training_memory(4, 4, "last_cycle", batch=2, T=25, d_model=16)[0] > 1.5 * small
 
 
+def test_state_size_counts_a_key_value_cache_per_block_call():
+    """state_size(T), HRM's inference memory on a causal task: the keys and values (2 * D per token) of every Block
+    call of a pass at eval_segments (each call attends over its own input), counted here by hooks, plus the two
+    states (D per token each). Odd sizes: 3 Blocks (2 low, 1 high), 2 x 3 cycles, 3 segments."""
+    model = make(n_layers=3, eval_segments=3).eval()
+    calls = []
+    for block in [*model.low.blocks, *model.high.blocks]:
+        block.register_forward_hook(lambda m, args, out: calls.append(out.shape[1]))
+    with torch.no_grad():
+        model(torch.randint(0, 7, (2, 5)))
+    assert len(calls) == (2 * 3 + 1) * 2 * 3 and model.state_size(5) == 2 * 16 * sum(calls) + 2 * 16 * 5
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="n_layers"):
         HRMConfig(n_layers=1)

@@ -19,6 +19,16 @@ def test_memory_starts_on_the_embeddings_scale():
     for p in (m.memory_init, m.read_emb, m.write_emb, m.embed.weight):
         assert abs(p.std().item() / 0.02 - 1) < 0.1
     assert (m.mem_norm.weight == 0.02).all() and (m.norm.weight == 1).all()
+    assert m.read_emb.shape == m.write_emb.shape == m.memory_init.shape == (64, 64)    # one embedding per slot
+
+
+def test_the_smallest_config_runs_and_smaller_ones_raise():
+    """One memory slot and segments of one token make a (slow) RMT; none, or empty segments, raise."""
+    m = model(n_mem=1, segment_len=1)
+    assert m(torch.randint(0, 13, (2, 3))).shape == (2, 3, 13)
+    for bad in (dict(n_mem=0), dict(segment_len=0), dict(bptt_depth=0)):
+        with pytest.raises(ValueError):
+            RMTConfig(**bad)
 
 
 def test_forward_equals_segments_by_hand():
@@ -101,7 +111,7 @@ def test_write_slots_keep_their_positions_in_a_short_segment():
 
 
 @pytest.mark.parametrize("bptt_depth, loss_on, reached", [(None, 3, [0, 1, 2, 3]), (2, 3, [2, 3]), (2, 4, [4]),
-                                                       (3, 4, [3, 4]), (1, 3, [3])])
+                                                       (3, 4, [3, 4]), (3, 2, [0, 1, 2]), (1, 3, [3]), (1, 1, [1])])
 def test_truncated_bptt(bptt_depth, loss_on, reached):
     """5 segments of 5 tokens, segment j made of token j + 1 only, so the gradient on that token's embedding says
     whether the loss reached segment j. With depth k the memory is cut before segments k, 2k, ...: a loss on

@@ -153,12 +153,13 @@ def test_recall_at_zoologys_difficulty():
 
 @pytest.mark.parametrize("seed, batch_size", [(0, 1), (1, 7), (2, 33), (3, 129)])
 @pytest.mark.parametrize("options, length", [({}, 27), ({}, 301),
-                                             (dict(n_persons=2, n_objects=2, min_facts=1, max_facts=12), 50)])
+                                             (dict(n_persons=2, n_objects=2, min_facts=1, max_facts=12), 50),
+                                             (dict(n_persons=1, n_places=1, n_objects=1), 40)])
 def test_babilong_replayed_stories_give_the_answer_and_the_depth(seed, batch_size, options, length):
     """The batch is drawn all at once with tensor ops; replayed one example at a time in plain Python, each
     story must be possible fact by fact and give the answer y and the depth of the deciding fact. Dense (no
     room for noise at k = max_facts) and sparse streams; two persons and two objects over up to 12 facts,
-    so that grabs and drops are often impossible and fall back to moves."""
+    so that grabs and drops are often impossible and fall back to moves; one person, place and object."""
     task = BabiLong(**options)
     x, y, depth = task.sample_with_depth(batch_size, length, seed=seed)
     assert ((depth >= 0) & (depth < 1)).all() and (y[:, :-1] == IGNORE).all()
@@ -269,6 +270,12 @@ def test_random_tokens_cover_their_whole_range():
     task = TASKS["selective_copy"](n_data=4, vocab_size=8)
     _, y = task.sample(256, 12)
     assert seen(y[:, -4:]) == set(range(1, 7))
+    task = BabiLong()
+    x, y = task.sample(256, 40)
+    assert seen(x) == set(range(task.vocab_size)) and seen(y[:, -1]) == set(task.place)
+    assert seen(x[:, -2]) == set(task.person) | set(task.object)   # the questions ask about every entity
+    story = task._story(8, torch.Generator().manual_seed(3))
+    assert story == task._story(8, torch.Generator().manual_seed(3)) != task._story(8, torch.Generator().manual_seed(4))
 
 
 SPECIMENS = {   # the examples of the docstrings (and of the README's table of tasks), with their options
