@@ -64,7 +64,8 @@ class TitansConfig:
     window: int = 32          # sliding-window attention span
     use_attention: bool = True  # False: the memory alone (the paper's LMM)
     d_conv: int = 4           # short causal depthwise conv on q, k, v (binds a key to the value after it)
-    theta_max: float = 0.1    # theta = theta_max * sigmoid(.): small inner steps keep the inner loop stable
+    theta_max: float = 0.1    # theta = theta_max * sigmoid(.): small inner steps
+    max_grad_norm: float = 1.0  # each token's inner gradient clipped to this norm: the inner loop cannot blow up
     pos: str = "rope"
 
     def __post_init__(self):
@@ -95,13 +96,14 @@ def memory_forward(weights, x):
 # Reference: token by token, gradients from autograd at the chunk-start weights (the spec)
 # ---------------------------------------------------------------------------------------------------------
 
-def neural_memory_ref(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16):
+def neural_memory_ref(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16, max_grad_norm=None):
     """Read and update the memory one token at a time: update with token t, then read M_t(q_t).
 
     Args:
         q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1)
         weights: tuple of (B, H, in, out), the memory at the start; momentum: the same shapes, or None (zeros)
         chunk_size: C; gradients for tokens t' .. t'+C-1 are taken at the weights before token t'
+        max_grad_norm: None, or each token's gradient (all weights together) is scaled down to at most this norm
     Returns:
         y (B, H, T, out), and the final (weights, momentum)
     """
@@ -114,6 +116,9 @@ def neural_memory_ref(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_
             ws = [W if W.requires_grad else W.detach().requires_grad_() for W in start]
             loss = (memory_forward(ws, k[:, :, t:t + 1]) - v[:, :, t:t + 1]).pow(2).sum()
             grads = torch.autograd.grad(loss, ws, create_graph=True)
+        if max_grad_norm is not None:
+            norm2 = sum(g.pow(2).sum((-2, -1)) for g in grads)[..., None, None]          # (B, H, 1, 1)
+            grads = tuple(g * (max_grad_norm * norm2.clamp_min(1e-30).rsqrt()).clamp(max=1) for g in grads)
         th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         momentum = tuple(et * S - th * g for S, g in zip(momentum, grads))               # Eq. 10
         weights = tuple((1 - al) * W + S for W, S in zip(weights, momentum))             # Eq. 13
@@ -151,7 +156,7 @@ def memory_gradients(weights, k, v):
     return factors[::-1]
 
 
-def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16):
+def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size=16, max_grad_norm=None):
     """Same contract as `neural_memory_ref`. Inside a chunk with start state (W0, S0) and chunk-start gradients
     u_j = inp_j^T err_j, unrolling Eqs. 10 and 13 gives, for every position i of the chunk,
 
@@ -166,6 +171,7 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
         q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1)
         weights: tuple of (B, H, in, out), the memory at the start; momentum: the same shapes, or None (zeros)
         chunk_size: C; gradients for tokens t' .. t'+C-1 are taken at the weights before token t'
+        max_grad_norm: None, or each token's gradient (all weights together) is scaled down to at most this norm
     Returns:
         y (B, H, T, out), the reads M_t(q_t), and the final (weights, momentum)
     """
@@ -188,6 +194,10 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     for c in range(n):                                                            # the only loop: over chunks
         last = C - 1 if c < n - 1 else (T - 1) % C
         factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
+        if max_grad_norm is not None:   # ||inp_j^T err_j||^2 = ||inp_j||^2 ||err_j||^2: no outer product is formed
+            norm2 = sum(inp.pow(2).sum(-1) * err.pow(2).sum(-1) for inp, err in factors)[..., None]   # (B, H, C, 1)
+            scale = (max_grad_norm * norm2.clamp_min(1e-30).rsqrt()).clamp(max=1)   # no sqrt'(0) = inf at padding
+            factors = [(inp, err * scale) for inp, err in factors]
         starts.append((weights, momentum, factors))
         g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
         c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]           # theta_j a_last / a_j
@@ -236,6 +246,10 @@ class NeuralMemory(nn.Module):
         H = self.config.n_heads
         with torch.no_grad():
             self.gates.bias.copy_(torch.tensor([0.0] * H + [math.log(9)] * H + [-5.0] * H))  # eta 0.9, alpha 0.007
+        # The conv's own (PyTorch) init, not the blanket N(0, 0.02): through a 4-tap conv that would leave the
+        # memory's output at init (mean square ~1e-6) under its RMSNorm's eps, so the branch would start mute.
+        self.conv.reset_parameters()
+        with torch.no_grad():
             for i, W in enumerate(self.memory_init):                            # last layer 0: M(x) = 0 at first
                 nn.init.normal_(W, std=W.shape[1] ** -0.5) if i < len(self.memory_init) - 1 else nn.init.zeros_(W)
 
@@ -257,7 +271,8 @@ class NeuralMemory(nn.Module):
             if weights is None:
                 weights = tuple(W.to(f32).expand(B, *W.shape) for W in self.memory_init)
             y, (weights, momentum) = neural_memory(q, k, v, c.theta_max * theta.to(f32), eta.to(f32),
-                                                   alpha.to(f32), weights, momentum, chunk_size=c.chunk_size)
+                                                   alpha.to(f32), weights, momentum, chunk_size=c.chunk_size,
+                                                   max_grad_norm=c.max_grad_norm)
         y = self.norm(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
         return self.proj(y * F.silu(self.out_gate(x))), (tail, weights, momentum)
 

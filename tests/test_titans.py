@@ -27,11 +27,12 @@ def inputs(T, memory, b=2, H=2, K=4, seed=GRADE_SEED):
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 @pytest.mark.parametrize("T", lengths([1, 13, 64]))
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
-def test_dual_form_equals_token_loop(memory, T, chunk_size):
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])   # 0.5: most tokens' gradients here are clipped
+def test_dual_form_equals_token_loop(memory, T, chunk_size, max_grad_norm):
     args = inputs(T, memory)
-    y, (W, S) = neural_memory(*args, chunk_size=chunk_size)
-    y_ref, (W_ref, S_ref) = neural_memory_ref(*args, chunk_size=chunk_size)
-    case = f"titans.neural_memory({memory} memory, T={T}, chunk_size={chunk_size})"
+    y, (W, S) = neural_memory(*args, chunk_size=chunk_size, max_grad_norm=max_grad_norm)
+    y_ref, (W_ref, S_ref) = neural_memory_ref(*args, chunk_size=chunk_size, max_grad_norm=max_grad_norm)
+    case = f"titans.neural_memory({memory} memory, T={T}, chunk_size={chunk_size}, max_grad_norm={max_grad_norm})"
     close(y, y_ref, f"{case}: y", "BHTK", rtol=1e-10, atol=1e-12)
     assert len(W) == len(W_ref) and len(S) == len(S_ref), f"{case}: returned {len(W)} weights and {len(S)} momenta"
     for i, (a, b) in enumerate(zip(W, W_ref)):
@@ -41,7 +42,8 @@ def test_dual_form_equals_token_loop(memory, T, chunk_size):
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
-def test_gradients_equal_token_loop(memory):
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_gradients_equal_token_loop(memory, max_grad_norm):
     """Gradients w.r.t. q, k, v, the three gates and the initial weights and momentum agree."""
     q, k, v, theta, eta, alpha, weights, momentum = inputs(13, memory)
     leaves = [q, k, v, theta, eta, alpha, *weights, *momentum]
@@ -50,14 +52,43 @@ def test_gradients_equal_token_loop(memory):
     probe = torch.randn(2, 2, 13, 4, dtype=torch.float64)
     grads = []
     for fn in (neural_memory, neural_memory_ref):
-        y, (W, S) = fn(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=4)
+        y, (W, S) = fn(q, k, v, theta, eta, alpha, weights, momentum, chunk_size=4, max_grad_norm=max_grad_norm)
         out = (y * probe).sum() + sum(w.sum() for w in W) + sum(s.square().sum() for s in S)
         grads.append(torch.autograd.grad(out, leaves))
     names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"weights[{i}]" for i in range(len(weights))] \
         + [f"momentum[{i}]" for i in range(len(momentum))]
     for name, a, b in zip(names, *grads):
-        close(a, b, f"titans.neural_memory({memory} memory, T=13, chunk_size=4): the gradient w.r.t. {name}",
+        close(a, b, f"titans.neural_memory({memory} memory, T=13, chunk_size=4, max_grad_norm={max_grad_norm}): "
+              f"the gradient w.r.t. {name}",
               rtol=1e-9, atol=1e-11)
+
+
+def test_clipped_inner_gradients_keep_the_memory_bounded():
+    """Gates at their worst (theta = 0.5, eta = 0.99, no forgetting) and large values: without the clip the MLP
+    memory's inner loop blows up (each step on W2 is theta ||z||^2, and z grows with W1). With every token's
+    gradient clipped to norm c, the momentum obeys ||S_t|| <= eta ||S_{t-1}|| + theta c, so
+    ||W_T - W_0|| <= T theta c / (1 - eta): finite whatever the data. One token by hand too: the step is the
+    gradient scaled to norm c."""
+    g = torch.Generator().manual_seed(GRADE_SEED)
+    B, H, T, K = 2, 2, 64, 4
+    q, k = (F.normalize(torch.randn(B, H, T, K, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    v = 10 * torch.randn(B, H, T, K, generator=g, dtype=torch.float64)
+    theta, eta, alpha = (torch.full((B, H, T), x, dtype=torch.float64) for x in (0.5, 0.99, 0.0))
+    weights = (torch.randn(B, H, K, 8, generator=g, dtype=torch.float64), torch.randn(B, H, 8, K, generator=g,
+                                                                                       dtype=torch.float64))
+    free = neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=4)[1][0]
+    assert not all(torch.isfinite(W).all() and W.abs().max() < 1e6 for W in free), "the case is not adversarial"
+    W_T = neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=4, max_grad_norm=1.0)[1][0]
+    moved = sum((a - b).pow(2).sum((-2, -1)) for a, b in zip(W_T, weights)).sqrt()
+    assert (moved <= T * 0.5 * 1.0 / (1 - 0.99) + 1e-9).all(), f"the clipped memory moved by {moved.max():.3g}"
+    # one token, linear memory: W1 = W0 - theta * grad * min(1, c / ||grad||), grad = 2 k^T (k W0 - v)
+    W0 = torch.randn(1, 1, K, K, generator=g, dtype=torch.float64)
+    one = lambda x: x[:1, :1, :1]  # noqa: E731
+    _, ((W1,), _) = neural_memory(one(q), one(k), one(v), one(theta), one(eta), one(alpha), (W0,), chunk_size=1,
+                                  max_grad_norm=0.25)
+    grad = 2 * one(k)[0, 0].T @ (one(k)[0, 0] @ W0[0, 0] - one(v)[0, 0])
+    close(W1[0, 0], W0[0, 0] - 0.5 * grad * min(1.0, 0.25 / grad.norm().item()),
+          "titans.neural_memory: one clipped step of a linear memory", rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck():
@@ -147,7 +178,8 @@ def titans_by_hand(model, tokens):
         gates = torch.sigmoid(h @ mem.gates.weight.T + mem.gates.bias)          # (B, T, 3H)
         theta, eta, alpha = (g.transpose(1, 2) for g in gates.split(H, dim=-1))
         weights = tuple(W.expand(B, *W.shape) for W in mem.memory_init)
-        read, (Ws, Ss) = neural_memory_ref(q, k, v, c.theta_max * theta, eta, alpha, weights, chunk_size=c.chunk_size)
+        read, (Ws, Ss) = neural_memory_ref(q, k, v, c.theta_max * theta, eta, alpha, weights, chunk_size=c.chunk_size,
+                                           max_grad_norm=c.max_grad_norm)     # each token's gradient clipped
         read = rms_norm(read.transpose(1, 2).reshape(B, T, D), mem.norm.weight)
         y = (read * F.silu(h @ mem.out_gate.weight.T)) @ mem.proj.weight.T
         if c.use_attention:
@@ -221,6 +253,20 @@ def test_memory_inits_after_the_blanket_init():
         assert (last == 0).all() and abs(first.std().item() * 32 ** 0.5 - 1) < 0.1
         assert abs(m.proj.weight.std().item() / (0.02 / 4) - 1) < 0.1
         assert abs(m.qkv.weight.std().item() / 0.02 - 1) < 0.1
+        bound = 1 / m.conv.weight[0].numel() ** 0.5           # PyTorch's conv init: U(-1/sqrt(fan-in), 1/sqrt(fan-in))
+        assert m.conv.weight.abs().max() <= bound and abs(m.conv.weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.1
+
+
+def test_memory_branch_speaks_at_init():
+    """What the memory's RMSNorm receives at init is far above its eps (1e-6): below it, the norm would pass on a
+    near-zero signal and the branch would start mute (it did with the conv at N(0, 0.02): mean square ~1e-6)."""
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(vocab_size=64))
+    seen = []
+    for block in model.blocks:
+        block.memory.norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].pow(2).mean().item()))
+    model(torch.randint(0, 64, (8, 48)))
+    assert min(seen) > 1e-4, f"titans: the memory's read at init has mean square {min(seen):.2g} (eps 1e-6)"
 
 
 def test_trains_on_a_bench_task():
