@@ -262,7 +262,8 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
                 out = generate(model, x[:, :p], length)
             gen_exact += (out == y[:, p - 1:p - 1 + length]).all(1).sum().item()
         seen += b
-    result = {"token_acc": right / max(total, 1), "loss": loss / max(total, 1),
+    loss = loss / max(total, 1)      # inf or nan from a model whose outputs overflow: stored as null (strict JSON)
+    result = {"token_acc": right / max(total, 1), "loss": loss if math.isfinite(loss) else None,
               "exact": exact / scored_examples if scored_examples else None}
     if hasattr(task, "prompt_length"):
         result["gen_exact"] = gen_exact / seen
@@ -328,15 +329,16 @@ class Budget:
     dial: dict = field(default_factory=dict)           # model -> {option: [values]}: other state sizes
 
 
-LRS = [3e-4, 1e-3, 3e-3]   # the sweep: log-spaced, the same for every model on a task
+LRS = [3e-4, 1e-3, 3e-3, 1e-2]   # the sweep: log-spaced, wide, the same for every model on a task
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
+HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
 PRESETS = {
     "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
         models=list(MODELS), size=dict(d_model=32, n_layers=2), batch_size=16, lrs=[3e-3], seeds=[0],
         eval_examples=32, tasks={
             "copy": Budget(train=[2, 6], test=[6, 12], steps=30),
             "mqar": Budget(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
-            "recall": Budget(train=[2, 4], test=[2, 4], steps=30, options=dict(vocab_size=16),
+            "recall": Budget(train=[[2, 3], [3, 4]], test=[2, 4], steps=30, options=dict(vocab_size=16),
                              dial={"ssm": {"d_state": [4]}}),
             "flipflop": Budget(train=[32, 32], test=[32, 128], steps=30),
             "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
@@ -344,29 +346,34 @@ PRESETS = {
             "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20)),
         }),
     "quick": dict(  # a 2-core CPU in minutes: one task at each end of the trade-off, three seeds each
-        models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS, seeds=[0, 1, 2],
+        models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[:3], seeds=[0, 1, 2],
         eval_examples=256, tasks={
             "copy": Budget(train=[2, 8], test=[8, 16], steps=800, seeded=["attention", "ssm"]),
             "flipflop": Budget(train=[32, 32], test=[32, 256, 1024], steps=300, seeded=["attention", "ssm"]),
         }),
-    "full": dict(  # one GPU
+    "full": dict(  # one GPU; the sequence tasks, each at both ends of the trade-off (the maze: --preset depth)
         models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
-        lrs=LRS, seeds=[0, 1], eval_examples=256, tasks={
-            "copy": Budget(train=[2, 16], test=[16, 32, 64], steps=2500, models=["attention", "ssm", "rmt", "titans"],
-                           seeded=["attention", "ssm"]),
-            "recall": Budget(train=[2, 32], test=[4, 8, 16, 32], steps=2500, options=dict(vocab_size=128),
-                             models=["attention", "ssm", "rmt", "titans"], seeded=["attention", "ssm"],
+        lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
+            "copy": Budget(train=[[2, 6], [6, 11], [11, 16]], test=[8, 16, 32, 64], steps=3000,
+                           models=["attention", "ssm", "rmt", "titans"],
+                           seeded=["attention", "ssm", "rmt", "titans"]),
+            "recall": Budget(train=[[2, 8], [8, 16], [16, 32]], test=[4, 8, 16, 32], steps=4000, options=HARD_RECALL,
+                             models=["attention", "ssm", "rmt", "titans"], seeded=["attention", "ssm", "rmt", "titans"],
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
-                                   "titans": {"memory_expand": [4]}}),
-            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, seeded=["attention", "ssm", "rmt"]),
+                                   "titans": {"memory": ["linear"], "memory_expand": [4]}}),
+            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
+                               seeded=["attention", "ssm", "rmt", "titans", "hrm"]),
             "selective_copy": Budget(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
                                      models=["attention", "ssm", "rmt", "titans"]),
             "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
                                models=["attention", "ssm", "rmt", "titans"],
                                seeded=["attention", "ssm", "rmt", "titans"]),
+        }),
+    "depth": dict(  # one GPU: recurrent depth (HRM) against a fixed-depth Transformer of the same size, on mazes
+        models=["attention", "hrm", "hrm_last_cycle"], size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
+        lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
             "maze": Budget(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
-                           models=["attention", "hrm", "hrm_last_cycle"], seeded=["attention", "hrm"],
-                           size=dict(d_model=128, n_heads=4, n_layers=4),
+                           seeded=["attention", "hrm"],
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                            options=dict(canvas=17, n_train=1000, min_path=30)),
         }),
@@ -693,6 +700,17 @@ def load_runs(path, preset, fresh):
     return runs
 
 
+def earlier_commands(path):
+    """The commands that trained the runs stored in `path` before this one (their wall times, runs, commit), so that
+    a preset run in several resumed commands reports the time of them all; [] when there is none."""
+    try:
+        with open(path) as f:
+            commands = json.load(f)["meta"]["commands"]
+        return [c for c in commands if isinstance(c, dict) and type(c.get("wall_time_s")) in (int, float)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def alive(pid):
     """Whether process `pid` of this machine is still running."""
     try:
@@ -883,10 +901,14 @@ def report(runs, meta, task_names, model_names):
                     lines={m: [at(rs, L, metric) for L in first[t]["test"]] for m, rs in cells[t]},
                     ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], **ACCURACY)
     made_on = sorted({f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs})
+    trained = [c for c in meta.get("commands", []) if c.get("runs_run")]
     parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
              f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
              f"{meta.get('runs_reused', 0)} reused from earlier ones" + (
+                 f"; {len(trained)} commands trained these runs in {sum(c['wall_time_s'] for c in trained):.0f} s of "
+                 "wall time in all" if len(trained) > 1 else "")
+             + f"; the runs' own times add up to {sum(r['wall_time_s'] for r in runs):.0f} s" + (
                  f"; the runs were made on: {'; '.join(made_on)}" if len(made_on) > 1 else ""), ""]
 
     def curriculum(r):   # "2-4, 2-8, 2-16 (a third of the steps each)" or "2-16"
@@ -1049,18 +1071,18 @@ def step_bench(args, meta):
     """--bench's first table: ms per training step of every model on STEP_TASKS, eager and (on CUDA) from CUDA
     graphs, each model alone on the device. A GPU measures the full preset's sizes, a CPU the smoke preset's."""
     cuda = args.device.startswith("cuda")
-    preset = PRESETS["full" if cuda else "smoke"]
+    on = {t: PRESETS[("full" if t in PRESETS["full"]["tasks"] else "depth") if cuda else "smoke"] for t in STEP_TASKS}
     cells = [(m, t) for t in STEP_TASKS for m in (args.models if args.chosen_models else
-                                                   preset["tasks"][t].models or preset["models"])
-             if t in preset["tasks"] and (not is_grid(t) or reads_grids(m))]
+                                                   on[t]["tasks"][t].models or on[t]["models"])
+             if not is_grid(t) or reads_grids(m)]
     rows = []
-    heading = (f"## Training step: ms per optimiser step (batch {preset['batch_size']}, the "
-               f"{'full' if cuda else 'smoke'} preset's sizes, the task's longest training length), each model alone "
-               "on the device")
+    heading = (f"## Training step: ms per optimiser step (batch {on['recall']['batch_size']}, the "
+               f"{'full and depth presets' if cuda else 'smoke preset'}'s sizes, the task's longest training length), "
+               "each model alone on the device")
     print(heading)
     for m, t in cells:
-        eager = step_row(m, t, preset, args.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
-        fast = step_row(m, t, preset, args.device, graphs=True) if cuda else None
+        eager = step_row(m, t, on[t], args.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
+        fast = step_row(m, t, on[t], args.device, graphs=True) if cuda else None
         rows.append(dict(eager, graphs_ms_per_step=fast["ms_per_step"] if fast else None))
         print(f"{m:16} {t}@{eager['length']} ({eager['tokens']} tokens): eager {eager['ms_per_step']:.1f} ms"
               + (f", CUDA graphs {fast['ms_per_step']:.2f} ms" if fast else ""), flush=True)
@@ -1466,6 +1488,8 @@ def main(argv=None):
     path = os.path.join(args.out, f"{args.preset}.json")
     store = Store(path, args.preset, args.fresh)
     results = {"meta": meta, "runs": store.runs}
+    this = dict(wall_time_s=0.0, runs_run=0, commit=meta["commit"], device_name=meta["device_name"])
+    meta["commands"] = earlier_commands(path) + [this]   # this command's entry is kept up to date with each run
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
     # graphed, and the host work.
@@ -1501,6 +1525,7 @@ def main(argv=None):
         nonlocal n_run
         record["commit"] = meta["commit"]
         n_run += 1
+        this.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run)
         store.save(results, record)
         sweep_run = not record.get("dial") and record["seed"] == first_seed
         return [s for s in owed_follow_ups((record["model"], record["task"])) if sweep_run and not done(s)]
@@ -1551,6 +1576,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, sigterm)
         store.release()
     meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
+    this.update(wall_time_s=meta["wall_time_s"])
     store.save(results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
     text, figures = report(runs, meta, args.tasks, models)

@@ -84,6 +84,8 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch, capsys):
     assert len(final) == 3 and len(calls) == 1 and calls[0] not in saved
     for key, record in saved.items():  # the finished runs were kept as they were, not redone
         assert final[key] == record
+    commands = json.load(open(tmp_path / "smoke.json"))["meta"]["commands"]   # the time of both commands
+    assert [c["runs_run"] for c in commands] == [2, 1] and all(c["wall_time_s"] >= 0 for c in commands)
 
     calls.clear()   # a changed setting re-runs what it changes, and says so
     assert compare.main(argv[:-2] + ["--steps", "4", "--out", str(tmp_path)]) == 0
@@ -119,7 +121,7 @@ def test_interrupt_before_any_run_finished_says_nothing_was_saved(tmp_path, monk
     (["--seeds", "99999999999999999999"], "--seeds: expected comma-separated integers from 0 to 4294967295, got"),
     (["--models", "ssm,ssm"], "--models: ssm is given twice"),
     (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
-                                               "smoke or --preset full)"),
+                                               "smoke or --preset depth)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -439,12 +441,12 @@ def test_exact_match_counts_only_examples_with_a_scored_position():
     assert compare.evaluate(Wrong(), NothingScored(), 16, n_examples=8)["exact"] is None
 
 
-@pytest.mark.parametrize("task", list(compare.PRESETS["full"]["tasks"]))
-def test_every_model_of_the_full_preset_is_within_10_percent_of_attention(task):
+@pytest.mark.parametrize("preset,task", [(p, t) for p in ("full", "depth") for t in compare.PRESETS[p]["tasks"]])
+def test_every_model_of_the_gpu_presets_is_within_10_percent_of_attention(preset, task):
     """Matched size (README, 'How the bench is fair'): parameters within +-10% of the Transformer on that task."""
-    args = compare.parse_args(["--preset", "full", "--device", "cpu", "--tasks", task])
+    args = compare.parse_args(["--preset", preset, "--device", "cpu", "--tasks", task])
     specs = compare.make_specs(args)
-    vocab = tasks.TASKS[task](**compare.PRESETS["full"]["tasks"][task].options).vocab_size
+    vocab = tasks.TASKS[task](**compare.PRESETS[preset]["tasks"][task].options).vocab_size
     size = {s["model"]: compare.n_params(compare.build_model(s["model"], vocab, **s["model_options"])) for s in specs}
     assert "attention" in size and len(size) >= 3
     for m, n in size.items():
