@@ -63,8 +63,8 @@ import tasks
 import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PROTOCOL = 4   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
-               # (4: BABILong and maze batches drawn anew, SSM and Titans resized, validation loss stored)
+PROTOCOL = 5   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+               # (5: Titans' inner gradients clipped and its conv's init; 4: BABILong and maze batches drawn anew)
 # On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
 # cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
 torch.set_flush_denormal(True)
