@@ -354,7 +354,9 @@ PRESETS = {
     "full": dict(  # one GPU; the sequence tasks, each at both ends of the trade-off (the maze: --preset depth)
         models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
-            "copy": Budget(train=[[2, 6], [6, 11], [11, 16]], test=[8, 16, 32, 64], steps=3000,
+            # each stage keeps the shorter strings: with stages 2-6, 6-11, 11-16 attention forgot how to copy 8
+            # characters (0.69 token accuracy, against 0.98 at 16) while learning 16
+            "copy": Budget(train=[[2, 6], [2, 11], [2, 16]], test=[8, 16, 32, 64], steps=3000,
                            models=["attention", "ssm", "rmt", "titans"],
                            seeded=["attention", "ssm", "rmt", "titans"]),
             "recall": Budget(train=[[2, 8], [8, 16], [16, 32]], test=[4, 8, 16, 32], steps=4000, options=HARD_RECALL,
