@@ -1486,7 +1486,8 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if args.device == "cuda" else [args.device]
     meta = dict(preset=args.preset, command="python compare.py " + " ".join(args.argv), device=args.device,
-                device_name=torch.cuda.get_device_name(devices[0]) if cuda else "CPU", torch=torch.__version__,
+                device_name=(f"{len(devices)} x " if len(devices) > 1 else "") + torch.cuda.get_device_name(devices[0])
+                if cuda else "CPU", torch=torch.__version__,
                 commit=git_commit(), dtype="bf16 autocast" if cuda else "fp32",
                 lrs=args.lrs or PRESETS[args.preset]["lrs"])
     if args.bench:
