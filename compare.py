@@ -3,15 +3,16 @@ compare.py: train every model on every task at matched size, and show when filte
 
     python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
     python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
+    python compare.py --preset depth     # the maze: recurrent depth (HRM) against a fixed-depth Transformer
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
     python compare.py --bench            # cost against length (untrained), and the cost of a training step
     python compare.py --scale            # train at <= 256 tokens, then read streams of up to 11M tokens
 
 How the comparison is made fair, and where each rule lives:
-  1. The same budget for every model on a task: steps, batch, training lengths, optimiser and schedule
-     (`Budget` and `PRESETS` below; the optimiser and schedule in `train`).
+  1. The same budget for every model on a task: steps, batch, training lengths and their curriculum (stages of
+     rising length or content), optimiser and schedule (`Budget` and `PRESETS` below; the rest in `train`).
   2. Matched size: one width and depth per task, so parameter counts stay within +-10% of the Transformer's
-     (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full preset).
+     (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
   3. Each model at its own best learning rate: every (model, task) sweeps the same grid of log-spaced rates on the
      first seed and keeps the one with the best validation accuracy, ties broken by validation loss, never one
      where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked in the report,
