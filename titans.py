@@ -16,6 +16,11 @@ gradient descent; a larger C is a different, cheaper model (the surprise of a to
 tokens of its chunk wrote). `neural_memory_ref` is the same computation token by token, with the gradients
 taken by autograd: the spec that `neural_memory` is tested against.
 
+One addition to the paper: each token's inner gradient is clipped to norm `max_grad_norm` before it enters the
+momentum (as `max_grad_norm` in lucidrains/titans-pytorch). A step on the MLP memory's second layer is theta ||z||^2
+long, and z grows with the first layer's weights, so unclipped the inner loop can run away (the weights reached
+1e15 and the loss NaN at an outer lr of 1e-2); clipped, the memory moves at most T theta c / (1 - eta) in T tokens.
+
 Not included: the paper's persistent memory (Eq. 19), a few learnable, data-independent tokens prepended to
 every sequence (MAG runs both of its branches on them, Eq. 26), meant to hold task knowledge and to give
 attention a sink; in the paper's ablation (Table 5), removing them costs the least of all the components.
