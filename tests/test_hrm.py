@@ -165,17 +165,19 @@ def test_one_step_gradient_memory_does_not_grow_with_cycles():
     assert training_memory(4, 4, "last_cycle", batch=2, T=25, d_model=16)[0] > 1.5 * small
 
 
-def test_state_size_counts_a_key_value_cache_per_block_call():
+@pytest.mark.parametrize("n_layers,n_low", [(3, 2), (4, 2)])
+def test_state_size_counts_a_key_value_cache_per_block_call(n_layers, n_low):
     """state_size(T), HRM's inference memory on a causal task: the keys and values (2 * D per token) of every Block
     call of a pass at eval_segments (each call attends over its own input), counted here by hooks, plus the two
-    states (D per token each). Odd sizes: 3 Blocks (2 low, 1 high), 2 x 3 cycles, 3 segments."""
-    model = make(n_layers=3, eval_segments=3).eval()
+    states (D per token each). Odd sizes: 3 Blocks (2 low, 1 high) or 4 (2 and 2), 2 x 3 cycles, 3 segments."""
+    model = make(n_layers=n_layers, eval_segments=3).eval()
     calls = []
     for block in [*model.low.blocks, *model.high.blocks]:
         block.register_forward_hook(lambda m, args, out: calls.append(out.shape[1]))
     with torch.no_grad():
         model(torch.randint(0, 7, (2, 5)))
-    assert len(calls) == (2 * 3 + 1) * 2 * 3 and model.state_size(5) == 2 * 16 * sum(calls) + 2 * 16 * 5
+    n_high = n_layers - n_low
+    assert len(calls) == (n_low * 3 + n_high) * 2 * 3 and model.state_size(5) == 2 * 16 * sum(calls) + 2 * 16 * 5
 
 
 def test_bad_config_raises():
@@ -183,3 +185,10 @@ def test_bad_config_raises():
         HRMConfig(n_layers=1)
     with pytest.raises(ValueError, match="gradient"):
         HRMConfig(gradient="full")
+    for bad in (dict(H_cycles=0), dict(L_cycles=0), dict(segments=0)):     # each count checked, and 1 allowed
+        with pytest.raises(ValueError):
+            HRMConfig(**bad)
+    assert make(H_cycles=1, L_cycles=1, segments=1)(torch.randint(0, 7, (1, 4))).shape == (1, 4, 7)
+    HRMConfig(d_model=6, n_heads=2, pos="none")       # head dim 3: odd is fine without RoPE (refused with it)
+    with pytest.raises(ValueError):
+        HRMConfig(d_model=6, n_heads=2, pos="rope")

@@ -29,6 +29,9 @@ def test_the_smallest_config_runs_and_smaller_ones_raise():
     for bad in (dict(n_mem=0), dict(segment_len=0), dict(bptt_depth=0)):
         with pytest.raises(ValueError):
             RMTConfig(**bad)
+    RMTConfig(d_model=6, n_heads=2, pos="none")       # head dim 3: odd is fine without RoPE (refused with it)
+    with pytest.raises(ValueError):
+        RMTConfig(d_model=6, n_heads=2, pos="rope")
 
 
 def test_forward_equals_segments_by_hand():
