@@ -123,7 +123,7 @@ def neural_memory_ref(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_
             grads = torch.autograd.grad(loss, ws, create_graph=True)
         if max_grad_norm is not None:
             norm2 = sum(g.pow(2).sum((-2, -1)) for g in grads)[..., None, None]          # (B, H, 1, 1)
-            grads = tuple(g * (max_grad_norm * norm2.clamp_min(1e-30).rsqrt()).clamp(max=1) for g in grads)
+            grads = tuple(g * max_grad_norm * norm2.clamp_min(max_grad_norm ** 2).rsqrt() for g in grads)
         th, et, al = (g[:, :, t, None, None] for g in (theta, eta, alpha))
         momentum = tuple(et * S - th * g for S, g in zip(momentum, grads))               # Eq. 10
         weights = tuple((1 - al) * W + S for W, S in zip(weights, momentum))             # Eq. 13
@@ -201,7 +201,9 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
         factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
         if max_grad_norm is not None:   # ||inp_j^T err_j||^2 = ||inp_j||^2 ||err_j||^2: no outer product is formed
             norm2 = sum(inp.pow(2).sum(-1) * err.pow(2).sum(-1) for inp, err in factors)[..., None]   # (B, H, C, 1)
-            scale = (max_grad_norm * norm2.clamp_min(1e-30).rsqrt()).clamp(max=1)   # no sqrt'(0) = inf at padding
+            # min(1, c / norm) as c / sqrt(max(norm^2, c^2)): rsqrt is never taken near 0 (padding has norm 0), where
+            # its derivative overflows to inf and 0 * inf = NaN (the first version, clamped at 1e-30, diverged so)
+            scale = max_grad_norm * norm2.clamp_min(max_grad_norm ** 2).rsqrt()
             factors = [(inp, err * scale) for inp, err in factors]
         starts.append((weights, momentum, factors))
         g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
