@@ -573,8 +573,9 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     the same folder has stored or is training); the others are left out."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
-    # On a GPU too: each worker's torch threads (its host work: batches, copies) share the cores with the others'
-    # (8 workers of 32 threads each on 32 cores made no run finish in 9 minutes on two H200s).
+    # On a GPU too: each worker's torch threads (its host work: batches, copies) share the cores with the others'.
+    # (On two H200s, with 8 workers of 32 threads on 32 cores and the second GPU's runs capturing on the first,
+    # no run finished in 9 minutes; this and `set_device` in run_one, fixed together, ran the preset in 7.)
     threads = cpu_threads(workers)
     pool = None
     if workers > 1:
