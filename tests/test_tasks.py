@@ -234,6 +234,9 @@ def test_impossible_options_raise_and_the_smallest_are_accepted():
         TASKS["copy"]().sample(0, 5)
     with pytest.raises(ValueError, match="piece"):
         next(TASKS["babilong"]().pieces(2, 40, 0))
+    for name in ("babilong", "flipflop"):    # a stream too short for the task names the task (it is one line to a user)
+        with pytest.raises(ValueError, match=f"^{name}.*too short"):
+            next(TASKS[name]().pieces(2, 1, 1))
     TASKS["mqar"](n_pairs=1, vocab_size=4).sample(1, 4)              # one key of [1, 2), one value of [2, 4)
     TASKS["recall"](vocab_size=16).sample(1, 7)
     TASKS["flipflop"](p_ignore=0.0).sample(1, 4)
