@@ -143,10 +143,11 @@ def segsum(x):
     return z.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=x.device).tril(), float("-inf"))
 
 
-def memory_gradients(weights, k, v):
+def memory_gradients(weights, k, v, max_grad_norm=None):
     """The gradient of l = ||M(k_j) - v_j||^2 for each token j, in factored form: for every weight W_l a pair
     (inp_l, err_l) of shapes (B, H, n, in_l) and (B, H, n, out_l) with grad_j W_l = inp_l[j]^T err_l[j].
-    Backpropagation written out, so that no per-token weight copy is ever made."""
+    Backpropagation written out, so that no per-token weight copy is ever made. With max_grad_norm = c, each
+    token's gradient (all weights together) is scaled to norm at most c."""
     xs, pres = [k], []
     for i, W in enumerate(weights):
         pres.append(xs[-1] @ W)
@@ -158,6 +159,12 @@ def memory_gradients(weights, k, v):
         if i > 0:
             s = torch.sigmoid(pres[i - 1])
             err = (err @ weights[i].transpose(-1, -2)) * s * (1 + pres[i - 1] * (1 - s))   # silu'(h)
+    if max_grad_norm is not None:   # ||inp_j^T err_j||^2 = ||inp_j||^2 ||err_j||^2: no outer product is formed
+        # min(1, c / norm) as c / sqrt(max(norm^2, c^2)): rsqrt is never taken near 0, where its derivative
+        # overflows in float32 and 0 * inf = NaN (a first version, c * rsqrt(max(norm^2, 1e-30)), diverged so)
+        norm2 = sum(inp.pow(2).sum(-1) * err.pow(2).sum(-1) for inp, err in factors)[..., None]   # (B, H, n, 1)
+        scale = max_grad_norm * norm2.clamp_min(max_grad_norm ** 2).rsqrt()
+        factors = [(inp, err * scale) for inp, err in factors]
     return factors[::-1]
 
 
@@ -198,13 +205,7 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     starts = []                                   # per chunk: its start state and its gradients' factors
     for c in range(n):                                                            # the only loop: over chunks
         last = C - 1 if c < n - 1 else (T - 1) % C
-        factors = memory_gradients(weights, k[:, :, c], v[:, :, c])
-        if max_grad_norm is not None:   # ||inp_j^T err_j||^2 = ||inp_j||^2 ||err_j||^2: no outer product is formed
-            norm2 = sum(inp.pow(2).sum(-1) * err.pow(2).sum(-1) for inp, err in factors)[..., None]   # (B, H, C, 1)
-            # min(1, c / norm) as c / sqrt(max(norm^2, c^2)): rsqrt is never taken near 0 (padding has norm 0), where
-            # its derivative overflows to inf and 0 * inf = NaN (the first version, clamped at 1e-30, diverged so)
-            scale = max_grad_norm * norm2.clamp_min(max_grad_norm ** 2).rsqrt()
-            factors = [(inp, err * scale) for inp, err in factors]
+        factors = memory_gradients(weights, k[:, :, c], v[:, :, c], max_grad_norm)
         starts.append((weights, momentum, factors))
         g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
         c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]           # theta_j a_last / a_j

@@ -113,7 +113,7 @@ def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
         {n: m[:200] for n, m in failures.items() if "NotImplementedError" not in m}
     for core_test in ["test_attention::test_core_equals_reference_and_loop[None-True-37]",
                       "test_ssm::test_scan_equals_reference[False-16-131]",
-                      "test_titans::test_dual_form_equals_token_loop[16-64-mlp]",
+                      "test_titans::test_dual_form_equals_token_loop[None-16-64-mlp]",
                       "test_rmt::test_segment_step_runs_the_blocks_on_2M_plus_s_positions_with_the_right_rope[5-rope]",
                       "test_hrm::test_each_update_reads_the_latest_states[one_step]",
                       "test_cores::test_core_does_not_call_its_reference_or_loop_over_time[ssm]"]:
