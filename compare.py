@@ -479,7 +479,8 @@ def best_runs(runs):
             rs = [r for r in by_lr[lr] if r["seed"] in sweep]
             if any(r.get("diverged_at") is not None for r in rs):
                 return -math.inf, -math.inf
-            return mean(r["val_token_acc"] for r in rs), -mean(r["val_loss"] for r in rs)
+            return mean(r["val_token_acc"] for r in rs), -mean(math.inf if r["val_loss"] is None else r["val_loss"]
+                                                                for r in rs)   # None: an overflowed loss, the worst
         best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
 
@@ -791,6 +792,11 @@ class Store:
                 self.mine[run_key(record)] = record
                 claims.pop(run_key(record), None)
             self.merge()
+            meta = results["meta"]
+            if "commands" in meta:   # the other commands' entries as on disk (they may be running too), ours as now
+                ours = {c["id"]: c for c in meta["commands"] if "id" in c}
+                disk = earlier_commands(self.path)
+                meta["commands"] = [ours.pop(c.get("id"), c) for c in disk] + list(ours.values())
             save_json(self.path, {**results, "runs": self.runs})
 
     def release(self):
@@ -914,8 +920,8 @@ def report(runs, meta, task_names, model_names):
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
              f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
              f"{meta.get('runs_reused', 0)} reused from earlier ones" + (
-                 f"; {len(trained)} commands trained these runs in {sum(c['wall_time_s'] for c in trained):.0f} s of "
-                 "wall time in all" if len(trained) > 1 else "")
+                 f"; {len(trained)} commands have trained runs into this file (since it was made or --fresh), in "
+                 f"{sum(c['wall_time_s'] for c in trained):.0f} s of wall time in all" if len(trained) > 1 else "")
              + f"; the runs' own times add up to {sum(r['wall_time_s'] for r in runs):.0f} s" + (
                  f"; the runs were made on: {'; '.join(made_on)}" if len(made_on) > 1 else ""), ""]
 
@@ -1497,7 +1503,8 @@ def main(argv=None):
     path = os.path.join(args.out, f"{args.preset}.json")
     store = Store(path, args.preset, args.fresh)
     results = {"meta": meta, "runs": store.runs}
-    this = dict(wall_time_s=0.0, runs_run=0, commit=meta["commit"], device_name=meta["device_name"])
+    this = dict(id=f"{os.getpid()}@{time.time():.0f}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
+                device_name=meta["device_name"])
     meta["commands"] = earlier_commands(path) + [this]   # this command's entry is kept up to date with each run
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not

@@ -19,7 +19,8 @@ taken by autograd: the spec that `neural_memory` is tested against.
 One addition to the paper: each token's inner gradient is clipped to norm `max_grad_norm` before it enters the
 momentum (as `max_grad_norm` in lucidrains/titans-pytorch). A step on the MLP memory's second layer is theta ||z||^2
 long, and z grows with the first layer's weights, so unclipped the inner loop can run away (the weights reached
-1e15 and the loss NaN at an outer lr of 1e-2); clipped, the memory moves at most T theta c / (1 - eta) in T tokens.
+1e15 and the loss NaN at an outer lr of 1e-2); clipped, without forgetting (alpha = 0) the memory moves at most
+T theta c / (1 - eta) in T tokens, and forgetting only pulls it back towards 0.
 
 Not included: the paper's persistent memory (Eq. 19), a few learnable, data-independent tokens prepended to
 every sequence (MAG runs both of its branches on them, Eq. 26), meant to hold task knowledge and to give
@@ -78,6 +79,8 @@ class TitansConfig:
             raise ValueError(f"memory must be 'linear' or 'mlp', not {self.memory!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:   # 0 makes 0/0, < 0 gradient ascent
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         self.attn = TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                                       n_heads=self.n_heads, mlp_ratio=self.mlp_ratio, pos=self.pos,
                                       window=self.window, causal=True)

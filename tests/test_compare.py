@@ -613,6 +613,22 @@ def test_a_stored_run_is_reused_only_while_what_defines_it_is_unchanged(tmp_path
     assert compare.run_key({k: v for k, v in spec.items() if k != "dial"}) == "ssm/recall/lr=0.003/seed=0"
 
 
+def test_commands_sharing_a_file_keep_each_others_times(tmp_path):
+    """Each command's entry in meta.commands is its own: two commands saving to one file in turns keep both
+    entries, each as its command last wrote it."""
+    path = str(tmp_path / "smoke.json")
+    a, b = compare.Store(path, "smoke", False), compare.Store(path, "smoke", False)
+    ours = {"a": dict(id="a", wall_time_s=1.0, runs_run=1), "b": dict(id="b", wall_time_s=2.0, runs_run=1)}
+    save = lambda store, who: store.save({"meta": dict(preset="smoke", commands=[dict(ours[who])]),  # noqa: E731
+                                          "runs": store.runs})
+    save(a, "a")
+    save(b, "b")
+    ours["a"].update(wall_time_s=5.0, runs_run=3)
+    save(a, "a")
+    commands = json.load(open(path))["meta"]["commands"]
+    assert [(c["id"], c["wall_time_s"], c["runs_run"]) for c in commands] == [("a", 5.0, 3), ("b", 2.0, 1)]
+
+
 def test_best_lr_is_chosen_on_the_sweep_seed_only():
     """A later seed at the chosen lr must not move the choice to another lr (where only seed 0 ran)."""
     run = lambda lr, seed, val, loss=1.0: dict(model="m", task="t", lr=lr, seed=seed, val_token_acc=val,  # noqa
@@ -622,6 +638,9 @@ def test_best_lr_is_chosen_on_the_sweep_seed_only():
     assert compare.best_runs(runs)[("m", "t")][0]["lr"] == 3e-3
     tie = [run(1e-3, 0, 1.0, loss=0.2), run(3e-3, 0, 1.0, loss=0.1)]
     assert compare.best_runs(tie)[("m", "t")][0]["lr"] == 3e-3
+    overflowed = [run(1e-3, 0, 1.0, loss=None), run(3e-3, 0, 1.0, loss=0.1)]   # a loss stored as null is the worst
+    assert compare.best_runs(overflowed)[("m", "t")][0]["lr"] == 3e-3
+    assert compare.best_runs(overflowed[::-1])[("m", "t")][0]["lr"] == 3e-3
 
 
 def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch):

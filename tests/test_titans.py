@@ -27,7 +27,7 @@ def inputs(T, memory, b=2, H=2, K=4, seed=GRADE_SEED):
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 @pytest.mark.parametrize("T", lengths([1, 13, 64]))
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
-@pytest.mark.parametrize("max_grad_norm", [None, 0.5])   # 0.5: most tokens' gradients here are clipped
+@pytest.mark.parametrize("max_grad_norm", [None, 3.0])   # 3: about half of the tokens' gradients here are clipped
 def test_dual_form_equals_token_loop(memory, T, chunk_size, max_grad_norm):
     args = inputs(T, memory)
     y, (W, S) = neural_memory(*args, chunk_size=chunk_size, max_grad_norm=max_grad_norm)
@@ -42,7 +42,7 @@ def test_dual_form_equals_token_loop(memory, T, chunk_size, max_grad_norm):
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
-@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5, 3.0])   # none clipped, all, about half
 def test_gradients_equal_token_loop(memory, max_grad_norm):
     """Gradients w.r.t. q, k, v, the three gates and the initial weights and momentum agree."""
     q, k, v, theta, eta, alpha, weights, momentum = inputs(13, memory)
@@ -104,6 +104,13 @@ def test_clipped_gradients_are_finite_in_float32_when_a_gradient_is_tiny():
     y, (W, S) = neural_memory(q, k, v, theta, eta, alpha, (W0,), chunk_size=4, max_grad_norm=0.5)
     grads = torch.autograd.grad(y.sum() + W[0].sum(), leaves)
     assert all(torch.isfinite(g).all() for g in grads), "titans.neural_memory: a non-finite gradient in float32"
+
+
+def test_bad_config_raises():
+    for bad in (dict(memory="deep"), dict(chunk_size=0), dict(max_grad_norm=0.0), dict(max_grad_norm=-1.0)):
+        with pytest.raises(ValueError):
+            TitansConfig(**bad)
+    TitansConfig(max_grad_norm=None)                                 # no clip at all is allowed
 
 
 def test_gradcheck():
