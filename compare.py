@@ -1503,7 +1503,7 @@ def main(argv=None):
     path = os.path.join(args.out, f"{args.preset}.json")
     store = Store(path, args.preset, args.fresh)
     results = {"meta": meta, "runs": store.runs}
-    this = dict(id=f"{os.getpid()}@{time.time():.0f}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
+    this = dict(id=f"{os.getpid()}@{time.time_ns()}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
                 device_name=meta["device_name"])
     meta["commands"] = earlier_commands(path) + [this]   # this command's entry is kept up to date with each run
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
