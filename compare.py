@@ -677,15 +677,17 @@ def run_problem(run):
 
 
 def load_runs(path, preset, fresh):
-    """The stored runs of `path`, checked; with fresh, the old file is kept under a new name and none are used.
-    A file that is not a results file of this preset stops the command with one line saying what to do."""
+    """The stored runs of `path`, checked, and the commands that trained them (meta.commands: each one's wall time,
+    runs, commit), so that a preset run in several resumed commands reports the time of them all. With fresh, the
+    old file is kept under a new name and none are used. A file that is not a results file of this preset stops
+    the command with one line saying what to do."""
     if not os.path.exists(path):
-        return {}
+        return {}, []
     if fresh:
         kept = path[:-len(".json")] + time.strftime(".%Y%m%d-%H%M%S.json")
         os.replace(path, kept)
         print(f"--fresh: the old runs are kept in {kept}")
-        return {}
+        return {}, []
 
     def stop(why):
         sys.exit(f"compare.py: error: {path} {why}; move it away, point --out at another folder, or run with --fresh "
@@ -706,18 +708,8 @@ def load_runs(path, preset, fresh):
         problem = run.get("protocol") == PROTOCOL and run_problem(run)
         if problem:
             stop(f"holds a run {key!r} that {problem}")
-    return runs
-
-
-def earlier_commands(path):
-    """The commands that trained the runs stored in `path` before this one (their wall times, runs, commit), so that
-    a preset run in several resumed commands reports the time of them all; [] when there is none."""
-    try:
-        with open(path) as f:
-            commands = json.load(f)["meta"]["commands"]
-        return [c for c in commands if isinstance(c, dict) and type(c.get("wall_time_s")) in (int, float)]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    commands = meta.get("commands") if isinstance(meta.get("commands"), list) else []
+    return runs, [c for c in commands if isinstance(c, dict) and type(c.get("wall_time_s")) in (int, float)]
 
 
 def alive(pid):
@@ -743,7 +735,7 @@ class Store:
     def __init__(self, path, preset, fresh):
         self.path, self.preset, self.mine = path, preset, {}    # mine: the runs this command trained
         with self.locked():
-            self.runs = load_runs(path, preset, fresh)          # run_key -> record: the disk's, then ours
+            self.runs, self.commands = load_runs(path, preset, fresh)   # run_key -> record; the commands on disk
 
     @contextlib.contextmanager
     def locked(self):
@@ -762,8 +754,8 @@ class Store:
             json.dump(claims, lock)
 
     def merge(self):
-        """(Under the lock.) The runs on disk, and over them the runs this command trained."""
-        disk = load_runs(self.path, self.preset, fresh=False)
+        """(Under the lock.) The runs on disk, and over them the runs this command trained; the commands on disk."""
+        disk, self.commands = load_runs(self.path, self.preset, fresh=False)
         self.runs.clear()
         self.runs.update({**disk, **self.mine})
 
@@ -795,8 +787,7 @@ class Store:
             meta = results["meta"]
             if "commands" in meta:   # the other commands' entries as on disk (they may be running too), ours as now
                 ours = {c["id"]: c for c in meta["commands"] if "id" in c}
-                disk = earlier_commands(self.path)
-                meta["commands"] = [ours.pop(c.get("id"), c) for c in disk] + list(ours.values())
+                meta["commands"] = [ours.pop(c.get("id"), c) for c in self.commands] + list(ours.values())
             save_json(self.path, {**results, "runs": self.runs})
 
     def release(self):
@@ -1505,7 +1496,7 @@ def main(argv=None):
     results = {"meta": meta, "runs": store.runs}
     this = dict(id=f"{os.getpid()}@{time.time_ns()}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
                 device_name=meta["device_name"])
-    meta["commands"] = earlier_commands(path) + [this]   # this command's entry is kept up to date with each run
+    meta["commands"] = store.commands + [this]   # this command's entry is kept up to date with each run
     # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
     # graphed, and the host work.

@@ -220,7 +220,7 @@ def stored_run(**changes):
 def test_a_stored_run_with_a_field_of_the_wrong_type_or_range_is_refused(tmp_path, changes, message):
     key = "attention/copy/lr=0.003/seed=0"
     (tmp_path / "smoke.json").write_text(json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run()}}))
-    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)        # the run as made is fine
+    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)[0]     # the run as made is fine
     content = json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run(**changes)}})
     (tmp_path / "smoke.json").write_text(content)
     with pytest.raises(SystemExit) as exit:
@@ -230,7 +230,7 @@ def test_a_stored_run_with_a_field_of_the_wrong_type_or_range_is_refused(tmp_pat
     assert (tmp_path / "smoke.json").read_text() == content                         # left as it was
     old = json.dumps({"meta": {"preset": "smoke"}, "runs": {key: stored_run(**changes, protocol=1)}})
     (tmp_path / "smoke.json").write_text(old)                                        # another protocol: run again
-    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)
+    assert compare.load_runs(str(tmp_path / "smoke.json"), "smoke", False)[0]
 
 
 def test_workers_are_capped_at_the_cores_and_workers_times_threads_never_exceeds_them(tmp_path, monkeypatch, capsys):
@@ -401,6 +401,16 @@ class CopyOracle(nn.Module):
             for t in range(sep, T):
                 logits[b, t, x[b, 1 + t - sep]] = 1.0
         return logits
+
+
+def test_evaluate_stores_an_overflowed_loss_as_null():
+    """A model whose logits overflow has no loss to report: null, which strict JSON can hold (NaN it cannot)."""
+    task = tasks.FlipFlop()
+    overflowing = lambda x: torch.full((*x.shape, task.vocab_size), float("nan"))  # noqa: E731
+    overflowing.eval = overflowing.to = lambda *a, **k: overflowing
+    m = compare.evaluate(overflowing, task, 16, n_examples=4)
+    assert m["loss"] is None and 0 <= m["token_acc"] <= 1
+    json.dumps(m, allow_nan=False)
 
 
 def test_evaluate_scores_a_perfect_copier_perfectly():
