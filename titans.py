@@ -275,15 +275,18 @@ class NeuralMemory(nn.Module):
         tail = qkv[:, T:].clone()                               # a copy: a view would keep all of qkv
         qkv = F.silu(self.conv(qkv.transpose(1, 2)).transpose(1, 2))                     # causal conv
         q, k, v = qkv.view(B, T, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)        # 3 x (B, H, T, K)
-        theta, eta, alpha = torch.sigmoid(self.gates(x)).view(B, T, 3, c.n_heads).permute(2, 0, 3, 1)
         f32 = torch.promote_types(x.dtype, torch.float32)
+        # The gates in f32 and held off 0 and 1: the core takes log(1 - alpha) and log(eta), which are -inf where
+        # a sigmoid has saturated (in bf16 alpha rounds to 1 from a logit of about 6 on), and the -inf made every
+        # gradient NaN: that, not the inner loop, is how Titans diverged at the higher learning rates.
+        gates = torch.sigmoid(self.gates(x).to(f32)).clamp(1e-6, 1 - 1e-6)
+        theta, eta, alpha = gates.view(B, T, 3, c.n_heads).permute(2, 0, 3, 1)
         with torch.autocast(x.device.type, enabled=False):                               # memory maths in f32
             q, k, v = F.normalize(q.to(f32), dim=-1), F.normalize(k.to(f32), dim=-1), v.to(f32)
             if weights is None:
                 weights = tuple(W.to(f32).expand(B, *W.shape) for W in self.memory_init)
-            y, (weights, momentum) = neural_memory(q, k, v, c.theta_max * theta.to(f32), eta.to(f32),
-                                                   alpha.to(f32), weights, momentum, chunk_size=c.chunk_size,
-                                                   max_grad_norm=c.max_grad_norm)
+            y, (weights, momentum) = neural_memory(q, k, v, c.theta_max * theta, eta, alpha, weights, momentum,
+                                                   chunk_size=c.chunk_size, max_grad_norm=c.max_grad_norm)
         y = self.norm(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
         return self.proj(y * F.silu(self.out_gate(x))), (tail, weights, momentum)
 

@@ -8,7 +8,7 @@ import compare
 import tasks
 from conftest import GRADE_SEED, close, lengths
 from attention import apply_rotary, attention_ref, rotary
-from titans import Titans, TitansConfig, neural_memory, neural_memory_ref
+from titans import NeuralMemory, Titans, TitansConfig, neural_memory, neural_memory_ref
 
 
 def inputs(T, memory, b=2, H=2, K=4, seed=GRADE_SEED):
@@ -106,6 +106,24 @@ def test_clipped_gradients_are_finite_in_float32_when_a_gradient_is_tiny():
     assert all(torch.isfinite(g).all() for g in grads), "titans.neural_memory: a non-finite gradient in float32"
 
 
+@pytest.mark.parametrize("gate, logit, bf16", [("alpha", 30.0, False), ("eta", -120.0, False), ("alpha", 8.0, True)])
+def test_saturated_gates_keep_the_gradients_finite(gate, logit, bf16):
+    """A gate's sigmoid rounds to exactly 1 (alpha) or 0 (eta) at a large enough logit: from about 17 in float32, from
+    about 6 in bf16 under autocast. The core takes log(1 - alpha) and log(eta), so an unbounded gate makes them -inf
+    and every gradient of the model NaN (how Titans diverged at the higher learning rates on a GPU)."""
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(vocab_size=7, d_model=16, n_layers=1, n_heads=2, chunk_size=4, window=4))
+    H = model.config.n_heads
+    with torch.no_grad():
+        for mem in (m for m in model.modules() if isinstance(m, NeuralMemory)):
+            mem.gates.bias[(H if gate == "eta" else 2 * H):][:H] = logit
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(torch.randint(0, 7, (2, 10)))
+    logits.float().sum().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"titans: {gate} at logit {logit}{' (bf16)' if bf16 else ''} gives non-finite gradients in {bad}"
+
+
 def test_bad_config_raises():
     for bad in (dict(memory="deep"), dict(chunk_size=0), dict(max_grad_norm=0.0), dict(max_grad_norm=-1.0)):
         with pytest.raises(ValueError):
@@ -197,7 +215,7 @@ def titans_by_hand(model, tokens):
         qkv, tail = causal_conv(h @ mem.qkv.weight.T, mem.conv)
         q, k, v = (heads(a) for a in F.silu(qkv).split(D, dim=-1))
         q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
-        gates = torch.sigmoid(h @ mem.gates.weight.T + mem.gates.bias)          # (B, T, 3H)
+        gates = torch.sigmoid(h @ mem.gates.weight.T + mem.gates.bias).clamp(1e-6, 1 - 1e-6)   # (B, T, 3H)
         theta, eta, alpha = (g.transpose(1, 2) for g in gates.split(H, dim=-1))
         weights = tuple(W.expand(B, *W.shape) for W in mem.memory_init)
         read, (Ws, Ss) = neural_memory_ref(q, k, v, c.theta_max * theta, eta, alpha, weights, chunk_size=c.chunk_size,
