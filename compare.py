@@ -64,7 +64,7 @@ import tasks
 import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PROTOCOL = 6   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+PROTOCOL = 7   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
                # (6: Titans' clip without a NaN in its backward; 5: the clip, the conv's init, the 4-rate grid)
 # On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
 # cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
@@ -415,8 +415,9 @@ def spec_hash(spec):
 
 
 def make_specs(args, phase="lr sweep", lr_by_cell=None):
-    """The runs of one phase: the lr sweep on the first seed; then, at each cell's chosen lr, the other seeds
-    (on the task's `seeded` models, the headline cells) and the dial (other state sizes, first seed).
+    """The runs of one phase: the lr sweep on the first seed, of each cell and of each of the dial's other state
+    sizes (a size of its own may want another rate: more memory slots are more to train); then, at each cell's
+    chosen lr, the other seeds (on the task's `seeded` models, the headline cells).
     --scale's runs also keep their trained weights, which it reads the long streams with."""
     preset = PRESETS[args.preset]
     seeds = args.seeds or preset["seeds"]
@@ -434,13 +435,12 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
             if b.segments:
                 base["test_segments"] = b.segments
             if phase == "lr sweep":
-                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in args.lrs or preset["lrs"]]
+                lrs = args.lrs or preset["lrs"]
+                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
+                specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
+                          for option, values in b.dial.get(m, {}).items() for v in values for lr in lrs]
             elif phase == "seeds" and (args.chosen_models or m in b.seeded):
                 specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[1:]]
-            elif phase == "dial":
-                for option, values in b.dial.get(m, {}).items():
-                    specs += [dict(base, lr=lr_by_cell[(m, t)], seed=seeds[0], dial={option: v},
-                                   model_options={**options, option: v}) for v in values]
     if args.scale:   # weights named by all that defines the run: other settings never read them
         specs = [dict(s, out=args.out, weights=f"scale_weights/{s['model']}_{s['task']}_{spec_hash(s)}.pt")
                  for s in specs]
@@ -464,14 +464,20 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def best_runs(runs):
+def dial_cell(run):
+    """The cell of a run: (model, task), and for a run of the dial's other state sizes (model, task, size)."""
+    return (run["model"], run["task"]) + ((tuple(run["dial"].items()),) if run.get("dial") else ())
+
+
+def best_runs(runs, dial=False):
     """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
     lr): best mean validation accuracy, ties broken by the lower validation loss; an lr where a sweep run
-    diverged is chosen only if every lr did. Seeds added later at that lr never change the choice."""
+    diverged is chosen only if every lr did. Seeds added later at that lr never change the choice.
+    dial=True: the same choice among the dial's runs, for each (model, task, size) of its own."""
     by_cell = {}
     for r in runs:
-        if not r.get("dial"):         # the dial's extra state sizes are not cells of the table
-            by_cell.setdefault((r["model"], r["task"]), {}).setdefault(r["lr"], []).append(r)
+        if bool(r.get("dial")) == dial:   # the dial's extra state sizes are not cells of the table
+            by_cell.setdefault(dial_cell(r), {}).setdefault(r["lr"], []).append(r)
     best = {}
     for cell, by_lr in by_cell.items():
         sweep = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
@@ -570,7 +576,7 @@ def worker_start(parent):
 def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
     """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes, each run on
     the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
-    unlocks (a cell's seeds and dial once its lr sweep is done), which join the queue at once: no phase waits
+    unlocks (a cell's other seeds once its lr sweep is done), which join the queue at once: no phase waits
     for the one before. A run starts only if claim(spec) says so (`Store.claim`: not one that another command on
     the same folder has stored or is training); the others are left out."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
@@ -936,8 +942,8 @@ def report(runs, meta, task_names, model_names):
                          for t in sequence_tasks]), ""]
     for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
         points = [(m, "default", rs) for m, rs in cells[t]] + [
-            (r["model"], ", ".join(f"{k}={v}" for k, v in r["dial"].items()), [r])
-            for r in runs if r.get("dial") and r["task"] == t and r["model"] in model_names]
+            (m, ", ".join(f"{k}={v}" for k, v in size) + f" (lr {rs[0]['lr']:g})", rs)
+            for (m, task, size), rs in best_runs(runs, dial=True).items() if task == t and m in model_names]
 
         def state(rs):   # the state floats at the largest content
             return rs[0]["state_size"][str(first[t]["test"][-1])]
@@ -1507,23 +1513,23 @@ def main(argv=None):
     print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s){capped}; runs are "
           f"saved in {path}")
 
-    # The lr sweep of every cell first; a cell's other seeds and dial (its follow-ups) once its sweep is complete.
+    # The lr sweep of every cell (and of every dial size) first; a cell's other seeds once its sweep is complete.
     sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], 0
     for s in make_specs(args):
-        sweeps.setdefault((s["model"], s["task"]), []).append(s)
+        sweeps.setdefault(dial_cell(s), []).append(s)
 
     def done(spec):
         return same_spec(results["runs"].get(run_key(spec)), spec)
 
-    def follow_ups(cell, lr):
-        return [s for phase in ("seeds", "dial") for s in make_specs(args, phase, {cell: lr})]
+    def follow_ups(cell, lr):   # a dial size's cell has none: it runs on the first seed only
+        return make_specs(args, "seeds", {cell: lr})
 
     def owed_follow_ups(cell):
         """Once every run of the cell's sweep is stored: its follow-ups at the lr the sweep chose; [] before, and
         [] when every lr diverged."""
         if not all(map(done, sweeps[cell])):
             return []
-        chosen = best_runs([results["runs"][run_key(s)] for s in sweeps[cell]])[cell][0]
+        chosen = best_runs([results["runs"][run_key(s)] for s in sweeps[cell]], dial=len(cell) == 3)[cell][0]
         return [] if chosen.get("diverged_at") is not None else follow_ups(cell, chosen["lr"])
 
     def owed():

@@ -47,7 +47,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert len(runs["attention/babilong/lr=0.003/seed=0"]["metrics"]["32"]["by_depth"]) == 4
     text = (tmp_path / "smoke.md").read_text()
     assert "| attention |" in text and "copy@" in text and "| hrm | 3x3 |" in text
-    assert "## The dial on recall" in text and "| ssm | d_state=4 |" in text and "## BABILong" in text
+    assert "## The dial on recall" in text and "| ssm | d_state=4 (lr 0.003) |" in text and "## BABILong" in text
     assert (tmp_path / "smoke_segments.png").exists() == (compare.pyplot() is not None)
 
 
@@ -714,15 +714,19 @@ def test_mean_is_over_the_numbers_only():
 
 
 def test_the_lr_choice_and_its_edges_leave_the_dial_out():
-    """The dial's extra state sizes run at the chosen lr and are not cells: a dial run with a better score at another
-    lr neither moves the choice nor counts in its cell's runs, nor widens the grid whose edges are marked. The
-    choice is the best score, whichever end of the grid it is at; a grid of one lr has no edge to mark."""
+    """The dial's extra state sizes are not cells of the table: a dial run with a better score at another lr
+    neither moves the choice nor counts in its cell's runs, nor widens the grid whose edges are marked. Each dial
+    size gets its own choice among its own runs. The choice is the best score, whichever end of the grid it is
+    at; a grid of one lr has no edge to mark."""
     run = lambda lr, val, seed=0, **kw: dict(model="m", task="t", lr=lr, seed=seed, val_token_acc=val,  # noqa: E731
                                              val_loss=1.0, **kw)
     runs = [run(1e-3, 0.9), run(3e-3, 0.5), run(1e-2, 0.4), run(1e-2, 1.0, dial={"n_mem": 2}),
-            run(1e-4, 1.0, dial={"n_mem": 2})]
+            run(1e-4, 0.7, dial={"n_mem": 2}), run(1e-4, 0.8, dial={"n_mem": 8}), run(1e-2, 0.2, dial={"n_mem": 8})]
     best = compare.best_runs(runs)
     assert list(best) == [("m", "t")] and [(r["lr"], r.get("dial")) for r in best["m", "t"]] == [(1e-3, None)]
+    dial = compare.best_runs(runs, dial=True)
+    assert {cell: [r["lr"] for r in rs] for cell, rs in dial.items()} == {
+        ("m", "t", (("n_mem", 2),)): [1e-2], ("m", "t", (("n_mem", 8),)): [1e-4]}
     assert compare.edge_cells(runs, best) == {("m", "t")}            # the smallest of its grid, not the dial's
     runs[0]["val_token_acc"] = 0.3
     best = compare.best_runs(runs)
@@ -748,8 +752,9 @@ def test_bench_records_cost_and_state_against_length(tmp_path):
 
 @pytest.mark.slow
 def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, monkeypatch):
-    """Interrupted after a cell's lr sweep finished but before its extra seed and dial ran: the restart runs
-    exactly those two, at the chosen lr, and the same command with the same seeds gives the same numbers."""
+    """Interrupted after a cell's lr sweep finished but before its extra seed and the dial's sweep ran: the restart
+    runs exactly those (the seed at the chosen lr, the dial size at every lr), and the same command with the same
+    seeds gives the same numbers."""
     argv = ["--preset", "smoke", "--models", "ssm", "--tasks", "recall", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
             "--steps", "3", "--workers", "1", "--out", str(tmp_path)]
     real, calls = compare.run_one, []
@@ -767,7 +772,8 @@ def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, mon
     monkeypatch.setattr(compare, "run_one", lambda spec: calls.append(compare.run_key(spec)) or real(spec))
     assert compare.main(argv) == 0
     lr = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())[("ssm", "recall")][0]["lr"]
-    assert sorted(calls) == sorted([f"ssm/recall/lr={lr:g}/seed=1", f"ssm[d_state=4]/recall/lr={lr:g}/seed=0"])
+    assert sorted(calls) == sorted([f"ssm/recall/lr={lr:g}/seed=1", "ssm[d_state=4]/recall/lr=0.001/seed=0",
+                                    "ssm[d_state=4]/recall/lr=0.003/seed=0"])
 
     first = json.load(open(tmp_path / "smoke.json"))["runs"]
     assert compare.main(argv + ["--fresh", "--out", str(tmp_path / "again")]) == 0
