@@ -92,9 +92,12 @@ def all_logits(model, x):
 
 
 @functools.cache
-def side_stream(device):
-    """One side stream per GPU for the warm-ups before a capture: cuBLAS gives every stream it runs on a workspace
-    of its own, kept until the process ends, so a new stream per capture would hold more and more memory."""
+def side_stream(device, use="warm-up"):
+    """One side stream per GPU for each use, the warm-ups before a capture and the captures: cuBLAS gives every
+    stream it runs on a workspace of its own, kept until the process ends, so a new stream per capture would hold
+    more and more memory. The captures need their own too: torch.cuda.graph's default capture stream is made
+    once per process, on whichever GPU is current then, so a worker that moved to another GPU captured on the
+    first GPU's stream while its kernels went to its own GPU's default stream, which CUDA refuses mid-capture."""
     return torch.cuda.Stream(device)
 
 
@@ -152,7 +155,7 @@ class StepGraphs:
                         v.zero_()
         self.opt.zero_grad(set_to_none=True)                    # the graph's backward makes its own gradients
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side_stream(device, "capture")):
             loss = self.step(static_x, static_y)
         self.graphs[x.shape] = (graph, static_x, static_y, loss)
 

@@ -560,6 +560,21 @@ def test_cuda_graph_training_learns_what_the_eager_loop_learns(name, task_name):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)   # Adam moves a weight ~lr a step, whatever the gradient
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_one_process_trains_with_graphs_on_one_gpu_then_another():
+    """A worker process runs one run on cuda:0, the next on cuda:1 (run_one makes the run's GPU current). The
+    captures must happen on the current GPU: torch.cuda.graph's default capture stream, made at the first
+    capture, belongs to cuda:0, and a capture on it failed with "operation not permitted when stream is
+    capturing" (the full preset on two H200s stopped so)."""
+    task = tasks.FlipFlop()
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(device)
+        torch.manual_seed(0)
+        model = compare.build_model("rmt", task.vocab_size, d_model=32, n_layers=2)
+        losses = compare.train(model, task, steps=6, batch_size=8, lr=3e-3, train_lengths=[20, 40], device=device)
+        assert len(losses) == 6 and all(map(math.isfinite, losses)), device
+
+
 def test_a_diverged_run_stops_at_its_first_non_finite_loss():
     """Losses stay on the device and are read in blocks; a non-finite one ends the list there."""
     torch.manual_seed(0)
