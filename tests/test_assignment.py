@@ -174,16 +174,118 @@ def test_student_readme_has_no_instructor_notes_and_no_dead_links(tmp_path):
         assert "://" in target or (dest / target).exists(), f"the student README links {target}, not shipped"
 
 
-def test_grade_parses_seeds_and_finds_changes_outside_the_cores():
+def test_grade_parses_seeds():
     assert grade.seeds("0-3,7") == [0, 1, 2, 3, 7] and grade.seeds("12") == [12]
+
+
+def solution(module):
+    """The original core of a file, as the lines between its markers."""
+    lines = source(module).splitlines(keepends=True)
+    return ["".join(lines[a + 1:b]) for a, b, _ in ma.regions(lines, module)]
+
+
+def submit(module, body, helpers="", before="", core=None):
+    """The hand-out of a file with its (one) core written as `body` (indented like the marker), `helpers` put
+    after the imports' block and `before` at the very top."""
+    text = ma.blank(source(module), module)
+    raise_line = next(line for line in text.splitlines(keepends=True) if "raise NotImplementedError" in line)
+    text = text.replace(raise_line, body)
+    anchor = "\n\n\n" + text.split("\n\n\n")[2]                       # after the imports
+    return before + text.replace(anchor, "\n\n\n" + helpers + anchor, 1)
+
+
+# Correct solutions in other styles than the original's: a module helper with locals i and j (names the original
+# file also uses), a __future__ import, an annotated module constant, a helper method added to the class, and
+# HRM's update with its two arguments the other way round (the module adds them).
+STYLES = {
+    "attention": submit("attention", "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed("
+                        "q.shape[-2], causal, window, q.device))\n",
+                        helpers="def _allowed(T, causal, window, device):\n    i = torch.arange(T, device=device)"
+                        "[:, None]\n    j = torch.arange(T, device=device)[None, :]\n    ok = (j <= i) | (not causal)\n"
+                        "    return ok if window is None else ok & ((i - j).abs() < window)\n\n\n",
+                        before="from __future__ import annotations\n\n"),
+    "ssm": submit("ssm", solution("ssm")[0].replace("min(chunk_size, T)", "max(_SMALLEST_CHUNK, min(chunk_size, T))"),
+                  helpers="_SMALLEST_CHUNK: int = 1   # a chunk has at least one step\n\n\n"),
+    "rmt": submit("rmt", solution("rmt")[0].replace(
+        "x = torch.cat([memory + self.read_emb, self.embed(tokens), memory + self.write_emb], dim=1)",
+        "x = self._slots(tokens, memory)")).replace(
+        "    def segment_step(", "    def _slots(self, tokens, memory):\n        return torch.cat([memory + "
+        "self.read_emb, self.embed(tokens), memory + self.write_emb], dim=1)\n\n    def segment_step(", 1),
+    "titans": submit("titans", solution("titans")[0]),
+    "hrm": submit("hrm", solution("hrm")[0].replace("self.low(z_L, z_H + x, rope)", "self.low(z_H + x, z_L, rope)")),
+}
+
+
+def test_splice_carries_every_helper_and_keeps_the_rest_ours():
+    """What a submission added or changed is graded as written, whatever its local names; what it left as
+    handed out is this repository's; a blank left blank stays blank (never our solution)."""
+    carried = {module: grade.splice(source(module), text, module) for module, text in STYLES.items()}
+    assert carried["attention"][1] == ["`from __future__ import annotations`", "_allowed"]
+    assert carried["attention"][0].count("from __future__") == 1
+    assert carried["attention"][0].startswith('"""') and "\ndef _allowed(T, causal, window, device):\n    i = " \
+        in carried["attention"][0]
+    assert carried["ssm"][1] == ["_SMALLEST_CHUNK"] and "_SMALLEST_CHUNK: int = 1" in carried["ssm"][0]
+    assert carried["rmt"][1] == ["RMT._slots"] and "    def _slots(self, tokens, memory):" in carried["rmt"][0]
+    assert carried["hrm"][1] == [] and "self.low(z_H + x, z_L, rope)" in carried["hrm"][0]
+    for module in ma.MODULES:
+        original, handout = source(module), ma.blank(source(module), module)
+        assert grade.splice(original, original, module) == (original, [])
+        assert grade.splice(original, handout, module) == (handout, [])     # nothing written: nothing filled in
     original = source("ssm")
-    handout = ma.blank(original, "ssm")
-    assert grade.changes_outside_cores(original, handout, "ssm") == []
-    written = handout.replace('raise NotImplementedError("ssm.ssd_scan: see the docstring")', "return x, None")
-    assert grade.changes_outside_cores(original, written, "ssm") == []
-    tampered = written.replace("ys.append(torch.einsum(", "ys.append(0 * torch.einsum(")
-    assert len(grade.changes_outside_cores(original, tampered, "ssm")) == 1
-    helper = "\n\ndef helper(x):\n    return x\n"
-    graded = grade.splice(original, tampered + helper, "ssm")      # ours but the core, and the new helper
-    assert "return x, None" in graded and "0 * torch.einsum(" not in graded and graded.endswith(helper)
-    assert grade.splice(original, original, "ssm") == original
+    tampered = ma.blank(original, "ssm").replace("ys.append(torch.einsum(", "ys.append(0 * torch.einsum(")
+    text, carried = grade.splice(original, tampered, "ssm")
+    assert carried == ["ssd_scan_ref"] and "0 * torch.einsum(" in text      # a change is graded, and named
+
+
+def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
+    ma.make_assignment(tmp_path / "s")
+    (tmp_path / "s" / "rmt.py").write_text(ma.blank(source("rmt"), "rmt").replace("c = self.config\n", "c = (\n", 1))
+    run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp_path / "s")],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "rmt.py cannot be graded (line " in run.stderr, \
+        run.stderr
+
+
+def isolated(tmp_path, graded, seed=3):
+    """The grader's checks of a submission, which run it in a child process and compare here."""
+    _, sealed = grade.copies({m: graded.get(m, source(m)) for m in ma.MODULES}, tmp_path)
+    return grade.isolated(sealed, seed, first=True)
+
+
+def test_correct_styles_pass_the_isolated_checks(tmp_path):
+    graded = {module: grade.splice(source(module), text, module)[0] for module, text in STYLES.items()}
+    assert isolated(tmp_path, graded) == []
+
+
+CHEAT = """    import sys
+    def passes(*args, **kwargs):
+        return True
+    torch.testing.assert_close = torch.autograd.gradcheck = passes
+    for name, module in list(sys.modules.items()):
+        if name == "conftest" or name.startswith("test_"):
+            module.close = passes
+    F.scaled_dot_product_attention(q, k, v)
+    return torch.zeros_like(q)
+"""
+
+
+def test_a_submission_that_patches_the_checks_and_returns_zeros_fails(tmp_path):
+    """It patches torch.testing.assert_close, gradcheck and the tests' `close`: the tests pass in its process, but the
+    grader compares its outputs with the reference in a process of its own."""
+    ma.make_assignment(tmp_path / "s")
+    (tmp_path / "s" / "attention.py").write_text(submit("attention", CHEAT))
+    for module in ("ssm", "rmt", "titans", "hrm"):
+        (tmp_path / "s" / f"{module}.py").write_text(source(module))
+    run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp_path / "s"),
+                          "--seeds", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "ISOLATED attention.attention(T=1" in run.stdout, run.stdout[-2000:]
+    assert "0 of 1 seeds passed" in run.stdout
+
+
+def test_calling_the_reference_in_any_spelling_fails(tmp_path):
+    """An alias of attention_ref made at import, plus a dummy SDPA call: the reference raises in the child."""
+    alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n    return _fast(q, k, v, causal, window)\n")
+    alias = alias.replace("\n\n\n# ---", "\n\n\n_fast = attention_ref\n\n\n# ---", 2)
+    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), alias, "attention")[0]})
+    assert failures and all("attention_ref is the reference loop" in f for f in failures
+                            if f.startswith("attention.attention(")), failures[:3]
