@@ -31,28 +31,27 @@ def test_segment_calls_L_and_H_in_order_and_only_the_last_updates_on_the_graph(g
 
 @pytest.mark.parametrize("gradient", ["one_step", "last_cycle"])
 def test_each_update_reads_the_latest_states(gradient):
-    """Recorded at every call of L and H: an L update gets the latest z_L and the injection z_H + x, an H update
-    the latest z_H and the injection z_L; the logits are head(z_H) and the carry is the last z_H, z_L."""
+    """Checked by the values each update computes, recorded at every call of L and H: an L update gives
+    f_L(latest z_L, latest z_H + x), an H update f_H(latest z_H, latest z_L) (any way of passing them that gives
+    these values is right: the module adds its two arguments); the logits are head(z_H) and the carry is the last
+    z_H, z_L."""
     model = make(gradient)
     tokens = torch.randint(0, 7, (2, 5))
     x, rope, z_H, z_L = model.start(tokens)
     calls = []
-    def record(name, args, kwargs, out):                # positional or keyword: forward(z, injection, rope)
-        given = dict(zip(["z", "injection", "rope"], args), **kwargs)
-        calls.append((name, given["z"], given["injection"], out))
-    for name in ("L", "H"):
-        getattr(model, MODULE[name]).register_forward_hook(
-            lambda m, args, kwargs, out, name=name: record(name, args, kwargs, out), with_kwargs=True)
+    hooks = [getattr(model, MODULE[name]).register_forward_hook(lambda m, args, out, name=name: calls.append((name, out)))
+             for name in ("L", "H")]
     logits, carry_H, carry_L = model.segment(x, z_H, z_L, rope)
+    for hook in hooks:
+        hook.remove()
     state = {"H": z_H, "L": z_L}
-    for i, (name, z, injection, out) in enumerate(calls):
-        what = f"hrm.HRM.segment, update {i + 1} of {len(calls)} ({name})"
-        close(z, state[name], f"{what}: the state it updates (should be the latest z_{name})", "BTD", rtol=0,
-              atol=1e-12)
-        want = state["H"] + x if name == "L" else state["L"]
-        close(injection, want, f"{what}: its injection (should be {'z_H + x' if name == 'L' else 'z_L'})", "BTD",
-              rtol=0, atol=1e-12)
-        state[name] = out
+    with torch.no_grad():
+        for i, (name, out) in enumerate(calls):
+            want = model.low(state["L"], state["H"] + x, rope) if name == "L" else model.high(state["H"], state["L"], rope)
+            close(out, want, f"hrm.HRM.segment, update {i + 1} of {len(calls)} ({name}): its new z_{name} (should be "
+                  f"{'f_L(z_L + z_H + x)' if name == 'L' else 'f_H(z_H + z_L)'} of the latest states)", "BTD",
+                  rtol=0, atol=1e-12)
+            state[name] = out
     close(logits, model.head(state["H"]), "hrm.HRM.segment: the logits (should be head(z_H))", "BTV", rtol=0,
           atol=1e-12)
     close(carry_H, state["H"], "hrm.HRM.segment: the z_H it returns", "BTD", rtol=0, atol=0)
