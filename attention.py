@@ -55,21 +55,12 @@ class TransformerConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reference: softmax(q k^T / sqrt(K) + mask) v, written out (Vaswani et al. Eq. 1)
+# Reference: softmax(q_i k^T / sqrt(K)) v over the keys query i may see, one query at a time (Vaswani et al. Eq. 1)
 # ---------------------------------------------------------------------------------------------------------
 
-def attention_mask(T, causal=True, window=None, device=None):
-    """Boolean (T, T) mask, True where query i may attend to key j."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    allowed = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool, device=device)
-    if window is not None:
-        allowed = allowed & ((i - j) < window) & ((j - i) < window)
-    return allowed
-
-
 def attention_ref(q, k, v, causal=True, window=None):
-    """Scaled dot-product attention with the softmax written by hand: the spec `attention` is tested against.
+    """Scaled dot-product attention one query at a time, over the keys it may see, the softmax written by hand: the
+    spec `attention` is tested against. (Loop over queries, so the mask, the point of `attention`, is not handed out.)
 
     Args:
         q, k, v: (B, H, T, K)
@@ -79,9 +70,13 @@ def attention_ref(q, k, v, causal=True, window=None):
         (B, H, T, K)
     """
     T, K = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(K)                 # (B, H, T, T)
-    scores = scores.masked_fill(~attention_mask(T, causal, window, q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v                        # every row has >= 1 key: itself
+    out = []
+    for i in range(T):                                              # keys first..last-1: never empty, i is in
+        first = 0 if window is None else max(0, i - window + 1)
+        last = i + 1 if causal else T if window is None else min(T, i + window)
+        scores = q[..., i:i + 1, :] @ k[..., first:last, :].transpose(-2, -1) / math.sqrt(K)   # (B, H, 1, keys)
+        out.append(torch.softmax(scores, dim=-1) @ v[..., first:last, :])
+    return torch.cat(out, dim=-2)
 
 
 # ---------------------------------------------------------------------------------------------------------
