@@ -4,14 +4,15 @@ Grade a submission with this repository's tests, the grader-only oracles include
     python tests/grade.py SUBMISSION [--seeds 1234]   # SUBMISSION: a student's copy; its five model files are graded
     python tests/grade.py --seeds 0-199               # no submission: the original solutions, seed after seed
 
-It writes a fresh copy of this repository to a temporary folder (solutions in, tests/test_oracles.py included),
-puts the submission's blanked functions (and any helpers it added) into attention.py, ssm.py, rmt.py, titans.py
-and hrm.py in place of the solutions, and runs the five files' tests, tests/test_cores.py and
-tests/test_oracles.py once per seed with GRADE_SEED set (tests/conftest.py). So the tests, the reference loops
-and everything else that grades are this repository's, not copies a student may have edited; it warns when a
-submission changed its files outside the blanked functions. Tests that draw nothing from GRADE_SEED
+It writes a fresh copy of this repository to a temporary folder (solutions in, tests/test_oracles.py included)
+and merges each of the submission's five model files into it (splice): the blanked functions, and every other
+statement, function, method or class the submission added or changed, are the submission's; the rest is ours.
+Then, once per seed with GRADE_SEED set (tests/conftest.py), it runs the five files' tests, tests/test_cores.py
+and tests/test_oracles.py there, and the isolated checks (below): the submission computes outputs, gradients and
+operation counts on this process's inputs in a child process, and this process compares them with its own
+reference, out of the submission's reach. A seed passes when both pass. Tests that draw nothing from GRADE_SEED
 (tests/test_cores.py, training, sizes, configs) run at the first seed only. With no submission it is the check
-that no correct solution fails at any seed. It exits non-zero when a test failed at any seed.
+that no correct solution fails at any seed. It exits non-zero when anything failed at any seed.
 """
 import argparse
 import ast
