@@ -167,3 +167,34 @@ def test_state_size_is_what_stream_carries_at_any_length():
         with torch.no_grad():
             _, state = m.stream(torch.randint(0, 13, (1, T)))
         assert state.numel() == m.state_size(T), T
+
+
+def fixed_weights(m):
+    """Every parameter set to a fixed pattern (no random generator, so the same on any machine and PyTorch)."""
+    with torch.no_grad():
+        for i, p in enumerate(m.parameters()):
+            p.copy_(0.5 * torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).view_as(p))
+    return m
+
+
+# The reference model's outputs on the fixed weights and tokens below (D=8, H=2, M=2, S=3, V=5, 7 tokens: segments
+# of 3, 3 and 1), each time step's logits projected on cos(0..V-1), and each memory slot on cos(0..D-1).
+STORED = {"rope": ([-0.8305969041, -0.848866965, -0.8123219541, -0.8529180718, -0.8415570559, -0.8455234764,
+                    -0.838600221], [-0.9267016951, -0.9349445387]),
+          "none": ([-0.83057656, -0.8484846515, -0.8129978564, -0.8531025756, -0.8443890483, -0.8497552566,
+                    -0.8385942554], [-0.9220564515, -0.9317205696])}
+
+
+@pytest.mark.parametrize("pos", ["rope", "none"])
+def test_outputs_equal_the_reference_models_on_fixed_inputs(pos):
+    """The whole model against stored outputs of the reference solution: a slice of the Blocks' output shifted, a
+    norm left out, the read and write embeddings swapped, a Block skipped or RoPE dropped all change them."""
+    m = fixed_weights(RMT(RMTConfig(vocab_size=5, d_model=8, n_heads=2, n_mem=2, segment_len=3, pos=pos)).double())
+    with torch.no_grad():
+        logits, memory = m(torch.tensor([[1, 4, 0, 2, 2, 3, 1]]), return_memory=True)
+    logits, memory = logits @ torch.cos(torch.arange(5.0)).double(), memory @ torch.cos(torch.arange(8.0)).double()
+    want_logits, want_memory = (torch.tensor([values], dtype=torch.float64) for values in STORED[pos])
+    close(logits, want_logits, f"rmt.RMT(pos={pos!r}) on fixed weights and 7 tokens in segments of 3: the logits "
+          "(projected on cos(0..V-1)) against the reference model's", "BT", rtol=1e-6, atol=1e-8)
+    close(memory, want_memory, f"rmt.RMT(pos={pos!r}): the final memory (each slot projected on cos(0..D-1)) against "
+          "the reference model's", "BM", rtol=1e-6, atol=1e-8)
