@@ -191,3 +191,29 @@ def test_bad_config_raises():
     HRMConfig(d_model=6, n_heads=2, pos="none")       # head dim 3: odd is fine without RoPE (refused with it)
     with pytest.raises(ValueError):
         HRMConfig(d_model=6, n_heads=2, pos="rope")
+
+
+def fixed_weights(m):
+    """Every parameter and z_init set to a fixed pattern (no random generator: the same on any machine)."""
+    with torch.no_grad():
+        for i, p in enumerate([*m.parameters(), m.z_init]):
+            p.copy_(0.5 * torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).view_as(p))
+    return m
+
+
+# The reference model's logits on the fixed weights and tokens below (D=8, H=2, 2 + 2 Blocks, 2 x 3 cycles,
+# 2 segments, V=5, 6 tokens), each time step's projected on cos(0..V-1).
+STORED = {True: [0.4248649882, 0.448100931, 0.4599951193, 0.4240458146, 0.4281444077, 0.4363978147],
+          False: [0.4360543749, 0.4452511274, 0.4585870236, 0.4239803129, 0.4262767055, 0.4360925918]}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_logits_equal_the_reference_models_on_fixed_inputs(causal):
+    """The whole model against stored outputs of the reference solution: an update on the wrong state, a cycle too
+    many or too few, RoPE dropped in some updates, or the logits read from z_L all change them."""
+    model = fixed_weights(make(causal=causal, d_model=8, vocab_size=5)).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 4, 0, 2, 3, 1]])) @ torch.cos(torch.arange(5.0)).double()
+    close(logits, torch.tensor([STORED[causal]], dtype=torch.float64), f"hrm.HRM(causal={causal}) on fixed weights "
+          "and 6 tokens: the logits (projected on cos(0..V-1)) against the reference model's", "BT", rtol=1e-6,
+          atol=1e-8)
