@@ -453,9 +453,10 @@ def test_exact_match_counts_only_examples_with_a_scored_position():
 
 @pytest.mark.parametrize("preset,task", [(p, t) for p in ("full", "depth") for t in compare.PRESETS[p]["tasks"]])
 def test_every_model_of_the_gpu_presets_is_within_10_percent_of_attention(preset, task):
-    """Matched size (README, 'How the bench is fair'): parameters within +-10% of the Transformer on that task."""
+    """Matched size (README, 'How the bench is fair'): parameters within +-10% of the Transformer on that task. (The
+    dial's other state sizes are left out: a larger state is more parameters, by design.)"""
     args = compare.parse_args(["--preset", preset, "--device", "cpu", "--tasks", task])
-    specs = compare.make_specs(args)
+    specs = [s for s in compare.make_specs(args) if not s.get("dial")]
     vocab = tasks.TASKS[task](**compare.PRESETS[preset]["tasks"][task].options).vocab_size
     size = {s["model"]: compare.n_params(compare.build_model(s["model"], vocab, **s["model_options"])) for s in specs}
     assert "attention" in size and len(size) >= 3
