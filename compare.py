@@ -30,6 +30,7 @@ the bench never reads. The file reads top down: training and evaluation; models 
 running and storing many runs; reports; the two cost measurements (--bench, --scale); the command line; main.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import fcntl
@@ -867,29 +868,48 @@ def plot(path, panels, title=None):
     plt = pyplot()
     if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 3.4 * len(panels)), 3.4), squeeze=False)
+    size = (6.4, 3.6) if any(p.get("legend") for p in panels) else (3.4, 3.4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, size[0] * len(panels)), size[1]), squeeze=False)
     for ax, p in zip(axes[0], panels):
         drawn = []
         for label, values in p["lines"].items():
             label = label if isinstance(label, tuple) else (label,)
+            colour = f"C{list(MODELS).index(label[0])}"
             points = [(x, mean(v)) for x, v in zip(p["xs"], values) if not math.isnan(mean(v))]
             if points:
-                ax.plot(*zip(*points), marker="o", color=f"C{list(MODELS).index(label[0])}",
-                        ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4], label=", ".join(map(str, label)))
+                ax.plot(*zip(*points), marker="o", color=colour, ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4],
+                        label=", ".join(map(str, label)), zorder=3 + len(p["lines"]) - len(drawn))   # first on top
+            spread = [(x, min(n), max(n)) for x, v in zip(p["xs"], values)
+                      if len(n := [a for a in v if isinstance(a, (int, float))]) > 1]
+            if spread:   # the band: the lowest and highest seed
+                ax.fill_between(*zip(*spread), color=colour, alpha=0.15, lw=0)
             drawn.append(label[0])
         for mark in p.get("marks", []):   # a length, or (length, model): drawn in the model's colour
             x, m = mark if isinstance(mark, tuple) else (mark, None)
             ax.axvline(x, color=f"C{list(MODELS).index(m)}" if m else "gray", ls=":", lw=1)
+            if p.get("mark_label"):
+                ax.annotate(p["mark_label"], (x, 0.02), xytext=(3, 0), textcoords="offset points", fontsize=7,
+                            color="gray", xycoords=("data", "axes fraction"))
+        if p.get("chance") is not None:
+            ax.axhline(p["chance"], color="gray", ls="--", lw=0.8)
+            ax.annotate("chance", (1, p["chance"]), xytext=(-3, 3), textcoords="offset points", ha="right",
+                        fontsize=7, color="gray", xycoords=("axes fraction", "data"))
+        if p.get("legend"):   # under its own panel
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=p["legend"], frameon=False)
         ax.set(xscale=p.get("xscale", "log"), **{k: p[k] for k in ("title", "xlabel", "ylabel", "ylim", "yscale")
                                                   if k in p})
         ax.minorticks_off()
         ax.set_xticks(p["xs"], [short(x) for x in p["xs"]], fontsize=7)
-    labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
-    axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6)   # every line's label, wherever it is
+    if not any(p.get("legend") for p in panels):
+        labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
+        axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6)   # every line's label, wherever it is
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if any(p.get("legend") for p in panels):   # the axes keep their size; the saved image takes the legends in
+        fig.subplots_adjust(wspace=0.2)
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"plot: {path}")
 
@@ -955,6 +975,18 @@ def report(runs, meta, task_names, model_names):
                                                                                  for L in first[t]["test"]]
                                                        for m, size, rs in points})
         figures.setdefault("dial", []).append(dict(dial, title=f"the dial: {t}, accuracy against content"))
+        if t == "recall" and "flipflop" in first:   # the trade-off in one picture: the dial beside a long stream
+            ff = by_length("flipflop", "token_acc")
+            by_size = sorted(points, key=lambda p: (model_names.index(p[0]), p[1] != "default"))   # default: solid
+            figures["tradeoff"] = [
+                dict(dial, title="Copying: recall as the content grows", marks=[], legend=2,
+                     xlabel="key-value pairs to recall (log scale; chance is ~0)",
+                     ylabel="token accuracy (band: lowest to highest seed)",
+                     lines={(m, f"{size.split(' (lr')[0].replace('default', 'default size')}: {state(rs):,} state "
+                                "floats"): [at(rs, L, "token_acc") for L in first[t]["test"]] for m, size, rs in by_size}),
+                dict(ff, title="Filtering: flip-flop as the stream grows", legend=3, chance=0.5,
+                     xlabel="stream length in tokens (log scale)", mark_label="longest training stream",
+                     ylabel="token accuracy (band: lowest to highest seed)")]
         parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
                   table([dial], first=("model", "size", "state floats")), ""]
     for t in [t for t in first if is_grid(t)]:   # HRM at each count of test-time segments
@@ -1603,9 +1635,10 @@ def main(argv=None):
     with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
         f.write(text)
     print(text)
+    made = collections.Counter(f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs)   # not this command's
     for name, panels in figures.items():
-        plot(os.path.join(args.out, f"{args.preset}_{name}.png"), panels,
-             f"{meta['device_name']}, commit {meta['commit']}")
+        plot(os.path.join(args.out, f"{args.preset}_{name}.png"), panels, "; ".join(
+            f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common()))
     return 0
 
 
