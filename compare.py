@@ -351,7 +351,7 @@ PRESETS = {
             "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20)),
         }),
     "quick": dict(  # a 2-core CPU in minutes: one task at each end of the trade-off, three seeds each
-        models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[:3], seeds=[0, 1, 2],
+        models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[1:], seeds=[0, 1, 2],
         eval_examples=256, tasks={
             "copy": Budget(train=[2, 8], test=[8, 16], steps=800, seeded=["attention", "ssm"]),
             "flipflop": Budget(train=[32, 32], test=[32, 256, 1024], steps=300, seeded=["attention", "ssm"]),
