@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode   # (torch's own tracing and memory tools use these two)
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
 from tqdm import tqdm
 
 import attention
@@ -102,6 +103,23 @@ def side_stream(device, use="warm-up"):
     return torch.cuda.Stream(device)
 
 
+def capture(fn, inputs, device, pool=None, undo=None):
+    """fn(*inputs) recorded as a CUDA graph: one warm-up call first, on a side stream as CUDA asks (lazy inits),
+    then undo() puts back what it changed, then the capture. Returns the graph and the outputs it overwrites at
+    each replay."""
+    side = side_stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    if undo:
+        undo()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=side_stream(device, "capture")):
+        outputs = fn(*inputs)
+    return graph, outputs
+
+
 class StepGraphs:
     """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch
     shape: one launch instead of hundreds of tiny kernels (the models are so small that a step is all launch
@@ -140,12 +158,9 @@ class StepGraphs:
         state = list(self.model.parameters()) + [p for p in self.model.buffers()]
         saved = [t.detach().clone() for t in state]
         saved_opt = {p: {k: v.clone() for k, v in s.items()} for p, s in self.opt.state.items()}
-        side = side_stream(device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                           # the warm-up step, on a side stream as CUDA asks
-            self.step(static_x, static_y)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():                                   # undo it: weights and optimiser state as before
+
+        @torch.no_grad()
+        def undo():                                             # weights and optimiser state as before the warm-up
             for t, s in zip(state, saved):
                 t.copy_(s)
             for p, s in self.opt.state.items():                 # a state made by the warm-up starts at zero
@@ -154,10 +169,8 @@ class StepGraphs:
                         v.copy_(saved_opt[p][k])
                     else:
                         v.zero_()
-        self.opt.zero_grad(set_to_none=True)                    # the graph's backward makes its own gradients
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side_stream(device, "capture")):
-            loss = self.step(static_x, static_y)
+            self.opt.zero_grad(set_to_none=True)                # the graph's backward makes its own gradients
+        graph, loss = capture(self.step, (static_x, static_y), device, self.pool, undo)
         self.graphs[x.shape] = (graph, static_x, static_y, loss)
 
 
@@ -1232,6 +1245,51 @@ SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
     attention_cap_s=30.0)    # attention stops at the first length whose one call would take longer (predicted)
 
 
+def tensors(tree):
+    """The tensors of a nested tuple/list, such as a stream's state, in order."""
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class StreamGraphs:
+    """A model's `stream` on CUDA without gradients, each run of `span` tokens (after the first, which fixes the
+    state's shapes) replayed from a CUDA graph captured on first use, one per shape and dtype of the tokens and the
+    state and the autocast setting: one launch instead of the thousands that RMT's loop over segments and Titans'
+    over chunks make, where launching costs more than the GPU's work at this size. `span` is a multiple of RMT's
+    segment and of Titans' chunk, so the pieces give what one call gives. The graphs hold the addresses of the
+    weights: make new ones after moving the model. (The model is an argument, not kept:
+    `STREAM_GRAPHS` keeps a model's graphs only while the model lives.)"""
+
+    def __init__(self, span):
+        self.span, self.graphs = span, {}
+
+    def __call__(self, model, tokens, state):
+        logits = []
+        for piece in tokens.split(self.span, dim=1):
+            if state is None or piece.shape[1] < self.span:
+                out, state = model.stream(piece, state)
+            else:
+                out, state = self.replay(model, piece, state)
+            logits.append(out)
+        return torch.cat(logits, dim=1), state
+
+    def replay(self, model, tokens, state):
+        cast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (tuple(tokens.shape), *((t.shape, t.dtype) for t in tensors(state)), *cast)
+        if key not in self.graphs:
+            inputs = (tokens.clone(), tree_map_only(torch.Tensor, torch.clone, state))
+            with torch.autocast("cuda", dtype=cast[1], enabled=cast[0], cache_enabled=False):
+                self.graphs[key] = (inputs, *capture(model.stream, inputs, tokens.device))
+        inputs, graph, outputs = self.graphs[key]
+        for static, new in zip(tensors(inputs), tensors((tokens, state))):
+            static.copy_(new)
+        graph.replay()
+        return tree_map_only(torch.Tensor, torch.clone, outputs)
+
+
+STREAM_GRAPHS = weakref.WeakKeyDictionary()   # model -> its StreamGraphs while the model lives
+GRAPH_SPAN = {rmt.RMT: 64 * 32, titans.Titans: 1024}   # tokens per replay: 64 RMT segments, 64 Titans chunks
+
+
 @torch.no_grad()
 def scale_read(model, task, length, batch, piece, device, seed):
     """Read `batch` test streams of `length` tokens, made piece by piece by `task.pieces`: recurrent models call
@@ -1240,14 +1298,17 @@ def scale_read(model, task, length, batch, piece, device, seed):
     the peak GPU memory in MiB (None on CPU)."""
     peak_mib(device, start=True)
     pieces = task.pieces(batch, length, piece, seed, device)
-    if not hasattr(model, "stream"):                 # attention: one call on the whole sequence
+    stream = getattr(model, "stream", None)
+    if stream is None:                               # attention: one call on the whole sequence
         pieces = [tuple(torch.cat(t, dim=1) for t in zip(*pieces))]
+    elif type(model) in GRAPH_SPAN and torch.device(device).type == "cuda":
+        stream = functools.partial(STREAM_GRAPHS.setdefault(model, StreamGraphs(GRAPH_SPAN[type(model)])), model)
     right = scored = seconds = 0
     state = None
     for x, y in pieces:
         start = time.perf_counter()
         with autocast(device):
-            logits, state = model.stream(x, state) if hasattr(model, "stream") else (model(x), None)
+            logits, state = stream(x, state) if stream else (model(x), None)
         pred = logits.argmax(-1)
         peak_mib(device)   # waits for the GPU to finish
         seconds += time.perf_counter() - start
@@ -1370,7 +1431,7 @@ class LiveBytes(TorchDispatchMode):
             raise LiveBytes.TooLong
         out = func(*args, **(kwargs or {}))
         if not any(r.alias_info for r in func._schema.returns):
-            for t in torch.utils._pytree.tree_leaves(out):
+            for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     size = t.untyped_storage().nbytes()
                     self.live += size

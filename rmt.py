@@ -29,7 +29,6 @@ Glossary
   stream             reads a long stream in pieces, carrying only the memory: constant memory at any length
 """
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +75,6 @@ class RMT(nn.Module):
         init_weights(self, c.n_layers)                                     # N(0, 0.02): the embedding scale
         with torch.no_grad():                                              # after the blanket init:
             self.mem_norm.weight.fill_(0.02)                               # memory on that scale too
-        self.graph_segments, self.graphs = 64, {}    # `stream` on CUDA: segments per graph replay, the graphs
 
     def positions(self, s, device):
         """RoPE positions of [read slots ; s tokens ; write slots]; the write slots sit after a full segment."""
@@ -124,51 +122,13 @@ class RMT(nn.Module):
         """Read a stream in pieces: the logits of a piece and the memory to pass with the next one. Pieces whose
         lengths are multiples of S (all but the last) give the same logits as one call on the whole.
 
-        On CUDA without gradients, every run of `graph_segments` segments replays a CUDA graph captured on first
-        use: one launch instead of a few hundred kernel launches per segment (the Python loop over segments
-        costs more than the GPU's work at this size). Elsewhere it is `forward`.
-
         Args:
             tokens: LongTensor (B, T), the next piece
             state: None at the start, else the memory (B, M, D) that the previous call returned
         Returns:
             logits (B, T, V), memory (B, M, D)
         """
-        memory = self.memory_init.expand(tokens.shape[0], -1, -1) if state is None else state
-        span = self.config.segment_len * self.graph_segments
-        graphed = tokens.shape[1] // span * span if tokens.is_cuda and not torch.is_grad_enabled() else 0
-        logits = []
-        for start in range(0, graphed, span):
-            out, memory = self.replay(tokens[:, start:start + span], memory)
-            logits.append(out)
-        if graphed < tokens.shape[1]:
-            out, memory = self(tokens[:, graphed:], memory, return_memory=True)
-            logits.append(out)
-        return torch.cat(logits, dim=1), memory
-
-    def replay(self, tokens, memory):
-        """forward(tokens, memory) through a CUDA graph, captured once per input shape, dtype and autocast
-        setting (the graph holds the addresses of the weights: capture again after moving the model)."""
-        cuda_autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        key = (tuple(tokens.shape), memory.dtype, *cuda_autocast)
-        graphs = self.graphs
-        if key not in graphs:
-            inputs = (tokens.clone(), memory.clone())
-            with torch.autocast("cuda", dtype=cuda_autocast[1], enabled=cuda_autocast[0], cache_enabled=False):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):                            # a warm-up run before capture
-                    self(*inputs, return_memory=True)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    outputs = self(*inputs, return_memory=True)
-            graphs[key] = (graph, inputs, outputs)
-        graph, inputs, outputs = graphs[key]
-        inputs[0].copy_(tokens)
-        inputs[1].copy_(memory)
-        graph.replay()
-        return tuple(t.clone() for t in outputs)
+        return self(tokens, state, return_memory=True)
 
     def state_size(self, seq_len=None):
         """Floats per sequence carried from one segment (or `stream` call) to the next: the memory, M * D.
@@ -186,25 +146,3 @@ if __name__ == "__main__":
     tokens = torch.randint(0, 32, (2, 100))
     print(f"RMT: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)}, "
           f"state {model.state_size():,} floats per sequence")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    piece = 2 ** 16 if device == "cuda" else 2 ** 10
-    print(f"streaming inference on {device}, batch 1, S={model.config.segment_len}, M={model.config.n_mem}, "
-          f"pieces of {piece:,} tokens:", flush=True)
-    with torch.no_grad():
-        model.stream(torch.randint(0, 32, (1, piece), device=device))   # warm-up (and the CUDA graph's capture)
-    for T in ([2 ** 16, 2 ** 20] if device == "cuda" else [2 ** 10, 2 ** 12]):
-        x = torch.randint(0, 32, (1, T), device=device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            memory = None
-            for chunk in x.split(piece, dim=1):                # only the memory is kept between calls
-                _, memory = model.stream(chunk, memory)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
-        print(f"  T={T:9,d}: {T / seconds:11,.0f} tokens/s{peak}", flush=True)

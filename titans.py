@@ -357,7 +357,6 @@ class Titans(nn.Module):
         for block in self.blocks:                                  # after the blanket init
             block.memory.reset_memory_parameters()
             nn.init.normal_(block.memory.proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
-        self.graph_tokens, self.graphs = 1024, {}    # `stream` on CUDA: tokens per graph replay, the graphs
 
     def forward(self, tokens, state=None, return_state=False):
         """tokens: (B, T); state: None, or the state `stream` returned, to continue a stream.
@@ -375,10 +374,6 @@ class Titans(nn.Module):
         lengths are multiples of chunk_size (all but the last) give the same logits as one call on the whole:
         a chunk must not straddle two pieces, since its gradients are all taken at its start.
 
-        On CUDA without gradients, each run of `graph_tokens` tokens (after the first, which fixes the state's
-        shapes) replays a CUDA graph captured on first use: one launch instead of thousands per run, since the
-        loop over chunks launches dozens of tiny kernels per chunk. Elsewhere it is `forward`.
-
         Args:
             tokens: LongTensor (B, T), the next piece
             state: None at the start, else what the previous call returned: per layer the convolution's last
@@ -387,36 +382,7 @@ class Titans(nn.Module):
         Returns:
             logits (B, T, V), state
         """
-        if not tokens.is_cuda or torch.is_grad_enabled():
-            return self(tokens, state, return_state=True)
-        logits = []
-        for piece in tokens.split(self.graph_tokens, dim=1):
-            full = state is not None and piece.shape[1] == self.graph_tokens
-            out, state = self.replay(piece, state) if full else self(piece, state, return_state=True)
-            logits.append(out)
-        return torch.cat(logits, dim=1), state
-
-    def replay(self, tokens, state):
-        """forward(tokens, state, return_state=True) through a CUDA graph, captured once per shape, dtype and
-        autocast setting (the graph holds the addresses of the weights: capture again after moving the model)."""
-        cuda_autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        key = (tuple(tokens.shape), *((t.shape, t.dtype) for t in leaves(state)), *cuda_autocast)
-        if key not in self.graphs:
-            inputs = (tokens.clone(), nested(torch.clone, state))
-            with torch.autocast("cuda", dtype=cuda_autocast[1], enabled=cuda_autocast[0], cache_enabled=False):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):                            # a warm-up run before capture
-                    self(*inputs, return_state=True)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    outputs = self(*inputs, return_state=True)
-            self.graphs[key] = (graph, inputs, outputs)
-        graph, inputs, outputs = self.graphs[key]
-        nested(torch.Tensor.copy_, inputs, (tokens, state))
-        graph.replay()
-        return nested(torch.clone, outputs)
+        return self(tokens, state, return_state=True)
 
     def state_size(self, seq_len):
         """Floats per sequence in `stream`'s state after seq_len tokens, per layer: memory weights and momentum,
@@ -426,22 +392,6 @@ class Titans(nn.Module):
         memory = sum(W.numel() for W in self.blocks[0].memory.memory_init)
         window = 2 * c.d_model * min(seq_len, c.window - 1) if c.use_attention else 0
         return c.n_layers * (2 * memory + (c.d_conv - 1) * 3 * c.d_model + window)
-
-
-def leaves(tree):
-    """The tensors of a nested tuple/list (a stream's state), in order; None has none."""
-    if tree is None:
-        return []
-    return [tree] if isinstance(tree, torch.Tensor) else [t for sub in tree for t in leaves(sub)]
-
-
-def nested(fn, *trees):
-    """fn applied leaf by leaf to nested tuples/lists of tensors of one structure; None stays None."""
-    if trees[0] is None:
-        return None
-    if isinstance(trees[0], torch.Tensor):
-        return fn(*trees)
-    return type(trees[0])(nested(fn, *subtrees) for subtrees in zip(*trees))
 
 
 if __name__ == "__main__":
@@ -478,24 +428,3 @@ if __name__ == "__main__":
         ref = times.get("neural_memory_ref")
         speed = f"   neural_memory_ref {ref:9.1f} ms   speed-up {ref / times['neural_memory']:5.0f}x" if ref else ""
         print(f"  T={T:5d}  neural_memory {times['neural_memory']:8.1f} ms{speed}")
-
-    model.to(device).eval()
-    piece = 2 ** 16 if device == "cuda" else 2 ** 10
-    print(f"streaming inference, batch 1, pieces of {piece:,} tokens:", flush=True)
-    with torch.no_grad():
-        model.stream(torch.randint(0, 32, (1, piece), device=device))   # warm-up (and the CUDA graphs' capture)
-    for T in ([2 ** 16, 2 ** 20] if device == "cuda" else [2 ** 10, 2 ** 12]):
-        x = torch.randint(0, 32, (1, T), device=device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            state = None
-            for chunk in x.split(piece, dim=1):                # only the state is kept between calls
-                _, state = model.stream(chunk, state)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
-        print(f"  T={T:9,d}: {T / seconds:11,.0f} tokens/s{peak}", flush=True)

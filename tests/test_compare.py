@@ -561,6 +561,28 @@ def test_cuda_graph_training_learns_what_the_eager_loop_learns(name, task_name):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)   # Adam moves a weight ~lr a step, whatever the gradient
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["rmt", "titans"])
+def test_stream_graphs_read_what_the_eager_stream_reads(name):
+    """--scale's reading on CUDA: a recurrent model's `stream`, replayed from CUDA graphs run by run of a span
+    (the first run eager, as it fixes the state's shapes; a short tail eager too), gives the eager stream's logits
+    and state, in fp32 and under bf16 autocast, with a graph captured once per shape and reused."""
+    torch.manual_seed(0)
+    model = compare.build_model(name, 11, d_model=32, n_layers=2).cuda().eval()
+    x = torch.randint(0, 11, (2, 5 * 64 + 32), device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        graphs = compare.StreamGraphs(64)
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype == torch.bfloat16):
+            eager, eager_state = model.stream(x)
+            first, state = graphs(model, x[:, :192], None)
+            second, state = graphs(model, x[:, 192:], state)
+        assert len(graphs.graphs) == 1
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(torch.cat([first, second], dim=1), eager, **tol)
+        for a, b in zip(compare.tensors(state), compare.tensors(eager_state)):
+            torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_one_process_trains_with_graphs_on_one_gpu_then_another():
     """A worker process runs one run on cuda:0, the next on cuda:1 (run_one makes the run's GPU current). The

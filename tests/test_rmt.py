@@ -146,20 +146,6 @@ def test_stream_in_pieces_equals_one_call():
     assert state.numel() == 2 * m.state_size(256)
 
 
-def test_stream_without_gradients_on_a_cpu_is_forward():
-    """CUDA graphs are for CUDA only: on a CPU, under no_grad, pieces longer than a graph's span of segments are
-    read by the plain forward, with the same logits and memory."""
-    m = model()
-    m.graph_segments = 2                                                # a span of 10 tokens
-    x = torch.randint(0, 13, (2, 33))
-    with torch.no_grad():
-        first, memory = m.stream(x[:, :20])
-        second, memory = m.stream(x[:, 20:], memory)
-        whole, final = m(x, return_memory=True)
-    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(memory, final, rtol=1e-10, atol=1e-12)
-
-
 def test_state_size_is_what_stream_carries_at_any_length():
     """state_size(T) counts the floats that `stream` hands on after T tokens, the same at 3 tokens and at 23."""
     m = model()
