@@ -437,7 +437,7 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
     chosen lr, the other seeds (on the task's `seeded` models, the headline cells).
     --scale's runs also keep their trained weights, which it reads the long streams with."""
     preset = PRESETS[args.preset]
-    seeds = args.seeds or preset["seeds"]
+    seeds = args.seeds
     specs = []
     for t in args.tasks:
         b = preset["tasks"][t]
@@ -452,7 +452,7 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
             if b.segments:
                 base["test_segments"] = b.segments
             if phase == "lr sweep":
-                lrs = args.lrs or preset["lrs"]
+                lrs = args.lrs
                 specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
                 specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
                           for option, values in b.dial.get(m, {}).items() for v in values for lr in lrs]
@@ -1479,6 +1479,27 @@ LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothin
                         # one step is larger than the weights themselves
 
 
+@dataclass(frozen=True)
+class Command:
+    """What a command asks for, its flags checked and the preset's defaults filled in (`parse_args`)."""
+    preset: str
+    models: list
+    chosen_models: bool         # --models given; else each task may name its own models (the maze)
+    tasks: list
+    seeds: list
+    lrs: list
+    steps: int | None           # None: each task's own
+    test_lengths: list | None   # None: each task's own
+    stream_lengths: list | None  # --scale's --test-lengths; None: SCALE's
+    device: str                 # cpu, cuda (every GPU) or cuda:i
+    workers: int | None
+    out: str
+    fresh: bool
+    bench: bool
+    scale: bool
+    line: str                   # the command line, as the reports show it
+
+
 def parse_args(argv):
     p = Parser(description="Train every model on every task and compare them.")
     p.add_argument("--preset", choices=[name for name in PRESETS if name != "scale"],
@@ -1502,7 +1523,6 @@ def parse_args(argv):
     p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop and BABILong at <= 256 "
                    "tokens), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -1511,28 +1531,29 @@ def parse_args(argv):
             or device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()):
         p.error(f"device {args.device!r} is not available here; this machine has cpu and "
                 f"{torch.cuda.device_count()} CUDA GPU(s)")
-    args.device = "cpu" if device.type == "cpu" else str(device)
     if args.scale and (args.preset or args.bench):
         p.error("--scale trains its own preset and measures its own costs; leave out --preset and --bench")
-    args.preset = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
-    if args.scale:   # the test lengths are the streams': the runs themselves test at their training length
-        args.stream_lengths, args.test_lengths = args.test_lengths, None
-    preset = PRESETS[args.preset]
-    args.chosen_models = args.models is not None     # else each task may name its own models (the maze)
-    args.models = args.models or preset["models"]
-    args.tasks = args.tasks or list(preset["tasks"])
-    for kind, names, known in [("model", args.models, MODELS), ("task", args.tasks, tasks.TASKS)]:
-        for name in names:
-            if name not in known:
-                p.error(f"unknown {kind} {name!r}; choose from {', '.join(known)}")
-    for t in args.tasks:
+    name = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
+    preset = PRESETS[name]
+    command = Command(   # with --scale the test lengths are the streams': the runs test at their training length
+        preset=name, models=args.models or preset["models"], chosen_models=args.models is not None,
+        tasks=args.tasks or list(preset["tasks"]), seeds=args.seeds or preset["seeds"], lrs=args.lrs or preset["lrs"],
+        steps=args.steps, test_lengths=None if args.scale else args.test_lengths,
+        stream_lengths=args.test_lengths if args.scale else None, device="cpu" if device.type == "cpu" else str(device),
+        workers=args.workers, out=args.out, fresh=args.fresh, bench=args.bench, scale=args.scale,
+        line="python compare.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    for kind, names, known in [("model", command.models, MODELS), ("task", command.tasks, tasks.TASKS)]:
+        for n in names:
+            if n not in known:
+                p.error(f"unknown {kind} {n!r}; choose from {', '.join(known)}")
+    for t in command.tasks:
         if t not in preset["tasks"] and not args.bench:
             has = [n for n, pr in PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
-            p.error(f"task {t!r} has no settings in preset {args.preset!r}; it has {', '.join(preset['tasks'])}"
+            p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}"
                     + (f" (try {' or '.join(f'--preset {n}' for n in has)})" if has else ""))
-    if args.scale and min(args.stream_lengths or [math.inf]) < CURRICULUM[-1][1]:   # no shorter than trained
+    if args.scale and min(command.stream_lengths or [math.inf]) < CURRICULUM[-1][1]:   # no shorter than trained
         p.error(f"--test-lengths with --scale are stream lengths, at least {CURRICULUM[-1][1]} tokens (the training "
-                f"length), got {args.stream_lengths}")
+                f"length), got {command.stream_lengths}")
     folder = "expected a folder (new or existing) that this process can write to"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is a file; {folder}")
@@ -1545,35 +1566,102 @@ def parse_args(argv):
                    e.errno, "no file can be made there")
         p.error(f"--out {args.out!r}: {why}; {folder}")
     if args.bench:
-        return args
+        return command
     tokens = {}
-    for t in args.tasks:  # ask each task whether it can make what we will ask of it
+    for t in command.tasks:  # ask each task whether it can make what we will ask of it
         b = preset["tasks"][t]
-        for L in (args.test_lengths or b.test) + sum(stages(b.train), []):
+        for L in (command.test_lengths or b.test) + sum(stages(b.train), []):
             try:
                 tokens[t, L] = tasks.TASKS[t](**b.options).sample(1, L, 0)[0].shape[1]
             except ValueError as e:
                 p.error(str(e))
-    if not any(task_models(args, t) for t in args.tasks):
-        p.error(f"none of the models {', '.join(args.models)} can run the tasks {', '.join(args.tasks)}")
-    longest = max(args.test_lengths or [0])
+    if not any(task_models(command, t) for t in command.tasks):
+        p.error(f"none of the models {', '.join(command.models)} can run the tasks {', '.join(command.tasks)}")
+    longest = max(command.test_lengths or [0])
     if longest > 2 ** 16:   # past one of evaluate's batches: would its one sequence fit? Asked now, not after training
-        memory = device_bytes(args.device)
-        for s in {(s["model"], s["task"]): s for s in make_specs(args)}.values():
+        memory = device_bytes(command.device)
+        for s in {(s["model"], s["task"]): s for s in make_specs(command)}.values():
             task = tasks.TASKS[s["task"]](**s["task_options"])
-            model = build_model(s["model"], task.vocab_size, **s["model_options"]).to(args.device).eval()
-            need = eval_bytes(model, tokens[s["task"], longest], args.device)
+            model = build_model(s["model"], task.vocab_size, **s["model_options"]).to(command.device).eval()
+            need = eval_bytes(model, tokens[s["task"], longest], command.device)
             if need > memory:
                 p.error(f"--test-lengths {longest}: testing {s['model']} on {s['task']} at that length reads "
                         f"{tokens[s['task'], longest]:,} tokens at once and needs about {need / 2 ** 30:,.1f} GiB, "
-                        f"more than the device's {memory / 2 ** 30:,.1f} GiB ({args.device}); expected test lengths "
-                        f"whose evaluation fits in {memory / 2 ** 30:,.1f} GiB")
-    return args
+                        f"more than the device's {memory / 2 ** 30:,.1f} GiB ({command.device}); expected test "
+                        f"lengths whose evaluation fits in {memory / 2 ** 30:,.1f} GiB")
+    return command
 
 
 # ---------------------------------------------------------------------------------------------------------
 # main: the runs a command owes, trained and stored as they finish, then the report
 # ---------------------------------------------------------------------------------------------------------
+
+class Schedule:
+    """The runs a command owes: the lr sweep of every cell (and of every dial size) first, on the first seed; a
+    cell's other seeds once its sweep is all stored, at the lr the sweep chose (none when every lr diverged; a dial
+    size has none). `finished` stores a run as it comes and returns the runs it unlocks, so no phase waits for
+    the one before."""
+
+    def __init__(self, args, store, results, this):
+        self.args, self.store, self.results, self.this = args, store, results, this
+        self.sweeps, self.n_run, self.start = {}, 0, time.time()
+        for s in make_specs(args):
+            self.sweeps.setdefault(dial_cell(s), []).append(s)
+
+    def done(self, spec):
+        return same_spec(self.store.runs.get(run_key(spec)), spec)
+
+    def follow_ups(self, cell, lr):
+        return make_specs(self.args, "seeds", {cell: lr})
+
+    def owed_follow_ups(self, cell):
+        """The cell's follow-ups once every run of its sweep is stored; [] before, and [] when every lr diverged."""
+        if not all(map(self.done, self.sweeps[cell])):
+            return []
+        chosen = best_runs([self.store.runs[run_key(s)] for s in self.sweeps[cell]], dial=len(cell) == 3)[cell][0]
+        return [] if chosen.get("diverged_at") is not None else self.follow_ups(cell, chosen["lr"])
+
+    def owed(self):
+        return [s for cell in self.sweeps for s in self.sweeps[cell] + self.owed_follow_ups(cell)]
+
+    def todo(self):
+        return [s for s in self.owed() if not self.done(s)]
+
+    def finished(self, record):
+        record["commit"] = self.results["meta"]["commit"]
+        self.n_run += 1
+        self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
+        self.store.save(self.results, record)
+        sweep_run = not record.get("dial") and record["seed"] == self.args.seeds[0]
+        return [s for s in self.owed_follow_ups((record["model"], record["task"])) if sweep_run and not self.done(s)]
+
+    def summary(self):
+        owed = self.owed()
+        stale = sum(run_key(s) in self.store.runs and not self.done(s) for s in owed)
+        later = sum(len(self.follow_ups(cell, None)) for cell in self.sweeps if not all(map(self.done,
+                                                                                            self.sweeps[cell])))
+        return (f"{sum(map(self.done, owed))} stored runs reused, {sum(not self.done(s) for s in owed)} to train now"
+                + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
+                + (f", {later} more once their cells' lr sweeps are done" if later else ""))
+
+
+def train_owed(schedule, workers, devices):
+    """Train every run the schedule owes, then those that other commands on the same folder claimed meanwhile
+    and left unfinished; a run another live command is training is waited for, never trained twice."""
+    todo, told = schedule.todo(), False
+    while todo:
+        run_all(todo, workers, devices, schedule.finished, schedule.store.claim)
+        others = schedule.store.sync()              # with the runs other commands stored meanwhile
+        todo = schedule.todo()
+        pids = sorted({others[run_key(s)] for s in todo if run_key(s) in others})
+        if pids:
+            if not told:
+                print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
+                      f"{', '.join(map(str, pids))}) is training in {schedule.args.out}: they will be reused, not "
+                      "trained again")
+            told = True
+            time.sleep(1)
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill PID`), raised in the main process so that it stops the command as Ctrl-C does."""
@@ -1583,15 +1671,29 @@ def terminated(signum, frame):
     raise Terminated
 
 
+def stopped(stop, args, path, results, n_run):
+    """What a stopped command says it kept; its exit status (130 for Ctrl-C, 143 for SIGTERM)."""
+    again, how = f"run the same command{' without --fresh' if args.fresh else ''}", (
+        " by SIGTERM" if isinstance(stop, Terminated) else "")
+    if "streams" in results:   # the training is all stored; the reading starts over
+        print(f"\nstopped{how} while reading streams: the {len(results['streams'])} rows read so far are saved in "
+              f"{path}; {again} to reuse the training and read the streams again")
+    elif n_run:
+        print(f"\nstopped{how}: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
+              "from there")
+    else:
+        print(f"\nstopped{how} before any run finished: nothing new was saved")
+    return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+
+
 def main(argv=None):
     args = parse_args(argv)
     cuda = args.device.startswith("cuda")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if args.device == "cuda" else [args.device]
-    meta = dict(preset=args.preset, command="python compare.py " + " ".join(args.argv), device=args.device,
+    meta = dict(preset=args.preset, command=args.line, device=args.device,
                 device_name=(f"{len(devices)} x " if len(devices) > 1 else "") + torch.cuda.get_device_name(devices[0])
                 if cuda else "CPU", torch=torch.__version__,
-                commit=git_commit(), dtype="bf16 autocast" if cuda else "fp32",
-                lrs=args.lrs or PRESETS[args.preset]["lrs"])
+                commit=git_commit(), dtype="bf16 autocast" if cuda else "fp32", lrs=args.lrs)
     if args.bench:
         return bench(args, meta)
     path = os.path.join(args.out, f"{args.preset}.json")
@@ -1609,83 +1711,26 @@ def main(argv=None):
     print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s){capped}; runs are "
           f"saved in {path}")
 
-    # The lr sweep of every cell (and of every dial size) first; a cell's other seeds once its sweep is complete.
-    sweeps, first_seed, n_run = {}, (args.seeds or PRESETS[args.preset]["seeds"])[0], 0
-    for s in make_specs(args):
-        sweeps.setdefault(dial_cell(s), []).append(s)
-
-    def done(spec):
-        return same_spec(results["runs"].get(run_key(spec)), spec)
-
-    def follow_ups(cell, lr):   # a dial size's cell has none: it runs on the first seed only
-        return make_specs(args, "seeds", {cell: lr})
-
-    def owed_follow_ups(cell):
-        """Once every run of the cell's sweep is stored: its follow-ups at the lr the sweep chose; [] before, and
-        [] when every lr diverged."""
-        if not all(map(done, sweeps[cell])):
-            return []
-        chosen = best_runs([results["runs"][run_key(s)] for s in sweeps[cell]], dial=len(cell) == 3)[cell][0]
-        return [] if chosen.get("diverged_at") is not None else follow_ups(cell, chosen["lr"])
-
-    def owed():
-        return [s for cell in sweeps for s in sweeps[cell] + owed_follow_ups(cell)]
-
-    def on_done(record):
-        nonlocal n_run
-        record["commit"] = meta["commit"]
-        n_run += 1
-        this.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run)
-        store.save(results, record)
-        sweep_run = not record.get("dial") and record["seed"] == first_seed
-        return [s for s in owed_follow_ups((record["model"], record["task"])) if sweep_run and not done(s)]
-
-    todo = owed()
-    stale = sum(run_key(s) in results["runs"] and not done(s) for s in todo)
-    later = sum(len(follow_ups(cell, None)) for cell in sweeps if not all(map(done, sweeps[cell])))
-    print(f"{sum(map(done, todo))} stored runs reused, {sum(not done(s) for s in todo)} to train now"
-          + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
-          + (f", {later} more once their cells' lr sweeps are done" if later else ""))
-    start = time.time()
+    schedule = Schedule(args, store, results, this)
+    print(schedule.summary())
     sigterm = signal.signal(signal.SIGTERM, terminated)
     try:
-        todo, told = [s for s in todo if not done(s)], False
-        while todo:
-            run_all(todo, workers, devices, on_done, store.claim)
-            others = store.sync()                   # with the runs other commands stored meanwhile
-            todo = [s for s in owed() if not done(s)]
-            pids = sorted({others[run_key(s)] for s in todo if run_key(s) in others})
-            if pids:                                # never trained twice: wait until they are stored
-                if not told:
-                    print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
-                          f"{', '.join(map(str, pids))}) is training in {args.out}: they will be reused, not trained "
-                          "again")
-                told = True
-                time.sleep(1)
-        runs = [results["runs"][run_key(s)] for s in owed()]
+        train_owed(schedule, workers, devices)
+        runs = [store.runs[run_key(s)] for s in schedule.owed()]
         if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
             print(f"reading streams of up to {max(args.stream_lengths or sum(SCALE['lengths'].values(), [])):,} tokens")
             results["streams"] = []
             read_streams(best_runs(runs), args.stream_lengths, args.device, args.out, results["streams"],
-                         lambda: store.save(results))
+                         functools.partial(store.save, results))
     except KeyboardInterrupt as stop:               # Ctrl-C, or SIGTERM: the workers are stopped by now
-        if n_run:
+        if schedule.n_run:
             store.save(results)                     # (in case the stop came while the last run was being saved)
-        again, how = f"run the same command{' without --fresh' if args.fresh else ''}", (
-            " by SIGTERM" if isinstance(stop, Terminated) else "")
-        if "streams" in results:   # the training is all stored; the reading starts over
-            print(f"\nstopped{how} while reading streams: the {len(results['streams'])} rows read so far are saved in "
-                  f"{path}; {again} to reuse the training and read the streams again")
-        elif n_run:
-            print(f"\nstopped{how}: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
-                  "from there")
-        else:
-            print(f"\nstopped{how} before any run finished: nothing new was saved")
-        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+        return stopped(stop, args, path, results, schedule.n_run)
     finally:
         signal.signal(signal.SIGTERM, sigterm)
         store.release()
-    meta.update(wall_time_s=round(time.time() - start, 1), runs_run=n_run, runs_reused=len(runs) - n_run)
+    meta.update(wall_time_s=round(time.time() - schedule.start, 1), runs_run=schedule.n_run,
+                runs_reused=len(runs) - schedule.n_run)
     this.update(wall_time_s=meta["wall_time_s"])
     store.save(results)
     models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
