@@ -26,8 +26,10 @@ Runs are written to runs/<preset>.json (untracked) as each one finishes; a store
 whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
 changed setting re-runs what it changes. Commands may share the folder: none drops the runs another stored, nor
 trains a run another is training (`Store`). The committed reference results live in results/reference/, which
-the bench never reads. The file reads top down: training and evaluation; models and presets; the protocol;
-running and storing many runs; reports; the two cost measurements (--bench, --scale); the command line; main.
+the bench never reads. The file reads top down: training and evaluation; models, budgets and presets; the
+protocol (the runs, the choice of lr, one run); running and storing many runs (`Schedule`: every lr sweep first, a
+cell's other seeds as soon as its sweep is stored); reports; the two cost measurements (--bench, --scale); the
+command line; main, its phases in order.
 """
 import argparse
 import collections
@@ -291,7 +293,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Models and presets
+# Models, budgets and presets
 # ---------------------------------------------------------------------------------------------------------
 
 MODELS = {  # name -> (model class, config class, options that define the variant)
@@ -418,6 +420,12 @@ def task_models(args, t):
     return [m for m in names if not is_grid(t) or reads_grids(m)]
 
 
+def model_config(preset, t, m):
+    """Model m's config options on task t: the preset's size, the task's, the model's own; bidirectional on a grid."""
+    b = preset["tasks"][t]
+    return {**preset["size"], **b.size, **b.model_options.get(m, {}), **({"causal": False} if is_grid(t) else {})}
+
+
 def run_key(spec):
     dial = "".join(f"[{k}={v}]" for k, v in spec.get("dial", {}).items())
     return f"{spec['model']}{dial}/{spec['task']}/lr={spec['lr']:g}/seed={spec['seed']}"
@@ -444,8 +452,7 @@ def make_specs(args, phase="lr sweep", lr_by_cell=None):
         for m in task_models(args, t):
             if phase != "lr sweep" and (m, t) not in lr_by_cell:
                 continue
-            options = {**preset["size"], **b.size, **b.model_options.get(m, {}),
-                       **({"causal": False} if is_grid(t) else {})}
+            options = model_config(preset, t, m)
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
                         test=args.test_lengths or b.test, steps=args.steps or b.steps, batch_size=preset["batch_size"],
                         eval_examples=preset["eval_examples"], protocol=PROTOCOL, device=args.device)
@@ -821,6 +828,73 @@ class Store:
                 del claims[key]
 
 
+class Schedule:
+    """The runs a command owes: the lr sweep of every cell (and of every dial size) first, on the first seed; a
+    cell's other seeds once its sweep is all stored, at the lr the sweep chose (none when every lr diverged; a dial
+    size has none). `finished` stores a run as it comes and returns the runs it unlocks, so no phase waits for
+    the one before."""
+
+    def __init__(self, args, store, results, this):
+        self.args, self.store, self.results, self.this = args, store, results, this
+        self.sweeps, self.n_run, self.start = {}, 0, time.time()
+        for s in make_specs(args):
+            self.sweeps.setdefault(dial_cell(s), []).append(s)
+
+    def done(self, spec):
+        return same_spec(self.store.runs.get(run_key(spec)), spec)
+
+    def follow_ups(self, cell, lr):
+        return make_specs(self.args, "seeds", {cell: lr})
+
+    def owed_follow_ups(self, cell):
+        """The cell's follow-ups once every run of its sweep is stored; [] before, and [] when every lr diverged."""
+        if not all(map(self.done, self.sweeps[cell])):
+            return []
+        chosen = best_runs([self.store.runs[run_key(s)] for s in self.sweeps[cell]], dial=len(cell) == 3)[cell][0]
+        return [] if chosen.get("diverged_at") is not None else self.follow_ups(cell, chosen["lr"])
+
+    def owed(self):
+        return [s for cell in self.sweeps for s in self.sweeps[cell] + self.owed_follow_ups(cell)]
+
+    def todo(self):
+        return [s for s in self.owed() if not self.done(s)]
+
+    def finished(self, record):
+        record["commit"] = self.results["meta"]["commit"]
+        self.n_run += 1
+        self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
+        self.store.save(self.results, record)
+        sweep_run = not record.get("dial") and record["seed"] == self.args.seeds[0]
+        return [s for s in self.owed_follow_ups((record["model"], record["task"])) if sweep_run and not self.done(s)]
+
+    def summary(self):
+        owed = self.owed()
+        stale = sum(run_key(s) in self.store.runs and not self.done(s) for s in owed)
+        later = sum(len(self.follow_ups(cell, None)) for cell in self.sweeps if not all(map(self.done,
+                                                                                            self.sweeps[cell])))
+        return (f"{sum(map(self.done, owed))} stored runs reused, {sum(not self.done(s) for s in owed)} to train now"
+                + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
+                + (f", {later} more once their cells' lr sweeps are done" if later else ""))
+
+
+def train_owed(schedule, workers, devices):
+    """Train every run the schedule owes, then those that other commands on the same folder claimed meanwhile
+    and left unfinished; a run another live command is training is waited for, never trained twice."""
+    todo, told = schedule.todo(), False
+    while todo:
+        run_all(todo, workers, devices, schedule.finished, schedule.store.claim)
+        others = schedule.store.sync()              # with the runs other commands stored meanwhile
+        todo = schedule.todo()
+        pids = sorted({others[run_key(s)] for s in todo if run_key(s) in others})
+        if pids:
+            if not told:
+                print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
+                      f"{', '.join(map(str, pids))}) is training in {schedule.args.out}: they will be reused, not "
+                      "trained again")
+            told = True
+            time.sleep(1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reports. Every table and figure is made from "panels": a panel is one block of columns in a table and one
 # axes in a figure, with x values `xs` and `lines`, a dict from a label (a model, or a tuple that starts with
@@ -1113,7 +1187,7 @@ def step_row(name, t, preset, device, graphs, steps=(5, 105)):
     steps, over the difference, so one-off costs (building the optimiser, capturing the graphs) cancel."""
     b = preset["tasks"][t]
     task = tasks.TASKS[t](**b.options)
-    options = {**preset["size"], **b.size, **b.model_options.get(name, {}), **({"causal": False} if is_grid(t) else {})}
+    options = model_config(preset, t, name)
     L = stages(b.train)[-1][1]
     seconds = []
     for n in (steps[0],) + tuple(steps):          # the first, untimed, warms up (lazy initialisations)
@@ -1163,8 +1237,7 @@ def sharing_worker(m, t, device, steps, threads, barrier, results):
     L = stages(b.train)[-1][1]
     for n in (5, steps):                     # the first call warms up (CUDA's lazy initialisations)
         torch.manual_seed(0)
-        model = build_model(m, task.vocab_size, **preset["size"], **b.size, **b.model_options.get(m, {}),
-                            **({"causal": False} if is_grid(t) else {}))
+        model = build_model(m, task.vocab_size, **model_config(preset, t, m))
         if n == steps:
             barrier.wait(timeout=600)
             start = time.perf_counter()
@@ -1595,73 +1668,6 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------------------
 # main: the runs a command owes, trained and stored as they finish, then the report
 # ---------------------------------------------------------------------------------------------------------
-
-class Schedule:
-    """The runs a command owes: the lr sweep of every cell (and of every dial size) first, on the first seed; a
-    cell's other seeds once its sweep is all stored, at the lr the sweep chose (none when every lr diverged; a dial
-    size has none). `finished` stores a run as it comes and returns the runs it unlocks, so no phase waits for
-    the one before."""
-
-    def __init__(self, args, store, results, this):
-        self.args, self.store, self.results, self.this = args, store, results, this
-        self.sweeps, self.n_run, self.start = {}, 0, time.time()
-        for s in make_specs(args):
-            self.sweeps.setdefault(dial_cell(s), []).append(s)
-
-    def done(self, spec):
-        return same_spec(self.store.runs.get(run_key(spec)), spec)
-
-    def follow_ups(self, cell, lr):
-        return make_specs(self.args, "seeds", {cell: lr})
-
-    def owed_follow_ups(self, cell):
-        """The cell's follow-ups once every run of its sweep is stored; [] before, and [] when every lr diverged."""
-        if not all(map(self.done, self.sweeps[cell])):
-            return []
-        chosen = best_runs([self.store.runs[run_key(s)] for s in self.sweeps[cell]], dial=len(cell) == 3)[cell][0]
-        return [] if chosen.get("diverged_at") is not None else self.follow_ups(cell, chosen["lr"])
-
-    def owed(self):
-        return [s for cell in self.sweeps for s in self.sweeps[cell] + self.owed_follow_ups(cell)]
-
-    def todo(self):
-        return [s for s in self.owed() if not self.done(s)]
-
-    def finished(self, record):
-        record["commit"] = self.results["meta"]["commit"]
-        self.n_run += 1
-        self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
-        self.store.save(self.results, record)
-        sweep_run = not record.get("dial") and record["seed"] == self.args.seeds[0]
-        return [s for s in self.owed_follow_ups((record["model"], record["task"])) if sweep_run and not self.done(s)]
-
-    def summary(self):
-        owed = self.owed()
-        stale = sum(run_key(s) in self.store.runs and not self.done(s) for s in owed)
-        later = sum(len(self.follow_ups(cell, None)) for cell in self.sweeps if not all(map(self.done,
-                                                                                            self.sweeps[cell])))
-        return (f"{sum(map(self.done, owed))} stored runs reused, {sum(not self.done(s) for s in owed)} to train now"
-                + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
-                + (f", {later} more once their cells' lr sweeps are done" if later else ""))
-
-
-def train_owed(schedule, workers, devices):
-    """Train every run the schedule owes, then those that other commands on the same folder claimed meanwhile
-    and left unfinished; a run another live command is training is waited for, never trained twice."""
-    todo, told = schedule.todo(), False
-    while todo:
-        run_all(todo, workers, devices, schedule.finished, schedule.store.claim)
-        others = schedule.store.sync()              # with the runs other commands stored meanwhile
-        todo = schedule.todo()
-        pids = sorted({others[run_key(s)] for s in todo if run_key(s) in others})
-        if pids:
-            if not told:
-                print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
-                      f"{', '.join(map(str, pids))}) is training in {schedule.args.out}: they will be reused, not "
-                      "trained again")
-            told = True
-            time.sleep(1)
-
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill PID`), raised in the main process so that it stops the command as Ctrl-C does."""
