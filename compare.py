@@ -412,11 +412,11 @@ PRESETS = {
 # The protocol: the runs a command asks for, the choice of learning rate, one run
 # ---------------------------------------------------------------------------------------------------------
 
-def task_models(args, t):
+def task_models(command, t):
     """The models that run task t: those asked for, or the task's own, or the preset's; a grid task only takes
     models that can read it bidirectionally."""
-    budget = PRESETS[args.preset]["tasks"][t]
-    names = args.models if args.chosen_models else (budget.models or args.models)
+    budget = PRESETS[command.preset]["tasks"][t]
+    names = command.models if command.chosen_models else (budget.models or command.models)
     return [m for m in names if not is_grid(t) or reads_grids(m)]
 
 
@@ -439,34 +439,35 @@ def spec_hash(spec):
     return hashlib.sha1(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def make_specs(args, phase="lr sweep", lr_by_cell=None):
+def make_specs(command, phase="lr sweep", lr_by_cell=None):
     """The runs of one phase: the lr sweep on the first seed, of each cell and of each of the dial's other state
     sizes (a size of its own may want another rate: more memory slots are more to train); then, at each cell's
     chosen lr, the other seeds (on the task's `seeded` models, the headline cells).
     --scale's runs also keep their trained weights, which it reads the long streams with."""
-    preset = PRESETS[args.preset]
-    seeds = args.seeds
+    preset = PRESETS[command.preset]
+    seeds = command.seeds
     specs = []
-    for t in args.tasks:
+    for t in command.tasks:
         b = preset["tasks"][t]
-        for m in task_models(args, t):
+        for m in task_models(command, t):
             if phase != "lr sweep" and (m, t) not in lr_by_cell:
                 continue
             options = model_config(preset, t, m)
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
-                        test=args.test_lengths or b.test, steps=args.steps or b.steps, batch_size=preset["batch_size"],
-                        eval_examples=preset["eval_examples"], protocol=PROTOCOL, device=args.device)
+                        test=command.test_lengths or b.test, steps=command.steps or b.steps,
+                        batch_size=preset["batch_size"], eval_examples=preset["eval_examples"], protocol=PROTOCOL,
+                        device=command.device)
             if b.segments:
                 base["test_segments"] = b.segments
             if phase == "lr sweep":
-                lrs = args.lrs
+                lrs = command.lrs
                 specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
                 specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
                           for option, values in b.dial.get(m, {}).items() for v in values for lr in lrs]
-            elif phase == "seeds" and (args.chosen_models or m in b.seeded):
+            elif phase == "seeds" and (command.chosen_models or m in b.seeded):
                 specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[1:]]
-    if args.scale:   # weights named by all that defines the run: other settings never read them
-        specs = [dict(s, out=args.out, weights=f"scale_weights/{s['model']}_{s['task']}_{spec_hash(s)}.pt")
+    if command.scale:   # weights named by all that defines the run: other settings never read them
+        specs = [dict(s, out=command.out, weights=f"scale_weights/{s['model']}_{s['task']}_{spec_hash(s)}.pt")
                  for s in specs]
     return specs
 
@@ -834,17 +835,17 @@ class Schedule:
     size has none). `finished` stores a run as it comes and returns the runs it unlocks, so no phase waits for
     the one before."""
 
-    def __init__(self, args, store, results, this):
-        self.args, self.store, self.results, self.this = args, store, results, this
+    def __init__(self, command, store, results, this):
+        self.command, self.store, self.results, self.this = command, store, results, this
         self.sweeps, self.n_run, self.start = {}, 0, time.time()
-        for s in make_specs(args):
+        for s in make_specs(command):
             self.sweeps.setdefault(dial_cell(s), []).append(s)
 
     def done(self, spec):
         return same_spec(self.store.runs.get(run_key(spec)), spec)
 
     def follow_ups(self, cell, lr):
-        return make_specs(self.args, "seeds", {cell: lr})
+        return make_specs(self.command, "seeds", {cell: lr})
 
     def owed_follow_ups(self, cell):
         """The cell's follow-ups once every run of its sweep is stored; [] before, and [] when every lr diverged."""
@@ -864,7 +865,7 @@ class Schedule:
         self.n_run += 1
         self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
         self.store.save(self.results, record)
-        sweep_run = not record.get("dial") and record["seed"] == self.args.seeds[0]
+        sweep_run = not record.get("dial") and record["seed"] == self.command.seeds[0]
         return [s for s in self.owed_follow_ups((record["model"], record["task"])) if sweep_run and not self.done(s)]
 
     def summary(self):
@@ -889,7 +890,7 @@ def train_owed(schedule, workers, devices):
         if pids:
             if not told:
                 print(f"waiting for {sum(run_key(s) in others for s in todo)} runs that another command (pid "
-                      f"{', '.join(map(str, pids))}) is training in {schedule.args.out}: they will be reused, not "
+                      f"{', '.join(map(str, pids))}) is training in {schedule.command.out}: they will be reused, not "
                       "trained again")
             told = True
             time.sleep(1)
@@ -1201,12 +1202,12 @@ def step_row(name, t, preset, device, graphs, steps=(5, 105)):
                 graphs=graphs, ms_per_step=(seconds[2] - seconds[1]) * 1e3 / (steps[1] - steps[0]))
 
 
-def step_bench(args, meta):
+def step_bench(command, meta):
     """--bench's first table: ms per training step of every model on STEP_TASKS, eager and (on CUDA) from CUDA
     graphs, each model alone on the device. A GPU measures the full preset's sizes, a CPU the smoke preset's."""
-    cuda = args.device.startswith("cuda")
+    cuda = command.device.startswith("cuda")
     on = {t: PRESETS[("full" if t in PRESETS["full"]["tasks"] else "depth") if cuda else "smoke"] for t in STEP_TASKS}
-    cells = [(m, t) for t in STEP_TASKS for m in (args.models if args.chosen_models else
+    cells = [(m, t) for t in STEP_TASKS for m in (command.models if command.chosen_models else
                                                    on[t]["tasks"][t].models or on[t]["models"])
              if not is_grid(t) or reads_grids(m)]
     rows = []
@@ -1215,8 +1216,8 @@ def step_bench(args, meta):
                "each model alone on the device")
     print(heading)
     for m, t in cells:
-        eager = step_row(m, t, on[t], args.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
-        fast = step_row(m, t, on[t], args.device, graphs=True) if cuda else None
+        eager = step_row(m, t, on[t], command.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
+        fast = step_row(m, t, on[t], command.device, graphs=True) if cuda else None
         rows.append(dict(eager, graphs_ms_per_step=fast["ms_per_step"] if fast else None))
         print(f"{m:16} {t}@{eager['length']} ({eager['tokens']} tokens): eager {eager['ms_per_step']:.1f} ms"
               + (f", CUDA graphs {fast['ms_per_step']:.2f} ms" if fast else ""), flush=True)
@@ -1262,14 +1263,14 @@ def shared_rate(n, m, t, device, steps=300):
     return n * steps / max(seconds)
 
 
-def bench(args, meta):
+def bench(command, meta):
     """--bench: the length table (every model at every length), then the training-step table and, on a GPU with the
     default models, how many processes should share it; printed as they go, saved as bench.json/.md/.png. The
     lengths go first so that their peak memory holds nothing left over from the training steps' CUDA graphs."""
-    cuda = args.device.startswith("cuda")
-    lengths = args.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
-    models = args.models if args.chosen_models else PRESETS["full"]["models"]
-    size = PRESETS[args.preset]["size"]
+    cuda = command.device.startswith("cuda")
+    lengths = command.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
+    models = command.models if command.chosen_models else PRESETS["full"]["models"]
+    size = PRESETS[command.preset]["size"]
     mib = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
     cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
         ["out of memory", "", "", ""] if r.get("oom") else
@@ -1284,25 +1285,25 @@ def bench(args, meta):
     rows = []
     for m in models:
         for T in lengths:
-            rows.append(bench_row(m, T, args.device, size))
+            rows.append(bench_row(m, T, command.device, size))
             if cuda:
                 torch.cuda.empty_cache()
             print(md_row(cells(rows[-1])), flush=True)
             if rows[-1].get("oom"):
                 break                    # longer sequences would not fit either
     print()
-    step_rows, step_table = step_bench(args, meta)
+    step_rows, step_table = step_bench(command, meta)
     sharing = None
-    if cuda and not args.chosen_models:   # how many runs should share one GPU: the default of --workers
-        sharing = {n: shared_rate(n, "ssm", "flipflop", args.device) for n in (1, 2, 4, 8, 16)}
+    if cuda and not command.chosen_models:   # how many runs should share one GPU: the default of --workers
+        sharing = {n: shared_rate(n, "ssm", "flipflop", command.device) for n in (1, 2, 4, 8, 16)}
         step_table += "\n\n" + md_table(["processes on one GPU", "steps/s, all together", "vs one"],
                                           [[n, f"{r:.0f}", f"{r / sharing[1]:.1f}x"] for n, r in sharing.items()])
     print(step_table, flush=True)
-    save_json(os.path.join(args.out, "bench.json"), dict(meta, size=size, rows=rows, step_rows=step_rows,
+    save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, step_rows=step_rows,
                                                          sharing=sharing))
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
+    with open(os.path.join(command.out, "bench.md"), "w") as f:
         f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", step_table]) + "\n")
-    plot(os.path.join(args.out, "bench.png"), [
+    plot(os.path.join(command.out, "bench.png"), [
         dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))
         for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),
                            ("train_mib", "fwd+bwd peak MiB")]], title=f"{meta['device_name']}, {meta['dtype']}")
@@ -1677,9 +1678,9 @@ def terminated(signum, frame):
     raise Terminated
 
 
-def stopped(stop, args, path, results, n_run):
+def stopped(stop, command, path, results, n_run):
     """What a stopped command says it kept; its exit status (130 for Ctrl-C, 143 for SIGTERM)."""
-    again, how = f"run the same command{' without --fresh' if args.fresh else ''}", (
+    again, how = f"run the same command{' without --fresh' if command.fresh else ''}", (
         " by SIGTERM" if isinstance(stop, Terminated) else "")
     if "streams" in results:   # the training is all stored; the reading starts over
         print(f"\nstopped{how} while reading streams: the {len(results['streams'])} rows read so far are saved in "
@@ -1693,17 +1694,17 @@ def stopped(stop, args, path, results, n_run):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if args.device == "cuda" else [args.device]
-    meta = dict(preset=args.preset, command=args.line, device=args.device,
+    command = parse_args(argv)
+    cuda = command.device.startswith("cuda")
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if command.device == "cuda" else [command.device]
+    meta = dict(preset=command.preset, command=command.line, device=command.device,
                 device_name=(f"{len(devices)} x " if len(devices) > 1 else "") + torch.cuda.get_device_name(devices[0])
                 if cuda else "CPU", torch=torch.__version__,
-                commit=git_commit(), dtype="bf16 autocast" if cuda else "fp32", lrs=args.lrs)
-    if args.bench:
-        return bench(args, meta)
-    path = os.path.join(args.out, f"{args.preset}.json")
-    store = Store(path, args.preset, args.fresh)
+                commit=git_commit(), dtype="bf16 autocast" if cuda else "fp32", lrs=command.lrs)
+    if command.bench:
+        return bench(command, meta)
+    path = os.path.join(command.out, f"{command.preset}.json")
+    store = Store(path, command.preset, command.fresh)
     results = {"meta": meta, "runs": store.runs}
     this = dict(id=f"{os.getpid()}@{time.time_ns()}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
                 device_name=meta["device_name"])
@@ -1712,26 +1713,28 @@ def main(argv=None):
     # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
     # graphed, and the host work.
     cores = usable_cores()   # never more workers than cores, whatever --workers asks (it says so)
-    meta["workers"] = workers = min(args.workers or (4 * len(devices) if cuda else 4), cores)
-    capped = f" (--workers {args.workers} is capped at the {cores} CPU cores)" if workers < (args.workers or 0) else ""
-    print(f"preset {args.preset!r} on {meta['device_name']} ({args.device}), {workers} worker(s){capped}; runs are "
-          f"saved in {path}")
+    meta["workers"] = workers = min(command.workers or (4 * len(devices) if cuda else 4), cores)
+    capped = (f" (--workers {command.workers} is capped at the {cores} CPU cores)"
+              if workers < (command.workers or 0) else "")
+    print(f"preset {command.preset!r} on {meta['device_name']} ({command.device}), {workers} worker(s){capped}; runs "
+          f"are saved in {path}")
 
-    schedule = Schedule(args, store, results, this)
+    schedule = Schedule(command, store, results, this)
     print(schedule.summary())
     sigterm = signal.signal(signal.SIGTERM, terminated)
     try:
         train_owed(schedule, workers, devices)
         runs = [store.runs[run_key(s)] for s in schedule.owed()]
-        if args.scale:   # read the long streams with the trained weights; each row is saved as it comes
-            print(f"reading streams of up to {max(args.stream_lengths or sum(SCALE['lengths'].values(), [])):,} tokens")
+        if command.scale:   # read the long streams with the trained weights; each row is saved as it comes
+            longest = max(command.stream_lengths or sum(SCALE["lengths"].values(), []))
+            print(f"reading streams of up to {longest:,} tokens")
             results["streams"] = []
-            read_streams(best_runs(runs), args.stream_lengths, args.device, args.out, results["streams"],
+            read_streams(best_runs(runs), command.stream_lengths, command.device, command.out, results["streams"],
                          functools.partial(store.save, results))
     except KeyboardInterrupt as stop:               # Ctrl-C, or SIGTERM: the workers are stopped by now
         if schedule.n_run:
             store.save(results)                     # (in case the stop came while the last run was being saved)
-        return stopped(stop, args, path, results, schedule.n_run)
+        return stopped(stop, command, path, results, schedule.n_run)
     finally:
         signal.signal(signal.SIGTERM, sigterm)
         store.release()
@@ -1739,17 +1742,17 @@ def main(argv=None):
                 runs_reused=len(runs) - schedule.n_run)
     this.update(wall_time_s=meta["wall_time_s"])
     store.save(results)
-    models = list(dict.fromkeys(m for t in args.tasks for m in task_models(args, t)))
-    text, figures = report(runs, meta, args.tasks, models)
-    if args.scale:   # its figure is the streams'; the runs' own test is only at the training length
+    models = list(dict.fromkeys(m for t in command.tasks for m in task_models(command, t)))
+    text, figures = report(runs, meta, command.tasks, models)
+    if command.scale:   # its figure is the streams'; the runs' own test is only at the training length
         streams_text, panels = streams_report(results["streams"])
         text, figures = text + "\n" + streams_text, {"streams": panels}
-    with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
+    with open(os.path.join(command.out, f"{command.preset}.md"), "w") as f:
         f.write(text)
     print(text)
     made = collections.Counter(f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs)   # not this command's
     for name, panels in figures.items():
-        plot(os.path.join(args.out, f"{args.preset}_{name}.png"), panels, "; ".join(
+        plot(os.path.join(command.out, f"{command.preset}_{name}.png"), panels, "; ".join(
             f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common()))
     return 0
 
