@@ -842,6 +842,7 @@ class Schedule:
             self.sweeps.setdefault(dial_cell(s), []).append(s)
 
     def done(self, spec):
+        """Whether a stored run has the whole spec."""
         return same_spec(self.store.runs.get(run_key(spec)), spec)
 
     def follow_ups(self, cell, lr):
@@ -861,6 +862,8 @@ class Schedule:
         return [s for s in self.owed() if not self.done(s)]
 
     def finished(self, record):
+        """Store a run this command trained (its count and wall time with it); the runs it unlocks: the cell's
+        other seeds, when it was the last of the cell's sweep."""
         record["commit"] = self.results["meta"]["commit"]
         self.n_run += 1
         self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
@@ -869,6 +872,7 @@ class Schedule:
         return [s for s in self.owed_follow_ups((record["model"], record["task"])) if sweep_run and not self.done(s)]
 
     def summary(self):
+        """One line: the runs reused, those to train now, and those owed once their cells' sweeps are stored."""
         owed = self.owed()
         stale = sum(run_key(s) in self.store.runs and not self.done(s) for s in owed)
         later = sum(len(self.follow_ups(cell, None)) for cell in self.sweeps if not all(map(self.done,
