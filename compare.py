@@ -1365,7 +1365,7 @@ class StreamGraphs:
 
 
 STREAM_GRAPHS = weakref.WeakKeyDictionary()   # model -> its StreamGraphs while the model lives
-GRAPH_SPAN = {rmt.RMT: 64 * 32, titans.Titans: 1024}   # tokens per replay: 64 RMT segments, 64 Titans chunks
+GRAPH_SPAN = {rmt.RMT: "segment_len", titans.Titans: "chunk_size"}   # a replay reads 64 segments or 64 chunks
 
 
 @torch.no_grad()
@@ -1380,7 +1380,8 @@ def scale_read(model, task, length, batch, piece, device, seed):
     if stream is None:                               # attention: one call on the whole sequence
         pieces = [tuple(torch.cat(t, dim=1) for t in zip(*pieces))]
     elif type(model) in GRAPH_SPAN and torch.device(device).type == "cuda":
-        stream = functools.partial(STREAM_GRAPHS.setdefault(model, StreamGraphs(GRAPH_SPAN[type(model)])), model)
+        span = 64 * getattr(model.config, GRAPH_SPAN[type(model)])   # never a segment or chunk cut in two
+        stream = functools.partial(STREAM_GRAPHS.setdefault(model, StreamGraphs(span)), model)
     right = scored = seconds = 0
     state = None
     for x, y in pieces:
