@@ -1026,7 +1026,8 @@ def report(runs, meta, task_names, model_names):
     def by_length(t, metric):   # a task's panel: a metric against test length (recall: content), a line per model
         return dict(title=t, xs=first[t]["test"], xlabel="key-value pairs" if t == "recall" else "test length",
                     lines={m: [at(rs, L, metric) for L in first[t]["test"]] for m, rs in cells[t]},
-                    ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], **ACCURACY)
+                    ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], mark_label="longest trained",
+                    **ACCURACY)
     made_on = sorted({f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs})
     trained = [c for c in meta.get("commands", []) if c.get("runs_run")]
     parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
