@@ -209,3 +209,25 @@ def test_trains_on_a_bench_task():
     compare.train(model, task, steps=100, batch_size=32, lr=1e-2, train_lengths=[32, 32])
     accuracy = compare.evaluate(model, task, 32, n_examples=256)["token_acc"]
     assert accuracy > 0.9, f"ssm on flip-flop after 100 steps: token accuracy {accuracy:.3f} (chance 0.5)"
+
+
+def test_the_scan_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """The bench trains under bf16 autocast on a GPU. The scan multiplies decays over hundreds of steps, so the layer
+    hands it float32 inputs with autocast off: its inputs and its own matmuls' outputs are all float32."""
+    import ssm
+    seen = []
+
+    def spy(x, dt, A, B, C, *args, **kwargs):
+        y, h = ssd_scan(x, dt, A, B, C, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):   # the same call with autocast surely off: the same numbers
+            y_off, _ = ssd_scan(x, dt, A, B, C, *args, **kwargs)
+        seen.append({**{name: t.dtype for name, t in dict(x=x, dt=dt, A=A, B=B, C=C, y=y, state=h).items()},
+                     "y as with autocast off": torch.equal(y, y_off)})
+        return y, h
+    monkeypatch.setattr(ssm, "ssd_scan", spy)
+    torch.manual_seed(0)
+    model = Mamba(MambaConfig(vocab_size=7, d_model=16, n_layers=1, chunk_size=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 7, (2, 9)))
+    assert len(seen) == 1 and all(d in (torch.float32, True) for d in seen[0].values()), \
+        f"ssm under bf16 autocast: the scan saw {seen}, not float32 throughout"

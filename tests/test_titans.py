@@ -339,3 +339,26 @@ def test_stream_in_pieces_equals_one_call(options):
     assert sum(t.numel() for t in compare.tensors(state)) == 2 * model.state_size(256)
     _, state = model.stream(x[:, :3])                              # fewer tokens than the window holds
     assert sum(t.numel() for t in compare.tensors(state)) == 2 * model.state_size(3)
+
+
+def test_the_memory_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """The bench trains under bf16 autocast on a GPU. The memory's inner gradient steps and gates compound over the
+    stream, so the layer hands the core float32 inputs with autocast off: inputs, weights and read all float32."""
+    import titans
+    seen = []
+
+    def spy(q, k, v, theta, eta, alpha, weights, *args, **kwargs):
+        y, state = neural_memory(q, k, v, theta, eta, alpha, weights, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):   # the same call with autocast surely off: the same numbers
+            y_off, _ = neural_memory(q, k, v, theta, eta, alpha, weights, *args, **kwargs)
+        tensors = dict(q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, y=y)
+        seen.append({**{name: t.dtype for name, t in tensors.items()}, "y as with autocast off": torch.equal(y, y_off),
+                     **{f"weights[{i}]": W.dtype for i, W in enumerate(weights + state[0] + state[1])}})
+        return y, state
+    monkeypatch.setattr(titans, "neural_memory", spy)
+    torch.manual_seed(0)
+    model = Titans(TitansConfig(vocab_size=7, d_model=16, n_layers=1, n_heads=2, chunk_size=4, window=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 7, (2, 9)))
+    assert len(seen) == 1 and all(d in (torch.float32, True) for d in seen[0].values()), \
+        f"titans under bf16 autocast: the memory saw {seen}, not float32 throughout"
