@@ -125,10 +125,23 @@ def test_saturated_gates_keep_the_gradients_finite(gate, logit, bf16):
 
 
 def test_bad_config_raises():
-    for bad in (dict(memory="deep"), dict(chunk_size=0), dict(max_grad_norm=0.0), dict(max_grad_norm=-1.0)):
-        with pytest.raises(ValueError):
+    """Each bad field is refused with a message that names it and the value given; the smallest good values pass."""
+    for bad, says in ((dict(memory="deep"), "memory.*'deep'"), (dict(chunk_size=0), "chunk_size.*0"),
+                      (dict(max_grad_norm=0.0), "max_grad_norm.*0.0"),
+                      (dict(max_grad_norm=-1.0), "max_grad_norm.*-1.0")):
+        with pytest.raises(ValueError, match=says):
             TitansConfig(**bad)
     TitansConfig(max_grad_norm=None)                                 # no clip at all is allowed
+    TitansConfig(chunk_size=1)                                       # exact online gradient descent
+
+
+@pytest.mark.parametrize("memory, expand, shapes", [("linear", 3, [(2, 8, 8)]), ("mlp", 3, [(2, 8, 24), (2, 24, 8)])])
+def test_the_memory_is_the_network_the_config_names(memory, expand, shapes):
+    """memory="linear" is one K x K matrix per head (the paper's linear memory); "mlp" is K -> expand*K -> K. Each
+    layer's starting weights are a parameter of that shape (H=2 heads, K=8 here)."""
+    model = Titans(TitansConfig(vocab_size=7, d_model=16, n_layers=1, n_heads=2, memory=memory, memory_expand=expand))
+    mem = next(m for m in model.modules() if isinstance(m, NeuralMemory))
+    assert [tuple(W.shape) for W in mem.memory_init] == shapes, f"titans memory={memory!r}: {mem.memory_init}"
 
 
 def test_gradcheck():
