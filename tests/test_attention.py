@@ -201,12 +201,16 @@ def test_init_is_gpt2s_with_the_residual_projections_scaled():
 
 
 def test_bad_config_raises():
-    with pytest.raises(ValueError):
+    """Each bad field is refused with a message naming it and the value given; the smallest good values pass."""
+    with pytest.raises(ValueError, match="d_model=30.*n_heads=4"):
         TransformerConfig(d_model=30, n_heads=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pos.*'alibi'"):
         TransformerConfig(pos="alibi")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="window.*0"):
         TransformerConfig(window=0)
-    with pytest.raises(ValueError, match="even"):               # RoPE's pairs; apply_rotary would make K + 1 channels
+    with pytest.raises(ValueError, match="head dim.*3.*even"):  # RoPE's pairs; apply_rotary would make K + 1 channels
         TransformerConfig(d_model=6, n_heads=2)
     TransformerConfig(d_model=6, n_heads=2, pos="none")         # without RoPE any head dim is fine
+    TransformerConfig(window=1)                                 # a token attends to itself alone
+    head_dim = TransformerConfig(d_model=12, n_heads=3).head_dim
+    assert head_dim == 4 and isinstance(head_dim, int), f"d_model=12, n_heads=3: head_dim {head_dim!r}, not 4"
