@@ -214,3 +214,12 @@ def test_bad_config_raises():
     TransformerConfig(window=1)                                 # a token attends to itself alone
     head_dim = TransformerConfig(d_model=12, n_heads=3).head_dim
     assert head_dim == 4 and isinstance(head_dim, int), f"d_model=12, n_heads=3: head_dim {head_dim!r}, not 4"
+
+
+def test_attention_is_causal_unless_told():
+    """The contract's defaults, attention(q, k, v, causal=True, window=None): a call without them is causal and sees
+    every earlier key."""
+    torch.manual_seed(GRADE_SEED)
+    q, k, v = (torch.randn(1, 2, 7, 4, dtype=torch.float64) for _ in range(3))
+    for fn in (attention, attention_ref):
+        close(fn(q, k, v), fn(q, k, v, causal=True, window=None), f"attention.{fn.__name__}(q, k, v): defaults", "BHTK")
