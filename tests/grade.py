@@ -358,6 +358,11 @@ def compare(cases, wanted, results):
             failures.append(f"{what1} dispatched {a['ops']} operations and {what2} {b['ops']}: "
                             f"{b['ops'] / a['ops']:.1f}x for 4x the length at the same number of chunks; it loops "
                             "over time steps (tests/test_cores.py, rule 2)")
+        if rule == "ops" and b["profiled"] > 2 * a["profiled"]:
+            failures.append(f"{what1} ran {a['profiled']} ATen operations and {what2} {b['profiled']} (PyTorch's "
+                            f"profiler): {b['profiled'] / a['profiled']:.1f}x for 4x the length at the same number "
+                            f"of chunks, while the dispatch counter saw {a['ops']} and {b['ops']}; it loops over time "
+                            "steps out of the counter's sight (tests/test_cores.py, rule 2)")
         if rule == "work" and b["elements"] > 8 * a["elements"]:
             failures.append(f"{what1} wrote {a['elements']:,} tensor elements and {what2} {b['elements']:,}: "
                             f"{b['elements'] / a['elements']:.1f}x for 4x the length; its work grows like T^2 "
@@ -365,13 +370,20 @@ def compare(cases, wanted, results):
     return failures
 
 
-def isolated(repo, seed, first):
+def isolated(repo, seed, first, modules=None):
     """Grade the submission in `repo` at one seed by the checks above; the counted and 'meta' cases only at the
-    first seed (they draw nothing from it). Returns the failures."""
-    cases = draw(seed) + (counted() if first else [])
+    first seed (they draw nothing from it); only the cases of `modules` when given (the tests' shortcut).
+    Returns the failures."""
+    cases = [(what, case) for what, case in draw(seed) + (counted() if first else [])
+             if modules is None or case["module"] in modules]
     for _, case in cases:
         case.setdefault("grad", "count" not in case)
-    wanted = expected(cases, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)              # tiny tensors: a second thread only waits (100x slower on a busy CPU)
+    try:
+        wanted = expected(cases, seed)
+    finally:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="grade-child-") as tmp:
         torch.save([case for _, case in cases], os.path.join(tmp, "cases.pt"))
         run = subprocess.run([sys.executable, os.path.realpath(__file__), "--child", os.path.join(tmp, "cases.pt"),
@@ -389,19 +401,27 @@ def isolated(repo, seed, first):
 def child(cases_path, results_path, repo):
     """In the child process: run each case on the submission's files in `repo`, save what it computed."""
     sys.path[:0] = [repo, os.path.join(repo, "tests")]
+    torch.set_num_threads(1)
+    from contextlib import nullcontext
     from test_cores import Calls, Trace
+    from torch.profiler import ProfilerActivity, profile
     from torch.utils._pytree import tree_flatten
     import importlib
-    results = []
+    results = []                              # (what the checks use is bound before the submission is imported)
     for case in torch.load(cases_path, weights_only=True):
         try:
             module = importlib.import_module(case["module"])
             device = case.get("device")
             fn, args, kwargs, leaves = prepared(module, case, device)
             trace, calls = Trace(device), Calls()
-            with calls, trace:
+            # The counted cases are also profiled: the profiler sees every ATen operation, those run with PyTorch's
+            # dispatch modes switched off (which hides them from Trace) included.
+            profiler = profile(activities=[ProfilerActivity.CPU]) if "count" in case else nullcontext()
+            with profiler, calls, trace:
                 outs = tree_flatten(fn(*args, **kwargs))[0]
             result = dict(ops=trace.ops, elements=trace.elements, off_device=sorted(set(trace.off_device)),
+                          profiled=sum(e.name.startswith("aten::") for e in profiler.events()) if "count" in case
+                          else 0,
                           sdpa="scaled_dot_product_attention" in calls.names,
                           devices=[str(t.device) for t in outs if isinstance(t, torch.Tensor)])
             if not device:

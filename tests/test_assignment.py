@@ -246,10 +246,11 @@ def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
         run.stderr
 
 
-def isolated(tmp_path, graded, seed=3):
-    """The grader's checks of a submission, which run it in a child process and compare here."""
+def isolated(tmp_path, graded, seed=3, modules=None):
+    """The grader's checks of a submission, which run it in a child process and compare here (only the cases of
+    `modules` when given)."""
     _, sealed = grade.copies({m: graded.get(m, source(m)) for m in ma.MODULES}, tmp_path)
-    return grade.isolated(sealed, seed, first=True)
+    return grade.isolated(sealed, seed, first=True, modules=modules)
 
 
 def test_correct_styles_pass_the_isolated_checks(tmp_path):
@@ -286,6 +287,49 @@ def test_calling_the_reference_in_any_spelling_fails(tmp_path):
     """An alias of attention_ref made at import, plus a dummy SDPA call: the reference raises in the child."""
     alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n    return _fast(q, k, v, causal, window)\n")
     alias = alias.replace("\n\n\n# ---", "\n\n\n_fast = attention_ref\n\n\n# ---", 2)
-    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), alias, "attention")[0]})
+    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), alias, "attention")[0]},
+                        modules={"attention"})
     assert failures and all("attention_ref is the reference loop" in f for f in failures
                             if f.startswith("attention.attention(")), failures[:3]
+
+
+LOOP = """        T, K = q.shape[-2], q.shape[-1]
+        out = []
+        for i in range(T):                                  # attention_ref's loop, written out: one query a step
+            first = 0 if window is None else max(0, i - window + 1)
+            last = i + 1 if causal else T if window is None else min(T, i + window)
+            scores = q[..., i:i + 1, :] @ k[..., first:last, :].transpose(-2, -1) / math.sqrt(K)
+            out.append(torch.softmax(scores, dim=-1) @ v[..., first:last, :])
+        return torch.cat(out, dim=-2)
+"""
+
+
+@pytest.mark.parametrize("body, caught", [
+    ("    import math\n    F.scaled_dot_product_attention(q, k, v)\n    with torch._C._DisableTorchDispatch():\n"
+     + LOOP, "out of the counter's sight"),
+    ("    from torch.utils._python_dispatch import _disable_current_modes\n    F.scaled_dot_product_attention(q, k, v)"
+     "\n    with _disable_current_modes():\n        return attention_ref(q, k, v, causal, window)\n",
+     "attention_ref is the reference loop"),
+], ids=["own_loop", "reference"])
+def test_a_loop_hidden_from_the_dispatch_counter_fails(tmp_path, body, caught):
+    """A core that switches PyTorch's dispatch modes off (so the counting mode sees nothing) around a loop over
+    time steps: its own loop is seen by the profiler (rule 2, counted a second way), the reference raises."""
+    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
+                                                              "attention")[0]}, modules={"attention"})
+    assert any(caught in f for f in failures), failures[:3]
+
+
+@pytest.mark.parametrize("look, caught", [
+    ('any("test_cores" in f.filename for f in inspect.stack())', "loops over time steps (tests/test_cores.py, rule 2)"),
+    ('any(f.function in ("child", "test_core_does_not_call_its_reference_or_loop_over_time") for f in '
+     'inspect.stack())', "values differ"),
+], ids=["cost_test", "grader_too"])
+def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tmp_path, look, caught):
+    """It reads the call stack for the cost test and answers there without the window (cheap, wrong); elsewhere it
+    loops over time steps. In the grader's child the cost test is not on the stack, so it loops and is counted;
+    one that looks for the grader's frames too answers cheaply there, and its values are compared."""
+    body = (f"    import inspect, math\n    if {look}:\n"
+            "        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)\n    if True:\n" + LOOP)
+    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
+                                                              "attention")[0]}, modules={"attention"})
+    assert any(caught in f for f in failures), failures[:3]
