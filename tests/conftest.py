@@ -48,3 +48,14 @@ def close(actual, expected, what, dims="", rtol=1e-10, atol=1e-10):
         f"{what}: {bad.sum().item()} of {bad.numel()} values differ{first}; the worst at [{where}] is "
         f"{actual.flatten()[worst].item():.6g}, expected {expected.flatten()[worst].item():.6g} (|diff| "
         f"{err.flatten()[worst].item():.3g}, allowed {atol:.0e} + {rtol:.0e} x |expected|)")
+
+
+def causal_logits(a, b, t, what, atol=1e-7):
+    """The logits a and b (B, T, V) of two inputs that differ from position t + 1 on: equal up to t (what differs,
+    the first wrong step and by how much, when the future leaks), and different after it (else the later tokens
+    are ignored)."""
+    close(a[:, :t + 1], b[:, :t + 1], f"{what}: the logits at positions 0..{t} changed when only tokens after {t} "
+          "did (the future leaks into the past)", "BTV", rtol=atol, atol=atol)
+    moved = (a[:, t + 1:] - b[:, t + 1:]).abs().max().item()
+    assert moved > 1e-6, (f"{what}: the logits after position {t} moved by at most {moved:.3g} when the tokens there "
+                          "changed: the model ignores its later tokens")

@@ -320,7 +320,8 @@ def test_a_loop_hidden_from_the_dispatch_counter_fails(tmp_path, body, caught):
 
 
 @pytest.mark.parametrize("look, caught", [
-    ('any("test_cores" in f.filename for f in inspect.stack())', "loops over time steps (tests/test_cores.py, rule 2)"),
+    ('any("test_cores" in f.filename for f in inspect.stack())',
+     "loops over time steps (tests/test_cores.py, rule 2)"),
     ('any(f.function in ("child", "test_core_does_not_call_its_reference_or_loop_over_time") for f in '
      'inspect.stack())', "values differ"),
 ], ids=["cost_test", "grader_too"])

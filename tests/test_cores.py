@@ -202,8 +202,13 @@ def test_model_runs_on_device(name, device):
     tokens = torch.randint(0, 13, (2, 12))
     try:
         out = model.to(device)(tokens.to(device))
-    except NotImplementedError:
-        raise
+    except NotImplementedError as e:
+        if "see the docstring" in str(e):
+            raise
+        raise AssertionError(f"{name}: the model failed on {device}: {str(e)[:200]}" + (
+            " (on 'meta' a tensor has no values: a core that reads one back, with .item(), .tolist(), int() or an "
+            "if on a tensor, cannot run there; the model's cores must not need to)" if device == "meta" else "")) \
+            from e
     except RuntimeError as e:
         raise AssertionError(f"{name}: the model failed on {device}: {e}") from e
     assert out.device.type == device, f"{name}: the logits came back on {out.device}, not {device}"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import GRADE_SEED, close
+from conftest import GRADE_SEED, causal_logits, close
 from attention import rotary
 from hrm import HRM, HRMConfig, training_memory
 
@@ -25,8 +25,13 @@ def test_segment_calls_L_and_H_in_order_and_only_the_last_updates_on_the_graph(g
         getattr(model, MODULE[name]).register_forward_hook(
             lambda m, inp, out, name=name: calls.append((name, out.requires_grad)))
     model.segment_logits(torch.randint(0, 7, (2, 5)), segments=1)
-    assert [c[0] for c in calls] == list("LLLHLLLH")      # N = 2 cycles of 3 L updates, then one H update
-    assert [c[1] for c in calls] == [False] * (8 - on_graph) + [True] * on_graph
+    order = "".join(c[0] for c in calls)
+    assert order == "LLLHLLLH", (f"hrm.HRM.segment ({gradient}) updated in the order {order}; the schedule is "
+                                 "LLLHLLLH (N = 2 cycles of 3 L updates, then one H update)")
+    graph = "".join("g" if c[1] else "-" for c in calls)
+    want = "-" * (8 - on_graph) + "g" * on_graph
+    assert graph == want, (f"hrm.HRM.segment ({gradient}): the updates on the autograd graph are {graph} (g: on it, "
+                           f"-: off), expected {want}, only the last {on_graph}")
 
 
 @pytest.mark.parametrize("gradient", ["one_step", "last_cycle"])
@@ -122,30 +127,42 @@ def test_carry_is_detached_between_segments():
     tokens = torch.randint(0, 7, (2, 9))
     x, rope, z_H, z_L = model.start(tokens)
     _, z_H, z_L = model.segment(x, z_H, z_L, rope)
-    assert not z_H.requires_grad and not z_L.requires_grad
+    attached = [name for name, z in (("z_H", z_H), ("z_L", z_L)) if z.requires_grad]
+    assert not attached, (f"hrm.HRM.segment returns {' and '.join(attached)} still on the autograd graph: the carry "
+                          "handed to the next segment must be detached (no gradient crosses segments)")
     second = model.segment(x, z_H.clone(), z_L.clone(), rope)[0]
     deep = model.segment_logits(tokens)
     assert len(deep) == 2
-    torch.testing.assert_close(deep[1], second, rtol=0, atol=1e-12)
-    params = list(model.parameters())
-    g_deep = torch.autograd.grad(deep[1].sum(), params)
-    g_ref = torch.autograd.grad(second.sum(), params)
-    for g, r in zip(g_deep, g_ref):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    close(deep[1], second, "hrm.HRM: segment 2's logits against segment 2 run alone from segment 1's states", "BTV",
+          rtol=0, atol=1e-12)
+    params = dict(model.named_parameters())
+    for what, logits in (("run after segment 1", deep[1]), ("run alone", second)):
+        assert logits.requires_grad, (f"hrm.HRM.segment: segment 2's logits ({what}) carry no gradient: the last "
+                                      "updates must run on the autograd graph")
+    g_deep = torch.autograd.grad(deep[1].sum(), list(params.values()), allow_unused=True)
+    g_ref = torch.autograd.grad(second.sum(), list(params.values()), allow_unused=True)
+    for name, g, r in zip(params, g_deep, g_ref):
+        assert (g is None) == (r is None), (f"hrm.HRM: the gradient of segment 2's loss w.r.t. {name} is "
+                                            f"{'missing' if g is None else 'there'} after segment 1 and "
+                                            f"{'missing' if r is None else 'there'} when segment 2 runs alone")
+        if g is not None:
+            close(g, r, f"hrm.HRM: the gradient of segment 2's loss w.r.t. {name}, after segment 1 against alone",
+                  rtol=0, atol=1e-12)
 
 
 def test_causal_mode_is_causal_and_grid_mode_is_not():
     tokens = torch.randint(0, 7, (2, 13))
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 7
-    causal = make(causal=True).eval()
+    model = make(causal=True).eval()
     with torch.no_grad():
-        a, b = causal(tokens, segments=3), causal(changed, segments=3)
-    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=1e-12)
-    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6
+        a, b = model(tokens, segments=3), model(changed, segments=3)
+    causal_logits(a, b, 7, "hrm.HRM(causal=True), 3 segments", atol=1e-12)
     grid = make(causal=False).eval()
     with torch.no_grad():
-        assert (grid(tokens)[:, :8] - grid(changed)[:, :8]).abs().max() > 1e-6
+        moved = (grid(tokens)[:, :8] - grid(changed)[:, :8]).abs().max().item()
+    assert moved > 1e-6, (f"hrm.HRM(causal=False): the logits at positions 0..7 moved by at most {moved:.3g} when "
+                          "the tokens after 7 changed: the grid mode must see the whole grid")
 
 
 def test_test_time_segments():
