@@ -319,6 +319,13 @@ def expected(cases, seed):
     return out
 
 
+# The letters of each output's dimensions (the glossary's), to name where a value differs; titans: y, then the
+# final weights and momentum, each (B, H, in, out).
+DIMS = {("attention", "attention"): ["BHTK"], ("ssm", "ssd_scan"): ["BTHK", "BHKN"],
+        ("titans", "neural_memory"): ["BHTK"] + ["BHIO"] * 4, ("rmt", "forward"): ["BTV", "BMD"],
+        ("rmt", "segment_step"): ["BTV", "BMD"], ("hrm", "forward"): ["BTV"]}
+
+
 def compare(cases, wanted, results):
     """The failures, one line each: values against the reference, gradients, the operation-count rules of
     tests/test_cores.py, SDPA, and the device."""
@@ -345,8 +352,10 @@ def compare(cases, wanted, results):
         try:
             (outs, grads), (g_outs, g_grads) = want, (got["outputs"], got["grads"])
             assert len(g_outs) == len(outs), f"{what}: {len(g_outs)} output tensors, expected {len(outs)}"
+            dims = DIMS.get((case["module"], case["call"]), [])
             for i, (a, b) in enumerate(zip(g_outs, outs)):
-                close(a, b, f"{what}: output {i}", rtol=1e-8, atol=1e-10)
+                close(a, b, f"{what}: output {i}", dims[i] if i < len(dims) and a.dim() == len(dims[i]) else "",
+                      rtol=1e-8, atol=1e-10)
             assert len(g_grads) == len(grads), f"{what}: no gradient reaches the inputs"
             for i, (a, b) in enumerate(zip(g_grads, grads)):
                 if (a is None) != (b is None):
