@@ -216,6 +216,74 @@ STYLES = {
 }
 
 
+# Five more, one per file, each graded at 20 seeds with README's command: attention's mask from tril with diagonal
+# offsets; ssd_scan in einsum, its log decays as cumsum differences, its state carried by a loop over chunks;
+# RMT's slots concatenated write-first, then reordered, its output split; Titans' G and f factored the other way,
+# the zero momentum from new_zeros; HRM's cycles unrolled, with both updates' arguments swapped.
+MORE_STYLES = {
+    "attention": submit("attention", """    T = q.shape[-2]
+    ones = torch.ones(T, T, dtype=torch.bool, device=q.device)
+    if window is None:
+        allowed = ones.tril() if causal else ones
+    elif causal:
+        allowed = ones.tril() & ~ones.tril(-window)                 # i - window < j <= i
+    else:
+        allowed = ones.tril(window - 1) & ones.triu(-(window - 1))   # |i - j| < window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+"""),
+    "ssm": submit("ssm", """    b, T, H, K = x.shape
+    N, Q = B.shape[-1], min(chunk_size, T)
+    pad = (-T) % Q
+    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    n = (T + pad) // Q
+    xs = (x * dt.unsqueeze(-1)).reshape(b, n, Q, H, K)
+    Bs, Cs = B.reshape(b, n, Q, N), C.reshape(b, n, Q, N)
+    cum = (dt * A).reshape(b, n, Q, H).cumsum(2)                # (b, n, Q, H): log decay since the chunk's start
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]        # [..., i, j, h] = cum_i - cum_j
+    L = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    y = torch.einsum("bcin,bcjn,bcijh,bcjhk->bcihk", Cs, Bs, L, xs)
+    own = torch.einsum("bcjn,bcjh,bcjhk->bchkn", Bs, torch.exp(cum[:, :, -1:] - cum), xs)
+    h = x.new_zeros(b, H, K, N) if initial_state is None else initial_state
+    entering = []
+    for c in range(n):                                          # the state from chunk to chunk
+        entering.append(h)
+        h = torch.exp(cum[:, c, -1])[:, :, None, None] * h + own[:, c]
+    y = y + torch.einsum("bcin,bchkn,bcih->bcihk", Cs, torch.stack(entering, 1), torch.exp(cum))
+    return y.reshape(b, n * Q, H, K)[:, :T], h
+"""),
+    "rmt": submit("rmt", """        M, s = c.n_mem, tokens.shape[1]
+        slots = torch.cat([memory + self.write_emb, memory + self.read_emb], dim=1)
+        x = torch.cat([slots[:, M:], self.embed(tokens), slots[:, :M]], dim=1)
+        rope = None
+        if c.pos == "rope":
+            rope = rotary(self.positions(s, tokens.device), c.block.head_dim)
+        for block in self.blocks:
+            x = block(x, rope)
+        read, segment, write = x.split([M, s, M], dim=1)
+        return self.head(self.norm(segment)), self.mem_norm(write)
+"""),
+    "titans": submit("titans", solution("titans")[0].replace(
+        "    momentum = tuple(torch.zeros_like(W) for W in weights) if momentum is None else momentum\n",
+        "    if momentum is None:\n        momentum = tuple(W.new_zeros(W.shape) for W in weights)\n").replace(
+        "G = (D_beta @ D_eta) * theta[..., None, :]", "G = D_beta @ (D_eta * theta.unsqueeze(-2))").replace(
+        "f = D_beta @ a ", "f = (D_beta * a.mT).sum(-1, keepdim=True)")),
+    "hrm": submit("hrm", """        c = self.config
+        _, n_grad = self.schedule()
+        total, done, grad = c.H_cycles * (c.L_cycles + 1), 0, torch.is_grad_enabled()
+        for _ in range(c.H_cycles):
+            for _ in range(c.L_cycles):
+                with torch.set_grad_enabled(grad and done >= total - n_grad):
+                    z_L = self.low(x + z_H, z_L, rope)
+                done += 1
+            with torch.set_grad_enabled(grad and done >= total - n_grad):
+                z_H = self.high(z_L, z_H, rope)
+            done += 1
+        return self.head(z_H), z_H.detach(), z_L.detach()
+"""),
+}
+
+
 def test_splice_carries_every_helper_and_keeps_the_rest_ours():
     """What a submission added or changed is graded as written, whatever its local names; what it left as
     handed out is this repository's; a blank left blank stays blank (never our solution)."""
@@ -253,8 +321,10 @@ def isolated(tmp_path, graded, seed=3, modules=None):
     return grade.isolated(sealed, seed, first=True, modules=modules)
 
 
-def test_correct_styles_pass_the_isolated_checks(tmp_path):
-    graded = {module: grade.splice(source(module), text, module)[0] for module, text in STYLES.items()}
+@pytest.mark.parametrize("styles", [STYLES, MORE_STYLES], ids=["helpers", "more"])
+def test_correct_styles_pass_the_isolated_checks(tmp_path, styles):
+    graded = {module: grade.splice(source(module), text, module)[0] for module, text in styles.items()}
+    assert styles is STYLES or all(graded[m] != source(m) for m in graded)     # every replace above took
     assert isolated(tmp_path, graded) == []
 
 
