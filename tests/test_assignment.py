@@ -284,6 +284,112 @@ MORE_STYLES = {
 }
 
 
+# And five in yet other ways: an additive -inf mask from torch.where in a helper with keyword-only arguments;
+# ssd_scan through a helper, its segment sums from repeat and where, the state across chunks in one product, and
+# each chunk's decays read off segment sums; RMT's step as a module function with keyword-only arguments and
+# functools.reduce over the Blocks; Titans reading each chunk inside the loop over chunks; HRM's early updates
+# under one torch.no_grad() in a helper method called with keywords, arguments given by name or summed first.
+KEYWORD_STYLES = {
+    "attention": submit("attention", """    mask = _bias(q.shape[-2], q.dtype, q.device, causal=causal, window=window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+""", helpers="""def _bias(T, dtype, device, *, causal, window):
+    # an additive mask: 0 where query i may see key j, -inf elsewhere
+    i, j = torch.arange(T, device=device).unsqueeze(1), torch.arange(T, device=device).unsqueeze(0)
+    ok = torch.full((T, T), True, device=device)
+    if causal:
+        ok = torch.where(j > i, False, ok)
+    if window is not None:
+        ok = torch.where((i - j).abs() >= window, False, ok)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(ok, zero, torch.tensor(float("-inf"), dtype=dtype, device=device))
+
+
+"""),
+    "ssm": submit("ssm", """    return _chunked(x, dt, A, B, C, Q=min(chunk_size, x.shape[1]), h0=initial_state)
+""", helpers="""def _stable_segsum(a):
+    # (..., C) -> (..., C, C): the sum of a over (j, i], -inf above the diagonal, summed segment by segment
+    C = a.shape[-1]
+    rep = a.unsqueeze(-1).repeat(*([1] * a.dim()), C)           # rep[..., k, j] = a[k]
+    strict = torch.tril(torch.ones(C, C, dtype=torch.bool, device=a.device), diagonal=-1)
+    sums = torch.cumsum(torch.where(strict, rep, torch.zeros_like(rep)), dim=-2)
+    keep = torch.tril(torch.ones(C, C, dtype=torch.bool, device=a.device))
+    return torch.where(keep, sums, torch.full_like(sums, float("-inf")))
+
+
+def _chunked(x, dt, A, B, C, *, Q, h0):
+    b, T, H, K = x.shape
+    N = B.shape[-1]
+    pad = (-T) % Q
+    if pad:
+        x, B, C = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    n = x.shape[1] // Q
+    u = torch.einsum("bthk,bth->bhtk", x, dt).reshape(b, H, n, Q, K)
+    Bc, Cc = B.reshape(b, 1, n, Q, N), C.reshape(b, 1, n, Q, N)
+    a = torch.einsum("bth,h->bht", dt, A).reshape(b, H, n, Q)
+    inner = torch.einsum("bzcin,bzcjn->bzcij", Cc, Bc) * _stable_segsum(a).exp()
+    y = torch.einsum("bhcij,bhcjk->bhcik", inner, u)
+    decay_out = _stable_segsum(F.pad(a, (0, 1)))[..., -1, :-1].exp()     # exp(a_{j+1} + ... + a_Q)
+    own = torch.einsum("bhcj,bhcjk,bzcjn->bhckn", decay_out, u, Bc)
+    start = x.new_zeros(b, H, K, N) if h0 is None else h0
+    totals = a.sum(-1)                                                   # (b, H, n)
+    mix = _stable_segsum(F.pad(totals, (1, 0))).exp()                    # (b, H, n+1, n+1)
+    states = torch.einsum("bhzs,bhskn->bhzkn", mix, torch.cat([start.unsqueeze(2), own], 2))
+    into = _stable_segsum(F.pad(a, (1, 0)))[..., 1:, 0].exp()            # exp(a_1 + ... + a_i)
+    y = y + torch.einsum("bhcin,bhckn,bhci->bhcik", Cc.expand(b, H, n, Q, N), states[:, :, :-1], into)
+    return y.permute(0, 2, 3, 1, 4).reshape(b, n * Q, H, K)[:, :T], states[:, :, -1]
+
+
+"""),
+    "rmt": submit("rmt", """        return _step(self, tokens=tokens, memory=memory)
+""", helpers="""def _step(model, *, tokens, memory):
+    # RMT.segment_step written as a function of the model
+    c, s = model.config, tokens.shape[-1]
+    M = memory.shape[1]
+    rope = rotary(model.positions(s, device=tokens.device), c.block.head_dim) if c.pos == "rope" else None
+    h = torch.cat((memory + model.read_emb, model.embed(tokens), memory + model.write_emb), 1)
+    h = functools.reduce(lambda h, block: block(h, rope), model.blocks, h)
+    return model.head(model.norm(h[:, M:-M])), model.mem_norm(h[:, -M:])
+
+
+""", before="import functools\n"),
+    "titans": submit("titans", solution("titans")[0].split("    starts = []")[0] + """    ys = []
+    for c in range(n):                                                            # over chunks: read, then update
+        last = C - 1 if c < n - 1 else (T - 1) % C
+        factors = memory_gradients(weights, k[:, :, c], v[:, :, c], max_grad_norm)
+        bc, fc, Gc = beta[:, :, c], f[:, :, c], G[:, :, c]
+        y = q[:, :, c]
+        for i, (W0, S0, (inp, err)) in enumerate(zip(weights, momentum, factors)):
+            y = bc * (y @ W0) + fc * (y @ S0) - ((y @ inp.mT) * Gc) @ err
+            if i < len(weights) - 1:
+                y = F.silu(y)
+        ys.append(y)
+        g_end = Gc[:, :, last, :, None]
+        c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]
+        b_end, f_end, a_end = (z[:, :, c, last:last + 1] for z in (beta, f, a))
+        weights, momentum = (tuple(b_end * W0 + f_end * S0 - inp.mT @ (g_end * err)
+                                   for W0, S0, (inp, err) in zip(weights, momentum, factors)),
+                             tuple(a_end * S0 - inp.mT @ (c_end * err) for S0, (inp, err) in zip(momentum, factors)))
+    return torch.cat(ys, dim=2)[:, :, :T], (weights, momentum)
+"""),
+    "hrm": submit("hrm", """        updates, n_grad = self.schedule()
+        early, late = updates[:len(updates) - n_grad], updates[len(updates) - n_grad:]
+        with torch.no_grad():
+            z_H, z_L = self._run(early, x=x, z_H=z_H, z_L=z_L, rope=rope)
+        z_H, z_L = self._run(late, x=x, z_H=z_H, z_L=z_L, rope=rope)
+        return self.head(z_H), z_H.detach(), z_L.detach()
+""").replace("    def segment(self, x, z_H, z_L, rope=None):", """    def _run(self, updates, *, x, z_H, z_L, rope):
+        for which in updates:
+            if which == "low":
+                z_L = self.low(z_L + z_H, x, rope=rope)
+            else:
+                z_H = self.high(injection=z_L, z=z_H, rope=rope)
+        return z_H, z_L
+
+    def segment(self, x, z_H, z_L, rope=None):""", 1),
+}
+
+
 def test_splice_carries_every_helper_and_keeps_the_rest_ours():
     """What a submission added or changed is graded as written, whatever its local names; what it left as
     handed out is this repository's; a blank left blank stays blank (never our solution)."""
@@ -321,7 +427,7 @@ def isolated(tmp_path, graded, seed=3, modules=None):
     return grade.isolated(sealed, seed, first=True, modules=modules)
 
 
-@pytest.mark.parametrize("styles", [STYLES, MORE_STYLES], ids=["helpers", "more"])
+@pytest.mark.parametrize("styles", [STYLES, MORE_STYLES, KEYWORD_STYLES], ids=["helpers", "more", "keywords"])
 def test_correct_styles_pass_the_isolated_checks(tmp_path, styles):
     graded = {module: grade.splice(source(module), text, module)[0] for module, text in styles.items()}
     assert styles is STYLES or all(graded[m] != source(m) for m in graded)     # every replace above took
