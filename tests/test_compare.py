@@ -949,3 +949,43 @@ def test_compare_reads_top_down():
     used_above = sorted({(use.id, node.lineno) for node in tree.body for use in ast.walk(node)
                          if isinstance(use, ast.Name) and defined.get(use.id, 0) > node.lineno})
     assert len(defined) > 40 and not used_above, f"used above their definition: {used_above}"
+
+
+@pytest.mark.parametrize("chosen", [True, False])
+def test_make_specs_sweeps_every_cell_and_dial_size_then_seeds_at_the_chosen_rate(chosen):
+    """The protocol's runs phase by phase. The sweep: every lr on the first seed, for each cell and for each of the
+    dial's sizes (its model options changed in that one field, the rest as the cell's). Then the other seeds at the
+    rate chosen for a cell, only for cells that were given one, and only on the task's seeded models unless the
+    models were named on the command line (the smoke preset seeds none)."""
+    argv = ["--preset", "smoke", "--tasks", "recall", "--lrs", "1e-3,3e-3", "--seeds", "0,1,2"]
+    command = compare.parse_args(argv + (["--models", "attention,ssm"] if chosen else []))
+    sweep = compare.make_specs(command)
+    base = {s["model"]: s for s in sweep if not s.get("dial") and s["lr"] == 1e-3}
+    assert all(s["protocol"] == compare.PROTOCOL and s["seed"] == 0 for s in sweep)
+    assert sorted(s["lr"] for s in sweep if s["model"] == "attention") == [1e-3, 3e-3]
+    dial = [s for s in sweep if s.get("dial")]
+    assert sorted((s["model"], s["lr"], s["dial"]["d_state"]) for s in dial) == [("ssm", 1e-3, 4), ("ssm", 3e-3, 4)]
+    for s in dial:
+        assert s["model_options"] == {**base["ssm"]["model_options"], "d_state": 4}, s["model_options"]
+        assert {k: v for k, v in s.items() if k not in ("dial", "model_options", "lr")} == \
+            {k: v for k, v in base["ssm"].items() if k not in ("model_options", "lr")}
+    seeds = compare.make_specs(command, "seeds", {("ssm", "recall"): 3e-3})
+    expected = [("ssm", 3e-3, 1), ("ssm", 3e-3, 2)] if chosen else []
+    assert [(s["model"], s["lr"], s["seed"]) for s in seeds] == expected
+    assert all(s["model_options"] == base["ssm"]["model_options"] and not s.get("dial") for s in seeds)
+
+
+def test_mean_spread_is_the_mean_and_half_the_range_over_seeds():
+    """The tables' cells: mean ± half of (highest - lowest), the ± only with two seeds or more; diverged seeds counted
+    beside, and a cell with no run at all empty."""
+    assert compare.mean_spread([0.2, 0.6, 0.4]) == "0.40±0.20"
+    assert compare.mean_spread([0.5, None]) == "0.50"
+    assert compare.mean_spread([0.3, compare.DIVERGED, 0.5]) == "0.40±0.10 (1 diverged)"
+    assert compare.mean_spread([compare.DIVERGED]) == compare.DIVERGED and compare.mean_spread([None]) == ""
+
+
+def test_a_grid_of_two_rates_has_edges():
+    """Either rate of a two-rate grid is an edge: the best may lie outside it."""
+    runs = [dict(model="m", task="t", lr=lr, seed=0, val_token_acc=acc, val_loss=1.0) for lr, acc in ((1e-3, 0.9),
+                                                                                                    (3e-3, 0.5))]
+    assert compare.edge_cells(runs, compare.best_runs(runs)) == {("m", "t")}
