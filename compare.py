@@ -1058,15 +1058,18 @@ def report(runs, meta, task_names, model_names):
                          for t in sequence_tasks]), ""]
     for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
         points = [(m, "default", rs) for m, rs in cells[t]] + [
-            (m, ", ".join(f"{k}={v}" for k, v in size) + f" (lr {rs[0]['lr']:g})", rs)
+            (m, ", ".join(f"{k}={v}" for k, v in size), rs)
             for (m, task, size), rs in best_runs(runs, dial=True).items() if task == t and m in model_names]
 
         def state(rs):   # the state floats at the largest content
             return rs[0]["state_size"][str(first[t]["test"][-1])]
+
+        def accuracy(rs):
+            return [at(rs, L, "token_acc") for L in first[t]["test"]]
         points.sort(key=lambda p: (model_names.index(p[0]), state(p[2])))
-        dial = dict(by_length(t, "token_acc"), lines={(m, size, f"{state(rs):,}"): [at(rs, L, "token_acc")
-                                                                                 for L in first[t]["test"]]
-                                                       for m, size, rs in points})
+        dial = dict(by_length(t, "token_acc"), lines={   # a dial size's row names the rate its own sweep chose
+            (m, size if size == "default" else f"{size} (lr {rs[0]['lr']:g})", f"{state(rs):,}"): accuracy(rs)
+            for m, size, rs in points})
         figures.setdefault("dial", []).append(dict(dial, title=f"the dial: {t}, accuracy against content"))
         if t == "recall" and "flipflop" in first:   # the trade-off in one picture: the dial beside a long stream
             ff = by_length("flipflop", "token_acc")
@@ -1075,8 +1078,8 @@ def report(runs, meta, task_names, model_names):
                 dict(dial, title="Copying: recall as the content grows", marks=[], legend=2,
                      xlabel="key-value pairs to recall (log scale; chance is ~0)",
                      ylabel="token accuracy (band: lowest to highest seed)",
-                     lines={(m, f"{size.split(' (lr')[0].replace('default', 'default size')}: {state(rs):,} state "
-                                "floats"): [at(rs, L, "token_acc") for L in first[t]["test"]] for m, size, rs in by_size}),
+                     lines={(m, f"{size.replace('default', 'default size')}: {state(rs):,} state floats"): accuracy(rs)
+                            for m, size, rs in by_size}),
                 dict(ff, title="Filtering: flip-flop as the stream grows", legend=3, chance=0.5,
                      xlabel="stream length in tokens (log scale)", mark_label="longest training stream",
                      ylabel="token accuracy (band: lowest to highest seed)")]
