@@ -48,7 +48,8 @@ def test_smoke_preset_end_to_end(tmp_path):
     text = (tmp_path / "smoke.md").read_text()
     assert "| attention |" in text and "copy@" in text and "| hrm | 3x3 |" in text
     assert "## The dial on recall" in text and "| ssm | d_state=4 (lr 0.003) |" in text and "## BABILong" in text
-    assert (tmp_path / "smoke_segments.png").exists() == (compare.pyplot() is not None)
+    assert all((tmp_path / f"smoke_{name}.png").exists() == (compare.pyplot() is not None)
+               for name in ("segments", "tradeoff"))   # the trade-off: recall's dial beside flip-flop
 
 
 def test_runs_go_to_an_untracked_folder_by_default():
