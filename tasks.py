@@ -12,6 +12,8 @@ seed always gives the same batch. Nothing is downloaded; `python tasks.py` print
   flipflop        remember the last written bit in a noisy stream  filtering (Liu et al., arXiv 2306.00946)
   selective_copy  reproduce data tokens scattered in noise         both      (Mamba §4.1, arXiv 2312.00752)
   babilong        where is a person / object, facts lost in noise  filtering (BABILong, arXiv 2406.10149)
+  babilong_qa1    babilong's person questions alone, 2-10 moves    filtering (bAbI task 1, arXiv 1502.05698)
+  babilong_qa2    babilong's object questions alone, 2-10 facts    filtering (bAbI task 2, arXiv 1502.05698)
   maze            mark the shortest path through a perfect maze    depth     (HRM, arXiv 2506.21734)
 
 The maze is a grid task, not a next-token one: x is the whole grid, y marks the path on it, and models read
@@ -259,6 +261,9 @@ class BabiLong:
     Persons move repeatedly, so the latest fact wins. Questions, asked after all facts:
       `? P =` where is person P (qa1: their last move);
       `? O =` where is object O (qa2: its holder's place now, or where it was dropped), a two-fact chain.
+    qa=1 tells stories of moves only and asks qa1 (bAbI's task 1, "single supporting fact"); qa=2 always asks
+    qa2, its second fact a grab so that some object has a story (bAbI's task 2, "two supporting facts"); qa=None
+    mixes them (moves, grabs and drops alike; an object question half the time when there is one).
     The answer, one of the places, is scored at the `=` token. `sample_with_depth` also returns, per example,
     the relative depth in [0, 1) of the deciding fact (0 = the start of the stream), for accuracy by depth.
 
@@ -268,9 +273,13 @@ class BabiLong:
         . P1 move L3 . P0 move L1 . P1 grab O2 P1 move L0 . . ? O2 =->L0
     """
 
-    def __init__(self, n_persons=4, n_places=6, n_objects=4, n_noise=16, min_facts=2, max_facts=8):
+    def __init__(self, n_persons=4, n_places=6, n_objects=4, n_noise=16, min_facts=2, max_facts=8, qa=None):
         if not 1 <= min_facts <= max_facts:
             raise ValueError(f"babilong needs 1 <= min_facts <= max_facts, got {min_facts}, {max_facts}")
+        if qa not in (None, 1, 2) or qa == 2 and min_facts < 2:
+            raise ValueError(f"babilong: qa is None, 1 or 2 (qa=2 with min_facts >= 2), got qa={qa}, "
+                             f"min_facts={min_facts}")
+        self.qa = qa
         self.min_facts, self.max_facts = min_facts, max_facts
         self.n_persons, self.n_places, self.n_objects = n_persons, n_places, n_objects
         self.names = ["."] * n_noise
@@ -299,6 +308,8 @@ class BabiLong:
             free = [o for o in range(self.n_objects) if o not in holder]
             held = list(holder)
             kind = rand(3) if where else 0                         # the first fact is always a move
+            if self.qa == 1 or self.qa == 2 and f == 1:
+                kind = 0 if self.qa == 1 else 1                    # qa1: moves only; qa2: a grab second
             if kind == 1 and free:
                 p, o = list(where)[rand(len(where))], free[rand(len(free))]
                 holder[o], obj_fact[o] = p, f
@@ -312,7 +323,7 @@ class BabiLong:
                 p, place = rand(self.n_persons), rand(self.n_places)
                 where[p], last_move[p] = place, f
                 facts.append((self.person[p], self.move, self.place[place]))
-        if obj_fact and rand(2):                                  # qa2: where is an object
+        if obj_fact and (self.qa == 2 or self.qa is None and rand(2)):   # qa2: where is an object
             o = list(obj_fact)[rand(len(obj_fact))]
             if o in holder:
                 p = holder[o]
@@ -335,6 +346,10 @@ class BabiLong:
         # free or held objects) is the argmax of random scores with the others masked out.
         kind = torch.randint(0, 3, (B, S), generator=g)           # 0 move, 1 grab, 2 drop: what is tried
         kind[:, 0] = 0                                            # the first fact is always a move
+        if self.qa == 1:
+            kind.zero_()                                          # qa1: moves only
+        elif self.qa == 2:
+            kind[:, 1] = 1                                        # qa2: the second fact a grab (always possible)
         try_grab, try_drop = kind == 1, kind == 2
         mover = torch.randint(0, self.n_persons, (B, S), generator=g)
         place = torch.randint(0, self.n_places, (B, S), generator=g)
@@ -368,6 +383,8 @@ class BabiLong:
                                slot[:, None], -1).amax(1)
         # The question: qa2 (an object) half the time when some object has a fact, else qa1 (a person who moved).
         qa2 = (obj_fact >= 0).any(1) & (torch.randint(0, 2, (B,), generator=g) == 1)
+        if self.qa is not None:
+            qa2.fill_(self.qa == 2)
         o = torch.rand(B, self.n_objects, generator=g).masked_fill(obj_fact < 0, -1).argmax(1)
         asked = torch.rand(B, self.n_persons, generator=g).masked_fill(last_move < 0, -1).argmax(1)
         # The answer is a person's place: qa1 the asked one's now; qa2 the place of the object's latest fact's
@@ -576,13 +593,15 @@ TASKS = {
     "flipflop_sparse": partial(FlipFlop, p_ignore=0.98),
     "selective_copy": SelectiveCopy,
     "babilong": BabiLong,
+    "babilong_qa1": partial(BabiLong, qa=1, max_facts=10),   # bAbI's qa1 and qa2 told apart, with 2-10 facts
+    "babilong_qa2": partial(BabiLong, qa=2, max_facts=10),
     "maze": Maze,
 }
 
 
 if __name__ == "__main__":
     lengths = {"copy": 5, "mqar": 40, "recall": 4, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
-               "babilong": 40, "maze": 4}
+               "babilong": 40, "babilong_qa1": 40, "babilong_qa2": 40, "maze": 4}
     for name, make in TASKS.items():
         n = lengths[name]
         task = make(canvas=9) if name == "maze" else make()

@@ -9,7 +9,7 @@ import torch
 from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
 
 LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60,
-           "maze": 5}
+           "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
@@ -79,7 +79,7 @@ def oracle_babilong(task, x, t):
 
 ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "flipflop": oracle_flipflop,
            "flipflop_sparse": oracle_flipflop, "selective_copy": oracle_selective_copy,
-           "babilong": oracle_babilong}
+           "babilong": oracle_babilong, "babilong_qa1": oracle_babilong, "babilong_qa2": oracle_babilong}
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -154,7 +154,8 @@ def test_recall_at_zoologys_difficulty():
 @pytest.mark.parametrize("seed, batch_size", [(0, 1), (1, 7), (2, 33), (3, 129)])
 @pytest.mark.parametrize("options, length", [({}, 27), ({}, 301),
                                              (dict(n_persons=2, n_objects=2, min_facts=1, max_facts=12), 50),
-                                             (dict(n_persons=1, n_places=1, n_objects=1), 40)])
+                                             (dict(n_persons=1, n_places=1, n_objects=1), 40),
+                                             (dict(qa=1, max_facts=10), 64), (dict(qa=2, max_facts=10), 33)])
 def test_babilong_replayed_stories_give_the_answer_and_the_depth(seed, batch_size, options, length):
     """The batch is drawn all at once with tensor ops; replayed one example at a time in plain Python, each
     story must be possible fact by fact and give the answer y and the depth of the deciding fact. Dense (no
@@ -189,6 +190,31 @@ def test_babilong_batches_tell_the_stories_of_story():
     ref, batch = torch.tensor(ref, dtype=torch.float64), batch.double()
     error = ((ref.var(0) + batch.var(0)) / n).sqrt()
     assert ((ref.mean(0) - batch.mean(0)).abs() < 5 * error).all(), (ref.mean(0), batch.mean(0))
+
+
+@pytest.mark.parametrize("qa", [1, 2])
+def test_babilong_qa1_and_qa2_are_what_they_say_and_story_agrees(qa):
+    """qa1: moves only and a person asked about, every time; qa2: an object asked about every time, the second
+    fact its first grab. `_story` tells the same kind of story (the batched sampler's distribution is checked
+    against it above for the mix; here the facts' kinds and the question)."""
+    task = TASKS[f"babilong_qa{qa}"]()
+    assert (task.min_facts, task.max_facts) == (2, 10)
+    x, y = task.sample(500, 40, seed=qa)
+    asked = x[:, -2]
+    g = torch.Generator().manual_seed(qa)
+    stories = [task._story(k, g) for k in range(2, 11) for _ in range(20)]
+    if qa == 1:
+        assert not ((x == task.grab) | (x == task.drop)).any() and all(a in task.person for a in asked.tolist())
+        assert all(v == task.move for facts, *_ in stories for _, v, _ in facts)
+        assert all(e in task.person for _, e, _, _ in stories)
+    else:
+        assert all(a in task.object for a in asked.tolist())
+        assert all(facts[1][1] == task.grab and e in task.object for facts, e, _, _ in stories)
+        assert ((x == task.grab).sum(1) >= 1).all()
+    with pytest.raises(ValueError, match="qa"):
+        BabiLong(qa=2, min_facts=1)
+    with pytest.raises(ValueError, match="qa"):
+        BabiLong(qa=3)
 
 
 def test_babilong_depth_points_at_the_deciding_fact():
