@@ -351,6 +351,7 @@ class Budget:
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
+BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 1-2 up to 8-16 segments
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
 PRESETS = {
     "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
@@ -400,11 +401,13 @@ PRESETS = {
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                            options=dict(canvas=17, n_train=1000, min_path=30)),
         }),
-    "scale": dict(  # --scale trains these (the full preset's budgets), keeps their weights, then reads SCALE's streams
+    "scale": dict(  # --scale trains these, keeps their weights, then reads SCALE's streams. BABILong's qa1 and qa2
+        # rise through RMT's segment curriculum to 16 segments of 32 tokens (RMT's BABILong runs: 1 to 32 of 512)
         models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=128,
-        lrs=[1e-3, 3e-3], seeds=[0], eval_examples=256, tasks={   # two rates keep it short: the task is learnt
+        lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
-            "babilong": Budget(train=CURRICULUM, test=[256], steps=500)}),
+            "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2000),
+            "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2000)}),
 }
 
 
@@ -973,7 +976,8 @@ def plot(path, panels, title=None):
                         label=", ".join(map(str, label)), zorder=3 + len(p["lines"]) - len(drawn))   # first on top
             spread = [(x, min(n), max(n)) for x, v in zip(p["xs"], values)
                       if len(n := [a for a in v if isinstance(a, (int, float))]) > 1]
-            if spread:   # the band: the lowest and highest seed
+            spread += [(x, *band) for x, band in zip(p["xs"], p.get("intervals", {}).get(label[0], [])) if band]
+            if spread:   # the band: the lowest and highest seed, or a panel's intervals
                 ax.fill_between(*zip(*spread), color=colour, alpha=0.15, lw=0)
             drawn.append(label[0])
         for mark in p.get("marks", []):   # a length, or (length, model): drawn in the model's colour
@@ -1100,14 +1104,16 @@ def report(runs, meta, task_names, model_names):
                                     ylabel="exact match", **ACCURACY)]
         parts += [f"## {t}: exact match against test-time segments", "",
                   table(figures["segments"], first=("model", "size")), ""]
-    if "babilong" in first:   # one row per (model, length); one panel per length in the figure
-        quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
-                        ylabel="exact match", **ACCURACY)
-        lengths = first["babilong"]["test"]
-        depth = {(m, L): [at(rs, L, "by_depth", k) for k in range(4)] for m, rs in cells["babilong"] for L in lengths}
-        figures["depth"] = [dict(quarters, title=f"babilong@{L}", lines={m: v for (m, at_L), v in depth.items()
-                                                                          if at_L == L}) for L in lengths]
-        parts += ["## BABILong: exact match by the depth of the deciding fact", "",
+    quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
+                    ylabel="exact match", **ACCURACY)
+    for t in [t for t in sequence_tasks if any("by_depth" in v for _, rs in cells[t] for r in rs
+                                               for v in r.get("metrics", {}).values())]:   # the BABILongs
+        lengths = first[t]["test"]   # one row per (model, length); one panel per length in the figure
+        depth = {(m, L): [at(rs, L, "by_depth", k) for k in range(4)] for m, rs in cells[t] for L in lengths}
+        figures.setdefault("depth", []).extend(
+            dict(quarters, title=f"{t}@{L}", lines={m: v for (m, at_L), v in depth.items() if at_L == L})
+            for L in lengths)
+        parts += [f"## {t}: exact match by the depth of the deciding fact", "",
                   table([dict(quarters, lines=depth, names=["0-25%", "25-50%", "50-75%", "75-100%"])],
                         first=("model", "length")), ""]
     rows = []   # the cost of each cell, at its chosen lr
@@ -1319,10 +1325,11 @@ def bench(command, meta):
 
 
 SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
-    lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],   # babilong stops at 1M: its 8 sequences
-                 babilong=[16_384, 131_072, 1_048_576]),              # of 11M would take the run past 10 min
-    examples=dict(flipflop=1, babilong=8),   # sequences read side by side (flip-flop scores ~T/10 reads in each,
-                                             # BABILong one answer per sequence)
+    lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],
+                 babilong_qa1=[16_384, 131_072, 1_048_576, 11_000_000],
+                 babilong_qa2=[16_384, 131_072, 1_048_576, 11_000_000]),
+    examples=dict(flipflop=1, babilong_qa1=64, babilong_qa2=64),   # streams read side by side (flip-flop scores
+                                                  # ~T/10 reads in each, BABILong one answer per stream)
     piece=16_384,            # tokens per `stream` call and per generated piece: the host never holds more
     attention_cap_s=30.0)    # attention stops at the first length whose one call would take longer (predicted)
 
@@ -1376,8 +1383,9 @@ GRAPH_SPAN = {rmt.RMT: "segment_len", titans.Titans: "chunk_size"}   # a replay 
 def scale_read(model, task, length, batch, piece, device, seed):
     """Read `batch` test streams of `length` tokens, made piece by piece by `task.pieces`: recurrent models call
     `model.stream` on each piece with the state carried, attention reads the whole sequence in one call.
-    Returns token accuracy, scored positions, tokens per second of model time (all sequences together) and
-    the peak GPU memory in MiB (None on CPU)."""
+    Returns token accuracy, scored positions, exact match per stream and, where the task gives depths (BABILong),
+    exact match in four bins of the deciding fact's depth; tokens per second of model time (all streams
+    together) and the peak GPU memory in MiB (None on CPU)."""
     peak_mib(device, start=True)
     pieces = task.pieces(batch, length, piece, seed, device)
     stream = getattr(model, "stream", None)
@@ -1386,8 +1394,7 @@ def scale_read(model, task, length, batch, piece, device, seed):
     elif type(model) in GRAPH_SPAN and torch.device(device).type == "cuda":
         span = 64 * getattr(model.config, GRAPH_SPAN[type(model)])   # never a segment or chunk cut in two
         stream = functools.partial(STREAM_GRAPHS.setdefault(model, StreamGraphs(span)), model)
-    right = scored = seconds = 0
-    state = None
+    wrong, scored, seconds, state = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long), 0, None
     for x, y in pieces:
         start = time.perf_counter()
         with autocast(device):
@@ -1396,10 +1403,27 @@ def scale_read(model, task, length, batch, piece, device, seed):
         peak_mib(device)   # waits for the GPU to finish
         seconds += time.perf_counter() - start
         mask = y != tasks.IGNORE
-        right += ((pred == y) & mask).sum().item()
-        scored += mask.sum().item()
-    return dict(token_acc=right / max(scored, 1), scored=scored, tokens_per_s=batch * length / seconds,
-                seconds=round(seconds, 2), peak_mib=peak_mib(device))
+        wrong += ((pred != y) & mask).sum(1).cpu()
+        scored += mask.sum(1).cpu()
+    exact = (wrong == 0) & (scored > 0)
+    row = dict(token_acc=(scored.sum().item() - wrong.sum().item()) / max(scored.sum().item(), 1),
+               scored=scored.sum().item(),
+               exact=exact.sum().item() / max((scored > 0).sum().item(), 1), tokens_per_s=batch * length / seconds,
+               seconds=round(seconds, 2), peak_mib=peak_mib(device))
+    if hasattr(task, "depths"):
+        bins = (task.depths(batch, length, seed) * 4).long().clamp(0, 3)
+        row["by_depth"] = [exact[bins == k].float().mean().item() if (bins == k).any() else None for k in range(4)]
+        row["depth_counts"] = torch.bincount(bins, minlength=4).tolist()
+    return row
+
+
+def wilson(p, n, z=1.96):
+    """The 95% Wilson interval of a proportion p seen in n independent trials (Wilson 1927): (low, high)."""
+    if n == 0:
+        return 0.0, 1.0
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(
+        p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def read_streams(best, lengths, device, out, rows, save):
@@ -1407,8 +1431,9 @@ def read_streams(best, lengths, device, out, rows, save):
     at a time so that time and memory are its own, until it meets a wall. Each row is added to `rows`, then save()."""
     cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
     for (m, t), rs in best.items():
+        trained = stages(rs[0]["train"])[-1][1]
         if rs[0].get("diverged_at") is not None:                  # every lr diverged: nothing to read with
-            rows.append(dict(model=m, task=t, length=CURRICULUM[-1][1], batch=0, state_floats=None,
+            rows.append(dict(model=m, task=t, length=trained, trained=trained, batch=0, state_floats=None,
                              wall="every learning rate diverged in training"))
             save()
             continue
@@ -1419,7 +1444,7 @@ def read_streams(best, lengths, device, out, rows, save):
         batch, last, lengths_t = SCALE["examples"][t], None, lengths or SCALE["lengths"][t]
         scale_read(model, task, min(2 * piece, lengths_t[0]), batch, piece, device, seed=1)   # warm-up, CUDA graphs
         for L in lengths_t:
-            row = dict(model=m, task=t, length=L, batch=batch, state_floats=model.state_size(L))
+            row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L))
             predicted = last[1] * (L / last[0]) ** 2 if last else 0      # attention: time grows as T^2
             if not hasattr(model, "stream") and predicted > cap:
                 row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
@@ -1439,27 +1464,48 @@ def read_streams(best, lengths, device, out, rows, save):
 
 
 def streams_report(rows):
-    """The table of --scale's reading, and its figure: accuracy per task and peak memory against length."""
+    """The tables of --scale's reading, and its figure: accuracy (with its 95% interval) per task and peak memory
+    against length. BABILong scores one answer per stream, so its interval is over the streams read."""
+    def accuracy(r):
+        low, high = wilson(r["token_acc"], r["scored"])
+        return f"{r['token_acc']:.3f} [{low:.2f}, {high:.2f}]"
     cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
         [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
-        [f"{r['token_acc']:.3f}", f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
+        [accuracy(r), f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [
             "-" if r["state_floats"] is None else f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
-    panels = [dict(title=f"{t} (trained <= {CURRICULUM[-1][1]}; dotted: a wall)", xlabel="test length (tokens)",
-                   ylabel="token accuracy", marks=[(r["length"], r["model"]) for r in rows if r["task"] == t
-                                                   and r.get("wall")],
-                   **series(rows, "token_acc", task=t), **ACCURACY) for t in task_names]
+    trained = {r["task"]: r.get("trained", CURRICULUM[-1][1]) for r in rows}
+    panels = []
+    for t in task_names:
+        panel = dict(title=f"{t} (trained <= {trained[t]:,})", xlabel="test length (tokens)",
+                     ylabel="accuracy (band: 95% interval)", marks=[(r["length"], r["model"]) for r in rows
+                                                                   if r["task"] == t and r.get("wall")],
+                     **series(rows, "token_acc", task=t), **ACCURACY)
+        panel["intervals"] = {m: [wilson(r["token_acc"], r["scored"]) if r else None for r in
+                                  [next((r for r in rows if (r["task"], r["model"], r["length"]) == (t, m, x)
+                                         and not r.get("wall")), None) for x in panel["xs"]]]
+                              for m in panel["lines"]}
+        panels.append(panel)
     panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
                        yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
+    deep = [r for r in rows if r.get("by_depth")]
+    depth_table = ["### Exact match by the depth of the deciding fact (streams in each quarter)", "", md_table(
+        ["model", "task", "length", "0-25%", "25-50%", "50-75%", "75-100%"],
+        [[r["model"], r["task"], f"{r['length']:,}"] + ["-" if v is None else f"{v:.2f} ({n})"
+                                                         for v, n in zip(r["by_depth"], r["depth_counts"])]
+         for r in deep]), ""] if deep else []
     return "\n".join([
-        f"## Streams: read with the weights trained above (at <= {CURRICULUM[-1][1]} tokens)", "",
+        "## Streams: read with the weights trained above (" + ", ".join(
+            f"{t} at <= {n:,} tokens" for t, n in trained.items()) + ")", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
         f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
-        " runs out of memory. tokens/s counts model time only, for all the sequences read side by side (batch); peak"
+        " runs out of memory. Accuracy is over the scored positions (one per BABILong stream, so its 95% Wilson "
+        "interval is over the streams; flip-flop's reads in one stream are not independent, so its interval is "
+        "too narrow). tokens/s counts model time only, for all the sequences read side by side (batch); peak"
         " memory is the GPU's, weights included (- on a CPU).", "",
-        md_table(["model", "task", "length", "batch", "token acc", "scored", "tokens/s", "peak MiB", "state floats"],
-                 [cells(r) for r in rows]), ""]), panels
+        md_table(["model", "task", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s", "peak MiB",
+                  "state floats"], [cells(r) for r in rows]), ""] + depth_table), panels
 
 # ---------------------------------------------------------------------------------------------------------
 # The command line
@@ -1634,8 +1680,9 @@ def parse_args(argv):
             has = [n for n, pr in PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
             p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}"
                     + (f" (try {' or '.join(f'--preset {n}' for n in has)})" if has else ""))
-    if args.scale and min(command.stream_lengths or [math.inf]) < CURRICULUM[-1][1]:   # no shorter than trained
-        p.error(f"--test-lengths with --scale are stream lengths, at least {CURRICULUM[-1][1]} tokens (the training "
+    longest = max([stages(preset["tasks"][t].train)[-1][1] for t in command.tasks if args.scale] or [0])
+    if min(command.stream_lengths or [math.inf]) < longest:   # --scale reads no shorter than it trained
+        p.error(f"--test-lengths with --scale are stream lengths, at least {longest} tokens (the longest training "
                 f"length), got {command.stream_lengths}")
     folder = "expected a folder (new or existing) that this process can write to"
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -424,6 +424,12 @@ class BabiLong:
         x, y, _ = self.sample_with_depth(batch_size, length, seed, device)
         return x, y
 
+    def depths(self, batch_size, length, seed=0):
+        """The relative depth of each example's deciding fact in `pieces(batch_size, length, piece, seed)`, as
+        `sample_with_depth` gives it: the stories come first from the generator, so this draws them alone. (B,)"""
+        _check(batch_size, length, self.min_length, f"babilong with up to {self.max_facts} facts")
+        return self._stories(batch_size, length, _generator(seed))[3] / length
+
     def pieces(self, batch_size, length, piece, seed=0, device="cpu"):
         """Examples like `sample`'s, made and yielded `piece` tokens at a time, so that a stream of millions of
         tokens never sits whole on the host: (x, y) pieces of (B, piece), the last one shorter. The stories and

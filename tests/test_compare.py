@@ -836,12 +836,37 @@ def test_scale_read_in_pieces_scores_like_one_call(name):
     assert row["token_acc"] == ((pred == y) & mask).sum().item() / mask.sum().item()
 
 
+def test_scale_read_scores_babilong_streams_by_the_depth_of_their_deciding_fact():
+    """BABILong streams read in pieces: one answer per stream, exact match per stream, and exact match in four
+    bins of the deciding fact's depth, each bin holding the streams whose depth falls in it."""
+    torch.manual_seed(0)
+    task = tasks.TASKS["babilong_qa1"]()
+    model = compare.build_model("ssm", task.vocab_size, d_model=16, n_layers=1).double().eval()
+    row = compare.scale_read(model, task, 300, 40, 64, "cpu", seed=3)
+    x, y = (torch.cat(t, dim=1) for t in zip(*task.pieces(40, 300, 64, seed=3)))
+    with torch.no_grad():
+        right = (model(x).argmax(-1)[:, -1] == y[:, -1]).double()
+    bins = (task.sample_with_depth(40, 300, seed=3)[2] * 4).long()
+    assert row["scored"] == 40 and row["exact"] == row["token_acc"] == right.mean().item()
+    assert row["depth_counts"] == [int((bins == k).sum()) for k in range(4)] and sum(row["depth_counts"]) == 40
+    assert row["by_depth"] == [right[bins == k].mean().item() if (bins == k).any() else None for k in range(4)]
+
+
+def test_wilson_interval_matches_its_formula_and_holds_the_estimate():
+    """The 95% Wilson interval, against values worked out by hand: 8/10 -> [0.490, 0.943]; 0/64 -> [0, 0.0566] (z^2 / (n + z^2));
+    64/64 -> [0.9434, 1]; none seen -> [0, 1]."""
+    assert compare.wilson(0.8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert compare.wilson(0.0, 64) == pytest.approx((0.0, 0.0566), abs=1e-4)
+    assert compare.wilson(1.0, 64) == pytest.approx((0.9434, 1.0), abs=1e-4)
+    assert compare.wilson(0.5, 0) == (0.0, 1.0)
+
+
 def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_path, monkeypatch):
     """--scale's attention reads until a call is predicted (time ~ T^2) to take over the cap. A read of 4 ms at 1,000
     tokens predicts 40 s at 100,000: a wall, even though the row shows its time rounded to 0.0 s."""
     model = compare.build_model("attention", 5, d_model=16, n_layers=1)
     torch.save(model.state_dict(), tmp_path / "attention.pt")
-    run = dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights="attention.pt")
+    run = dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights="attention.pt", train=[32, 64])
     read = []
 
     def timed_read(model, task, length, batch, piece, device, seed):   # 4 ms at 1,000 tokens, growing as T^2
@@ -870,9 +895,9 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
         model = compare.build_model(m, 5, d_model=16, n_layers=1)
         torch.save(model.state_dict(), tmp_path / f"{m}.pt")
         trained[type(model).__name__] = model.embed.weight.detach().clone()
-        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt",
+        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt", train=[32, 64],
                                      diverged_at=None)]
-    cells["rmt", "flipflop"] = [dict(diverged_at=7)]
+    cells["rmt", "flipflop"] = [dict(diverged_at=7, train=compare.CURRICULUM)]
     calls, saved = [], []
 
     def fake_read(model, task, length, batch, piece, device, seed):

@@ -449,6 +449,8 @@ def test_babilong_pieces_tell_sample_stories():
     px, py = (torch.cat(t, dim=1) for t in zip(*task.pieces(4, 60, 7, seed=5)))
     story = x >= task.n_noise
     assert torch.equal(story, px >= task.n_noise) and torch.equal(x[story], px[story]) and torch.equal(y, py)
+    _, _, depth = task.sample_with_depth(4, 60, seed=5)
+    assert torch.equal(task.depths(4, 60, seed=5), depth)   # the depths that --scale reads the pieces with
 
 
 @pytest.mark.parametrize("name, length, piece", [("flipflop", 301, 12), ("flipflop_sparse", 300, 30),
