@@ -406,8 +406,8 @@ PRESETS = {
         models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
-            "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2000),
-            "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2000)}),
+            "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000),
+            "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000)}),
 }
 
 
