@@ -406,8 +406,8 @@ PRESETS = {
         models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
-            "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000),
-            "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000)}),
+            "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2000),
+            "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2000)}),
 }
 
 
@@ -601,9 +601,9 @@ def worker_start(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
-    """Run the specs, `workers` at a time: in this process (one worker) or in a pool of processes, each run on
-    the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
+def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=run_one):
+    """Run the specs (work(spec): run_one, or --scale's read_cell), `workers` at a time: in this process (one
+    worker) or in a pool of processes, each run on the device with the fewest runs in flight. on_done(record) stores a finished run and returns the runs it
     unlocks (a cell's other seeds once its lr sweep is done), which join the queue at once: no phase waits
     for the one before. A run starts only if claim(spec) says so (`Store.claim`: not one that another command on
     the same folder has stored or is training); the others are left out."""
@@ -630,10 +630,10 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True):
                 device = min(devices, key=list(running.values()).count)
                 spec = dict(queue.pop(0), device=device, threads=threads)
                 if pool:
-                    future = pool.submit(run_one, spec)
+                    future = pool.submit(work, spec)
                 else:                                     # one worker: run it here and now
                     future = Future()
-                    future.set_result(run_one(spec))
+                    future.set_result(work(spec))
                 running[future] = device
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -1426,41 +1426,56 @@ def wilson(p, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def read_streams(best, lengths, device, out, rows, save):
-    """--scale's second half: each trained model (at its chosen lr) reads test streams of growing length, one model
-    at a time so that time and memory are its own, until it meets a wall. Each row is added to `rows`, then save()."""
+def read_cell(spec):
+    """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall;
+    returns its rows. A worker of `read_streams`, like run_one for training."""
+    device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
+    trained = stages(run["train"])[-1][1]
+    if run.get("diverged_at") is not None:                        # every lr diverged: nothing to read with
+        return [dict(model=m, task=t, length=trained, trained=trained, batch=0, state_floats=None,
+                     wall="every learning rate diverged in training")]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)
     cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
-    for (m, t), rs in best.items():
-        trained = stages(rs[0]["train"])[-1][1]
-        if rs[0].get("diverged_at") is not None:                  # every lr diverged: nothing to read with
-            rows.append(dict(model=m, task=t, length=trained, trained=trained, batch=0, state_floats=None,
-                             wall="every learning rate diverged in training"))
-            save()
-            continue
-        task = tasks.TASKS[t](**rs[0]["task_options"])
-        model = build_model(m, task.vocab_size, **rs[0]["model_options"])
-        model.load_state_dict(torch.load(os.path.join(out, rs[0]["weights"]), weights_only=True))
-        model.to(device).eval()
-        batch, last, lengths_t = SCALE["examples"][t], None, lengths or SCALE["lengths"][t]
-        scale_read(model, task, min(2 * piece, lengths_t[0]), batch, piece, device, seed=1)   # warm-up, CUDA graphs
-        for L in lengths_t:
-            row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L))
-            predicted = last[1] * (L / last[0]) ** 2 if last else 0      # attention: time grows as T^2
-            if not hasattr(model, "stream") and predicted > cap:
-                row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
-            else:
-                try:
-                    row.update(scale_read(model, task, L, batch, piece, device, seed=20_000 + L))
-                    last = (L, batch * L / row["tokens_per_s"])          # unrounded: row["seconds"] has 10 ms steps
-                except torch.OutOfMemoryError:
-                    row["wall"] = "out of memory"
-            rows.append(row)
-            save()
-            if row.get("wall"):
-                break                                              # longer lengths would hit it too
-        del model
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+    task = tasks.TASKS[t](**run["task_options"])
+    model = build_model(m, task.vocab_size, **run["model_options"])
+    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
+    model.to(device).eval()
+    batch, last, rows = SCALE["examples"][t], None, []
+    scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, seed=1)   # warm-up, graphs
+    for L in spec["lengths"]:
+        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L))
+        predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
+        if not hasattr(model, "stream") and predicted > cap:
+            row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
+        else:
+            try:
+                row.update(scale_read(model, task, L, batch, piece, device, seed=20_000 + L))
+                last = (L, batch * L / row["tokens_per_s"])              # unrounded: row["seconds"] has 10 ms steps
+            except torch.OutOfMemoryError:
+                row["wall"] = "out of memory"
+        rows.append(row)
+        if row.get("wall"):
+            break                                                  # longer lengths would hit it too
+    return rows
+
+
+def read_streams(best, lengths, workers, devices, out, rows, save):
+    """--scale's second half: each trained cell (at its chosen lr) reads its test streams (`read_cell`), the cells
+    side by side in worker processes like the training runs (a stream is read one segment or chunk after another,
+    each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save()."""
+    order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(MODELS).index(c[0]))))}
+
+    def done(cell_rows):   # the rows kept by task, then model, then length, whichever cell ends first
+        rows.extend(cell_rows)
+        rows.sort(key=lambda r: (order.get((r["model"], r["task"]), len(order)), r["length"]))
+        save()
+        return []
+    specs = [dict(model=m, task=t, run=rs[0], lengths=lengths or SCALE["lengths"][t], out=out)
+             for (m, t), rs in best.items()]
+    run_all(specs, workers, devices, done, work=read_cell)
 
 
 def streams_report(rows):
@@ -1500,10 +1515,12 @@ def streams_report(rows):
             f"{t} at <= {n:,} tokens" for t, n in trained.items()) + ")", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
         f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
-        " runs out of memory. Accuracy is over the scored positions (one per BABILong stream, so its 95% Wilson "
+        " runs out of memory. The cells read side by side, in as many worker processes as trained them, so tokens/s"
+        " is each one's share of a GPU it shares (and peak memory its process's own). Accuracy is over the scored"
+        " positions (one per BABILong stream, so its 95% Wilson "
         "interval is over the streams; flip-flop's reads in one stream are not independent, so its interval is "
-        "too narrow). tokens/s counts model time only, for all the sequences read side by side (batch); peak"
-        " memory is the GPU's, weights included (- on a CPU).", "",
+        "too narrow). tokens/s counts model time only, for all the sequences of a cell read side by side (batch);"
+        " peak memory is the GPU's, weights included (- on a CPU).", "",
         md_table(["model", "task", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s", "peak MiB",
                   "state floats"], [cells(r) for r in rows]), ""] + depth_table), panels
 
@@ -1785,7 +1802,7 @@ def main(argv=None):
             longest = max(command.stream_lengths or sum(SCALE["lengths"].values(), []))
             print(f"reading streams of up to {longest:,} tokens")
             results["streams"] = []
-            read_streams(best_runs(runs), command.stream_lengths, command.device, command.out, results["streams"],
+            read_streams(best_runs(runs), command.stream_lengths, workers, devices, command.out, results["streams"],
                          functools.partial(store.save, results))
     except KeyboardInterrupt as stop:               # Ctrl-C, or SIGTERM: the workers are stopped by now
         if schedule.n_run:

@@ -877,8 +877,8 @@ def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_pa
 
     monkeypatch.setattr(compare, "scale_read", timed_read)
     rows = []
-    compare.read_streams({("attention", "flipflop"): [run]}, [1000, 100_000, 400_000], "cpu", str(tmp_path), rows,
-                         lambda: None)
+    compare.read_streams({("attention", "flipflop"): [run]}, [1000, 100_000, 400_000], 1, ["cpu"], str(tmp_path),
+                         rows, lambda: None)
     assert read == [1000, 1000]                                     # the warm-up, then the first length only
     assert [r["length"] for r in rows] == [1000, 100_000] and rows[0]["seconds"] == 0.0
     assert "40 s predicted" in rows[1]["wall"]
@@ -912,7 +912,7 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
 
     monkeypatch.setattr(compare, "scale_read", fake_read)
     rows = []
-    compare.read_streams(cells, [1000, 2000, 4000], "cpu", str(tmp_path), rows, lambda: saved.append(len(rows)))
+    compare.read_streams(cells, [1000, 2000, 4000], 1, ["cpu"], str(tmp_path), rows, lambda: saved.append(len(rows)))
     batch, piece = compare.SCALE["examples"]["flipflop"], compare.SCALE["piece"]
     warm_ups, reads = [c for c in calls if c[5] == calls[0][5]], [c for c in calls if c[5] != calls[0][5]]
     assert [c[:5] for c in warm_ups] == [(name, 1000, batch, piece, "cpu") for name in ("Mamba", "Transformer")]
@@ -920,17 +920,17 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
     assert all(c[2:5] == (batch, piece, "cpu") for c in reads)
     seeds = {L: {c[5] for c in reads if c[1] == L} for L in (1000, 2000, 4000)}
     assert len(seeds[1000]) == 1 and len(set.union(*seeds.values())) == 3   # the same streams, others per length
-    assert [(r["model"], r["length"], r.get("wall", "")[:5]) for r in rows] == [
-        ("ssm", 1000, ""), ("ssm", 2000, ""), ("ssm", 4000, ""), ("attention", 1000, ""), ("attention", 2000, "time:"),
+    assert [(r["model"], r["length"], r.get("wall", "")[:5]) for r in rows] == [   # by model, whatever ends first
+        ("attention", 1000, ""), ("attention", 2000, "time:"), ("ssm", 1000, ""), ("ssm", 2000, ""), ("ssm", 4000, ""),
         ("rmt", compare.CURRICULUM[-1][1], "every")]
-    assert saved == list(range(1, 7)) and all(r["task"] == "flipflop" for r in rows)
+    assert saved == [3, 5, 6] and all(r["task"] == "flipflop" for r in rows)     # saved as each cell ends
     ssm = compare.build_model("ssm", 5, d_model=16, n_layers=1)
-    assert [r["state_floats"] for r in rows[:3]] == [ssm.state_size(L) for L in (1000, 2000, 4000)]
-    assert rows[0]["token_acc"] == 0.5 and rows[0]["batch"] == batch
+    assert [r["state_floats"] for r in rows[2:5]] == [ssm.state_size(L) for L in (1000, 2000, 4000)]
+    assert rows[2]["token_acc"] == 0.5 and rows[2]["batch"] == batch
 
     rows = []                                                        # a wall of memory stops attention too
     monkeypatch.setitem(compare.SCALE, "attention_cap_s", 100.0)
-    compare.read_streams({("attention", "flipflop"): cells["attention", "flipflop"]}, [1000, 4000, 8000], "cpu",
+    compare.read_streams({("attention", "flipflop"): cells["attention", "flipflop"]}, [1000, 4000, 8000], 1, ["cpu"],
                          str(tmp_path), rows, lambda: None)
     assert [(r["length"], r.get("wall")) for r in rows] == [(1000, None), (4000, "out of memory")]
 
@@ -948,9 +948,9 @@ def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
     assert all((tmp_path / "a" / r["weights"]).exists() for r in saved["runs"].values())
     assert len({r["weights"] for r in saved["runs"].values()}) == len(saved["runs"])
     streams = saved["streams"]
-    assert [(r["model"], r["length"]) for r in streams] == [(m, L) for m in ("ssm", "attention") for L in (512, 1024)]
+    assert [(r["model"], r["length"]) for r in streams] == [(m, L) for m in ("attention", "ssm") for L in (512, 1024)]
     assert all(r["scored"] > 0 and r["tokens_per_s"] > 0 for r in streams)
-    assert streams[0]["state_floats"] == streams[1]["state_floats"] < streams[3]["state_floats"]  # SSM vs KV cache
+    assert streams[2]["state_floats"] == streams[3]["state_floats"] < streams[1]["state_floats"]  # SSM vs KV cache
     assert "## Streams" in (tmp_path / "a" / "scale.md").read_text()
     capsys.readouterr()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
