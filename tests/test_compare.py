@@ -47,7 +47,8 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert len(runs["attention/babilong/lr=0.003/seed=0"]["metrics"]["32"]["by_depth"]) == 4
     text = (tmp_path / "smoke.md").read_text()
     assert "| attention |" in text and "copy@" in text and "| hrm | 3x3 |" in text
-    assert "## The dial on recall" in text and "| ssm | d_state=4 (lr 0.003) |" in text and "## BABILong" in text
+    assert "## The dial on recall" in text and "| ssm | d_state=4 (lr 0.003) |" in text
+    assert "## babilong: exact match by the depth" in text
     assert all((tmp_path / f"smoke_{name}.png").exists() == (compare.pyplot() is not None)
                for name in ("segments", "tradeoff"))   # the trade-off: recall's dial beside flip-flop
 
@@ -853,8 +854,8 @@ def test_scale_read_scores_babilong_streams_by_the_depth_of_their_deciding_fact(
 
 
 def test_wilson_interval_matches_its_formula_and_holds_the_estimate():
-    """The 95% Wilson interval, against values worked out by hand: 8/10 -> [0.490, 0.943]; 0/64 -> [0, 0.0566] (z^2 / (n + z^2));
-    64/64 -> [0.9434, 1]; none seen -> [0, 1]."""
+    """The 95% Wilson interval, against values worked out by hand: 8/10 -> [0.490, 0.943]; 0/64 -> [0, 0.0566]
+    (z^2 / (n + z^2)); 64/64 -> [0.9434, 1]; none seen -> [0, 1]."""
     assert compare.wilson(0.8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert compare.wilson(0.0, 64) == pytest.approx((0.0, 0.0566), abs=1e-4)
     assert compare.wilson(1.0, 64) == pytest.approx((0.9434, 1.0), abs=1e-4)
@@ -895,7 +896,8 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
         model = compare.build_model(m, 5, d_model=16, n_layers=1)
         torch.save(model.state_dict(), tmp_path / f"{m}.pt")
         trained[type(model).__name__] = model.embed.weight.detach().clone()
-        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt", train=[32, 64],
+        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt",
+                                     train=[32, 64],
                                      diverged_at=None)]
     cells["rmt", "flipflop"] = [dict(diverged_at=7, train=compare.CURRICULUM)]
     calls, saved = [], []
@@ -941,7 +943,7 @@ def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
     follow-up), their weights kept beside them, then every chosen model reads every stream length; the same
     command on a copy of the folder elsewhere reuses the training and reads the same streams again."""
     argv = ["--scale", "--models", "ssm,attention", "--tasks", "flipflop", "--seeds", "0,1", "--steps", "3",
-            "--test-lengths", "512,1024", "--workers", "1"]
+            "--test-lengths", "512,1024", "--workers", "2"]   # two worker processes train and read
     assert compare.main(argv + ["--out", str(tmp_path / "a")]) == 0
     saved = json.load(open(tmp_path / "a" / "scale.json"))
     assert len(saved["runs"]) == 2 * len(compare.PRESETS["scale"]["lrs"]) + 2      # the sweep, then seed 1

@@ -8,8 +8,8 @@ import torch
 
 from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
 
-LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37, "babilong": 60,
-           "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5}
+LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37,
+           "babilong": 60, "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
