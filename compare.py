@@ -602,13 +602,14 @@ def worker_start(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=run_one):
-    """Run the specs (work(spec): run_one, or --scale's read_cell), `workers` at a time: in this process (one
-    worker) or in a pool of processes, each run on the device with the fewest runs in flight. on_done(record)
+def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None):
+    """Run the specs (work(spec): run_one unless told, or --scale's read_cell), `workers` at a time: in this
+    process (one worker) or in a pool of processes, each run on the device with the fewest runs in flight. on_done(record)
     stores a finished run and returns the runs it unlocks (a cell's other seeds once its lr sweep is done), which
     join the queue at once: no phase waits for the one before. A run starts only if claim(spec) says so
     (`Store.claim`: not one that another command on the same folder has stored or is training); the others are
     left out."""
+    work = work or run_one                                         # (looked up now: a test may replace it)
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
     # On a GPU too: each worker's torch threads (its host work: batches, copies) share the cores with the others'.
@@ -1448,7 +1449,8 @@ def read_cell(spec):
     batch, last, rows = SCALE["examples"][t], None, []
     scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, seed=1)   # warm-up, graphs
     for L in spec["lengths"]:
-        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L))
+        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
+                   weights=run["weights"])
         predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
         if not hasattr(model, "stream") and predicted > cap:
             row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
@@ -1464,10 +1466,12 @@ def read_cell(spec):
     return rows
 
 
-def read_streams(best, lengths, workers, devices, out, rows, save):
+def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
     """--scale's second half: each trained cell (at its chosen lr) reads its test streams (`read_cell`), the cells
     side by side in worker processes like the training runs (a stream is read one segment or chunk after another,
-    each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save()."""
+    each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save(). A cell whose rows an
+    earlier command stored (`stored`: the same weights, streams and lengths, read to the last or to a wall) is not
+    read again: a stopped reading resumes, like the training."""
     order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(MODELS).index(c[0]))))}
 
     def done(cell_rows):   # the rows kept by task, then model, then length, whichever cell ends first
@@ -1475,8 +1479,18 @@ def read_streams(best, lengths, workers, devices, out, rows, save):
         rows.sort(key=lambda r: (order.get((r["model"], r["task"]), len(order)), r["length"]))
         save()
         return []
-    specs = [dict(model=m, task=t, run=rs[0], lengths=lengths or SCALE["lengths"][t], out=out)
-             for (m, t), rs in best.items()]
+    specs, reused = [], 0
+    for (m, t), rs in best.items():
+        want = lengths or SCALE["lengths"][t]
+        old = [r for r in stored if (r.get("model"), r.get("task"), r.get("batch")) == (m, t, SCALE["examples"][t])
+               and rs[0].get("weights") and r.get("weights") == rs[0]["weights"]]
+        read = [r["length"] for r in old]
+        if old and (read == want or old[-1].get("wall") and read == want[:len(read)]):
+            done(old)
+            reused += 1
+        else:
+            specs.append(dict(model=m, task=t, run=rs[0], lengths=want, out=out))
+    print(f"streams: {reused} cells read by an earlier command reused, {len(specs)} to read now")
     run_all(specs, workers, devices, done, work=read_cell)
 
 
@@ -1759,9 +1773,10 @@ def stopped(stop, command, path, results, n_run):
     """What a stopped command says it kept; its exit status (130 for Ctrl-C, 143 for SIGTERM)."""
     again, how = f"run the same command{' without --fresh' if command.fresh else ''}", (
         " by SIGTERM" if isinstance(stop, Terminated) else "")
-    if "streams" in results:   # the training is all stored; the reading starts over
-        print(f"\nstopped{how} while reading streams: the {len(results['streams'])} rows read so far are saved in "
-              f"{path}; {again} to reuse the training and read the streams again")
+    if "streams" in results:   # the training is all stored, and the cells read to the end
+        cells = len({(r["model"], r["task"]) for r in results["streams"]})
+        print(f"\nstopped{how} while reading streams: the {cells} cells read to the end are saved in {path}; {again}"
+              " to reuse the training and those cells, and read the others")
     elif n_run:
         print(f"\nstopped{how}: the {n_run} runs finished by this command are saved in {path}; {again} to go on "
               "from there")
@@ -1805,9 +1820,10 @@ def main(argv=None):
         if command.scale:   # read the long streams with the trained weights; each row is saved as it comes
             longest = max(command.stream_lengths or sum(SCALE["lengths"].values(), []))
             print(f"reading streams of up to {longest:,} tokens")
+            stored = json.load(open(path)).get("streams", []) if os.path.exists(path) else []   # (checked by Store)
             results["streams"] = []
             read_streams(best_runs(runs), command.stream_lengths, workers, devices, command.out, results["streams"],
-                         functools.partial(store.save, results))
+                         functools.partial(store.save, results), stored)
     except KeyboardInterrupt as stop:               # Ctrl-C, or SIGTERM: the workers are stopped by now
         if schedule.n_run:
             store.save(results)                     # (in case the stop came while the last run was being saved)

@@ -937,6 +937,44 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
     assert [(r["length"], r.get("wall")) for r in rows] == [(1000, None), (4000, "out of memory")]
 
 
+def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path, monkeypatch):
+    """A stopped --scale resumes its reading: a cell whose rows are stored (the same weights and batch, every length
+    asked, or the lengths up to a wall) is not read again and its rows are kept; a cell stored with other weights,
+    another batch or fewer lengths is read."""
+    cells = {}
+    for m in ("ssm", "attention", "rmt"):
+        torch.save(compare.build_model(m, 5, d_model=16, n_layers=1).state_dict(), tmp_path / f"{m}.pt")
+        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt",
+                                     train=[32, 64], diverged_at=None)]
+    batch = compare.SCALE["examples"]["flipflop"]
+
+    def row(m, L, weights=None, wall=None, b=batch):
+        return dict(model=m, task="flipflop", length=L, batch=b, weights=weights or f"{m}.pt", token_acc=0.25,
+                    scored=4, **({"wall": wall} if wall else {}))
+    stored = [row("ssm", 1000), row("ssm", 2000), row("ssm", 4000),            # all read: reused
+              row("attention", 1000), row("attention", 2000, wall="out of memory"),   # read to a wall: reused
+              row("rmt", 1000), row("rmt", 2000)]                              # not to the last length: read
+    read = []
+
+    def fake_read(model, task, length, batch, piece, device, seed):
+        read.append((type(model).__name__, length))
+        return dict(token_acc=1.0, scored=3, tokens_per_s=1e6, seconds=0.1, peak_mib=None)
+    monkeypatch.setattr(compare, "scale_read", fake_read)
+    rows = []
+    compare.read_streams(cells, [1000, 2000, 4000], 1, ["cpu"], str(tmp_path), rows, lambda: None, stored)
+    assert {name for name, _ in read} == {"RMT"}
+    kept = [r for m in ("attention", "ssm") for r in stored if r["model"] == m]     # (rows go by model, then length)
+    assert [r for r in rows if r["model"] != "rmt"] == kept
+    assert [(r["length"], r["token_acc"]) for r in rows if r["model"] == "rmt"] == [(L, 1.0) for L in (1000, 2000,
+                                                                                                       4000)]
+    for changed in ([row("ssm", L, weights="other.pt") for L in (1000, 2000, 4000)],   # another training
+                    [row("ssm", L, b=batch + 1) for L in (1000, 2000, 4000)]):      # other streams
+        read.clear()
+        compare.read_streams({("ssm", "flipflop"): cells["ssm", "flipflop"]}, [1000, 2000, 4000], 1, ["cpu"],
+                             str(tmp_path), [], lambda: None, changed)
+        assert [L for _, L in read[1:]] == [1000, 2000, 4000]                    # (after the warm-up)
+
+
 @pytest.mark.slow
 def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
     """--scale: the scale preset's runs through the usual protocol (stored, resumable, a second seed as a
@@ -956,10 +994,15 @@ def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
     assert "## Streams" in (tmp_path / "a" / "scale.md").read_text()
     capsys.readouterr()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copied = json.load(open(tmp_path / "b" / "scale.json"))
+    compare.save_json(tmp_path / "b" / "scale.json", {**copied, "streams": []})   # the streams to be read again
     assert compare.main(argv + ["--out", str(tmp_path / "b")]) == 0
-    assert "6 stored runs reused, 0 to train now" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 stored runs reused, 0 to train now" in out and "0 cells read by an earlier command reused, 2 to" in out
     again = json.load(open(tmp_path / "b" / "scale.json"))["streams"]    # the same weights read the same streams
     assert [(r["token_acc"], r["scored"]) for r in again] == [(r["token_acc"], r["scored"]) for r in streams]
+    assert compare.main(argv + ["--out", str(tmp_path / "b")]) == 0         # and, read, are not read a third time
+    assert "2 cells read by an earlier command reused, 0 to read now" in capsys.readouterr().out
 
 
 def test_compare_reads_top_down():
