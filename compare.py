@@ -604,9 +604,9 @@ def worker_start(parent):
 
 def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None):
     """Run the specs (work(spec): run_one unless told, or --scale's read_cell), `workers` at a time: in this
-    process (one worker) or in a pool of processes, each run on the device with the fewest runs in flight. on_done(record)
-    stores a finished run and returns the runs it unlocks (a cell's other seeds once its lr sweep is done), which
-    join the queue at once: no phase waits for the one before. A run starts only if claim(spec) says so
+    process (one worker) or in a pool of processes, each run on the device with the fewest runs in flight.
+    on_done(record) stores a finished run and returns the runs it unlocks (a cell's other seeds once its lr sweep
+    is done), which join the queue at once: no phase waits for the one before. A run starts only if claim(spec) says so
     (`Store.claim`: not one that another command on the same folder has stored or is training); the others are
     left out."""
     work = work or run_one                                         # (looked up now: a test may replace it)
