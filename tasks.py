@@ -15,9 +15,10 @@ seed always gives the same batch. Nothing is downloaded; `python tasks.py` print
   babilong_qa1    babilong's person questions alone, 2-10 moves    filtering (bAbI task 1, arXiv 1502.05698)
   babilong_qa2    babilong's object questions alone, 2-10 facts    filtering (bAbI task 2, arXiv 1502.05698)
   maze            mark the shortest path through a perfect maze    depth     (HRM, arXiv 2506.21734)
+  sudoku          fill in a 9x9 Sudoku, graded by rounds of singles depth     (HRM, arXiv 2506.21734)
 
-The maze is a grid task, not a next-token one: x is the whole grid, y marks the path on it, and models read
-it bidirectionally (`Maze.causal = False`); its training set is fixed and small (`sample_train`).
+The maze and the Sudoku are grid tasks, not next-token ones: x is the whole grid, y marks the answer on it, and
+models read it bidirectionally (`causal = False`); their training sets are fixed and small (`sample_train`).
 
 Contract: `TASKS[name](**options)` builds a task with `.vocab_size`, `.names` (a printable name per token id)
 and `.sample(batch_size, length, seed=0, device="cpu") -> (x, y)`; `seed` is an int or a torch.Generator.
@@ -586,6 +587,134 @@ class Maze:
         return self._batch(grids, paths, device)
 
 
+class Sudoku:
+    """Fill in a 9x9 Sudoku, graded by the reasoning depth it needs (HRM's Sudoku-Extreme, arXiv 2506.21734): a grid
+    task.
+
+    length = d: the puzzle is solved by d rounds of constraint propagation and no fewer. One round fills, all at
+    once, every blank that is a naked single (one digit left for the cell) or a hidden single (the one place left
+    for a digit in a row, column or box). `rounds` is that solver; it doubles as the oracle of the tests. A puzzle
+    that singles solve has exactly one solution (each digit placed is forced), so the label is unambiguous. The
+    generator takes a random solved grid (a base pattern under random relabelling, row, column, band and stack
+    shuffles and transposition) and blanks cells in random order, keeping each blank only while singles still
+    solve the puzzle in at most d rounds; the puzzle is kept if it ends needing exactly d (else another grid).
+    x: 81 tokens, row by row, `.` for a blank and `1`-`9` for a given; y: the digit at every blank, givens not
+    scored. Nothing is causal (`causal = False`); x never holds a blank's digit.
+
+    Like the maze, data-scarce: `sample_train` draws from a fixed set of `n_train` puzzles per depth (under a random
+    relabelling of the digits), `sample` makes fresh ones outside it.
+
+    Example: a solved grid with two cells blanked needs one round (each blank is a naked single); shown are its
+    first three rows, x then y (`render` shows the whole grid with each blank's digit):
+        x  5 3 . 6 7 8 9 1 2      y  . . 4 . . . . . .
+           6 7 2 1 9 5 3 4 8         . . . . . . . . .
+           1 9 8 3 . 2 5 6 7         . . . . 4 . . . .
+    """
+    causal = False
+    canvas = 9        # the grid's side (`render` reads it)
+    min_length = 1
+    max_grids = 200   # solved grids tried for one puzzle before a depth is called out of reach
+    BLANK = 0
+    UNITS = np.array([[9 * r + c for c in range(9)] for r in range(9)] + [[9 * r + c for r in range(9)] for c in range(9)]
+                     + [[9 * (3 * (b // 3) + i // 3) + 3 * (b % 3) + i % 3 for i in range(9)] for b in range(9)])
+
+    def __init__(self, n_train=1000, train_seed=1234):
+        if n_train < 1:
+            raise ValueError(f"sudoku: n_train must be >= 1, got {n_train}")
+        self.n_train, self.train_seed = n_train, train_seed
+        self.vocab_size = 10
+        self.names = ["."] + [str(k) for k in range(1, 10)]
+        self._train_sets = {}     # d -> (puzzles, solutions), (n_train, 81) each
+        self._peers = np.stack([np.isin(np.arange(81), self.UNITS[(self.UNITS == i).any(1)]) for i in range(81)])
+
+    def rounds(self, puzzle):
+        """Rounds of singles that solve `puzzle` (81 ints, 0 blank), and the solution; (None, None) if singles get
+        stuck (or meet a contradiction) before it is full. The oracle: plain numpy, one round a loop."""
+        grid, n = np.array(puzzle), 0
+        while (grid == self.BLANK).any():
+            placed = np.zeros((81, 10), bool)
+            placed[np.arange(81), grid] = True                    # (81, 10): the digit in each cell (0: blank)
+            seen = (self._peers[:, :, None] & placed[None]).any(1)  # (81, 10): digits in each cell's peers
+            cand = ~seen[:, 1:] & (grid == self.BLANK)[:, None]   # (81, 9): what each blank may still hold
+            fill = np.zeros(81, int)
+            naked = cand.sum(1) == 1
+            fill[naked] = cand[naked].argmax(1) + 1
+            in_unit = cand[self.UNITS]                            # (27, 9 cells, 9 digits)
+            unit, digit = np.nonzero(in_unit.sum(1) == 1)         # a digit with one place left in a unit
+            cell = self.UNITS[unit, in_unit[unit, :, digit].argmax(1)]
+            if ((fill[cell] != 0) & (fill[cell] != digit + 1)).any() or len(set(cell)) != len(set(zip(cell, digit))):
+                return None, None                                 # two digits forced into one cell: no solution
+            fill[cell] = digit + 1
+            if not fill.any() or (cand.sum(1) == 0)[grid == self.BLANK].any():
+                return None, None                                 # stuck, or a blank with no digit left
+            grid, n = np.where(fill > 0, fill, grid), n + 1
+        if any(len(set(grid[unit])) < 9 for unit in self.UNITS):   # two singles of one round put a digit twice
+            return None, None
+        return n, grid
+
+    def _solved(self, rng):
+        """A random solved grid: the pattern (3 (r mod 3) + r // 3 + c) mod 9, shuffled in every way that keeps it
+        a Sudoku."""
+        def order():   # a shuffle of 0..8 that keeps each band (or stack) of three together
+            return [3 * band + i for band in rng.sample(range(3), 3) for i in rng.sample(range(3), 3)]
+        rows, cols, digits = order(), order(), rng.sample(range(1, 10), 9)
+        grid = np.array([[digits[(3 * (r % 3) + r // 3 + c) % 9] for c in cols] for r in rows])
+        return (grid.T if rng.random() < 0.5 else grid).reshape(81)
+
+    def _puzzle(self, d, rng):
+        """One puzzle that needs exactly d rounds, and its solution."""
+        for _ in range(self.max_grids):
+            solution = self._solved(rng)
+            puzzle = solution.copy()
+            deepest = 0
+            for i in rng.sample(range(81), 81):
+                puzzle[i] = self.BLANK
+                n, _ = self.rounds(puzzle)
+                if n is None or n > d:
+                    puzzle[i] = solution[i]                       # keep it: singles would stop, or it goes too deep
+                else:
+                    deepest = n
+            if deepest == d:
+                return puzzle, solution
+        raise ValueError(f"sudoku: no puzzle needing {d} rounds of singles in {self.max_grids} grids; try fewer")
+
+    def train_set(self, d):
+        if d not in self._train_sets:
+            rng = random.Random(self.train_seed * 1000 + d)
+            self._train_sets[d] = tuple(map(np.stack, zip(*[self._puzzle(d, rng) for _ in range(self.n_train)])))
+        return self._train_sets[d]
+
+    def _batch(self, puzzles, solutions, device):
+        x = torch.from_numpy(np.asarray(puzzles)).long()
+        y = torch.where(x == self.BLANK, torch.from_numpy(np.asarray(solutions)).long(), IGNORE)
+        return x.to(device), y.to(device)
+
+    def sample_train(self, batch_size, length, seed=0, device="cpu"):
+        """A batch from the fixed training set, each puzzle's digits relabelled at random (still a Sudoku of the
+        same depth)."""
+        _check(batch_size, length, self.min_length, "sudoku")
+        puzzles, solutions = self.train_set(length)
+        g = _generator(seed)
+        i = torch.randint(0, len(puzzles), (batch_size,), generator=g)
+        relabel = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long),   # blank stays blank
+                             torch.stack([torch.randperm(9, generator=g) + 1 for _ in range(batch_size)])], 1)
+        x, y = self._batch(puzzles[i.numpy()], solutions[i.numpy()], "cpu")
+        return relabel.gather(1, x).to(device), torch.where(y == IGNORE, IGNORE, relabel.gather(1, y.clamp(min=0))
+                                                            ).to(device)
+
+    def sample(self, batch_size, length, seed=0, device="cpu"):
+        """Fresh puzzles of depth `length`, none of them in the training set: the test set."""
+        _check(batch_size, length, self.min_length, "sudoku")
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
+        seen = {p.tobytes() for p in self.train_set(length)[0]}
+        pairs = []
+        while len(pairs) < batch_size:
+            puzzle, solution = self._puzzle(length, rng)
+            if puzzle.tobytes() not in seen:
+                pairs.append((puzzle, solution))
+        return self._batch(*map(np.stack, zip(*pairs)), device)
+
+
 def _canonical(grid):
     """The same key for a grid and its 8 rotations / reflections."""
     return min(np.ascontiguousarray(t).tobytes() for k in range(4) for t in (np.rot90(grid, k), np.rot90(grid, k).T))
@@ -602,17 +731,19 @@ TASKS = {
     "babilong_qa1": partial(BabiLong, qa=1, max_facts=10),   # bAbI's qa1 and qa2 told apart, with 2-10 facts
     "babilong_qa2": partial(BabiLong, qa=2, max_facts=10),
     "maze": Maze,
+    "sudoku": Sudoku,
 }
 
 
 if __name__ == "__main__":
     lengths = {"copy": 5, "mqar": 40, "recall": 4, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
-               "babilong": 40, "babilong_qa1": 40, "babilong_qa2": 40, "maze": 4}
+               "babilong": 40, "babilong_qa1": 40, "babilong_qa2": 40, "maze": 4, "sudoku": 3}
     for name, make in TASKS.items():
         n = lengths[name]
-        task = make(canvas=9) if name == "maze" else make()
+        task = make(canvas=9) if name == "maze" else make(n_train=1) if name == "sudoku" else make()
         # The first seed whose example scores something: a short sparse flip-flop stream often has no read.
         seed = next(s for s in range(100) if (task.sample(1, n, s)[1] != IGNORE).any())
-        what = f"{n}x{n} cells, canvas {task.canvas}, the path drawn as o" if name == "maze" else f"length {n}"
+        what = {"maze": f"{n}x{n} cells, canvas 9, the path drawn as o",
+                "sudoku": f"{n} rounds of singles, each blank showing its digit"}.get(name, f"length {n}")
         text = render(task, *task.sample(1, n, seed)).replace("\n", "\n    ")
         print(f"{name} (vocab {task.vocab_size}, {what}, seed {seed}):\n    {text}")

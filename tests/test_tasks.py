@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
+from tasks import IGNORE, TASKS, BabiLong, Maze, Sudoku, _canonical, render
 
 LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37,
-           "babilong": 60, "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5}
+           "babilong": 60, "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5, "sudoku": 2}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
@@ -84,7 +84,7 @@ ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "f
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_same_seed_same_batch(name):
-    task = TASKS[name]()
+    task = TASKS[name](n_train=5) if name == "sudoku" else TASKS[name]()   # (a Sudoku training set takes time)
     a, b = task.sample(4, LENGTHS[name], seed=3), task.sample(4, LENGTHS[name], seed=3)
     c = task.sample(4, LENGTHS[name], seed=torch.Generator().manual_seed(3))
     d = task.sample(4, LENGTHS[name], seed=4)
@@ -95,7 +95,7 @@ def test_same_seed_same_batch(name):
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_shapes_and_vocabulary(name):
-    task = TASKS[name]()
+    task = TASKS[name](n_train=5) if name == "sudoku" else TASKS[name]()
     x, y = task.sample(8, LENGTHS[name], seed=0)
     assert x.shape == y.shape and x.dtype == y.dtype == torch.long
     assert x.min() >= 0 and x.max() < task.vocab_size
@@ -233,6 +233,7 @@ def test_babilong_depth_points_at_the_deciding_fact():
     ("selective_copy", dict(n_data=8), 15),
     ("babilong", dict(max_facts=8), 26),
     ("maze", dict(n_train=20), 1),
+    ("sudoku", dict(n_train=2), 0),
 ])
 def test_impossible_lengths_raise_and_the_shortest_is_made(name, options, length):
     """One below the shortest length raises ValueError naming the task; the shortest itself is made."""
@@ -274,7 +275,7 @@ def test_impossible_options_raise_and_the_smallest_are_accepted():
 @pytest.mark.parametrize("name", list(TASKS))
 def test_batches_come_on_the_asked_device(name):
     """'meta', PyTorch's device without data: every sampler hands its tensors over on the device asked for."""
-    task = TASKS[name](n_train=20) if name == "maze" else TASKS[name]()
+    task = TASKS[name](n_train=20) if name in ("maze", "sudoku") else TASKS[name]()
     batches = [task.sample(2, LENGTHS[name], device="meta")]
     batches += [task.sample_with_depth(2, LENGTHS[name], device="meta")] if hasattr(task, "sample_with_depth") else []
     batches += [task.sample_train(2, LENGTHS[name], device="meta")] if hasattr(task, "sample_train") else []
@@ -470,3 +471,121 @@ def test_pieces_make_valid_examples(name, length, piece):
     assert n >= 8
     again = torch.cat([p[0] for p in task.pieces(8, length, piece, seed=3)], dim=1)
     assert torch.equal(again, x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sudoku: the puzzle's depth, its one solution, and the solver that grades it
+# ---------------------------------------------------------------------------------------------------------
+
+WIKIPEDIA = ("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79",   # solved by singles
+             "534678912672195348198342567859761423426853791713924856961537284287419635345286179")
+
+
+def count_solutions(grid, most=2):
+    """Solutions of a puzzle (81 ints, 0 blank), counted up to `most` by plain backtracking, the emptiest-choice
+    cell first: an oracle written apart from `Sudoku.rounds`."""
+    grid = list(grid)
+    blanks = [i for i in range(81) if grid[i] == 0]
+    if not blanks:
+        return 1
+    def options(i):
+        r, c = divmod(i, 9)
+        used = {grid[9 * r + k] for k in range(9)} | {grid[9 * k + c] for k in range(9)} | {
+            grid[9 * (3 * (r // 3) + k // 3) + 3 * (c // 3) + k % 3] for k in range(9)}
+        return [v for v in range(1, 10) if v not in used]
+    i = min(blanks, key=lambda j: len(options(j)))
+    found = 0
+    for v in options(i):
+        grid[i] = v
+        found += count_solutions(grid, most - found)
+        if found >= most:
+            break
+    grid[i] = 0
+    return found
+
+
+def singles_rounds(grid):
+    """Rounds of singles, the spec of `Sudoku.rounds` in plain Python: each round fills at once every blank with one
+    candidate left (naked) and every digit with one place left in a row, column or box (hidden). None if stuck."""
+    grid, n = list(grid), 0
+    units = [[9 * r + c for c in range(9)] for r in range(9)] + [[9 * r + c for r in range(9)] for c in range(9)] + [
+        [9 * (3 * (b // 3) + i // 3) + 3 * (b % 3) + i % 3 for i in range(9)] for b in range(9)]
+    while 0 in grid:
+        cand = {i: set(range(1, 10)) - {grid[j] for u in units if i in u for j in u} for i in range(81) if not grid[i]}
+        fill = {i: next(iter(c)) for i, c in cand.items() if len(c) == 1}
+        for u in units:
+            for v in range(1, 10):
+                places = [i for i in u if v in cand.get(i, ())]
+                if len(places) == 1:
+                    fill[places[0]] = v
+        if not fill:
+            return None
+        for i, v in fill.items():
+            grid[i] = v
+        n += 1
+    return n
+
+
+def is_solved(grid):
+    g = np.asarray(grid).reshape(9, 9)
+    boxes = g.reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)
+    return all(sorted(unit) == list(range(1, 10)) for block in (g, g.T, boxes) for unit in block.tolist())
+
+
+def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot_do():
+    """`rounds` (the grader of depth) solves Wikipedia's example puzzle to its published solution; a puzzle with
+    two solutions (a deadly pattern: two digits swappable in a rectangle) gets stuck, and so does an empty grid; a
+    grid with a contradiction (a digit twice in a row) is refused."""
+    task = Sudoku(n_train=1)
+    n, solution = task.rounds([int(c) if c != "." else 0 for c in WIKIPEDIA[0]])
+    assert n >= 1 and "".join(map(str, solution)) == WIKIPEDIA[1]
+    solved = [int(c) for c in WIKIPEDIA[1]]
+
+    def blanked(cells):
+        return [0 if i in cells else v for i, v in enumerate(solved)]
+    rectangle = next(blanked(cells) for a in range(9) for b in range(a + 1, 9) for x in range(9) for z in range(x + 1, 9)
+                     if count_solutions(blanked(cells := (9 * a + x, 9 * a + z, 9 * b + x, 9 * b + z))) == 2)
+    assert count_solutions(rectangle) == 2 and task.rounds(rectangle) == (None, None)
+    assert task.rounds([0] * 81) == (None, None)
+    bad = list(solved)
+    bad[0], bad[2] = 0, solved[0]                   # the row's first digit written twice
+    assert task.rounds(bad) == (None, None)
+    one = list(solved)
+    one[0] = one[40] = 0                            # the docstring's example: two naked singles, one round
+    assert task.rounds(one)[0] == 1
+
+
+@pytest.mark.parametrize("depth", [1, 3, 6])
+def test_sudoku_puzzles_need_their_depth_and_have_one_solution(depth):
+    """Fresh puzzles: givens from a valid solved grid, exactly `depth` rounds of singles (the solver, and its spec
+    in plain Python above), one solution (the backtracking counter), y the solution at the blanks and nothing at the givens."""
+    task = Sudoku(n_train=2)
+    x, y = task.sample(3, depth, seed=depth)
+    assert x.shape == y.shape == (3, 81) and not getattr(task, "causal", True)
+    for b in range(3):
+        puzzle = x[b].numpy()
+        n, solution = task.rounds(puzzle)
+        assert n == depth == singles_rounds(puzzle) and is_solved(solution) and count_solutions(puzzle) == 1
+        blank = puzzle == 0
+        assert (solution[~blank] == puzzle[~blank]).all() and 20 <= blank.sum() <= 64
+        assert (y[b].numpy() == np.where(blank, solution, IGNORE)).all()
+
+
+def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles():
+    """sample_train draws from n_train fixed puzzles, their digits relabelled (still a puzzle of the same depth
+    with the relabelled solution); the same seed gives the same batch; no test puzzle is a training puzzle."""
+    task = Sudoku(n_train=3)
+    x, y = task.sample_train(12, 2, seed=0)
+    assert torch.equal(x, task.sample_train(12, 2, seed=0)[0]) and not torch.equal(x, task.sample_train(12, 2, seed=1)[0])
+    puzzles = task.train_set(2)[0]
+    blanks = {tuple(p == 0) for p in puzzles}
+    for b in range(12):
+        n, solution = task.rounds(x[b].numpy())
+        assert n == 2 and tuple(x[b].numpy() == 0) in blanks
+        assert (y[b].numpy() == np.where(x[b].numpy() == 0, solution, IGNORE)).all()
+    test, _ = task.sample(20, 2, seed=5)
+    assert not {p.tobytes() for p in test.numpy()} & {p.tobytes() for p in puzzles}
+    deep = Sudoku(n_train=1)
+    deep.max_grids = 3
+    with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 3 grids"):
+        deep.sample(1, 40)
