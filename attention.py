@@ -13,12 +13,16 @@ Reading list
   2. Su et al., "RoFormer: rotary position embedding", arXiv 2104.09864 (RoPE, Eq. 34).
   3. Kazemnejad et al., "The Impact of Positional Encoding on Length Generalization", arXiv 2305.19466 (NoPE).
   4. karpathy/nanoGPT `model.py`: the layout of this file (pre-norm block, scaled residual init).
+  5. Dehghani et al., "Universal Transformers", arXiv 1807.03819 (the same Blocks applied again and again:
+     `loops`, the bench's control for HRM's recurrent depth).
 
 Glossary (the same letters are used in all five files)
   B batch, T time (sequence length), D model width, H heads, K head dim (D = H*K), V vocabulary.
   q, k, v    queries, keys, values, each (B, H, T, K)
   window w   with a window, query i sees keys j with i - w < j <= i (causal) or |i - j| < w (bidirectional)
   theta_i    RoPE frequency base**(-2i/K) for the i-th pair of channels
+  loops      passes through the stack of Blocks (1: the plain Transformer); before each pass after the first the
+             embedded input is added to the stream again, as HRM injects its input into every update
 """
 import math
 import os
@@ -40,6 +44,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
     window: int | None = None  # sliding-window attention: see the glossary; None attends to everything
     causal: bool = True      # False for bidirectional models (HRM on grid puzzles)
+    loops: int = 1           # passes through the Blocks: > 1 is a looped (Universal) Transformer, same parameters
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -48,6 +53,8 @@ class TransformerConfig:
             raise ValueError(f"pos must be 'rope' or 'none', not {self.pos!r}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, not {self.window}")
+        if self.loops < 1:
+            raise ValueError(f"loops must be >= 1, not {self.loops}")
         self.head_dim = self.d_model // self.n_heads  # K
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of channels: the head dim d_model / n_heads = {self.head_dim} must "
@@ -219,14 +226,18 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, config.n_layers)
 
-    def forward(self, tokens):
-        """tokens: LongTensor (B, T) -> logits (B, T, V)"""
+    def forward(self, tokens, loops=None):
+        """tokens: LongTensor (B, T) -> logits (B, T, V). loops: passes through the Blocks at test time (default:
+        the config's), the looped model's test-time depth."""
         c = self.config
-        x = self.embed(tokens)
+        x = e = self.embed(tokens)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         rope = rotary(positions, c.head_dim, c.rope_base) if c.pos == "rope" else None
-        for block in self.blocks:
-            x = block(x, rope)
+        for i in range(loops or c.loops):
+            if i:
+                x = x + e                                      # the input again, before every pass after the first
+            for block in self.blocks:
+                x = block(x, rope)
         return self.head(self.norm(x))
 
     def state_size(self, seq_len):

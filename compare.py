@@ -251,7 +251,8 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
     depth, e.g. babilong). `segments`: HRM's test-time segments. Batches hold about max_tokens // length
     examples (length is the task's knob, which is the number of tokens for most tasks)."""
-    forward = model if segments is None else lambda x: model(x, segments=segments)
+    knob = "segments" if hasattr(model, "segment_logits") else "loops"   # HRM's test-time depth, or a loop count
+    forward = model if segments is None else lambda x: model(x, **{knob: segments})
     model.to(device).eval()
     g = torch.Generator().manual_seed(seed)
     batch = max(1, min(n_examples, max_tokens // length))
@@ -306,6 +307,8 @@ MODELS = {  # name -> (model class, config class, options that define the varian
     "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
     "hrm": (hrm.HRM, hrm.HRMConfig, {}),
     "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
+    # HRM's control (depth preset): its Blocks looped, 3 passes = HRM's 12 Block applications a segment at 4 layers
+    "attention_looped": (attention.Transformer, attention.TransformerConfig, {"loops": 3}),
 }
 
 
@@ -365,6 +368,7 @@ PRESETS = {
             "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
             "babilong": Budget(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
             "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20)),
+            "sudoku": Budget(train=[1, 2], test=[2], steps=30, segments=[1, 2], options=dict(n_train=5)),
         }),
     "quick": dict(  # a 2-core CPU in minutes: one task at each end of the trade-off, three seeds each
         models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[1:], seeds=[0, 1, 2],
@@ -393,13 +397,20 @@ PRESETS = {
                                models=["attention", "ssm", "rmt", "titans"],
                                seeded=["attention", "ssm", "rmt", "titans"]),
         }),
-    "depth": dict(  # one GPU: recurrent depth (HRM) against a fixed-depth Transformer of the same size, on mazes
-        models=["attention", "hrm", "hrm_last_cycle"], size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
+    "depth": dict(  # one GPU: recurrent depth (HRM, a looped Transformer) against a fixed-depth Transformer of the
+        # same size, on mazes and on Sudoku graded by the rounds of singles it needs
+        models=["attention", "attention_looped", "hrm", "hrm_last_cycle"], size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
             "maze": Budget(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
                            seeded=["attention", "hrm"],
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                            options=dict(canvas=17, n_train=1000, min_path=30)),
+            # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained.
+            # (Not yet run: each worker makes its 300 training puzzles per depth first, about 0.1 s each on a CPU.)
+            "sudoku": Budget(train=[[1, 2], [1, 4], [1, 6]], test=[2, 4, 6, 7], steps=800, segments=[1, 2, 4, 8, 16],
+                             seeded=["attention", "attention_looped", "hrm"],
+                             model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
+                             options=dict(n_train=300)),
         }),
     "scale": dict(  # --scale trains these, keeps their weights, then reads SCALE's streams. BABILong's qa1 and qa2
         # rise through RMT's segment curriculum to 16 segments of 32 tokens (RMT's BABILong runs: 1 to 32 of 512)
@@ -558,7 +569,8 @@ def run_one(spec):
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
     val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
     metrics = {str(L): test(L, seed=20_000 + spec["seed"]) for L in spec["test"]}
-    if spec.get("test_segments") and hasattr(model, "segment_logits"):   # HRM: accuracy vs test-time segments
+    if spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1):
+        # HRM and the looped Transformer: accuracy against test-time depth (segments, loops)
         for L in spec["test"]:
             metrics[str(L)]["by_segments"] = {str(s): test(L, seed=20_000 + spec["seed"], segments=s)
                                               for s in spec["test_segments"]}
@@ -1095,18 +1107,19 @@ def report(runs, meta, task_names, model_names):
     for t in [t for t in first if is_grid(t)]:   # HRM at each count of test-time segments
         counts = sorted({s for m, rs in cells[t] for s in rs[0].get("test_segments", [1])})
         lines = {}
+        size = (lambda L: f"{L}x{L}") if t == "maze" else (lambda L: f"depth {L}")   # noqa: E731 (Sudoku: rounds)
         for m, rs in cells[t]:
             for L in rs[0]["test"]:
                 if any("by_segments" in r["metrics"].get(str(L), {}) for r in rs):
-                    lines[(m, f"{L}x{L}")] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
+                    lines[(m, size(L))] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
                 else:   # a fixed-depth model has one number, the same at every count
                     fixed = "" if all(r.get("diverged_at") is not None for r in rs) else ", fixed depth"
-                    lines[(m, f"{L}x{L}{fixed}")] = [at(rs, L, "exact")] * len(counts)
-        figures["segments"] = [dict(title=f"{t}: recurrent depth at test time", xs=counts, lines=lines,
-                                    names=[f"{s} seg" for s in counts], xlabel="test-time segments",
-                                    ylabel="exact match", **ACCURACY)]
-        parts += [f"## {t}: exact match against test-time segments", "",
-                  table(figures["segments"], first=("model", "size")), ""]
+                    lines[(m, f"{size(L)}{fixed}")] = [at(rs, L, "exact")] * len(counts)
+        figures.setdefault("segments", []).append(dict(
+            title=f"{t}: recurrent depth at test time", xs=counts, lines=lines, names=[f"{s} seg" for s in counts],
+            xlabel="test-time segments (HRM) or loops (looped Transformer)", ylabel="exact match", **ACCURACY))
+        parts += [f"## {t}: exact match against test-time segments (HRM) or loops (attention_looped)", "",
+                  table(figures["segments"][-1:], first=("model", "size")), ""]
     quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
                     ylabel="exact match", **ACCURACY)
     for t in [t for t in sequence_tasks if any("by_depth" in v for _, rs in cells[t] for r in rs

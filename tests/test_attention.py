@@ -115,11 +115,14 @@ def transformer_by_hand(model, tokens):
     """The pre-norm Transformer spelled out, `attention_ref` as the oracle of the attention itself: per block,
     h = RMSNorm(x); q, k, v = h W + b split into heads; RoPE on q and k (not v) when pos="rope"; attention (causal or
     not, windowed or not); the output projection and the residual; then x + MLP(RMSNorm(x)), MLP = GELU between
-    two linear maps. The logits: head(RMSNorm(x))."""
+    two linear maps. The logits: head(RMSNorm(x)). With loops > 1 the blocks run `loops` times over, the embedding
+    e added to x before each pass after the first."""
     c = model.config
     B, T = tokens.shape
-    x = model.embed.weight[tokens]
-    for block in model.blocks:
+    x = e = model.embed.weight[tokens]
+    for block in [b for _ in range(c.loops) for b in model.blocks]:
+        if block is model.blocks[0] and x is not e:
+            x = x + e
         h, a = rms_norm(x, block.norm1.weight), block.attn
         q, k, v = (h @ a.qkv.weight.T + a.qkv.bias).split(c.d_model, dim=-1)
         q, k, v = (z.view(B, T, c.n_heads, c.head_dim).transpose(1, 2) for z in (q, k, v))
@@ -132,7 +135,8 @@ def transformer_by_hand(model, tokens):
     return rms_norm(x, model.norm.weight) @ model.head.weight.T
 
 
-@pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3, causal=False, rope_base=100.0)])
+@pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3, causal=False, rope_base=100.0),
+                                     dict(loops=3, causal=False)])
 def test_model_is_the_transformer_spelled_out(options):
     """Every parameter drawn at random (so that no default of 1 or 0 hides a missing term), float64, D=12, H=2,
     K=6, T=9. (RoPE tables are fp32, hence the tolerance.)"""
@@ -146,7 +150,7 @@ def test_model_is_the_transformer_spelled_out(options):
           "the Transformer spelled out", "BTV", rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3)])
+@pytest.mark.parametrize("options", [dict(), dict(pos="none"), dict(window=3), dict(loops=3)])
 def test_model_is_causal(options):
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(vocab_size=11, d_model=16, n_heads=2, **options)).double().eval()
@@ -156,6 +160,20 @@ def test_model_is_causal(options):
     x2[:, t + 1:] = torch.randint(0, 11, (2, 17 - t - 1))
     a, b = model(x), model(x2)
     causal_logits(a, b, t, f"attention.Transformer{options or ''}")
+
+
+def test_looped_model_has_the_same_parameters_and_its_depth_is_set_at_test_time():
+    """A looped Transformer is the plain one's parameters applied again: loops=1 is the plain model, and
+    model(x, loops=k) is the model with loops=k in its config (the same weights), for k below and above it."""
+    torch.manual_seed(0)
+    looped = Transformer(TransformerConfig(vocab_size=11, d_model=16, loops=3, causal=False)).double()
+    x = torch.randint(0, 11, (2, 10))
+    for k in (1, 2, 5):
+        other = Transformer(TransformerConfig(vocab_size=11, d_model=16, loops=k, causal=False)).double()
+        other.load_state_dict(looped.state_dict())
+        close(looped(x, loops=k), other(x), f"Transformer(loops=3)(x, loops={k}) against a model built with loops={k}",
+              "BTV")
+    assert not torch.allclose(looped(x), looped(x, loops=1))
 
 
 def test_bidirectional_model_sees_the_future():
@@ -207,6 +225,8 @@ def test_bad_config_raises():
         TransformerConfig(pos="alibi")
     with pytest.raises(ValueError, match="window.*0"):
         TransformerConfig(window=0)
+    with pytest.raises(ValueError, match="loops.*0"):
+        TransformerConfig(loops=0)
     with pytest.raises(ValueError, match="head dim.*3.*even"):  # RoPE's pairs; apply_rotary would make K + 1 channels
         TransformerConfig(d_model=6, n_heads=2)
     TransformerConfig(d_model=6, n_heads=2, pos="none")         # without RoPE any head dim is fine
