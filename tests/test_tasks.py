@@ -543,8 +543,8 @@ def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot
 
     def blanked(cells):
         return [0 if i in cells else v for i, v in enumerate(solved)]
-    rectangle = next(blanked(cells) for a in range(9) for b in range(a + 1, 9) for x in range(9) for z in range(x + 1, 9)
-                     if count_solutions(blanked(cells := (9 * a + x, 9 * a + z, 9 * b + x, 9 * b + z))) == 2)
+    rectangle = next(blanked(cells) for a in range(9) for b in range(a + 1, 9)
+                     for x in range(9) for z in range(x + 1, 9) if count_solutions(blanked(cells := (9 * a + x, 9 * a + z, 9 * b + x, 9 * b + z))) == 2)
     assert count_solutions(rectangle) == 2 and task.rounds(rectangle) == (None, None)
     assert task.rounds([0] * 81) == (None, None)
     bad = list(solved)
@@ -558,7 +558,8 @@ def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot
 @pytest.mark.parametrize("depth", [1, 3, 6])
 def test_sudoku_puzzles_need_their_depth_and_have_one_solution(depth):
     """Fresh puzzles: givens from a valid solved grid, exactly `depth` rounds of singles (the solver, and its spec
-    in plain Python above), one solution (the backtracking counter), y the solution at the blanks and nothing at the givens."""
+    in plain Python above), one solution (the backtracking counter), y the solution at the blanks and nothing at
+    the givens."""
     task = Sudoku(n_train=2)
     x, y = task.sample(3, depth, seed=depth)
     assert x.shape == y.shape == (3, 81) and not getattr(task, "causal", True)
@@ -576,7 +577,8 @@ def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles
     with the relabelled solution); the same seed gives the same batch; no test puzzle is a training puzzle."""
     task = Sudoku(n_train=3)
     x, y = task.sample_train(12, 2, seed=0)
-    assert torch.equal(x, task.sample_train(12, 2, seed=0)[0]) and not torch.equal(x, task.sample_train(12, 2, seed=1)[0])
+    assert torch.equal(x, task.sample_train(12, 2, seed=0)[0])
+    assert not torch.equal(x, task.sample_train(12, 2, seed=1)[0])
     puzzles = task.train_set(2)[0]
     blanks = {tuple(p == 0) for p in puzzles}
     for b in range(12):
