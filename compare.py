@@ -399,8 +399,8 @@ PRESETS = {
         }),
     "depth": dict(  # one GPU: recurrent depth (HRM, a looped Transformer) against a fixed-depth Transformer of the
         # same size, on mazes and on Sudoku graded by the rounds of singles it needs
-        models=["attention", "attention_looped", "hrm", "hrm_last_cycle"], size=dict(d_model=128, n_heads=4, n_layers=4),
-        batch_size=128,
+        models=["attention", "attention_looped", "hrm", "hrm_last_cycle"],
+        size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
             "maze": Budget(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
                            seeded=["attention", "hrm"],

@@ -615,9 +615,9 @@ class Sudoku:
     min_length = 1
     max_grids = 200   # solved grids tried for one puzzle before a depth is called out of reach
     BLANK = 0
-    UNITS = np.array([[9 * r + c for c in range(9)] for r in range(9)]                    # rows,
-                     + [[9 * r + c for r in range(9)] for c in range(9)]                  # columns,
-                     + [[9 * (3 * (b // 3) + i // 3) + 3 * (b % 3) + i % 3 for i in range(9)] for b in range(9)])  # boxes
+    UNITS = np.array([[9 * r + c for c in range(9)] for r in range(9)]                    # rows, columns, boxes
+                     + [[9 * r + c for r in range(9)] for c in range(9)]
+                     + [[9 * (3 * (b // 3) + i // 3) + 3 * (b % 3) + i % 3 for i in range(9)] for b in range(9)])
 
     def __init__(self, n_train=1000, train_seed=1234):
         if n_train < 1:

@@ -543,8 +543,9 @@ def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot
 
     def blanked(cells):
         return [0 if i in cells else v for i, v in enumerate(solved)]
-    rectangle = next(blanked(cells) for a in range(9) for b in range(a + 1, 9)
-                     for x in range(9) for z in range(x + 1, 9) if count_solutions(blanked(cells := (9 * a + x, 9 * a + z, 9 * b + x, 9 * b + z))) == 2)
+    corners = ((9 * a + x, 9 * a + z, 9 * b + x, 9 * b + z) for a in range(9) for b in range(a + 1, 9)
+               for x in range(9) for z in range(x + 1, 9))
+    rectangle = next(p for p in map(blanked, corners) if count_solutions(p) == 2)
     assert count_solutions(rectangle) == 2 and task.rounds(rectangle) == (None, None)
     assert task.rounds([0] * 81) == (None, None)
     bad = list(solved)
