@@ -543,6 +543,21 @@ def edge_cells(runs, best):
                                                                                            max(grids[cell]))}
 
 
+@torch.no_grad()
+def block_calls(model, x):
+    """Block applications in one training forward of x (`all_logits`: every supervised segment of HRM), counted by
+    hooking every `attention.Block`: the training compute per example that the depth preset compares."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()
+             if isinstance(m, attention.Block)]
+    try:
+        all_logits(model, x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return len(calls)
+
+
 def run_one(spec):
     """Train and test one model on one task; returns the record stored in runs/<preset>.json."""
     device = spec["device"]
@@ -561,6 +576,8 @@ def run_one(spec):
     record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
               "examples_seen": spec["steps"] * spec["batch_size"], "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"}
+    if is_grid(spec["task"]):   # the depth preset's training compute per example, at the longest training size
+        record["block_calls"] = block_calls(model, task.sample_train(1, stages(spec["train"])[-1][1], 0, device)[0])
     if spec.get("weights"):   # kept even when diverged: a stored run is reused only while its weights exist
         os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
@@ -1120,7 +1137,10 @@ def report(runs, meta, task_names, model_names):
             title=f"{t}: recurrent depth at test time", xs=counts, lines=lines, names=[f"{s} seg" for s in counts],
             xlabel="test-time segments (HRM) or loops (looped Transformer)", ylabel="exact match", **ACCURACY))
         parts += [f"## {t}: exact match against test-time segments (HRM) or loops (attention_looped)", "",
-                  table(figures["segments"][-1:], first=("model", "size")), ""]
+                  table(figures["segments"][-1:], first=("model", "size")), "",
+                  "Training compute, Block applications per example (one forward, every supervised segment): " + ", ".join(
+                      f"{m} {rs[0]['block_calls']}" for m, rs in cells[t] if rs[0].get("block_calls") is not None),
+                  ""]
     quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
                     ylabel="exact match", **ACCURACY)
     for t in [t for t in sequence_tasks if any("by_depth" in v for _, rs in cells[t] for r in rs

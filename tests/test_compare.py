@@ -1060,3 +1060,14 @@ def test_a_grid_of_two_rates_has_edges():
     runs = [dict(model="m", task="t", lr=lr, seed=0, val_token_acc=acc, val_loss=1.0) for lr, acc in ((1e-3, 0.9),
                                                                                                     (3e-3, 0.5))]
     assert compare.edge_cells(runs, compare.best_runs(runs)) == {("m", "t")}
+
+
+def test_block_calls_count_the_training_compute_per_example():
+    """The depth preset's compute per example, Block applications in one training forward: a Transformer's layers;
+    a looped one's layers x loops; HRM's segments x (H_cycles x L_cycles low updates + H_cycles high ones) x
+    n_layers / 2 Blocks per module (every supervised segment runs in training)."""
+    x = torch.randint(0, 5, (1, 9))
+    count = lambda name, **options: compare.block_calls(compare.build_model(name, 5, d_model=8, **options), x)  # noqa
+    assert count("attention", n_layers=3) == 3 and count("attention_looped", n_layers=3, loops=2) == 6
+    assert count("hrm", n_layers=4, H_cycles=2, L_cycles=3, segments=2) == 2 * (2 * 3 + 2) * 2
+    assert count("ssm") == 0
