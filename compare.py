@@ -307,8 +307,9 @@ MODELS = {  # name -> (model class, config class, options that define the varian
     "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
     "hrm": (hrm.HRM, hrm.HRMConfig, {}),
     "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
-    # HRM's control (depth preset): its Blocks looped, 3 passes = HRM's 12 Block applications a segment at 4 layers
-    "attention_looped": (attention.Transformer, attention.TransformerConfig, {"loops": 3}),
+    # HRM's control (depth preset): the Blocks looped 4 times, as HRM trains 4 segments (so 1x, 2x, 4x the training
+    # depth are the same test-time counts, 4, 8, 16, for both; 16 Block applications, HRM 12 a segment, 48 in all)
+    "attention_looped": (attention.Transformer, attention.TransformerConfig, {"loops": 4}),
 }
 
 
@@ -1138,8 +1139,9 @@ def report(runs, meta, task_names, model_names):
             xlabel="test-time segments (HRM) or loops (looped Transformer)", ylabel="exact match", **ACCURACY))
         parts += [f"## {t}: exact match against test-time segments (HRM) or loops (attention_looped)", "",
                   table(figures["segments"][-1:], first=("model", "size")), "",
-                  "Training compute, Block applications per example (one forward, every supervised segment): " + ", ".join(
-                      f"{m} {rs[0]['block_calls']}" for m, rs in cells[t] if rs[0].get("block_calls") is not None),
+                  "Training compute, Block applications per example (one forward, every supervised segment): "
+                  + ", ".join(f"{m} {rs[0]['block_calls']}" for m, rs in cells[t]
+                              if rs[0].get("block_calls") is not None),
                   ""]
     quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
                     ylabel="exact match", **ACCURACY)
