@@ -703,15 +703,24 @@ class Sudoku:
         return relabel.gather(1, x).to(device), torch.where(y == IGNORE, IGNORE, relabel.gather(1, y.clamp(min=0))
                                                             ).to(device)
 
+    @staticmethod
+    def _key(puzzle):
+        """The same key for a puzzle under every relabelling of its digits (`sample_train` relabels): the digits
+        renamed in the order they first appear."""
+        names = {0: 0}
+        return bytes(names.setdefault(int(v), len(names)) for v in puzzle)
+
     def sample(self, batch_size, length, seed=0, device="cpu"):
-        """Fresh puzzles of depth `length`, none of them in the training set: the test set."""
+        """Fresh puzzles of depth `length`: the test set. Once this task has made its training set of that depth
+        (training comes first), none is a training puzzle under any relabelling; a random puzzle would almost
+        never be one anyway, and making the set only to check costs seconds per depth."""
         _check(batch_size, length, self.min_length, "sudoku")
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
-        seen = {p.tobytes() for p in self.train_set(length)[0]}
+        seen = {self._key(p) for p in self._train_sets[length][0]} if length in self._train_sets else set()
         pairs = []
         while len(pairs) < batch_size:
             puzzle, solution = self._puzzle(length, rng)
-            if puzzle.tobytes() not in seen:
+            if self._key(puzzle) not in seen:
                 pairs.append((puzzle, solution))
         return self._batch(*map(np.stack, zip(*pairs)), device)
 

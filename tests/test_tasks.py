@@ -587,7 +587,10 @@ def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles
         assert n == 2 and tuple(x[b].numpy() == 0) in blanks
         assert (y[b].numpy() == np.where(x[b].numpy() == 0, solution, IGNORE)).all()
     test, _ = task.sample(20, 2, seed=5)
-    assert not {p.tobytes() for p in test.numpy()} & {p.tobytes() for p in puzzles}
+    assert not {Sudoku._key(p) for p in test.numpy()} & {Sudoku._key(p) for p in puzzles}
+    assert Sudoku._key(x[0].numpy()) in {Sudoku._key(p) for p in puzzles}     # relabelled: the same key
+    task._train_sets[2] = (test.numpy(), test.numpy())    # a training set that holds them: other puzzles are drawn
+    assert not {Sudoku._key(p) for p in task.sample(20, 2, seed=5)[0].numpy()} & {Sudoku._key(p) for p in test.numpy()}
     deep = Sudoku(n_train=1)
     deep.max_grids = 3
     with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 3 grids"):
