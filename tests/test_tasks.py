@@ -591,6 +591,14 @@ def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles
     assert Sudoku._key(x[0].numpy()) in {Sudoku._key(p) for p in puzzles}     # relabelled: the same key
     task._train_sets[2] = (test.numpy(), test.numpy())    # a training set that holds them: other puzzles are drawn
     assert not {Sudoku._key(p) for p in task.sample(20, 2, seed=5)[0].numpy()} & {Sudoku._key(p) for p in test.numpy()}
+    made = []
+    task._puzzle = lambda d, rng: made.append(d) or Sudoku._puzzle(task, d, rng)
+    a = task.sample(4, 3, seed=torch.Generator().manual_seed(9))
+    b = task.sample(4, 3, seed=torch.Generator().manual_seed(9))   # an evaluation again (each test-time depth)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and made.count(3) >= 4 and len(made) == made.count(3)
+    made.clear()
+    assert all(torch.equal(u, v) for u, v in zip(a, task.sample(4, 3, seed=torch.Generator().manual_seed(9))))
+    assert made == []                                               # made once, kept
     deep = Sudoku(n_train=1)
     deep.max_grids = 3
     with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 3 grids"):
