@@ -369,7 +369,8 @@ PRESETS = {
             "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
             "babilong": Budget(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
             "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20)),
-            "sudoku": Budget(train=[1, 2], test=[2], steps=30, segments=[1, 2], options=dict(n_train=5)),
+            "sudoku": Budget(train=[1, 2], test=[2], steps=30, segments=[1, 2], options=dict(n_train=5),
+                             models=["attention", "attention_looped", "hrm"]),   # (the maze runs every grid model)
         }),
     "quick": dict(  # a 2-core CPU in minutes: one task at each end of the trade-off, three seeds each
         models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[1:], seeds=[0, 1, 2],

@@ -34,13 +34,16 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert sorted(dial) == ["ssm[d_state=4]/recall/lr=0.003/seed=0"]
     assert dial["ssm[d_state=4]/recall/lr=0.003/seed=0"]["model_options"]["d_state"] == 4
     runs = {k: r for k, r in runs.items() if k not in dial}
-    cells = [(m, t) for t in preset["tasks"] for m in preset["models"]
+    cells = [(m, t) for t, b in preset["tasks"].items() for m in b.models or preset["models"]
              if getattr(tasks.TASKS[t], "causal", True) or compare.reads_grids(m)]   # grid tasks: no SSM/RMT/Titans
     assert sorted((r["model"], r["task"]) for r in runs.values()) == sorted(cells * len(preset["lrs"]))
     assert ("hrm", "maze") in cells and ("ssm", "maze") not in cells
     assert all(r["model_options"]["causal"] is False for r in runs.values() if r["task"] == "maze")
     hrm_maze = runs["hrm/maze/lr=0.003/seed=0"]["metrics"]
     assert all(set(v["by_segments"]) == {"1", "2"} for v in hrm_maze.values())
+    looped = runs["attention_looped/sudoku/lr=0.003/seed=0"]   # read at test-time loops; its compute counted
+    assert set(looped["metrics"]["2"]["by_segments"]) == {"1", "2"} and looped["block_calls"] == 4 * 2   # 4 x 2 layers
+    assert "by_segments" not in runs["attention/sudoku/lr=0.003/seed=0"]["metrics"]["2"]
     for r in runs.values():   # every test length measured, the spec stored with the run
         assert sorted(r["metrics"], key=int) == [str(L) for L in r["test"]] and r["protocol"] == compare.PROTOCOL
         assert r["examples_seen"] == r["steps"] * r["batch_size"] and set(r["state_size"]) == set(r["metrics"])
