@@ -358,8 +358,10 @@ CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream t
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 1-2 up to 8-16 segments
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
 PRESETS = {
-    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
-        models=list(MODELS), size=dict(d_model=32, n_layers=2), batch_size=16, lrs=[3e-3], seeds=[0],
+    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr (the looped
+        # Transformer, HRM's control, on the grids alone)
+        models=[m for m in MODELS if m != "attention_looped"], size=dict(d_model=32, n_layers=2), batch_size=16,
+        lrs=[3e-3], seeds=[0],
         eval_examples=32, tasks={
             "copy": Budget(train=[2, 6], test=[6, 12], steps=30),
             "mqar": Budget(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
@@ -368,7 +370,8 @@ PRESETS = {
             "flipflop": Budget(train=[32, 32], test=[32, 128], steps=30),
             "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
             "babilong": Budget(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
-            "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20)),
+            "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20),
+                           models=list(MODELS)),
             "sudoku": Budget(train=[1, 2], test=[2], steps=30, segments=[1, 2], options=dict(n_train=5),
                              models=["attention", "attention_looped", "hrm"]),   # (the maze runs every grid model)
         }),

@@ -984,7 +984,7 @@ def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
     follow-up), their weights kept beside them, then every chosen model reads every stream length; the same
     command on a copy of the folder elsewhere reuses the training and reads the same streams again."""
     argv = ["--scale", "--models", "ssm,attention", "--tasks", "flipflop", "--seeds", "0,1", "--steps", "3",
-            "--test-lengths", "512,1024", "--workers", "2"]   # two worker processes train and read
+            "--test-lengths", "512,1024", "--workers", "1"]
     assert compare.main(argv + ["--out", str(tmp_path / "a")]) == 0
     saved = json.load(open(tmp_path / "a" / "scale.json"))
     assert len(saved["runs"]) == 2 * len(compare.PRESETS["scale"]["lrs"]) + 2      # the sweep, then seed 1
