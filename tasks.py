@@ -613,7 +613,7 @@ class Sudoku:
     causal = False
     canvas = 9        # the grid's side (`render` reads it)
     min_length = 1
-    max_grids = 200   # solved grids tried for one puzzle before a depth is called out of reach
+    max_grids = 50    # batches of solved grids tried before a depth is called out of reach
     BLANK = 0
     UNITS = np.array([[9 * r + c for c in range(9)] for r in range(9)]                    # rows, columns, boxes
                      + [[9 * r + c for r in range(9)] for c in range(9)]
@@ -631,28 +631,40 @@ class Sudoku:
 
     def rounds(self, puzzle):
         """Rounds of singles that solve `puzzle` (81 ints, 0 blank), and the solution; (None, None) if singles get
-        stuck (or meet a contradiction) before it is full. The oracle: plain numpy, one round a loop."""
-        grid, n = np.array(puzzle), 0
-        while (grid == self.BLANK).any():
-            placed = np.zeros((81, 10), bool)
-            placed[np.arange(81), grid] = True                    # (81, 10): the digit in each cell (0: blank)
-            seen = (self._peers[:, :, None] & placed[None]).any(1)  # (81, 10): digits in each cell's peers
-            cand = ~seen[:, 1:] & (grid == self.BLANK)[:, None]   # (81, 9): what each blank may still hold
-            fill = np.zeros(81, int)
-            naked = cand.sum(1) == 1
-            fill[naked] = cand[naked].argmax(1) + 1
-            in_unit = cand[self.UNITS]                            # (27, 9 cells, 9 digits)
-            unit, digit = np.nonzero(in_unit.sum(1) == 1)         # a digit with one place left in a unit
-            cell = self.UNITS[unit, in_unit[unit, :, digit].argmax(1)]
-            if ((fill[cell] != 0) & (fill[cell] != digit + 1)).any() or len(set(cell)) != len(set(zip(cell, digit))):
-                return None, None                                 # two digits forced into one cell: no solution
-            fill[cell] = digit + 1
-            if not fill.any() or (cand.sum(1) == 0)[grid == self.BLANK].any():
-                return None, None                                 # stuck, or a blank with no digit left
-            grid, n = np.where(fill > 0, fill, grid), n + 1
-        if any(len(set(grid[unit])) < 9 for unit in self.UNITS):   # two singles of one round put a digit twice
-            return None, None
-        return n, grid
+        stuck (or meet a contradiction) before it is full. The oracle of the tests; `_rounds` does many at once."""
+        n, grid = self._rounds(np.asarray(puzzle)[None])
+        return (None, None) if n[0] < 0 else (int(n[0]), grid[0])
+
+    def _rounds(self, grids):
+        """`rounds` for a batch (P, 81) at once: the rounds (P,), -1 where singles get stuck or contradict, and
+        the grids as far as they got. Each round, for every puzzle still open: the digits each blank's peers
+        hold (one product with the peer matrix), the naked singles (one candidate left), the hidden singles
+        (a digit with one place left in one of the 27 units); all filled at once."""
+        grids, P = np.array(grids), len(grids)
+        n, failed = np.zeros(P, int), np.zeros(P, bool)
+        peers = self._peers.astype(np.float32)
+        while True:
+            blank = grids == self.BLANK
+            open_ = blank.any(1) & ~failed
+            if not open_.any():
+                break
+            placed = np.eye(10, dtype=np.float32)[grids]                          # (P, 81, 10) one-hot digits
+            cand = (np.matmul(peers, placed)[..., 1:] == 0) & blank[..., None]                 # (P, 81, 9)
+            count = cand.sum(2)
+            fills = cand & (count == 1)[..., None]                                # naked singles
+            in_unit = cand[:, self.UNITS]                                         # (P, 27 units, 9 cells, 9 digits)
+            hidden = in_unit & (in_unit.sum(2) == 1)[:, :, None, :]               # a digit's one place in a unit
+            for u, cells in enumerate(self.UNITS):
+                fills[:, cells] |= hidden[:, u]
+            clash = (fills.sum(2) > 1).any(1)                                     # two digits forced into one cell
+            dead = ((count == 0) & blank).any(1) | ~fills.any((1, 2))             # a blank with no digit, or stuck
+            failed |= open_ & (clash | dead)
+            go = open_ & ~failed
+            grids[go] = np.where(fills[go].any(2), fills[go].argmax(2) + 1, grids[go])
+            n[go] += 1
+        units = np.sort(grids[:, self.UNITS], axis=2)                            # two singles of one round may
+        failed |= ~(units == np.arange(1, 10)).all((1, 2))                        # put a digit twice in a unit
+        return np.where(failed, -1, n), grids
 
     def _solved(self, rng):
         """A random solved grid: the pattern (3 (r mod 3) + r // 3 + c) mod 9, shuffled in every way that keeps it
@@ -663,27 +675,33 @@ class Sudoku:
         grid = np.array([[digits[(3 * (r % 3) + r // 3 + c) % 9] for c in cols] for r in rows])
         return (grid.T if rng.random() < 0.5 else grid).reshape(81)
 
-    def _puzzle(self, d, rng):
-        """One puzzle that needs exactly d rounds, and its solution."""
+    def _puzzles(self, d, rng, count):
+        """`count` puzzles that need exactly d rounds, and their solutions, (count, 81) each. Blanked side by side:
+        at each of 81 steps every grid in the batch loses one more cell, in its own random order, and gets it back
+        if singles would then stop or need more than d rounds; the grids that end needing d rounds are kept."""
+        puzzles, solutions = [], []
         for _ in range(self.max_grids):
-            solution = self._solved(rng)
-            puzzle = solution.copy()
-            deepest = 0
-            for i in rng.sample(range(81), 81):
-                puzzle[i] = self.BLANK
-                n, _ = self.rounds(puzzle)
-                if n is None or n > d:
-                    puzzle[i] = solution[i]                       # keep it: singles would stop, or it goes too deep
-                else:
-                    deepest = n
-            if deepest == d:
-                return puzzle, solution
-        raise ValueError(f"sudoku: no puzzle needing {d} rounds of singles in {self.max_grids} grids; try fewer")
+            P = max(2 * (count - len(puzzles)), 8)
+            solved = np.stack([self._solved(rng) for _ in range(P)])
+            order = np.array([rng.sample(range(81), 81) for _ in range(P)])
+            grids, deepest, rows = solved.copy(), np.zeros(P, int), np.arange(P)
+            for i in range(81):
+                grids[rows, order[:, i]] = self.BLANK
+                n, _ = self._rounds(grids)
+                keep = (n < 0) | (n > d)                                   # singles would stop, or it goes too deep
+                grids[rows[keep], order[keep, i]] = solved[rows[keep], order[keep, i]]
+                deepest = np.where(keep, deepest, n)
+            puzzles += list(grids[deepest == d])
+            solutions += list(solved[deepest == d])
+            if len(puzzles) >= count:
+                return np.stack(puzzles[:count]), np.stack(solutions[:count])
+        raise ValueError(f"sudoku: no puzzle needing {d} rounds of singles in {self.max_grids} batches of grids; "
+                         "try fewer")
 
     def train_set(self, d):
         if d not in self._train_sets:
             rng = random.Random(self.train_seed * 1000 + d)
-            self._train_sets[d] = tuple(map(np.stack, zip(*[self._puzzle(d, rng) for _ in range(self.n_train)])))
+            self._train_sets[d] = self._puzzles(d, rng, self.n_train)
         return self._train_sets[d]
 
     def _batch(self, puzzles, solutions, device):
@@ -724,9 +742,8 @@ class Sudoku:
         seen = {self._key(p) for p in self._train_sets[length][0]} if length in self._train_sets else set()
         pairs = []
         while len(pairs) < batch_size:
-            puzzle, solution = self._puzzle(length, rng)
-            if self._key(puzzle) not in seen:
-                pairs.append((puzzle, solution))
+            pairs += [(p, q) for p, q in zip(*self._puzzles(length, rng, batch_size - len(pairs)))
+                      if self._key(p) not in seen]
         self._tests[key] = self._batch(*map(np.stack, zip(*pairs)), "cpu")
         return tuple(t.to(device) for t in self._tests[key])
 

@@ -549,7 +549,10 @@ def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot
     assert count_solutions(rectangle) == 2 and task.rounds(rectangle) == (None, None)
     assert task.rounds([0] * 81) == (None, None)
     bad = list(solved)
-    bad[0], bad[2] = 0, solved[0]                   # the row's first digit written twice
+    bad[0], bad[2] = 0, solved[0]                   # the row's first digit written twice: its blank has no digit
+    assert task.rounds(bad) == (None, None)
+    bad = list(solved)
+    bad[0], bad[2] = 0, solved[1]                   # a given twice in a row: the blank fills, the grid is no Sudoku
     assert task.rounds(bad) == (None, None)
     one = list(solved)
     one[0] = one[40] = 0                            # the docstring's example: two naked singles, one round
@@ -592,14 +595,14 @@ def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles
     task._train_sets[2] = (test.numpy(), test.numpy())    # a training set that holds them: other puzzles are drawn
     assert not {Sudoku._key(p) for p in task.sample(20, 2, seed=5)[0].numpy()} & {Sudoku._key(p) for p in test.numpy()}
     made = []
-    task._puzzle = lambda d, rng: made.append(d) or Sudoku._puzzle(task, d, rng)
+    task._puzzles = lambda d, rng, count: made.append(d) or Sudoku._puzzles(task, d, rng, count)
     a = task.sample(4, 3, seed=torch.Generator().manual_seed(9))
     b = task.sample(4, 3, seed=torch.Generator().manual_seed(9))   # an evaluation again (each test-time depth)
-    assert all(torch.equal(u, v) for u, v in zip(a, b)) and made.count(3) >= 4 and len(made) == made.count(3)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and made.count(3) >= 1 and len(made) == made.count(3)
     made.clear()
     assert all(torch.equal(u, v) for u, v in zip(a, task.sample(4, 3, seed=torch.Generator().manual_seed(9))))
     assert made == []                                               # made once, kept
     deep = Sudoku(n_train=1)
-    deep.max_grids = 3
-    with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 3 grids"):
+    deep.max_grids = 2
+    with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 2 batches"):
         deep.sample(1, 40)
