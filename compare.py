@@ -412,7 +412,7 @@ PRESETS = {
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                            options=dict(canvas=17, n_train=1000, min_path=30)),
             # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained.
-            # (Not yet run: each worker makes its 300 training puzzles per depth first, about 0.1 s each on a CPU.)
+            # (Not yet run: each worker makes its 300 training puzzles per depth first, 6-20 ms each on a CPU.)
             "sudoku": Budget(train=[[1, 2], [1, 4], [1, 6]], test=[2, 4, 6, 7], steps=800, segments=[1, 2, 4, 8, 16],
                              seeded=["attention", "attention_looped", "hrm"],
                              model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
