@@ -233,7 +233,10 @@ class Transformer(nn.Module):
         x = e = self.embed(tokens)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         rope = rotary(positions, c.head_dim, c.rope_base) if c.pos == "rope" else None
-        for i in range(loops or c.loops):
+        loops = c.loops if loops is None else loops
+        if loops < 1:
+            raise ValueError(f"loops must be >= 1, not {loops}")
+        for i in range(loops):
             if i:
                 x = x + e                                      # the input again, before every pass after the first
             for block in self.blocks:
@@ -241,10 +244,11 @@ class Transformer(nn.Module):
         return self.head(self.norm(x))
 
     def state_size(self, seq_len):
-        """Floats per sequence kept at inference: the key/value cache, 2 * D per layer per cached token."""
+        """Floats per sequence kept at inference: the key/value cache, 2 * D per layer (and per pass through the
+        layers: a looped model's passes each have their own keys and values) per cached token."""
         c = self.config
         cached = seq_len if c.window is None else min(seq_len, c.window)
-        return 2 * c.d_model * c.n_layers * cached
+        return 2 * c.d_model * c.n_layers * c.loops * cached
 
 
 if __name__ == "__main__":

@@ -249,7 +249,8 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     (every scored position of an example right, over the examples that have one; None if none has), and where
     the task defines them
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
-    depth, e.g. babilong). `segments`: HRM's test-time segments. Batches hold about max_tokens // length
+    depth, e.g. babilong). `segments`: the test-time depth (HRM's segments, the looped Transformer's loops).
+    Batches hold about max_tokens // length
     examples (length is the task's knob, which is the number of tokens for most tasks)."""
     knob = "segments" if hasattr(model, "segment_logits") else "loops"   # HRM's test-time depth, or a loop count
     forward = model if segments is None else lambda x: model(x, **{knob: segments})
@@ -355,7 +356,7 @@ class Budget:
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
-BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 1-2 up to 8-16 segments
+BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 2 up to 16 RMT segments
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
 PRESETS = {
     "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr (the looped
@@ -412,7 +413,8 @@ PRESETS = {
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
                            options=dict(canvas=17, n_train=1000, min_path=30)),
             # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained.
-            # (Not yet run: each worker makes its 300 training puzzles per depth first, 6-20 ms each on a CPU.)
+            # (Not yet run. Each run makes its 300 training puzzles of a depth when its curriculum first reaches it,
+            # 6-20 ms each on a CPU, inside its training time.)
             "sudoku": Budget(train=[[1, 2], [1, 4], [1, 6]], test=[2, 4, 6, 7], steps=800, segments=[1, 2, 4, 8, 16],
                              seeded=["attention", "attention_looped", "hrm"],
                              model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
@@ -619,9 +621,10 @@ def cpu_threads(workers):
 
 
 def slow_first(spec):
-    """Scheduling order: the slowest runs first (the maze, then the models with loops inside a step), so that
+    """Scheduling order: the slowest runs first (the grids, then the models with loops inside a step), so that
     no long run starts last and keeps the others waiting."""
-    return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
+    return (spec["task"] not in ("maze", "sudoku"),
+            spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
 
 
 def worker_start(parent):
@@ -1511,7 +1514,7 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
     side by side in worker processes like the training runs (a stream is read one segment or chunk after another,
     each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save(). A cell whose rows an
     earlier command stored (`stored`: the same weights, streams and lengths, read to the last or to a wall) is not
-    read again: a stopped reading resumes, like the training."""
+    read again: a stopped reading resumes, like the training; the stored rows of cells not read now are kept."""
     order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(MODELS).index(c[0]))))}
 
     def done(cell_rows):   # the rows kept by task, then model, then length, whichever cell ends first
@@ -1519,6 +1522,9 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
         rows.sort(key=lambda r: (order.get((r["model"], r["task"]), len(order)), r["length"]))
         save()
         return []
+    others = [r for r in stored if (r.get("model"), r.get("task")) not in best]   # cells this command does not read
+    if others:
+        done(others)
     specs, reused = [], 0
     for (m, t), rs in best.items():
         want = lengths or SCALE["lengths"][t]
@@ -1539,7 +1545,7 @@ def streams_report(rows):
     against length. BABILong scores one answer per stream, so its interval is over the streams read."""
     def accuracy(r):
         low, high = wilson(r["token_acc"], r["scored"])
-        return f"{r['token_acc']:.3f} [{low:.2f}, {high:.2f}]"
+        return f"{r['token_acc']:.3f} [{low:.3f}, {high:.3f}]"
     cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
         [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
         [accuracy(r), f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",

@@ -738,14 +738,14 @@ class Sudoku:
         key = (batch_size, length, g.get_state().numpy().tobytes(), id(self._train_sets.get(length)))  # made before?
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
         if key in self._tests:   # (an evaluation at each test-time depth draws the same puzzles again)
-            return tuple(t.to(device) for t in self._tests[key])
+            return tuple(t.to(device, copy=True) for t in self._tests[key])
         seen = {self._key(p) for p in self._train_sets[length][0]} if length in self._train_sets else set()
         pairs = []
         while len(pairs) < batch_size:
             pairs += [(p, q) for p, q in zip(*self._puzzles(length, rng, batch_size - len(pairs)))
                       if self._key(p) not in seen]
         self._tests[key] = self._batch(*map(np.stack, zip(*pairs)), "cpu")
-        return tuple(t.to(device) for t in self._tests[key])
+        return tuple(t.to(device, copy=True) for t in self._tests[key])   # a copy: the caller may write to it
 
 
 def _canonical(grid):

@@ -174,6 +174,8 @@ def test_looped_model_has_the_same_parameters_and_its_depth_is_set_at_test_time(
         close(looped(x, loops=k), other(x), f"Transformer(loops=3)(x, loops={k}) against a model built with loops={k}",
               "BTV")
     assert not torch.allclose(looped(x), looped(x, loops=1))
+    with pytest.raises(ValueError, match="loops must be >= 1, not 0"):
+        looped(x, loops=0)
 
 
 def test_bidirectional_model_sees_the_future():
@@ -201,6 +203,13 @@ def test_state_size_is_the_kv_cache():
         assert len(counted) == 3 and sum(counted) == model.state_size(T), T
     windowed = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2, window=5))
     assert windowed.state_size(4) == model.state_size(4) and windowed.state_size(100) == model.state_size(5)
+    looped = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2, loops=2)).eval()
+    for block in looped.blocks:            # each pass through the layers makes keys and values of its own
+        block.attn.qkv.register_forward_hook(lambda m, args, out: counted.append(out[0].numel() * 2 // 3))
+    counted.clear()
+    with torch.no_grad():
+        looped(torch.randint(0, 11, (2, 7)))
+    assert len(counted) == 6 and sum(counted) == looped.state_size(7)
 
 
 def test_init_is_gpt2s_with_the_residual_projections_scaled():

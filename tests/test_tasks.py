@@ -84,9 +84,12 @@ ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "f
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_same_seed_same_batch(name):
-    task = TASKS[name](n_train=5) if name == "sudoku" else TASKS[name]()   # (a Sudoku training set takes time)
-    a, b = task.sample(4, LENGTHS[name], seed=3), task.sample(4, LENGTHS[name], seed=3)
-    c = task.sample(4, LENGTHS[name], seed=torch.Generator().manual_seed(3))
+    """The same seed, the same batch, from another task object too (each run builds its own: every model must see
+    the same test examples)."""
+    make = lambda: TASKS[name](n_train=5) if name == "sudoku" else TASKS[name]()   # noqa: E731 (Sudoku: a small set)
+    task = make()
+    a, b = task.sample(4, LENGTHS[name], seed=3), make().sample(4, LENGTHS[name], seed=3)
+    c = make().sample(4, LENGTHS[name], seed=torch.Generator().manual_seed(3))
     d = task.sample(4, LENGTHS[name], seed=4)
     for u, v, w in zip(a, b, c):
         assert torch.equal(u, v) and torch.equal(u, w)
@@ -549,13 +552,16 @@ def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot
     assert count_solutions(rectangle) == 2 and task.rounds(rectangle) == (None, None)
     assert task.rounds([0] * 81) == (None, None)
     bad = list(solved)
-    bad[0], bad[2] = 0, solved[0]                   # the row's first digit written twice: its blank has no digit
+    bad[0], bad[2] = 0, solved[0]                   # cell 0's digit written into cell 2 too: cell 0 has none left
     assert task.rounds(bad) == (None, None)
     bad = list(solved)
     bad[0], bad[2] = 0, solved[1]                   # a given twice in a row: the blank fills, the grid is no Sudoku
     assert task.rounds(bad) == (None, None)
+    swapped = list(solved)
+    swapped[0], swapped[1] = solved[1], solved[0]   # full, every row right, two columns and a box wrong
+    assert task.rounds(swapped) == (None, None)
     one = list(solved)
-    one[0] = one[40] = 0                            # the docstring's example: two naked singles, one round
+    one[2] = one[22] = 0                            # the docstring's example: two naked singles, one round
     assert task.rounds(one)[0] == 1
 
 
@@ -600,8 +606,10 @@ def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles
     b = task.sample(4, 3, seed=torch.Generator().manual_seed(9))   # an evaluation again (each test-time depth)
     assert all(torch.equal(u, v) for u, v in zip(a, b)) and made.count(3) >= 1 and len(made) == made.count(3)
     made.clear()
-    assert all(torch.equal(u, v) for u, v in zip(a, task.sample(4, 3, seed=torch.Generator().manual_seed(9))))
-    assert made == []                                               # made once, kept
+    again = task.sample(4, 3, seed=torch.Generator().manual_seed(9))
+    assert all(torch.equal(u, v) for u, v in zip(a, again)) and made == []   # made once, kept
+    again[0].zero_()                                                # a copy each time: writing to it changes nothing
+    assert torch.equal(task.sample(4, 3, seed=torch.Generator().manual_seed(9))[0], a[0])
     deep = Sudoku(n_train=1)
     deep.max_grids = 2
     with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 2 batches"):
