@@ -1493,7 +1493,7 @@ def read_cell(spec):
     scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, seed=1)   # warm-up, graphs
     for L in spec["lengths"]:
         row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
-                   weights=run["weights"])
+                   weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: see read_streams
         predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
         if not hasattr(model, "stream") and predicted > cap:
             row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
@@ -1513,7 +1513,8 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
     """--scale's second half: each trained cell (at its chosen lr) reads its test streams (`read_cell`), the cells
     side by side in worker processes like the training runs (a stream is read one segment or chunk after another,
     each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save(). A cell whose rows an
-    earlier command stored (`stored`: the same weights, streams and lengths, read to the last or to a wall) is not
+    earlier command stored (`stored`: the same weights file and the same training of it, told apart by its
+    training time, the same streams and lengths, read to the last or to a wall) is not
     read again: a stopped reading resumes, like the training; the stored rows of cells not read now are kept."""
     order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(MODELS).index(c[0]))))}
 
@@ -1529,7 +1530,8 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
     for (m, t), rs in best.items():
         want = lengths or SCALE["lengths"][t]
         old = [r for r in stored if (r.get("model"), r.get("task"), r.get("batch")) == (m, t, SCALE["examples"][t])
-               and rs[0].get("weights") and r.get("weights") == rs[0]["weights"]]
+               and rs[0].get("weights") and (r.get("weights"), r.get("trained_in")) == (rs[0]["weights"],
+                                                                         rs[0].get("train_time_s"))]
         read = [r["length"] for r in old]
         if old and (read == want or old[-1].get("wall") and read == want[:len(read)]):
             done(old)

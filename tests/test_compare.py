@@ -948,12 +948,12 @@ def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path
     for m in ("ssm", "attention", "rmt"):
         torch.save(compare.build_model(m, 5, d_model=16, n_layers=1).state_dict(), tmp_path / f"{m}.pt")
         cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{m}.pt",
-                                     train=[32, 64], diverged_at=None)]
+                                     train=[32, 64], diverged_at=None, train_time_s=1.5)]
     batch = compare.SCALE["examples"]["flipflop"]
 
-    def row(m, L, weights=None, wall=None, b=batch):
+    def row(m, L, weights=None, wall=None, b=batch, trained_in=1.5):
         return dict(model=m, task="flipflop", length=L, batch=b, weights=weights or f"{m}.pt", token_acc=0.25,
-                    scored=4, **({"wall": wall} if wall else {}))
+                    scored=4, trained_in=trained_in, **({"wall": wall} if wall else {}))
     other = dict(row("ssm", 1000), task="babilong_qa1")                       # a cell not read now: kept
     stored = [other, row("ssm", 1000), row("ssm", 2000), row("ssm", 4000),     # all read: reused
               row("attention", 1000), row("attention", 2000, wall="out of memory"),   # read to a wall: reused
@@ -972,7 +972,8 @@ def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path
     assert [(r["length"], r["token_acc"]) for r in rows if r["model"] == "rmt"] == [(L, 1.0) for L in (1000, 2000,
                                                                                                        4000)]
     for changed in ([row("ssm", L, weights="other.pt") for L in (1000, 2000, 4000)],   # another training
-                    [row("ssm", L, b=batch + 1) for L in (1000, 2000, 4000)]):      # other streams
+                    [row("ssm", L, b=batch + 1) for L in (1000, 2000, 4000)],       # other streams
+                    [row("ssm", L, trained_in=2.5) for L in (1000, 2000, 4000)]):   # the file trained again
         read.clear()
         compare.read_streams({("ssm", "flipflop"): cells["ssm", "flipflop"]}, [1000, 2000, 4000], 1, ["cpu"],
                              str(tmp_path), [], lambda: None, changed)
