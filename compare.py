@@ -363,24 +363,24 @@ PRESETS = {
         # Transformer, HRM's control, on the grids alone)
         models=[m for m in MODELS if m != "attention_looped"], size=dict(d_model=32, n_layers=2), batch_size=16,
         lrs=[3e-3], seeds=[0],
-        eval_examples=32, tasks={
-            "copy": Budget(train=[2, 6], test=[6, 12], steps=30),
-            "mqar": Budget(train=[32, 32], test=[32, 64], steps=30, options=dict(n_pairs=4, vocab_size=64)),
-            "recall": Budget(train=[[2, 3], [3, 4]], test=[2, 4], steps=30, options=dict(vocab_size=16),
+        eval_examples=16, tasks={
+            "copy": Budget(train=[2, 6], test=[6, 12], steps=15),
+            "mqar": Budget(train=[32, 32], test=[32, 64], steps=15, options=dict(n_pairs=4, vocab_size=64)),
+            "recall": Budget(train=[[2, 3], [3, 4]], test=[2, 4], steps=15, options=dict(vocab_size=16),
                              dial={"ssm": {"d_state": [4]}}),
-            "flipflop": Budget(train=[32, 32], test=[32, 128], steps=30),
-            "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=30, options=dict(n_data=4)),
-            "babilong": Budget(train=[32, 32], test=[32, 96], steps=30, options=dict(max_facts=4)),
-            "maze": Budget(train=[2, 2], test=[2, 3], steps=30, segments=[1, 2], options=dict(canvas=7, n_train=20),
+            "flipflop": Budget(train=[32, 32], test=[32, 128], steps=15),
+            "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=15, options=dict(n_data=4)),
+            "babilong": Budget(train=[32, 32], test=[32, 96], steps=15, options=dict(max_facts=4)),
+            "maze": Budget(train=[2, 2], test=[2, 3], steps=15, segments=[1, 2], options=dict(canvas=7, n_train=20),
                            models=list(MODELS)),
-            "sudoku": Budget(train=[1, 2], test=[2], steps=30, segments=[1, 2], options=dict(n_train=5),
+            "sudoku": Budget(train=[1, 2], test=[2], steps=15, segments=[1, 2], options=dict(n_train=5),
                              models=["attention", "attention_looped", "hrm"]),   # (the maze runs every grid model)
         }),
     "quick": dict(  # a 2-core CPU in minutes: one task at each end of the trade-off, three seeds each
         models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[1:], seeds=[0, 1, 2],
         eval_examples=256, tasks={
             "copy": Budget(train=[2, 8], test=[8, 16], steps=800, seeded=["attention", "ssm"]),
-            "flipflop": Budget(train=[32, 32], test=[32, 256, 1024], steps=300, seeded=["attention", "ssm"]),
+            "flipflop": Budget(train=[32, 32], test=[32, 256, 1024], steps=150, seeded=["attention", "ssm"]),
         }),
     "full": dict(  # one GPU; the sequence tasks, each at both ends of the trade-off (the maze: --preset depth)
         models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
