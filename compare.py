@@ -243,28 +243,37 @@ def generate(model, prompt, n_new):
     return seq[:, prompt.shape[1]:]
 
 
+def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
+    """The test examples of one length, (x, y, depth) batches of about max_tokens // length examples (length is the
+    task's knob, the number of tokens for most tasks); depth is the deciding fact's where the task gives it, else
+    None. The same seed, the same examples."""
+    g = torch.Generator().manual_seed(seed)
+    batch, seen = max(1, min(n_examples, max_tokens // length)), 0
+    while seen < n_examples:
+        b = min(batch, n_examples - seen)
+        if hasattr(task, "sample_with_depth"):
+            yield task.sample_with_depth(b, length, g, device)
+        else:
+            yield *task.sample(b, length, g, device), None
+        seen += b
+
+
 @torch.no_grad()
-def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None):
+def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None,
+             batches=None):
     """Accuracy at one length. Returns token_acc (scored positions right), loss (their mean cross-entropy), exact
     (every scored position of an example right, over the examples that have one; None if none has), and where
     the task defines them
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
     depth, e.g. babilong). `segments`: the test-time depth (HRM's segments, the looped Transformer's loops).
-    Batches hold about max_tokens // length
-    examples (length is the task's knob, which is the number of tokens for most tasks)."""
+    The examples are `test_batches`' for the seed, or `batches` drawn from it before (to read them again at
+    another test-time depth without making them again)."""
     knob = "segments" if hasattr(model, "segment_logits") else "loops"   # HRM's test-time depth, or a loop count
     forward = model if segments is None else lambda x: model(x, **{knob: segments})
     model.to(device).eval()
-    g = torch.Generator().manual_seed(seed)
-    batch = max(1, min(n_examples, max_tokens // length))
     right = total = exact = scored_examples = seen = gen_exact = loss = 0
     depth_right, depth_total = torch.zeros(4), torch.zeros(4)
-    while seen < n_examples:
-        b = min(batch, n_examples - seen)
-        if hasattr(task, "sample_with_depth"):
-            x, y, depth = task.sample_with_depth(b, length, g, device)
-        else:
-            x, y, depth = *task.sample(b, length, g, device), None
+    for x, y, depth in batches or test_batches(task, length, n_examples, device, seed, max_tokens):
         with autocast(device):
             logits = forward(x).float()
         pred = logits.argmax(-1)
@@ -283,7 +292,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
             with autocast(device):
                 out = generate(model, x[:, :p], length)
             gen_exact += (out == y[:, p - 1:p - 1 + length]).all(1).sum().item()
-        seen += b
+        seen += len(x)
     loss = loss / max(total, 1)      # inf or nan from a model whose outputs overflow: stored as null (strict JSON)
     result = {"token_acc": right / max(total, 1), "loss": loss if math.isfinite(loss) else None,
               "exact": exact / scored_examples if scored_examples else None}
@@ -593,11 +602,13 @@ def run_one(spec):
                 "metrics": {}, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
     val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
-    metrics = {str(L): test(L, seed=20_000 + spec["seed"]) for L in spec["test"]}
-    if spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1):
-        # HRM and the looped Transformer: accuracy against test-time depth (segments, loops)
-        for L in spec["test"]:
-            metrics[str(L)]["by_segments"] = {str(s): test(L, seed=20_000 + spec["seed"], segments=s)
+    metrics = {}
+    deep = spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1)
+    for L in spec["test"]:   # HRM and the looped Transformer: also against test-time depth, on the same examples
+        batches = list(test_batches(task, L, spec["eval_examples"], device, 20_000 + spec["seed"])) if deep else None
+        metrics[str(L)] = test(L, seed=20_000 + spec["seed"], batches=batches)
+        if deep:
+            metrics[str(L)]["by_segments"] = {str(s): test(L, batches=batches, segments=s)
                                               for s in spec["test_segments"]}
     return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
@@ -1563,10 +1574,9 @@ def streams_report(rows):
                      ylabel="accuracy (band: 95% interval)", marks=[(r["length"], r["model"]) for r in rows
                                                                    if r["task"] == t and r.get("wall")],
                      **series(rows, "token_acc", task=t), **ACCURACY)
-        panel["intervals"] = {m: [wilson(r["token_acc"], r["scored"]) if r else None for r in
-                                  [next((r for r in rows if (r["task"], r["model"], r["length"]) == (t, m, x)
-                                         and not r.get("wall")), None) for x in panel["xs"]]]
-                              for m in panel["lines"]}
+        read = {(r["model"], r["length"]): r for r in rows if r["task"] == t and not r.get("wall")}
+        panel["intervals"] = {m: [wilson(read[m, x]["token_acc"], read[m, x]["scored"]) if (m, x) in read else None
+                                  for x in panel["xs"]] for m in panel["lines"]}
         panels.append(panel)
     panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
                        yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)

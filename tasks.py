@@ -626,7 +626,6 @@ class Sudoku:
         self.vocab_size = 10
         self.names = ["."] + [str(k) for k in range(1, 10)]
         self._train_sets = {}     # d -> (puzzles, solutions), (n_train, 81) each
-        self._tests = {}          # (batch, d, the generator's state) -> a test batch made before (x, y)
         self._peers = np.stack([np.isin(np.arange(81), self.UNITS[(self.UNITS == i).any(1)]) for i in range(81)])
 
     def rounds(self, puzzle):
@@ -734,18 +733,13 @@ class Sudoku:
         (training comes first), none is a training puzzle under any relabelling; a random puzzle would almost
         never be one anyway, and making the set only to check costs seconds per depth."""
         _check(batch_size, length, self.min_length, "sudoku")
-        g = _generator(seed)
-        key = (batch_size, length, g.get_state().numpy().tobytes(), id(self._train_sets.get(length)))  # made before?
-        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
-        if key in self._tests:   # (an evaluation at each test-time depth draws the same puzzles again)
-            return tuple(t.to(device, copy=True) for t in self._tests[key])
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
         seen = {self._key(p) for p in self._train_sets[length][0]} if length in self._train_sets else set()
         pairs = []
         while len(pairs) < batch_size:
             pairs += [(p, q) for p, q in zip(*self._puzzles(length, rng, batch_size - len(pairs)))
                       if self._key(p) not in seen]
-        self._tests[key] = self._batch(*map(np.stack, zip(*pairs)), "cpu")
-        return tuple(t.to(device, copy=True) for t in self._tests[key])   # a copy: the caller may write to it
+        return self._batch(*map(np.stack, zip(*pairs)), device)
 
 
 def _canonical(grid):

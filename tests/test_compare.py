@@ -1076,3 +1076,24 @@ def test_block_calls_count_the_training_compute_per_example():
     assert count("attention", n_layers=3) == 3 and count("attention_looped", n_layers=3, loops=2) == 6
     assert count("hrm", n_layers=4, H_cycles=2, L_cycles=3, segments=2) == 2 * (2 * 3 + 2) * 2
     assert count("ssm") == 0
+
+
+def test_test_time_depths_read_the_same_test_examples_made_once(monkeypatch):
+    """HRM's test-time segments (and the looped model's loops) are read on the test examples of each length made
+    once, not again for every count (a Sudoku test set takes seconds to make); read so, they score as evaluate
+    with the seed alone does."""
+    spec = dict(model="hrm", task="maze", task_options=dict(canvas=7, n_train=20), train=[2, 2], test=[2, 3],
+                steps=2, batch_size=4, lr=1e-3, seed=0, eval_examples=8, device="cpu", test_segments=[1, 2, 3],
+                model_options=dict(d_model=16, n_layers=2, causal=False))
+    made, real = [], compare.test_batches
+    monkeypatch.setattr(compare, "test_batches", lambda task, L, *a: made.append(L) or real(task, L, *a))
+    record = compare.run_one(spec)
+    assert made == [2, 2, 3]                    # validation, then once per test length (not once per count)
+    task = tasks.TASKS["maze"](canvas=7, n_train=20)
+    model = compare.build_model("hrm", task.vocab_size, **spec["model_options"])
+    torch.manual_seed(0)
+    compare.train(model, task, 2, 4, 1e-3, [2, 2])
+    for L in (2, 3):
+        for s in (1, 3):
+            again = compare.evaluate(model, task, L, 8, seed=20_000, segments=s)
+            assert record["metrics"][str(L)]["by_segments"][str(s)]["token_acc"] == again["token_acc"]
