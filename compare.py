@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -105,20 +105,25 @@ def side_stream(device, use="warm-up"):
     return torch.cuda.Stream(device)
 
 
+CAPTURING = threading.Lock()
+
+
 def capture(fn, inputs, device, pool=None, undo=None):
     """fn(*inputs) recorded as a CUDA graph: one warm-up call first, on a side stream as CUDA asks (lazy inits),
     then undo() puts back what it changed, then the capture. Returns the graph and the outputs it overwrites at
     each replay."""
-    side = side_stream(device)
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    if undo:
-        undo()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=side_stream(device, "capture")):
-        outputs = fn(*inputs)
+    with CAPTURING:   # threads that read streams side by side (read_streams) share the side streams: one at a time
+        side = side_stream(device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if undo:
+            undo()
+        graph = torch.cuda.CUDAGraph()   # thread_local: what other threads do meanwhile is no part of this graph
+        capturing = side_stream(device, "capture")
+        with torch.cuda.graph(graph, pool=pool, stream=capturing, capture_error_mode="thread_local"):
+            outputs = fn(*inputs)
     return graph, outputs
 
 
@@ -651,9 +656,13 @@ def worker_start(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None):
+STOP = threading.Event()   # set when run_all is stopped: its threads (not processes) must see it and return
+
+
+def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None, threads=False):
     """Run the specs (work(spec): run_one unless told, or --scale's read_cell), `workers` at a time: in this
-    process (one worker) or in a pool of processes, each run on the device with the fewest runs in flight.
+    process (one worker) or in a pool of processes (or of threads: `threads`), each run on the device with the
+    fewest runs in flight.
     on_done(record) stores a finished run and returns the runs it unlocks (a cell's other seeds once its lr sweep
     is done), which join the queue at once: no phase waits for the one before. A run starts only if claim(spec) says so
     (`Store.claim`: not one that another command on the same folder has stored or is training); the others are
@@ -664,9 +673,11 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None
     # On a GPU too: each worker's torch threads (its host work: batches, copies) share the cores with the others'.
     # (On two H200s, with 8 workers of 32 threads on 32 cores and the second GPU's runs capturing on the first,
     # no run finished in 9 minutes; this and `set_device` in run_one, fixed together, ran the preset in 7.)
-    threads = cpu_threads(workers)
+    cpu = None if threads else cpu_threads(workers)   # (threads share this process's torch threads)
     pool = None
-    if workers > 1:
+    if workers > 1 and threads:
+        pool = ThreadPoolExecutor(workers)
+    elif workers > 1:
         # A worker stopped mid-run cannot unregister its queue semaphores, so the resource-tracker process (started
         # with the pool, taking our warning filters) would warn about them at exit; they are released all the same.
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
@@ -680,7 +691,7 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None
                     bar.total -= 1
                     continue
                 device = min(devices, key=list(running.values()).count)
-                spec = dict(queue.pop(0), device=device, threads=threads)
+                spec = dict(queue.pop(0), device=device, threads=cpu)
                 if pool:
                     future = pool.submit(work, spec)
                 else:                                     # one worker: run it here and now
@@ -695,12 +706,14 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None
                 bar.total += len(new)
                 bar.update()
     except BaseException:
-        for process in list(pool._processes.values()) if pool else []:   # no public way to stop a running task
+        STOP.set()                                                 # threads: each stops at its next piece
+        for process in list(getattr(pool, "_processes", {}).values()):   # no public way to stop a running task
             process.terminate()
         raise
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
+        STOP.clear()
         bar.close()
 
 
@@ -1207,7 +1220,7 @@ def peak_mib(device, start=False):
     """CUDA: reset the peak-memory counter (start) or read it in MiB; None on a CPU."""
     if torch.device(device).type != "cuda":
         return None
-    torch.cuda.synchronize(device)
+    torch.cuda.current_stream(device).synchronize()   # this thread's work (other threads may be capturing graphs)
     return torch.cuda.reset_peak_memory_stats(device) if start else torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
@@ -1437,13 +1450,15 @@ GRAPH_SPAN = {rmt.RMT: "segment_len", titans.Titans: "chunk_size"}   # a replay 
 
 
 @torch.no_grad()
-def scale_read(model, task, length, batch, piece, device, seed):
+def scale_read(model, task, length, batch, piece, device, seed, shared=False):
     """Read `batch` test streams of `length` tokens, made piece by piece by `task.pieces`: recurrent models call
     `model.stream` on each piece with the state carried, attention reads the whole sequence in one call.
     Returns token accuracy, scored positions, exact match per stream and, where the task gives depths (BABILong),
     exact match in four bins of the deciding fact's depth; tokens per second of model time (all streams
-    together) and the peak GPU memory in MiB (None on CPU)."""
-    peak_mib(device, start=True)
+    together) and the peak GPU memory in MiB (None on CPU): this read's, or with `shared` (other threads reading
+    on the same GPU) the GPU's since the reading began, all readers together."""
+    if not shared:
+        peak_mib(device, start=True)
     pieces = task.pieces(batch, length, piece, seed, device)
     stream = getattr(model, "stream", None)
     if stream is None:                               # attention: one call on the whole sequence
@@ -1453,6 +1468,8 @@ def scale_read(model, task, length, batch, piece, device, seed):
         stream = functools.partial(STREAM_GRAPHS.setdefault(model, StreamGraphs(span)), model)
     wrong, scored, seconds, state = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long), 0, None
     for x, y in pieces:
+        if STOP.is_set():
+            raise KeyboardInterrupt("stopped")
         start = time.perf_counter()
         with autocast(device):
             logits, state = stream(x, state) if stream else (model(x), None)
@@ -1483,6 +1500,34 @@ def wilson(p, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def read_lengths(spec, trained):
+    """read_cell's reading, on the current CUDA stream."""
+    device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
+    cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
+    task = tasks.TASKS[t](**run["task_options"])
+    model = build_model(m, task.vocab_size, **run["model_options"])
+    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
+    model.to(device).eval()
+    batch, last, rows = SCALE["examples"][t], None, []
+    scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up, graphs
+    for L in spec["lengths"]:
+        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
+                   weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: see read_streams
+        predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
+        if not hasattr(model, "stream") and predicted > cap:
+            row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
+        else:
+            try:
+                row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared), shared=shared)
+                last = (L, batch * L / row["tokens_per_s"])              # unrounded: row["seconds"] has 10 ms steps
+            except torch.OutOfMemoryError:
+                row["wall"] = "out of memory"
+        rows.append(row)
+        if row.get("wall"):
+            break                                                  # longer lengths would hit it too
+    return rows
+
+
 def read_cell(spec):
     """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall;
     returns its rows. A worker of `read_streams`, like run_one for training."""
@@ -1495,29 +1540,9 @@ def read_cell(spec):
         torch.set_num_threads(spec["threads"])
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)
-    cap, piece = SCALE["attention_cap_s"], SCALE["piece"]
-    task = tasks.TASKS[t](**run["task_options"])
-    model = build_model(m, task.vocab_size, **run["model_options"])
-    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
-    model.to(device).eval()
-    batch, last, rows = SCALE["examples"][t], None, []
-    scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, seed=1)   # warm-up, graphs
-    for L in spec["lengths"]:
-        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
-                   weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: see read_streams
-        predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
-        if not hasattr(model, "stream") and predicted > cap:
-            row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
-        else:
-            try:
-                row.update(scale_read(model, task, L, batch, piece, device, seed=20_000 + L))
-                last = (L, batch * L / row["tokens_per_s"])              # unrounded: row["seconds"] has 10 ms steps
-            except torch.OutOfMemoryError:
-                row["wall"] = "out of memory"
-        rows.append(row)
-        if row.get("wall"):
-            break                                                  # longer lengths would hit it too
-    return rows
+        with torch.cuda.stream(torch.cuda.Stream(device)):   # a stream of its own: the GPU runs the cells' kernels
+            return read_lengths(spec, trained)   # side by side (threads of one process)
+    return read_lengths(spec, trained)
 
 
 def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
@@ -1549,8 +1574,14 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
             reused += 1
         else:
             specs.append(dict(model=m, task=t, run=rs[0], lengths=want, out=out))
-    print(f"streams: {reused} cells read by an earlier command reused, {len(specs)} to read now")
-    run_all(specs, workers, devices, done, work=read_cell)
+    # On GPUs the cells are threads of this process, each on a CUDA stream of its own, so that their kernels run at
+    # once: worker processes take turns on a GPU (four RMT readers took 3x as long as one alone). All cells at once.
+    cuda = torch.device(devices[0]).type == "cuda"
+    workers = min(len(specs), 8 * len(devices)) if cuda else workers
+    specs = [dict(s, shared=cuda and workers > 1) for s in specs]
+    print(f"streams: {reused} cells read by an earlier command reused, {len(specs)} to read now"
+          + (f", {workers} at once on {len(devices)} GPU(s)" if cuda and specs else ""))
+    run_all(specs, workers, devices, done, work=read_cell, threads=cuda)
 
 
 def streams_report(rows):
@@ -1562,7 +1593,7 @@ def streams_report(rows):
     cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
         [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
         [accuracy(r), f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
-         "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"]) + [
+         "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}" + ("*" if r.get("shared") else "")]) + [
             "-" if r["state_floats"] is None else f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
     trained = {r["task"]: r.get("trained", CURRICULUM[-1][1]) for r in rows}
@@ -1578,7 +1609,8 @@ def streams_report(rows):
         panel["intervals"] = {m: [wilson(read[m, x]["token_acc"], read[m, x]["scored"]) if (m, x) in read else None
                                   for x in panel["xs"]] for m in panel["lines"]}
         panels.append(panel)
-    panels.append(dict(title=f"peak GPU memory ({task_names[0]})", xlabel="test length (tokens)", ylabel="MiB",
+    together = ", all readers" if any(r.get("shared") for r in rows) else ""
+    panels.append(dict(title=f"peak GPU memory ({task_names[0]}{together})", xlabel="test length (tokens)", ylabel="MiB",
                        yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
     deep = [r for r in rows if r.get("by_depth")]
     depth_table = ["### Exact match by the depth of the deciding fact (streams in each quarter)", "", md_table(
@@ -1591,8 +1623,9 @@ def streams_report(rows):
             f"{t} at <= {n:,} tokens" for t, n in trained.items()) + ")", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
         f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
-        " runs out of memory. The cells read side by side, in as many worker processes as trained them, so tokens/s"
-        " is each one's share of a GPU it shares (and peak memory its process's own). Accuracy is over the scored"
+        " runs out of memory. The cells read side by side (on GPUs, threads of one process, each on a CUDA stream of "
+        "its own; on a CPU, worker processes), so tokens/s is each one's share of what it shares; a peak memory "
+        "marked * is its GPU's since the reading began, all the cells reading on it together. Accuracy is over the scored"
         " positions (one per BABILong stream, so its 95% Wilson "
         "interval is over the streams; flip-flop's reads in one stream are not independent, so its interval is "
         "too narrow). tokens/s counts model time only, for all the sequences of a cell read side by side (batch);"

@@ -588,6 +588,48 @@ def test_stream_graphs_read_what_the_eager_stream_reads(name):
             torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+def test_cells_read_side_by_side_on_one_gpu_read_what_each_reads_alone(tmp_path):
+    """--scale on CUDA reads its cells in threads of one process, each on a CUDA stream of its own, capturing its
+    graphs while the others replay theirs: every cell's rows are those it reads alone, and say the GPU was shared."""
+    cells = {}
+    for m in ("rmt", "titans", "ssm"):
+        torch.manual_seed(0)
+        torch.save(compare.build_model(m, 5, d_model=32, n_layers=2).state_dict(), tmp_path / f"{m}.pt")
+        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=32, n_layers=2), weights=f"{m}.pt",
+                                     train=[32, 64], diverged_at=None)]
+    together, alone = [], []
+    compare.read_streams(cells, [20_000, 40_000], 4, ["cuda"], str(tmp_path), together, lambda: None)
+    for cell, run in cells.items():
+        compare.read_streams({cell: run}, [20_000, 40_000], 4, ["cuda"], str(tmp_path), alone, lambda: None)
+    key = lambda r: (r["model"], r["length"])   # noqa: E731
+    assert [key(r) for r in sorted(together, key=key)] == [key(r) for r in sorted(alone, key=key)]
+    for a, b in zip(sorted(together, key=key), sorted(alone, key=key)):
+        assert (a["token_acc"], a["scored"], a["shared"]) == (b["token_acc"], b["scored"], True) and not b["shared"]
+
+
+def test_threads_of_run_all_stop_when_it_is_stopped():
+    """Threads cannot be killed like worker processes: when one run raises (Ctrl-C reaches the main thread), run_all
+    sets STOP, which the others see at their next piece, waits for them, and clears it for the next command."""
+    seen = []
+
+    def work(spec):
+        if spec["i"] == 0:
+            time.sleep(0.1)
+            raise KeyboardInterrupt
+        for _ in range(3000):                         # 30 s unless told to stop
+            if compare.STOP.is_set():
+                seen.append(spec["i"])
+                raise KeyboardInterrupt("stopped")
+            time.sleep(0.01)
+        return []
+
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_all([dict(i=i, task="flipflop", model="ssm") for i in range(3)], 3, ["cpu"], lambda r: [],
+                        work=work, threads=True)
+    assert sorted(seen) == [1, 2] and not compare.STOP.is_set()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_one_process_trains_with_graphs_on_one_gpu_then_another():
     """A worker process runs one run on cuda:0, the next on cuda:1 (run_one makes the run's GPU current). The
@@ -873,7 +915,7 @@ def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_pa
     run = dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights="attention.pt", train=[32, 64])
     read = []
 
-    def timed_read(model, task, length, batch, piece, device, seed):   # 4 ms at 1,000 tokens, growing as T^2
+    def timed_read(model, task, length, batch, piece, device, seed, shared):   # 4 ms at 1,000 tokens, as T^2
         read.append(length)
         seconds = 4e-3 * (length / 1000) ** 2
         return dict(token_acc=1.0, scored=1, tokens_per_s=batch * length / seconds, seconds=round(seconds, 2),
@@ -905,7 +947,7 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
     cells["rmt", "flipflop"] = [dict(diverged_at=7, train=compare.CURRICULUM)]
     calls, saved = [], []
 
-    def fake_read(model, task, length, batch, piece, device, seed):
+    def fake_read(model, task, length, batch, piece, device, seed, shared):
         name = type(model).__name__
         assert torch.equal(model.embed.weight, trained[name]) and not model.training
         assert isinstance(task, tasks.FlipFlop)
@@ -960,7 +1002,7 @@ def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path
               row("rmt", 1000), row("rmt", 2000)]                              # not to the last length: read
     read = []
 
-    def fake_read(model, task, length, batch, piece, device, seed):
+    def fake_read(model, task, length, batch, piece, device, seed, shared):
         read.append((type(model).__name__, length))
         return dict(token_acc=1.0, scored=3, tokens_per_s=1e6, seconds=0.1, peak_mib=None)
     monkeypatch.setattr(compare, "scale_read", fake_read)
