@@ -263,6 +263,9 @@ def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 **
         seen += b
 
 
+PATH_BIN = 20   # the maze's exact match is kept by path length in bins of this many squares (10x10: up to 199)
+
+
 @torch.no_grad()
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None,
              batches=None):
@@ -270,7 +273,9 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     (every scored position of an example right, over the examples that have one; None if none has), and where
     the task defines them
     gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
-    depth, e.g. babilong). `segments`: the test-time depth (HRM's segments, the looped Transformer's loops).
+    depth, e.g. babilong) or by_path (the maze: {a bin of PATH_BIN path lengths, named by its lowest: [exact,
+    examples]}, the bins that its `path_lengths` fill). `segments`: the test-time depth (HRM's segments, the looped
+    Transformer's loops).
     The examples are `test_batches`' for the seed, or `batches` drawn from it before (to read them again at
     another test-time depth without making them again)."""
     knob = "segments" if hasattr(model, "segment_logits") else "loops"   # HRM's test-time depth, or a loop count
@@ -278,6 +283,7 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
     model.to(device).eval()
     right = total = exact = scored_examples = seen = gen_exact = loss = 0
     depth_right, depth_total = torch.zeros(4), torch.zeros(4)
+    path_right, path_total = collections.Counter(), collections.Counter()
     for x, y, depth in batches or test_batches(task, length, n_examples, device, seed, max_tokens):
         with autocast(device):
             logits = forward(x).float()
@@ -292,6 +298,10 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
             bins = (depth * 4).long().clamp(0, 3).cpu()
             depth_right += torch.bincount(bins[row_ok.cpu()], minlength=4)
             depth_total += torch.bincount(bins, minlength=4)
+        if hasattr(task, "path_lengths"):
+            bins = (task.path_lengths(x) // PATH_BIN * PATH_BIN).tolist()
+            path_total.update(bins)
+            path_right.update(b for b, ok in zip(bins, row_ok.tolist()) if ok)
         if hasattr(task, "prompt_length"):
             p = task.prompt_length(length)
             with autocast(device):
@@ -305,6 +315,8 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
         result["gen_exact"] = gen_exact / seen
     if hasattr(task, "sample_with_depth"):
         result["by_depth"] = [r / t if t else None for r, t in zip(depth_right.tolist(), depth_total.tolist())]
+    if hasattr(task, "path_lengths"):   # (keys are strings, as JSON stores them)
+        result["by_path"] = {str(b): [path_right[b] / n, n] for b, n in sorted(path_total.items())}
     return result
 
 
@@ -422,10 +434,12 @@ PRESETS = {
         models=["attention", "attention_looped", "hrm", "hrm_last_cycle"],
         size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
-            "maze": Budget(train=[6, 6], test=[6, 8], steps=800, segments=[1, 2, 4, 8, 16],
+            # graded by path length (the report's table by path), up to 10x10 cells (a 21x21 grid). min_path=30
+            # squares: 6x6 mazes (paths of 31-71) then take ~4 draws each, 1,000 of them 0.6 s on a CPU.
+            "maze": Budget(train=[6, 6], test=[6, 8, 10], steps=800, segments=[1, 2, 4, 8, 16],
                            seeded=["attention", "hrm"],
                            model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
-                           options=dict(canvas=17, n_train=1000, min_path=30)),
+                           options=dict(canvas=21, n_train=1000, min_path=30)),
             # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained.
             # (Not yet run. Each run makes its 300 training puzzles of a depth when its curriculum first reaches it,
             # 6-20 ms each on a CPU, inside its training time.)
@@ -758,6 +772,10 @@ def run_problem(run):
                     yield from metrics(path + (k, s), at_s)
             elif k == "by_depth":
                 yield path + (k,), (lambda v: isinstance(v, list) and all(map(share[0], v)), "a list of accuracies")
+            elif k == "by_path":
+                yield path + (k,), (lambda v: isinstance(v, dict) and all(
+                    isinstance(p, list) and len(p) == 2 and share[0](p[0]) and count[0](p[1]) for p in v.values()),
+                    "bins of [accuracy, count]")
             elif k in ("token_acc", "exact", "gen_exact", "loss"):
                 yield path + (k,), loss if k == "loss" else share
 
@@ -1174,6 +1192,23 @@ def report(runs, meta, task_names, model_names):
                   + ", ".join(f"{m} {rs[0]['block_calls']}" for m, rs in cells[t]
                               if rs[0].get("block_calls") is not None),
                   ""]
+        paths = [v.get("by_path", {}) for _, rs in cells[t] for r in rs for v in r["metrics"].values()]
+        xs = sorted({int(b) for bins in paths for b in bins})
+        if not xs:   # (Sudoku is graded by its test lengths, the rounds of singles, already)
+            continue
+
+        def pooled(r, b):   # a run's exact match on the paths of bin b, its test sizes together (None: no such path)
+            if r.get("diverged_at") is not None:
+                return DIVERGED
+            bins = [v["by_path"][b] for v in r["metrics"].values() if b in v.get("by_path", {})]
+            return sum(e * n for e, n in bins) / sum(n for _, n in bins) if bins else None
+        figures.setdefault("depth", []).append(dict(
+            title=f"{t}: exact match against path length", xs=xs, xscale="linear", ylabel="exact match",
+            xlabel=f"squares on the S-G path (bins of {PATH_BIN}, from the value shown)", **ACCURACY,
+            names=[f"{b}-{b + PATH_BIN - 1}" for b in xs],
+            lines={m: [[pooled(r, str(b)) for r in rs] for b in xs] for m, rs in cells[t]}))
+        parts += [f"## {t}: exact match against path length (squares from S to G, both included; all test sizes)", "",
+                  table(figures["depth"][-1:]), ""]
     quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
                     ylabel="exact match", **ACCURACY)
     for t in [t for t in sequence_tasks if any("by_depth" in v for _, rs in cells[t] for r in rs

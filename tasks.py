@@ -463,6 +463,8 @@ class Maze:
     (T = canvas**2 tokens, read row by row), so mazes of every size share one row stride and a position offset
     means the same thing at every size: a model trained on small mazes can be tested on larger ones.
     y marks every open square `.` as `o` (on the path) or `.` (not); walls, S and G are not scored.
+    `min_path` and `path_lengths` count the squares of that path, S and G included (a path of k cells is 2k - 1
+    squares): the depth by which the maze is graded.
     Nothing is causal here (`causal = False`): a model reads the whole grid at once, and x never contains `o`.
 
     Data-scarce by design (HRM, TRM): `sample_train` draws from a fixed set of `n_train` mazes per size, under
@@ -527,6 +529,25 @@ class Maze:
                 grid[sr, sc], grid[gr, gc] = self.START, self.GOAL
                 return grid, path
         raise ValueError(f"maze: no path of >= {self.min_path} squares found in 100 mazes of {n}x{n} cells")
+
+    def path_lengths(self, x):
+        """The squares on each maze's S-G path, S and G included, read from the input alone: one more than the
+        rounds of a flood fill from S until it reaches G. This is the sequential depth the maze asks for: a solver
+        that passes what it knows from a square to its neighbours once a round (a layer, a loop, a segment) needs
+        about that many rounds to join S to G (half as many if it grows from both ends). x: (B, canvas**2) -> (B,)"""
+        grid = x.reshape(len(x), self.canvas, self.canvas)
+        open_, goal = grid != self.WALL, grid == self.GOAL
+        reached, lengths = grid == self.START, torch.ones(len(x), dtype=torch.long, device=x.device)
+        while not (done := (reached & goal).any((1, 2))).all():
+            lengths += ~done
+            # the four neighbours of every reached square; `roll` wraps around the edge, but the canvas's edge is
+            # wall, never reached, so nothing comes back round
+            grown = open_ & (reached | reached.roll(1, 1) | reached.roll(-1, 1)
+                             | reached.roll(1, 2) | reached.roll(-1, 2))
+            if torch.equal(grown, reached):
+                raise ValueError("maze: a grid whose G cannot be reached from S")
+            reached = grown
+        return lengths
 
     def _batch(self, grids, paths, device):
         """Place (2n+1)-sized grids in the canvas; y scores the open squares only."""

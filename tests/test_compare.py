@@ -51,7 +51,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     text = (tmp_path / "smoke.md").read_text()
     assert "| attention |" in text and "copy@" in text and "| hrm | 3x3 |" in text
     assert "## The dial on recall" in text and "| ssm | d_state=4 (lr 0.003) |" in text
-    assert "## babilong: exact match by the depth" in text
+    assert "## babilong: exact match by the depth" in text and "## maze: exact match against path length" in text
     assert all((tmp_path / f"smoke_{name}.png").exists() == (compare.pyplot() is not None)
                for name in ("segments", "tradeoff"))   # the trade-off: recall's dial beside flip-flop
 
@@ -216,6 +216,7 @@ def stored_run(**changes):
     (dict(metrics=[1, 2]), "has metrics [1, 2], expected a dict"),
     (dict(metrics={"6": {"token_acc": 1.5}}), "has metrics['6']['token_acc'] 1.5, expected an accuracy in [0, 1]"),
     (dict(metrics={"6": {"token_acc": 0.5, "by_depth": [0.1, "x"]}}), "has metrics['6']['by_depth'] [0.1, 'x']"),
+    (dict(metrics={"6": {"by_path": {"20": [0.5, 2.5]}}}), "has metrics['6']['by_path'] {'20': [0.5, 2.5]}"),
     (dict(metrics={"6": {"by_segments": {"2": {"exact": -1}}}}), "has metrics['6']['by_segments']['2']['exact'] -1"),
     (dict(val_token_acc=float("nan")), "has val_token_acc nan, expected an accuracy in [0, 1] or null"),
     (dict(params="1000"), "has params '1000', expected a count"),
@@ -454,6 +455,40 @@ def test_exact_match_counts_only_examples_with_a_scored_position():
             x, y = super().sample(batch_size, length, seed, device)
             return x, torch.full_like(y, tasks.IGNORE)
     assert compare.evaluate(Wrong(), NothingScored(), 16, n_examples=8)["exact"] is None
+
+
+def test_evaluate_keeps_the_mazes_exact_match_by_path_length():
+    """by_path against a count made here: a model right on every other test maze, each maze's path counted from y
+    (its marked squares, and S and G), in bins of 20 squares named by their lowest."""
+    task = tasks.Maze(canvas=17, n_train=1)
+    examples = [(x, y) for xs, ys, _ in compare.test_batches(task, 8, 64, seed=3) for x, y in zip(xs, ys)]
+    answers = {x.numpy().tobytes(): y.clamp(min=0) if i % 2 == 0 else torch.zeros_like(y)   # (wrong: all walls)
+               for i, (x, y) in enumerate(examples)}
+
+    class EveryOther(nn.Module):
+        def forward(self, x):
+            return nn.functional.one_hot(torch.stack([answers[a.numpy().tobytes()] for a in x]), 5).float()
+    expected = {}
+    for i, (_, y) in enumerate(examples):
+        squares = (y == tasks.Maze.PATH).sum().item() + 2
+        right, n = expected.get(str(squares // 20 * 20), (0, 0))
+        expected[str(squares // 20 * 20)] = (right + (i % 2 == 0), n + 1)
+    m = compare.evaluate(EveryOther(), task, 8, 64, seed=3)
+    assert len(expected) >= 3 and m["exact"] == 0.5                     # the case: several bins, half right
+    assert m["by_path"] == {b: [right / n, n] for b, (right, n) in expected.items()}
+
+
+def test_the_report_pools_the_mazes_path_bins_over_test_sizes():
+    """The maze's table by path length: a bin's exact match over every test size, weighted by its examples (2 of
+    4 right at 6x6 and 2 of 2 at 8x8 are 4 of 6, not the mean of 0.5 and 1)."""
+    metrics = {"6": {"token_acc": 0.9, "exact": 0.5, "by_path": {"20": [0.5, 4]}},
+               "8": {"token_acc": 0.9, "exact": 0.5, "by_path": {"20": [1.0, 2], "40": [0.0, 3]}}}
+    run = stored_run(model="hrm", task="maze", test=[6, 8], train=[6, 6], steps=10, batch_size=4,
+                     task_options={}, state_size={"6": 1, "8": 1}, metrics=metrics)
+    meta = dict(preset="depth", command="test", device_name="CPU", torch="-", commit="-", lrs=[0.003])
+    text, figures = compare.report([run], meta, ["maze"], ["hrm"])
+    assert "| model | 20-39 | 40-59 |\n|---|---|---|\n| hrm | 0.67 | 0.00 |" in text
+    assert figures["depth"][0]["xs"] == [20, 40]
 
 
 @pytest.mark.parametrize("preset,task", [(p, t) for p in ("full", "depth") for t in compare.PRESETS[p]["tasks"]])

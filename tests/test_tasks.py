@@ -388,8 +388,40 @@ def test_maze_is_perfect_and_the_target_is_the_shortest_path(split, n):
         assert reached == n_open           # connected
         marked = {tuple(q) for q in (target == Maze.PATH).nonzero().tolist()} | {start, goal}
         assert marked == path
+        assert task.path_lengths(x)[b] == len(path)                 # the depth it is graded by, read from x alone
         assert ((target != IGNORE) == (grid == Maze.OPEN)).all()   # only open squares are scored
         assert (grid != Maze.PATH).all()                             # the answer is not in the input
+
+
+def test_maze_path_lengths_count_the_squares_from_s_to_g():
+    """Three mazes drawn by hand in one batch, their paths counted by hand, S and G included: the docstring's 2x2
+    maze (7 squares) and a 3x3 serpentine, with G at the far end (all 17 open squares) or one cell from S (3). Each
+    example stops counting when its own flood fill reaches G, not when the batch's last does."""
+    drawn = {7: ["# # # # #",
+                 "# S . . #",
+                 "# # # . #",
+                 "# G . . #",
+                 "# # # # #"],
+             17: ["# # # # # # #",
+                  "# S . . . . #",
+                  "# # # # # . #",
+                  "# . . . . . #",
+                  "# . # # # # #",
+                  "# . . . . G #",
+                  "# # # # # # #"],
+             3: ["# # # # # # #",
+                 "# S . G . . #",
+                 "# # # # # . #",
+                 "# . . . . . #",
+                 "# . # # # # #",
+                 "# . . . . . #",
+                 "# # # # # # #"]}
+    task = Maze(canvas=9)
+    x = torch.full((3, 9, 9), Maze.WALL)
+    for b, rows in enumerate(drawn.values()):
+        grid = torch.tensor([[task.names.index(c) for c in row.split()] for row in rows])
+        x[b, :len(grid), :len(grid)] = grid
+    assert task.path_lengths(x.view(3, 81)).tolist() == list(drawn)
 
 
 def test_maze_same_seed_same_mazes_and_test_mazes_are_not_training_mazes():
