@@ -9,27 +9,20 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py --scale            # train at <= 256 tokens, then read streams of up to 11M tokens
 
 How the comparison is made fair, and where each rule lives:
-  1. The same budget for every model on a task: steps, batch, training lengths and their curriculum (stages of
-     rising length or content), optimiser and schedule (`Budget` and `PRESETS` below; the rest in `train`).
-  2. Matched size: one width and depth per task, so parameter counts stay within +-10% of the Transformer's
+  1. The same budget for every model on a task: steps, batch, training lengths and their curriculum, optimiser
+     and schedule (`Budget`, `PRESETS`, `train`).
+  2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
-  3. Each model at its own best learning rate: every (model, task) sweeps the same grid of log-spaced rates on the
-     first seed and keeps the one with the best validation accuracy, ties broken by validation loss, never one
-     where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked in the report,
-     since the grid may then hide a better rate.
+  3. Each model at its own best learning rate: the same log-spaced grid on the first seed, the best validation
+     accuracy wins (ties: the lower validation loss), never a rate where a run diverged (`make_specs`,
+     `best_runs`); a choice on the edge of the grid is marked, since a better rate may lie outside.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
-  6. Cost in the open: parameters, state floats, steps, examples seen and wall time of every (model, task) at
-     its chosen rate (the Runs table of `report`).
+  6. Cost in the open: parameters, state floats, steps, examples and wall time of every cell (`report`'s Runs table).
 
-Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
-whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
-changed setting re-runs what it changes. Commands may share the folder: none drops the runs another stored, nor
-trains a run another is training (`Store`). The committed reference results live in results/reference/, which
-the bench never reads. The file reads top down: training and evaluation; models, budgets and presets; the
-protocol (the runs, the choice of lr, one run); running and storing many runs (`Schedule`: every lr sweep first, a
-cell's other seeds as soon as its sweep is stored); reports; the two cost measurements (--bench, --scale); the
-command line; main, its phases in order.
+Runs are stored in runs/<preset>.json (untracked) as each finishes and reused only while their whole spec is
+unchanged: a stopped command resumes, a changed setting re-runs what it changes, and commands may share the
+folder (`Store`). The committed results live in results/reference/, which the bench never reads.
 """
 import argparse
 import collections
@@ -69,9 +62,7 @@ import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL = 7   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
-               # (6: Titans' clip without a NaN in its backward; 5: the clip, the conv's init, the 4-rate grid)
-# On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
-# cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
+# Subnormal floats (products of many decays in the recurrent cores) are up to 100x slower on CPUs; zero them.
 torch.set_flush_denormal(True)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,11 +88,8 @@ def all_logits(model, x):
 
 @functools.cache
 def side_stream(device, use="warm-up"):
-    """One side stream per GPU for each use, the warm-ups before a capture and the captures: cuBLAS gives every
-    stream it runs on a workspace of its own, kept until the process ends, so a new stream per capture would hold
-    more and more memory. The captures need their own too: torch.cuda.graph's default capture stream is made
-    once per process, on whichever GPU is current then, so a worker that moved to another GPU captured on the
-    first GPU's stream while its kernels went to its own GPU's default stream, which CUDA refuses mid-capture."""
+    """One side stream per GPU and use (warm-ups, captures), made once: cuBLAS keeps a workspace for every stream it
+    runs on, and torch.cuda.graph's own capture stream is made on whichever GPU is current at first use."""
     return torch.cuda.Stream(device)
 
 
@@ -109,10 +97,9 @@ CAPTURING = threading.Lock()
 
 
 def capture(fn, inputs, device, pool=None, undo=None):
-    """fn(*inputs) recorded as a CUDA graph: one warm-up call first, on a side stream as CUDA asks (lazy inits),
-    then undo() puts back what it changed, then the capture. Returns the graph and the outputs it overwrites at
-    each replay."""
-    with CAPTURING:   # threads that read streams side by side (read_streams) share the side streams: one at a time
+    """fn(*inputs) recorded as a CUDA graph, after one warm-up call on a side stream (lazy inits) and undo() of what
+    it changed. Returns the graph and the outputs it overwrites at each replay."""
+    with CAPTURING:   # threads reading streams side by side (read_streams) share the side streams: one at a time
         side = side_stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -121,27 +108,20 @@ def capture(fn, inputs, device, pool=None, undo=None):
         if undo:
             undo()
         graph = torch.cuda.CUDAGraph()   # thread_local: what other threads do meanwhile is no part of this graph
-        capturing = side_stream(device, "capture")
-        with torch.cuda.graph(graph, pool=pool, stream=capturing, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool, stream=side_stream(device, "capture"), capture_error_mode="thread_local"):
             outputs = fn(*inputs)
     return graph, outputs
 
 
 class StepGraphs:
-    """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch
-    shape: one launch instead of hundreds of tiny kernels (the models are so small that a step is all launch
-    overhead otherwise). `step(x, y)` is the eager step it captures; the learning rate is a tensor the graphs
-    read, set before each replay. The first batch of a shape runs the step once to warm up (lazy inits, the
-    optimiser's state), then the weights and the optimiser's state are put back as they were, so the graphs
-    learn what the eager loop learns (the same losses and weights up to floating-point rounding: tested on CUDA).
-    All graphs of a run share one memory pool, which is safe here because everything a graph reads lives outside
-    the pool (weights, optimiser state, static inputs) and its one output, the loss, is copied out before any
-    other graph replays: the tensor `__call__` returns is overwritten by the next call, whatever its shape.
-
-    A curriculum draws many lengths, and each new shape costs a capture, so when both the task and the model are
-    causal the batch is padded on the right to a multiple of `bucket` tokens, with targets that score nothing: the
-    logits at t see only tokens <= t, so the padding changes neither the loss nor a gradient (tested for every
-    model), and 32..256 tokens make 8 graphs, not 225."""
+    """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch shape:
+    the models are so small that an eager step is all kernel-launch overhead. The lr is a tensor the graphs read.
+    The warm-up before a capture is undone (weights and optimiser state put back), so the graphs learn what the eager
+    loop learns (tested on CUDA). One memory pool serves all graphs: what they read lives outside it, and the loss
+    they return is overwritten by the next call.
+    A curriculum draws many lengths, each a capture, so when task and model are causal the batch is padded on the
+    right to a multiple of `bucket` with unscored targets: logits at t see only tokens <= t, so loss and gradients
+    are unchanged (tested for every model), and 32..256 tokens make 8 graphs, not 225."""
 
     def __init__(self, step, model, opt, bucket=None):
         self.step, self.model, self.opt, self.bucket = step, model, opt, bucket
@@ -162,20 +142,17 @@ class StepGraphs:
     def capture(self, x, y):
         device = next(self.model.parameters()).device
         static_x, static_y = x.to(device), y.to(device)
-        state = list(self.model.parameters()) + [p for p in self.model.buffers()]
+        state = [*self.model.parameters(), *self.model.buffers()]
         saved = [t.detach().clone() for t in state]
         saved_opt = {p: {k: v.clone() for k, v in s.items()} for p, s in self.opt.state.items()}
 
         @torch.no_grad()
-        def undo():                                             # weights and optimiser state as before the warm-up
+        def undo():
             for t, s in zip(state, saved):
                 t.copy_(s)
             for p, s in self.opt.state.items():                 # a state made by the warm-up starts at zero
                 for k, v in s.items():
-                    if p in saved_opt:
-                        v.copy_(saved_opt[p][k])
-                    else:
-                        v.zero_()
+                    v.copy_(saved_opt[p][k]) if p in saved_opt else v.zero_()
             self.opt.zero_grad(set_to_none=True)                # the graph's backward makes its own gradients
         graph, loss = capture(self.step, (static_x, static_y), device, self.pool, undo)
         self.graphs[x.shape] = (graph, static_x, static_y, loss)
@@ -183,16 +160,11 @@ class StepGraphs:
 
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200):
-    """AdamW; the learning rate is the lower of a linear warm-up (the first 10% of the steps) and a cosine decay
-    over all the steps; gradient clipping. Each batch draws its length uniformly from
-    train_lengths = [lo, hi], or, for a curriculum [[lo1, hi1], [lo2, hi2], ...], from the stage that the
-    step falls in (equal shares of the steps; RMT's segment-count curriculum, given to every model alike).
-    HRM trains with deep supervision: one loss per segment, and one optimiser step on their mean per batch.
-
-    On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`), which learns the same as
-    the eager loop (tested) at a fraction of the time. The losses stay on the device and are read every
-    `check_every` steps: a non-finite loss stops the run there (diverged).
-    Returns the list of training losses, which ends at the first non-finite one if the run diverged."""
+    """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay, gradient clipping. Each batch
+    draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
+    the step falls in (equal shares). HRM: one loss per segment (deep supervision), one step on their mean.
+    On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
+    are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
     model.to(device).train()
     cuda = torch.device(device).type == "cuda"
     fast = graphs and cuda
@@ -249,9 +221,8 @@ def generate(model, prompt, n_new):
 
 
 def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
-    """The test examples of one length, (x, y, depth) batches of about max_tokens // length examples (length is the
-    task's knob, the number of tokens for most tasks); depth is the deciding fact's where the task gives it, else
-    None. The same seed, the same examples."""
+    """The test examples of one length (the task's knob) as (x, y, depth) batches of about max_tokens // length;
+    depth is the deciding fact's where the task gives it, else None. The same seed, the same examples."""
     g = torch.Generator().manual_seed(seed)
     batch, seen = max(1, min(n_examples, max_tokens // length)), 0
     while seen < n_examples:
@@ -269,16 +240,12 @@ PATH_BIN = 20   # the maze's exact match is kept by path length in bins of this 
 @torch.no_grad()
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None,
              batches=None):
-    """Accuracy at one length. Returns token_acc (scored positions right), loss (their mean cross-entropy), exact
-    (every scored position of an example right, over the examples that have one; None if none has), and where
-    the task defines them
-    gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
-    depth, e.g. babilong) or by_path (the maze: {a bin of PATH_BIN path lengths, named by its lowest: [exact,
-    examples]}, the bins that its `path_lengths` fill). `segments`: the test-time depth (HRM's segments, the looped
-    Transformer's loops).
-    The examples are `test_batches`' for the seed, or `batches` drawn from it before (to read them again at
-    another test-time depth without making them again)."""
-    knob = "segments" if hasattr(model, "segment_logits") else "loops"   # HRM's test-time depth, or a loop count
+    """Accuracy at one length: token_acc (scored positions right), loss (their mean cross-entropy), exact (every
+    scored position of an example right; None if no example is scored), and where the task defines them gen_exact
+    (greedy generation: copy), by_depth (exact match in four bins of the deciding fact's depth: babilong) or by_path
+    (the maze: {lowest path length of a PATH_BIN bin: [exact, examples]}). `segments`: the test-time depth (HRM's
+    segments, the looped Transformer's loops). `batches`: test_batches' examples made before, to read them again."""
+    knob = "segments" if hasattr(model, "segment_logits") else "loops"
     forward = model if segments is None else lambda x: model(x, **{knob: segments})
     model.to(device).eval()
     right = total = exact = scored_examples = seen = gen_exact = loss = 0
