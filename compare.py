@@ -301,8 +301,7 @@ MODELS = {  # name -> (model class, config class, options that define the varian
     "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
     "hrm": (hrm.HRM, hrm.HRMConfig, {}),
     "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
-    # HRM's control (depth preset): the Blocks looped 4 times, as HRM trains 4 segments (so 1x, 2x, 4x the training
-    # depth are the same test-time counts, 4, 8, 16, for both; 16 Block applications, HRM 12 a segment, 48 in all)
+    # HRM's control (depth preset): the Blocks looped 4 times, as HRM trains 4 segments (the same test-time counts)
     "attention_looped": (attention.Transformer, attention.TransformerConfig, {"loops": 4}),
 }
 
@@ -351,12 +350,12 @@ LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 2 up to 16 RMT segments
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
+SEQUENCE_MODELS = ["attention", "ssm", "rmt", "titans"]
+HRM_SEGMENTS = {"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)}   # the depth preset's training depth
 PRESETS = {
-    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr (the looped
-        # Transformer, HRM's control, on the grids alone)
+    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
         models=[m for m in MODELS if m != "attention_looped"], size=dict(d_model=32, n_layers=2), batch_size=16,
-        lrs=[3e-3], seeds=[0],
-        eval_examples=16, tasks={
+        lrs=[3e-3], seeds=[0], eval_examples=16, tasks={
             "copy": Budget(train=[2, 6], test=[6, 12], steps=15),
             "mqar": Budget(train=[32, 32], test=[32, 64], steps=15, options=dict(n_pairs=4, vocab_size=64)),
             "recall": Budget(train=[[2, 3], [3, 4]], test=[2, 4], steps=15, options=dict(vocab_size=16),
@@ -378,49 +377,40 @@ PRESETS = {
     "full": dict(  # one GPU; the sequence tasks, each at both ends of the trade-off (the maze: --preset depth)
         models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
-            # each stage keeps the shorter strings: with stages 2-6, 6-11, 11-16 attention forgot how to copy 8
-            # characters (0.69 token accuracy, against 0.98 at 16) while learning 16. At 3,000 steps attention was
-            # still in its phase change at 16 letters (0.93 on a CPU at lr 1e-2, seed 0); at 6,000, 0.99 at 1e-2 and 5e-3
+            # each stage keeps the shorter strings (without, attention forgot short copies while learning long ones);
+            # 6,000 steps take attention through its phase change at 16 letters
             "copy": Budget(train=[[2, 6], [2, 11], [2, 16]], test=[8, 16, 32, 64], steps=6000,
-                           models=["attention", "ssm", "rmt", "titans"],
-                           seeded=["attention", "ssm", "rmt", "titans"]),
+                           models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS),
             "recall": Budget(train=[[2, 8], [8, 16], [16, 32]], test=[4, 8, 16, 32], steps=4000, options=HARD_RECALL,
-                             models=["attention", "ssm", "rmt", "titans"], seeded=["attention", "ssm", "rmt", "titans"],
+                             models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory": ["linear"], "memory_expand": [4]}}),
-            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
-                               seeded=["attention", "ssm", "rmt", "titans", "hrm"]),
+            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, seeded=SEQUENCE_MODELS + ["hrm"]),
             "selective_copy": Budget(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
-                                     models=["attention", "ssm", "rmt", "titans"]),
-            "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
-                               models=["attention", "ssm", "rmt", "titans"],
-                               seeded=["attention", "ssm", "rmt", "titans"]),
+                                     models=SEQUENCE_MODELS),
+            "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, models=SEQUENCE_MODELS,
+                               seeded=SEQUENCE_MODELS),
         }),
     "depth": dict(  # one GPU: recurrent depth (HRM, a looped Transformer) against a fixed-depth Transformer of the
         # same size, on mazes and on Sudoku graded by the rounds of singles it needs
         models=["attention", "attention_looped", "hrm", "hrm_last_cycle"],
         size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
-            # graded by path length (the report's table by path), up to 10x10 cells (a 21x21 grid). min_path=30
-            # squares: 6x6 mazes (paths of 31-71) then take ~4 draws each, 1,000 of them 0.6 s on a CPU.
+            # up to 10x10 cells (a 21x21 grid), graded by path length; trained on paths of >= 30 squares
             "maze": Budget(train=[6, 6], test=[6, 8, 10], steps=800, segments=[1, 2, 4, 8, 16],
-                           seeded=["attention", "hrm"],
-                           model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
+                           seeded=["attention", "hrm"], model_options=HRM_SEGMENTS,
                            options=dict(canvas=21, n_train=1000, min_path=30)),
-            # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained.
-            # (Not yet run. Each run makes its 300 training puzzles of a depth when its curriculum first reaches it,
-            # 6-20 ms each on a CPU, inside its training time.)
+            # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained
             "sudoku": Budget(train=[[1, 2], [1, 4], [1, 6]], test=[2, 4, 6, 7], steps=800, segments=[1, 2, 4, 8, 16],
-                             seeded=["attention", "attention_looped", "hrm"],
-                             model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
+                             seeded=["attention", "attention_looped", "hrm"], model_options=HRM_SEGMENTS,
                              options=dict(n_train=300)),
         }),
     "scale": dict(  # --scale trains these, keeps their weights, then reads SCALE's streams. BABILong's qa1 and qa2
         # rise through RMT's segment curriculum to 16 segments of 32 tokens (RMT's BABILong runs: 1 to 32 of 512)
-        models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=128,
+        models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
-            # at 2,000 steps Titans had qa2 at 0.86 at 512 tokens and the SSM qa1 at 0.87; at 4,000, 1.00 and 1.00
+            # 4,000 steps: every model near 1.00 at 512 tokens (2,000 left Titans' qa2 and the SSM's qa1 at 0.87)
             "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000),
             "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000)}),
 }
@@ -431,8 +421,8 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------------------
 
 def task_models(command, t):
-    """The models that run task t: those asked for, or the task's own, or the preset's; a grid task only takes
-    models that can read it bidirectionally."""
+    """The models that run task t: those asked for, or the task's own, or the preset's; on a grid, only those that
+    read bidirectionally."""
     budget = PRESETS[command.preset]["tasks"][t]
     names = command.models if command.chosen_models else (budget.models or command.models)
     return [m for m in names if not is_grid(t) or reads_grids(m)]
@@ -458,13 +448,10 @@ def spec_hash(spec):
 
 
 def make_specs(command, phase="lr sweep", lr_by_cell=None):
-    """The runs of one phase: the lr sweep on the first seed, of each cell and of each of the dial's other state
-    sizes (a size of its own may want another rate: more memory slots are more to train); then, at each cell's
-    chosen lr, the other seeds (on the task's `seeded` models, the headline cells).
-    --scale's runs also keep their trained weights, which it reads the long streams with."""
-    preset = PRESETS[command.preset]
-    seeds = command.seeds
-    specs = []
+    """The runs of one phase: the "lr sweep" on the first seed, of each cell and of each of the dial's other state
+    sizes (a size may want a rate of its own); then the "seeds": the other seeds at each cell's chosen lr, on the
+    task's `seeded` models. --scale's runs also keep their weights, to read the long streams with."""
+    preset, seeds, specs = PRESETS[command.preset], command.seeds, []
     for t in command.tasks:
         b = preset["tasks"][t]
         for m in task_models(command, t):
@@ -474,14 +461,11 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
                         test=command.test_lengths or b.test, steps=command.steps or b.steps,
                         batch_size=preset["batch_size"], eval_examples=preset["eval_examples"], protocol=PROTOCOL,
-                        device=command.device)
-            if b.segments:
-                base["test_segments"] = b.segments
+                        device=command.device, **({"test_segments": b.segments} if b.segments else {}))
             if phase == "lr sweep":
-                lrs = command.lrs
-                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
+                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in command.lrs]
                 specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
-                          for option, values in b.dial.get(m, {}).items() for v in values for lr in lrs]
+                          for option, values in b.dial.get(m, {}).items() for v in values for lr in command.lrs]
             elif phase == "seeds" and (command.chosen_models or m in b.seeded):
                 specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[1:]]
     if command.scale:   # weights named by all that defines the run: other settings never read them
@@ -491,8 +475,7 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
 
 
 def same_spec(saved, spec):
-    """A stored run is reused only if everything that defines it is unchanged, and the weights it kept, if any,
-    are still in the folder the runs are stored in."""
+    """A stored run is reused only if all that defines it is unchanged, and the weights it kept, if any, still exist."""
     return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in WHERE)
             and ("weights" not in spec or os.path.exists(os.path.join(spec["out"], spec["weights"]))))
 
@@ -501,8 +484,7 @@ DIVERGED = "diverged"   # what a diverged run shows in place of a metric
 
 
 def mean(values):
-    """The mean of the numbers among the values (a metric over seeds, say: None where it does not exist,
-    DIVERGED for a diverged run); nan when there is none."""
+    """The mean of the numbers among the values (skipping None and DIVERGED); nan when there is none."""
     values = [v for v in values if isinstance(v, (int, float))]
     return sum(values) / len(values) if values else float("nan")
 
@@ -513,13 +495,12 @@ def dial_cell(run):
 
 
 def best_runs(runs, dial=False):
-    """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
-    lr): best mean validation accuracy, ties broken by the lower validation loss; an lr where a sweep run
-    diverged is chosen only if every lr did. Seeds added later at that lr never change the choice.
-    dial=True: the same choice among the dial's runs, for each (model, task, size) of its own."""
+    """For each (model, task): its runs at the lr chosen on the sweep seeds (those run at every lr): the best mean
+    validation accuracy, ties broken by the lower validation loss; an lr where a sweep run diverged only if every
+    lr did. Seeds added later never change the choice. dial=True: the same for each (model, task, size) of the dial."""
     by_cell = {}
     for r in runs:
-        if bool(r.get("dial")) == dial:   # the dial's extra state sizes are not cells of the table
+        if bool(r.get("dial")) == dial:
             by_cell.setdefault(dial_cell(r), {}).setdefault(r["lr"], []).append(r)
     best = {}
     for cell, by_lr in by_cell.items():
@@ -537,18 +518,18 @@ def best_runs(runs, dial=False):
 
 def edge_cells(runs, best):
     """The cells whose chosen lr is the smallest or largest of a grid of several: a better one may lie outside."""
-    grids = {}
+    grids = collections.defaultdict(set)
     for r in runs:
         if not r.get("dial"):
-            grids.setdefault((r["model"], r["task"]), set()).add(r["lr"])
-    return {cell for cell, rs in best.items() if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]),
-                                                                                           max(grids[cell]))}
+            grids[r["model"], r["task"]].add(r["lr"])
+    return {cell for cell, rs in best.items()
+            if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]), max(grids[cell]))}
 
 
 @torch.no_grad()
 def block_calls(model, x):
-    """Block applications in one training forward of x (`all_logits`: every supervised segment of HRM), counted by
-    hooking every `attention.Block`: the training compute per example that the depth preset compares."""
+    """`attention.Block` applications in one training forward of x (every supervised segment of HRM): the training
+    compute per example that the depth preset compares."""
     calls = []
     hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()
              if isinstance(m, attention.Block)]
@@ -562,10 +543,10 @@ def block_calls(model, x):
 
 def run_one(spec):
     """Train and test one model on one task; returns the record stored in runs/<preset>.json."""
-    device = spec["device"]
+    device, cuda = spec["device"], torch.device(spec["device"]).type == "cuda"
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if torch.device(device).type == "cuda":
+    if cuda:
         torch.cuda.set_device(device)   # streams, graphs and their pools belong to the current GPU: make it the run's
     task = tasks.TASKS[spec["task"]](**spec["task_options"])
     torch.manual_seed(spec["seed"])
@@ -573,21 +554,22 @@ def run_one(spec):
     start = time.time()
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
                    seed=spec["seed"])
-    train_time = time.time() - start
+    train_time, trained = time.time() - start, stages(spec["train"])[-1][1]
+    times = lambda: dict(train_time_s=round(train_time, 2), wall_time_s=round(time.time() - start, 2))  # noqa: E731
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
     record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
               "examples_seen": spec["steps"] * spec["batch_size"], "torch": torch.__version__,
-              "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"}
+              "device_name": torch.cuda.get_device_name(device) if cuda else "CPU"}
     if is_grid(spec["task"]):   # the depth preset's training compute per example, at the longest training size
-        record["block_calls"] = block_calls(model, task.sample_train(1, stages(spec["train"])[-1][1], 0, device)[0])
+        record["block_calls"] = block_calls(model, task.sample_train(1, trained, 0, device)[0])
     if spec.get("weights"):   # kept even when diverged: a stored run is reused only while its weights exist
         os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
     if not math.isfinite(losses[-1]):   # diverged: nothing to test, and the lr choice skips it (best_runs)
         return {**record, "diverged_at": len(losses), "final_loss": None, "val_token_acc": None, "val_loss": None,
-                "metrics": {}, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
+                "metrics": {}, **times()}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
-    val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
+    val = test(trained, seed=10_000 + spec["seed"])
     metrics = {}
     deep = spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1)
     for L in spec["test"]:   # HRM and the looped Transformer: also against test-time depth, on the same examples
@@ -596,8 +578,7 @@ def run_one(spec):
         if deep:
             metrics[str(L)]["by_segments"] = {str(s): test(L, batches=batches, segments=s)
                                               for s in spec["test_segments"]}
-    return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
+    return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]), **times(),
             "val_token_acc": val["token_acc"], "val_loss": val["loss"], "metrics": metrics}
 
 
