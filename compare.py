@@ -592,23 +592,20 @@ def usable_cores():
 
 
 def cpu_threads(workers):
-    """torch threads per worker on a CPU: workers x threads never exceeds the cores, and no worker gets more threads
-    than this process has (torch's default, or OMP_NUM_THREADS: README, "Threads"), since threads that wait for
-    busy cores spin and slow everything down."""
+    """torch threads per worker: never more in all than the cores, nor more than this process has (README,
+    "Threads"), since threads waiting for busy cores spin and slow everything down."""
     return max(1, min(usable_cores() // workers, torch.get_num_threads()))
 
 
 def slow_first(spec):
-    """Scheduling order: the slowest runs first (the grids, then the models with loops inside a step), so that
-    no long run starts last and keeps the others waiting."""
+    """Scheduling order: the grids, then the models with loops inside a step, so no long run starts last."""
     return (spec["task"] not in ("maze", "sudoku"),
             spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
 
 
 def worker_start(parent):
-    """Each worker process's first act. It ignores Ctrl-C: the main process gets it (the terminal sends it to all),
-    stops the workers and keeps every finished run. And it ends as soon as the main process is gone, however that
-    ended (kill -9 included), rather than finish its run for no one and then idle: a thread looks every second."""
+    """Each worker process ignores Ctrl-C (the main process stops the workers and keeps every finished run), and
+    ends as soon as the main process is gone, however it ended (kill -9 included)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
@@ -622,26 +619,19 @@ STOP = threading.Event()   # set when run_all is stopped: its threads (not proce
 
 
 def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None, threads=False):
-    """Run the specs (work(spec): run_one unless told, or --scale's read_cell), `workers` at a time: in this
-    process (one worker) or in a pool of processes (or of threads: `threads`), each run on the device with the
-    fewest runs in flight.
-    on_done(record) stores a finished run and returns the runs it unlocks (a cell's other seeds once its lr sweep
-    is done), which join the queue at once: no phase waits for the one before. A run starts only if claim(spec) says so
-    (`Store.claim`: not one that another command on the same folder has stored or is training); the others are
-    left out."""
+    """Run work(spec) (run_one unless told) for every spec that claim(spec) allows (`Store.claim`), `workers` at a
+    time: here (one worker) or in a pool of processes (or of threads), each on the device with the fewest in flight.
+    on_done(record) stores a result and returns the runs it unlocks, which join the queue at once."""
     work = work or run_one                                         # (looked up now: a test may replace it)
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
-    # On a GPU too: each worker's torch threads (its host work: batches, copies) share the cores with the others'.
-    # (On two H200s, with 8 workers of 32 threads on 32 cores and the second GPU's runs capturing on the first,
-    # no run finished in 9 minutes; this and `set_device` in run_one, fixed together, ran the preset in 7.)
+    # On a GPU too, each worker's host threads share the cores (8 workers of 32 threads on 32 cores stalled 2 GPUs)
     cpu = None if threads else cpu_threads(workers)   # (threads share this process's torch threads)
     pool = None
     if workers > 1 and threads:
         pool = ThreadPoolExecutor(workers)
     elif workers > 1:
-        # A worker stopped mid-run cannot unregister its queue semaphores, so the resource-tracker process (started
-        # with the pool, taking our warning filters) would warn about them at exit; they are released all the same.
+        # a worker stopped mid-run leaves its queue's semaphores to the resource tracker, which would warn at exit
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_start,
                                    initargs=(os.getpid(),))
@@ -680,8 +670,8 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None
 
 
 def git_commit():
-    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set: a copy of the working
-    tree on a rented GPU may have no history, or a stale one."""
+    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set (a copied working tree may
+    have no history, or a stale one)."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
@@ -694,8 +684,7 @@ def git_commit():
 
 
 def save_json(path, obj):
-    """Write to a temporary file of this process, then rename: a killed process never leaves a half-written file,
-    and two processes never write the same temporary file."""
+    """Write a temporary file of this process, then rename: never a half-written file, never two writers of one."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -703,8 +692,8 @@ def save_json(path, obj):
 
 
 def run_problem(run):
-    """What is wrong with a stored run of this protocol, in a few words, or None. A result the report reads must have
-    its type and range: a hand-edited accuracy of 1.5 would print as such, a metrics list would crash the report."""
+    """What is wrong with a stored run of this protocol, in a few words, or None: every result the report reads must
+    have its type and range (a hand-edited accuracy of 1.5 would print as such, a list would crash the report)."""
     number = lambda v: type(v) in (int, float) and math.isfinite(v)                    # noqa: E731 (not a bool)
     share = (lambda v: v is None or number(v) and 0 <= v <= 1, "an accuracy in [0, 1] or null")
     loss = (lambda v: v is None or type(v) in (int, float) and not v < 0, "a loss >= 0 or null")   # (nan: overflow)
@@ -743,10 +732,9 @@ def run_problem(run):
 
 
 def load_runs(path, preset, fresh):
-    """The stored runs of `path`, checked, and the commands that trained them (meta.commands: each one's wall time,
-    runs, commit), so that a preset run in several resumed commands reports the time of them all. With fresh, the
-    old file is kept under a new name and none are used. A file that is not a results file of this preset stops
-    the command with one line saying what to do."""
+    """The stored runs of `path`, checked, and the commands that trained them (meta.commands: wall time, runs,
+    commit of each). With fresh, the old file is kept under a new name and none are used. A file that is not a
+    results file of this preset stops the command with one line saying what to do."""
     if not os.path.exists(path):
         return {}, []
     if fresh:
@@ -779,7 +767,6 @@ def load_runs(path, preset, fresh):
 
 
 def alive(pid):
-    """Whether process `pid` of this machine is still running."""
     try:
         os.kill(pid, 0)                      # signal 0 only asks
     except ProcessLookupError:
@@ -790,13 +777,11 @@ def alive(pid):
 
 
 class Store:
-    """A preset's results file, <out>/<preset>.json, shared by every command that points --out at its folder: none
-    drops a run another stored, and none trains a run another is training.
-      - Every read-and-write holds a lock (fcntl.flock on <preset>.json.lock, which the kernel releases however its
-        holder ends) and writes the runs on disk merged with those this command trained.
-      - The lock file lists the runs being trained, each with the process that claimed it. A command trains a run
-        only once it has claimed it, and leaves a run that another live process claimed to that one (`main` waits
-        for it to be stored). Processes are told apart by their ids: the commands must run on one machine."""
+    """A preset's results file, <out>/<preset>.json, shared by every command whose --out is its folder: none drops a
+    run another stored, none trains a run another is training. Every read-and-write holds a lock (fcntl.flock on
+    <preset>.json.lock, released by the kernel however its holder ends) and merges the runs on disk with this
+    command's. The lock file lists the runs being trained and the process of each; a command trains only what it
+    claimed, and waits for what another live process claimed. (Process ids: the commands must share a machine.)"""
 
     def __init__(self, path, preset, fresh):
         self.path, self.preset, self.mine = path, preset, {}    # mine: the runs this command trained
@@ -832,8 +817,7 @@ class Store:
             return {k: pid for k, pid in claims.items() if pid != os.getpid()}
 
     def claim(self, spec):
-        """Whether this command should train `spec` now, claiming it if so: not when another command has stored it
-        meanwhile, nor when another live process is training it."""
+        """Claim `spec` and say True, unless another command has stored it or a live process is training it."""
         key = run_key(spec)
         with self.locked() as claims:
             self.merge()
@@ -843,8 +827,7 @@ class Store:
             return True
 
     def save(self, results, record=None):
-        """Write `results` (its "runs" are self.runs) with `record`, a run this command has just trained, merged with
-        what is on disk; the run's claim is given up."""
+        """Write `results` (its "runs" are self.runs) with `record`, a run just trained, merged with the disk's."""
         with self.locked() as claims:
             if record is not None:
                 self.mine[run_key(record)] = record
@@ -857,17 +840,16 @@ class Store:
             save_json(self.path, {**results, "runs": self.runs})
 
     def release(self):
-        """Give up this process's claims on the runs it did not finish (stopped): other commands may train them."""
+        """Give up this process's claims on the runs it did not finish: other commands may train them."""
         with self.locked() as claims:
             for key in [k for k, pid in claims.items() if pid == os.getpid()]:
                 del claims[key]
 
 
 class Schedule:
-    """The runs a command owes: the lr sweep of every cell (and of every dial size) first, on the first seed; a
-    cell's other seeds once its sweep is all stored, at the lr the sweep chose (none when every lr diverged; a dial
-    size has none). `finished` stores a run as it comes and returns the runs it unlocks, so no phase waits for
-    the one before."""
+    """The runs a command owes: every cell's (and dial size's) lr sweep on the first seed; a cell's other seeds once
+    its sweep is stored, at the lr it chose (none when every lr diverged). `finished` stores a run and returns the
+    runs it unlocks, so no phase waits for the one before."""
 
     def __init__(self, command, store, results, this):
         self.command, self.store, self.results, self.this = command, store, results, this
@@ -876,7 +858,6 @@ class Schedule:
             self.sweeps.setdefault(dial_cell(s), []).append(s)
 
     def done(self, spec):
-        """Whether a stored run has the whole spec."""
         return same_spec(self.store.runs.get(run_key(spec)), spec)
 
     def follow_ups(self, cell, lr):
@@ -896,8 +877,7 @@ class Schedule:
         return [s for s in self.owed() if not self.done(s)]
 
     def finished(self, record):
-        """Store a run this command trained (its count and wall time with it); the runs it unlocks: the cell's
-        other seeds, when it was the last of the cell's sweep."""
+        """Store a run this command trained; the cell's other seeds, when it was the last of the cell's sweep."""
         record["commit"] = self.results["meta"]["commit"]
         self.n_run += 1
         self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
@@ -909,16 +889,16 @@ class Schedule:
         """One line: the runs reused, those to train now, and those owed once their cells' sweeps are stored."""
         owed = self.owed()
         stale = sum(run_key(s) in self.store.runs and not self.done(s) for s in owed)
-        later = sum(len(self.follow_ups(cell, None)) for cell in self.sweeps if not all(map(self.done,
-                                                                                            self.sweeps[cell])))
+        later = sum(len(self.follow_ups(cell, None)) for cell, sweep in self.sweeps.items()
+                    if not all(map(self.done, sweep)))
         return (f"{sum(map(self.done, owed))} stored runs reused, {sum(not self.done(s) for s in owed)} to train now"
                 + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
                 + (f", {later} more once their cells' lr sweeps are done" if later else ""))
 
 
 def train_owed(schedule, workers, devices):
-    """Train every run the schedule owes, then those that other commands on the same folder claimed meanwhile
-    and left unfinished; a run another live command is training is waited for, never trained twice."""
+    """Train every run the schedule owes, then those other commands on the folder claimed and left unfinished; a run
+    another live command is training is waited for, never trained twice."""
     todo, told = schedule.todo(), False
     while todo:
         run_all(todo, workers, devices, schedule.finished, schedule.store.claim)
