@@ -939,8 +939,8 @@ def md_table(header, rows):
 
 
 def table(panels, first=("model",)):
-    """One row per label (a tuple label fills the first columns), a column per x of each panel, named by the
-    panel's `names` or as title@x; a row with no value anywhere is left out."""
+    """A row per label (a tuple fills the first columns), a column per x of each panel (its `names`, or title@x);
+    rows with no value are left out."""
     header = list(first) + [n for p in panels for n in p.get("names") or [f"{p['title']}@{x}" for x in p["xs"]]]
     rows = []
     for label in dict.fromkeys(label for p in panels for label in p["lines"]):
@@ -968,8 +968,8 @@ def short(n):
 
 
 def plot(path, panels, title=None):
-    """Panels side by side, a log x axis unless a panel says otherwise. One colour per model in every figure;
-    a model's second and later lines in a panel get other dash styles. Dotted verticals at a panel's `marks`."""
+    """Panels side by side, log x unless a panel says otherwise; a colour per model in every figure, other dashes
+    for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
     panels = [p for p in panels if any(not math.isnan(mean(v)) for values in p["lines"].values() for v in values)]
     plt = pyplot()
     if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
