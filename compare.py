@@ -1229,24 +1229,31 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
 STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
 
 
-def step_row(name, t, preset, device, graphs, steps=(5, 105)):
-    """ms per optimiser step of `train` (sampling, forward, backward, clipping, AdamW) for model `name` on task t
-    at the preset's size, batch and longest training length: the time of steps[1] steps less that of steps[0]
-    steps, over the difference, so one-off costs (building the optimiser, capturing the graphs) cancel."""
+def train_seconds(name, t, preset, device, counts, graphs=True, ready=lambda: None):
+    """Seconds of `train` for each number of steps in `counts`, model `name` on task t at the preset's size, batch and
+    longest training length, after an untimed call of a few steps (lazy initialisations); ready() before each timed
+    call. Also returns the last model."""
     b = preset["tasks"][t]
-    task = tasks.TASKS[t](**b.options)
-    options = model_config(preset, t, name)
-    L = stages(b.train)[-1][1]
-    seconds = []
-    for n in (steps[0],) + tuple(steps):          # the first, untimed, warms up (lazy initialisations)
+    task, L, seconds = tasks.TASKS[t](**b.options), stages(b.train)[-1][1], []
+    for i, n in enumerate([min(5, counts[0]), *counts]):
         torch.manual_seed(0)
-        model = build_model(name, task.vocab_size, **options)
+        model = build_model(name, task.vocab_size, **model_config(preset, t, name))
+        if i:
+            ready()
         start = time.perf_counter()
         train(model, task, n, preset["batch_size"], 1e-3, [L, L], device, graphs=graphs)   # returns after a sync
         seconds.append(time.perf_counter() - start)
-    tokens = task.sample(1, L, 0)[0].shape[1]
+    return seconds[1:], model
+
+
+def step_row(name, t, preset, device, graphs, steps=(5, 105)):
+    """ms per optimiser step of `train` (sampling, forward, backward, clipping, AdamW): the time of steps[1] steps
+    less that of steps[0], over the difference, so one-off costs (the optimiser, graph captures) cancel."""
+    (short, long), model = train_seconds(name, t, preset, device, steps, graphs)
+    L = stages(preset["tasks"][t].train)[-1][1]
+    tokens = tasks.TASKS[t](**preset["tasks"][t].options).sample(1, L, 0)[0].shape[1]
     return dict(model=name, task=t, length=L, tokens=tokens, batch=preset["batch_size"], params=n_params(model),
-                graphs=graphs, ms_per_step=(seconds[2] - seconds[1]) * 1e3 / (steps[1] - steps[0]))
+                graphs=graphs, ms_per_step=(long - short) * 1e3 / (steps[1] - steps[0]))
 
 
 def step_bench(command, meta):
@@ -1277,20 +1284,9 @@ def step_bench(command, meta):
 
 
 def sharing_worker(m, t, device, steps, threads, barrier, results):
-    """One of shared_rate's processes: warm up, wait for the others, train `steps` steps, report the seconds."""
+    """One of shared_rate's processes: train `steps` steps once all are warmed up, and report the seconds."""
     torch.set_num_threads(threads)
-    preset = PRESETS["full"]
-    b = preset["tasks"][t]
-    task = tasks.TASKS[t](**b.options)
-    L = stages(b.train)[-1][1]
-    for n in (5, steps):                     # the first call warms up (CUDA's lazy initialisations)
-        torch.manual_seed(0)
-        model = build_model(m, task.vocab_size, **model_config(preset, t, m))
-        if n == steps:
-            barrier.wait(timeout=600)
-            start = time.perf_counter()
-        train(model, task, n, preset["batch_size"], 1e-3, [L, L], device)
-    results.put(time.perf_counter() - start)
+    results.put(train_seconds(m, t, PRESETS["full"], device, [steps], ready=lambda: barrier.wait(timeout=600))[0][0])
 
 
 def shared_rate(n, m, t, device, steps=300):
@@ -1358,9 +1354,7 @@ def bench(command, meta):
 
 
 SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
-    lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],
-                 babilong_qa1=[16_384, 131_072, 1_048_576, 11_000_000],
-                 babilong_qa2=[16_384, 131_072, 1_048_576, 11_000_000]),
+    lengths=dict.fromkeys(["flipflop", "babilong_qa1", "babilong_qa2"], [16_384, 131_072, 1_048_576, 11_000_000]),
     examples=dict(flipflop=1, babilong_qa1=64, babilong_qa2=64),   # streams read side by side (flip-flop scores
                                                   # ~T/10 reads in each, BABILong one answer per stream)
     piece=16_384,            # tokens per `stream` call and per generated piece: the host never holds more
@@ -1373,13 +1367,11 @@ def tensors(tree):
 
 
 class StreamGraphs:
-    """A model's `stream` on CUDA without gradients, each run of `span` tokens (after the first, which fixes the
-    state's shapes) replayed from a CUDA graph captured on first use, one per shape and dtype of the tokens and the
-    state and the autocast setting: one launch instead of the thousands that RMT's loop over segments and Titans'
-    over chunks make, where launching costs more than the GPU's work at this size. `span` is a multiple of RMT's
-    segment and of Titans' chunk, so the pieces give what one call gives. The graphs hold the addresses of the
-    weights: make new ones after moving the model. (The model is an argument, not kept:
-    `STREAM_GRAPHS` keeps a model's graphs only while the model lives.)"""
+    """A model's `stream` on CUDA without gradients, each `span` of tokens after the first (which fixes the state's
+    shapes) replayed from a CUDA graph, one per shape, dtype and autocast setting: one launch instead of the
+    thousands of RMT's loop over segments and Titans' over chunks, which cost more than the GPU's work at this size.
+    `span` is a multiple of the segment and the chunk, so the pieces give what one call gives. The graphs hold the
+    weights' addresses: make new ones after moving the model (`STREAM_GRAPHS` keeps them while the model lives)."""
 
     def __init__(self, span):
         self.span, self.graphs = span, {}
@@ -1414,12 +1406,11 @@ GRAPH_SPAN = {rmt.RMT: "segment_len", titans.Titans: "chunk_size"}   # a replay 
 
 @torch.no_grad()
 def scale_read(model, task, length, batch, piece, device, seed, shared=False):
-    """Read `batch` test streams of `length` tokens, made piece by piece by `task.pieces`: recurrent models call
-    `model.stream` on each piece with the state carried, attention reads the whole sequence in one call.
-    Returns token accuracy, scored positions, exact match per stream and, where the task gives depths (BABILong),
-    exact match in four bins of the deciding fact's depth; tokens per second of model time (all streams
-    together) and the peak GPU memory in MiB (None on CPU): this read's, or with `shared` (other threads reading
-    on the same GPU) the GPU's since the reading began, all readers together."""
+    """Read `batch` test streams of `length` tokens made piece by piece (`task.pieces`): recurrent models `stream`
+    each piece with the state carried, attention reads the whole sequence in one call. Returns token accuracy,
+    scored positions, exact match per stream (and by the deciding fact's depth, where the task gives it), tokens
+    per second of model time, and peak GPU MiB (None on CPU): this read's, or with `shared` (other threads reading
+    on the GPU) the GPU's since the reading began."""
     if not shared:
         peak_mib(device, start=True)
     pieces = task.pieces(batch, length, piece, seed, device)
@@ -1463,58 +1454,51 @@ def wilson(p, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def read_lengths(spec, trained):
-    """read_cell's reading, on the current CUDA stream."""
-    device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
-    cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
-    task = tasks.TASKS[t](**run["task_options"])
-    model = build_model(m, task.vocab_size, **run["model_options"])
-    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
-    model.to(device).eval()
-    batch, last, rows = SCALE["examples"][t], None, []
-    scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up, graphs
-    for L in spec["lengths"]:
-        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
-                   weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: see read_streams
-        predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
-        if not hasattr(model, "stream") and predicted > cap:
-            row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
-        else:
-            try:
-                row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared), shared=shared)
-                last = (L, batch * L / row["tokens_per_s"])              # unrounded: row["seconds"] has 10 ms steps
-            except torch.OutOfMemoryError:
-                row["wall"] = "out of memory"
-        rows.append(row)
-        if row.get("wall"):
-            break                                                  # longer lengths would hit it too
-    return rows
-
-
 def read_cell(spec):
     """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall;
-    returns its rows. A worker of `read_streams`, like run_one for training."""
+    returns its rows. A worker of `read_streams`, as run_one is of training."""
     device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
+    cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
     trained = stages(run["train"])[-1][1]
     if run.get("diverged_at") is not None:                        # every lr diverged: nothing to read with
         return [dict(model=m, task=t, length=trained, trained=trained, batch=0, state_floats=None,
                      wall="every learning rate diverged in training")]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-        with torch.cuda.stream(torch.cuda.Stream(device)):   # a stream of its own: the GPU runs the cells' kernels
-            return read_lengths(spec, trained)   # side by side (threads of one process)
-    return read_lengths(spec, trained)
+    task = tasks.TASKS[t](**run["task_options"])
+    model = build_model(m, task.vocab_size, **run["model_options"])
+    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
+    model.to(device).eval()
+    batch, last, rows = SCALE["examples"][t], None, []
+    # on a GPU, a CUDA stream of its own: the cells' kernels run side by side (threads of one process)
+    with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
+        scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up
+        for L in spec["lengths"]:
+            row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
+                       weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: read_streams
+            predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
+            if not hasattr(model, "stream") and predicted > cap:
+                row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
+            else:
+                try:
+                    row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared), shared=shared)
+                    last = (L, batch * L / row["tokens_per_s"])          # unrounded: row["seconds"] has 10 ms steps
+                except torch.OutOfMemoryError:
+                    row["wall"] = "out of memory"
+            rows.append(row)
+            if row.get("wall"):
+                break                                              # longer lengths would hit it too
+    return rows
 
 
 def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
-    """--scale's second half: each trained cell (at its chosen lr) reads its test streams (`read_cell`), the cells
-    side by side in worker processes like the training runs (a stream is read one segment or chunk after another,
-    each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save(). A cell whose rows an
-    earlier command stored (`stored`: the same weights file and the same training of it, told apart by its
-    training time, the same streams and lengths, read to the last or to a wall) is not
-    read again: a stopped reading resumes, like the training; the stored rows of cells not read now are kept."""
+    """--scale's second half: each trained cell reads its test streams (`read_cell`), the cells side by side (a
+    stream is read one small segment or chunk after another, too little to fill a GPU); a cell's rows join `rows`
+    as it ends, then save(). A cell whose rows an earlier command stored (`stored`: the same weights and training
+    time, streams and lengths, read to the end or to a wall) is not read again; the rows of cells not read now stay."""
     order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(MODELS).index(c[0]))))}
 
     def done(cell_rows):   # the rows kept by task, then model, then length, whichever cell ends first
@@ -1573,8 +1557,8 @@ def streams_report(rows):
                                   for x in panel["xs"]] for m in panel["lines"]}
         panels.append(panel)
     together = ", all readers" if any(r.get("shared") for r in rows) else ""
-    panels.append(dict(title=f"peak GPU memory ({task_names[0]}{together})", xlabel="test length (tokens)", ylabel="MiB",
-                       yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
+    panels.append(dict(title=f"peak GPU memory ({task_names[0]}{together})", xlabel="test length (tokens)",
+                       ylabel="MiB", yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
     deep = [r for r in rows if r.get("by_depth")]
     depth_table = ["### Exact match by the depth of the deciding fact (streams in each quarter)", "", md_table(
         ["model", "task", "length", "0-25%", "25-50%", "50-75%", "75-100%"],
@@ -1585,14 +1569,11 @@ def streams_report(rows):
         "## Streams: read with the weights trained above (" + ", ".join(
             f"{t} at <= {n:,} tokens" for t, n in trained.items()) + ")", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
-        f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
-        " runs out of memory. The cells read side by side (on GPUs, threads of one process, each on a CUDA stream of "
-        "its own; on a CPU, worker processes), so tokens/s is each one's share of what it shares; a peak memory "
-        "marked * is its GPU's since the reading began, all the cells reading on it together. Accuracy is over the scored"
-        " positions (one per BABILong stream, so its 95% Wilson "
-        "interval is over the streams; flip-flop's reads in one stream are not independent, so its interval is "
-        "too narrow). tokens/s counts model time only, for all the sequences of a cell read side by side (batch);"
-        " peak memory is the GPU's, weights included (- on a CPU).", "",
+        f"sequence in one call until one is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or "
+        "runs out of memory. The cells read side by side, so tokens/s (model time, all of a cell's sequences) is each "
+        "one's share; peak memory includes the weights, and * marks its GPU's, all cells on it together (- on a CPU). "
+        "Accuracy is over scored positions: one per BABILong stream, so its 95% Wilson interval is over the streams; "
+        "flip-flop's reads in one stream are not independent, so its interval is too narrow.", "",
         md_table(["model", "task", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s", "peak MiB",
                   "state floats"], [cells(r) for r in rows]), ""] + depth_table), panels
 
