@@ -1611,10 +1611,9 @@ def positive(s):
 
 
 class LiveBytes(TorchDispatchMode):
-    """While active, counts the bytes of every tensor that an op makes for as long as the tensor lives, and keeps
-    the peak: the memory a piece of code needs, on any device (a CPU has no peak-memory counter of its own). An op
-    whose result is a view or one of its inputs (in place) makes no new memory. The op after the first max_ops
-    raises LiveBytes.TooLong."""
+    """While active, keeps the peak of the bytes of the tensors that ops made and that still live: the memory a piece
+    of code needs on any device (a CPU has no peak counter). Views and in-place results make none. The op after the
+    first max_ops raises LiveBytes.TooLong."""
 
     class TooLong(Exception):
         pass
@@ -1643,12 +1642,10 @@ class LiveBytes(TorchDispatchMode):
 
 
 def eval_bytes(model, tokens, device, max_ops=5000):
-    """About the memory `evaluate` needs to read one sequence of `tokens` tokens with `model`: LiveBytes counts its
-    forward at 1,024 tokens, then on fake tensors (shapes without data: no arithmetic, no memory) at 4x, 16x, ...,
-    up to `tokens`. Counted rather than scaled, because some models need more than linear memory (the SSM's
-    chunk-to-chunk decays are (T / chunk)^2 a head). A model that loops in Python over its segments (RMT, Titans)
-    runs more ops the longer the sequence, and fake tensors are slow: past max_ops in a forward, the longest length
-    counted is scaled linearly, as such a model carries a state of fixed size from one segment to the next."""
+    """About the memory `evaluate` needs to read one sequence of `tokens` tokens: LiveBytes counts the forward at
+    1,024 tokens, then on fake tensors (shapes without data) at 4x, 16x, ... up to `tokens`; counted, not scaled,
+    since the SSM's chunk-to-chunk decays grow as (T / chunk)^2. Past max_ops in a forward (RMT's and Titans' Python
+    loops over segments), the longest count is scaled linearly: such a model carries a fixed-size state."""
     n, counted = min(1024, tokens), None
     while counted is None or counted[0] < tokens:
         try:
@@ -1673,9 +1670,8 @@ def device_bytes(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-SEEDS = 2 ** 32        # seeds are 0 .. 2**32 - 1: every generator seed made from one (1_000_003 * seed + 1) fits
-LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt in these budgets; above,
-                        # one step is larger than the weights themselves
+SEEDS = 2 ** 32         # seeds are 0 .. 2**32 - 1, so every generator seed made from one fits
+LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt; above, steps outgrow weights
 
 
 @dataclass(frozen=True)
@@ -1836,9 +1832,7 @@ def main(argv=None):
     this = dict(id=f"{os.getpid()}@{time.time_ns()}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
                 device_name=meta["device_name"])
     meta["commands"] = store.commands + [this]   # this command's entry is kept up to date with each run
-    # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
-    # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
-    # graphed, and the host work.
+    # graphed training keeps a GPU busy alone (--bench's sharing table), so a few runs a GPU overlap the host work
     cores = usable_cores()   # never more workers than cores, whatever --workers asks (it says so)
     meta["workers"] = workers = min(command.workers or (4 * len(devices) if cuda else 4), cores)
     capped = (f" (--workers {command.workers} is capped at the {cores} CPU cores)"
