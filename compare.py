@@ -9,27 +9,20 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py --scale            # train at <= 256 tokens, then read streams of up to 11M tokens
 
 How the comparison is made fair, and where each rule lives:
-  1. The same budget for every model on a task: steps, batch, training lengths and their curriculum (stages of
-     rising length or content), optimiser and schedule (`Budget` and `PRESETS` below; the rest in `train`).
-  2. Matched size: one width and depth per task, so parameter counts stay within +-10% of the Transformer's
+  1. The same budget for every model on a task: steps, batch, training lengths and their curriculum, optimiser
+     and schedule (`Budget`, `PRESETS`, `train`).
+  2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
-  3. Each model at its own best learning rate: every (model, task) sweeps the same grid of log-spaced rates on the
-     first seed and keeps the one with the best validation accuracy, ties broken by validation loss, never one
-     where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked in the report,
-     since the grid may then hide a better rate.
+  3. Each model at its own best learning rate: the same log-spaced grid on the first seed, the best validation
+     accuracy wins (ties: the lower validation loss), never a rate where a run diverged (`make_specs`,
+     `best_runs`); a choice on the edge of the grid is marked, since a better rate may lie outside.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
-  6. Cost in the open: parameters, state floats, steps, examples seen and wall time of every (model, task) at
-     its chosen rate (the Runs table of `report`).
+  6. Cost in the open: parameters, state floats, steps, examples and wall time of every cell (`report`'s Runs table).
 
-Runs are written to runs/<preset>.json (untracked) as each one finishes; a stored run is reused only when its
-whole spec equals what the command would run now, so an interrupted command resumes where it stopped and a
-changed setting re-runs what it changes. Commands may share the folder: none drops the runs another stored, nor
-trains a run another is training (`Store`). The committed reference results live in results/reference/, which
-the bench never reads. The file reads top down: training and evaluation; models, budgets and presets; the
-protocol (the runs, the choice of lr, one run); running and storing many runs (`Schedule`: every lr sweep first, a
-cell's other seeds as soon as its sweep is stored); reports; the two cost measurements (--bench, --scale); the
-command line; main, its phases in order.
+Runs are stored in runs/<preset>.json (untracked) as each finishes and reused only while their whole spec is
+unchanged: a stopped command resumes, a changed setting re-runs what it changes, and commands may share the
+folder (`Store`). The committed results live in results/reference/, which the bench never reads.
 """
 import argparse
 import collections
@@ -69,9 +62,7 @@ import titans
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL = 7   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
-               # (6: Titans' clip without a NaN in its backward; 5: the clip, the conv's init, the 4-rate grid)
-# On CPUs, arithmetic on subnormal floats (below ~1e-38, e.g. products of many decay factors in the recurrent
-# cores) is up to 100x slower; flushing them to zero changes no result that matters and keeps runs fast.
+# Subnormal floats (products of many decays in the recurrent cores) are up to 100x slower on CPUs; zero them.
 torch.set_flush_denormal(True)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,11 +88,8 @@ def all_logits(model, x):
 
 @functools.cache
 def side_stream(device, use="warm-up"):
-    """One side stream per GPU for each use, the warm-ups before a capture and the captures: cuBLAS gives every
-    stream it runs on a workspace of its own, kept until the process ends, so a new stream per capture would hold
-    more and more memory. The captures need their own too: torch.cuda.graph's default capture stream is made
-    once per process, on whichever GPU is current then, so a worker that moved to another GPU captured on the
-    first GPU's stream while its kernels went to its own GPU's default stream, which CUDA refuses mid-capture."""
+    """One side stream per GPU and use (warm-ups, captures), made once: cuBLAS keeps a workspace for every stream it
+    runs on, and torch.cuda.graph's own capture stream is made on whichever GPU is current at first use."""
     return torch.cuda.Stream(device)
 
 
@@ -109,10 +97,9 @@ CAPTURING = threading.Lock()
 
 
 def capture(fn, inputs, device, pool=None, undo=None):
-    """fn(*inputs) recorded as a CUDA graph: one warm-up call first, on a side stream as CUDA asks (lazy inits),
-    then undo() puts back what it changed, then the capture. Returns the graph and the outputs it overwrites at
-    each replay."""
-    with CAPTURING:   # threads that read streams side by side (read_streams) share the side streams: one at a time
+    """fn(*inputs) recorded as a CUDA graph, after one warm-up call on a side stream (lazy inits) and undo() of what
+    it changed. Returns the graph and the outputs it overwrites at each replay."""
+    with CAPTURING:   # threads reading streams side by side (read_streams) share the side streams: one at a time
         side = side_stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -121,27 +108,20 @@ def capture(fn, inputs, device, pool=None, undo=None):
         if undo:
             undo()
         graph = torch.cuda.CUDAGraph()   # thread_local: what other threads do meanwhile is no part of this graph
-        capturing = side_stream(device, "capture")
-        with torch.cuda.graph(graph, pool=pool, stream=capturing, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool, stream=side_stream(device, "capture"), capture_error_mode="thread_local"):
             outputs = fn(*inputs)
     return graph, outputs
 
 
 class StepGraphs:
-    """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch
-    shape: one launch instead of hundreds of tiny kernels (the models are so small that a step is all launch
-    overhead otherwise). `step(x, y)` is the eager step it captures; the learning rate is a tensor the graphs
-    read, set before each replay. The first batch of a shape runs the step once to warm up (lazy inits, the
-    optimiser's state), then the weights and the optimiser's state are put back as they were, so the graphs
-    learn what the eager loop learns (the same losses and weights up to floating-point rounding: tested on CUDA).
-    All graphs of a run share one memory pool, which is safe here because everything a graph reads lives outside
-    the pool (weights, optimiser state, static inputs) and its one output, the loss, is copied out before any
-    other graph replays: the tensor `__call__` returns is overwritten by the next call, whatever its shape.
-
-    A curriculum draws many lengths, and each new shape costs a capture, so when both the task and the model are
-    causal the batch is padded on the right to a multiple of `bucket` tokens, with targets that score nothing: the
-    logits at t see only tokens <= t, so the padding changes neither the loss nor a gradient (tested for every
-    model), and 32..256 tokens make 8 graphs, not 225."""
+    """The whole training step (forward, loss, backward, clipping, AdamW) replayed as one CUDA graph per batch shape:
+    the models are so small that an eager step is all kernel-launch overhead. The lr is a tensor the graphs read.
+    The warm-up before a capture is undone (weights and optimiser state put back), so the graphs learn what the eager
+    loop learns (tested on CUDA). One memory pool serves all graphs: what they read lives outside it, and the loss
+    they return is overwritten by the next call.
+    A curriculum draws many lengths, each a capture, so when task and model are causal the batch is padded on the
+    right to a multiple of `bucket` with unscored targets: logits at t see only tokens <= t, so loss and gradients
+    are unchanged (tested for every model), and 32..256 tokens make 8 graphs, not 225."""
 
     def __init__(self, step, model, opt, bucket=None):
         self.step, self.model, self.opt, self.bucket = step, model, opt, bucket
@@ -162,20 +142,17 @@ class StepGraphs:
     def capture(self, x, y):
         device = next(self.model.parameters()).device
         static_x, static_y = x.to(device), y.to(device)
-        state = list(self.model.parameters()) + [p for p in self.model.buffers()]
+        state = [*self.model.parameters(), *self.model.buffers()]
         saved = [t.detach().clone() for t in state]
         saved_opt = {p: {k: v.clone() for k, v in s.items()} for p, s in self.opt.state.items()}
 
         @torch.no_grad()
-        def undo():                                             # weights and optimiser state as before the warm-up
+        def undo():
             for t, s in zip(state, saved):
                 t.copy_(s)
             for p, s in self.opt.state.items():                 # a state made by the warm-up starts at zero
                 for k, v in s.items():
-                    if p in saved_opt:
-                        v.copy_(saved_opt[p][k])
-                    else:
-                        v.zero_()
+                    v.copy_(saved_opt[p][k]) if p in saved_opt else v.zero_()
             self.opt.zero_grad(set_to_none=True)                # the graph's backward makes its own gradients
         graph, loss = capture(self.step, (static_x, static_y), device, self.pool, undo)
         self.graphs[x.shape] = (graph, static_x, static_y, loss)
@@ -183,16 +160,11 @@ class StepGraphs:
 
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200):
-    """AdamW; the learning rate is the lower of a linear warm-up (the first 10% of the steps) and a cosine decay
-    over all the steps; gradient clipping. Each batch draws its length uniformly from
-    train_lengths = [lo, hi], or, for a curriculum [[lo1, hi1], [lo2, hi2], ...], from the stage that the
-    step falls in (equal shares of the steps; RMT's segment-count curriculum, given to every model alike).
-    HRM trains with deep supervision: one loss per segment, and one optimiser step on their mean per batch.
-
-    On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`), which learns the same as
-    the eager loop (tested) at a fraction of the time. The losses stay on the device and are read every
-    `check_every` steps: a non-finite loss stops the run there (diverged).
-    Returns the list of training losses, which ends at the first non-finite one if the run diverged."""
+    """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay, gradient clipping. Each batch
+    draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
+    the step falls in (equal shares). HRM: one loss per segment (deep supervision), one step on their mean.
+    On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
+    are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
     model.to(device).train()
     cuda = torch.device(device).type == "cuda"
     fast = graphs and cuda
@@ -249,9 +221,8 @@ def generate(model, prompt, n_new):
 
 
 def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
-    """The test examples of one length, (x, y, depth) batches of about max_tokens // length examples (length is the
-    task's knob, the number of tokens for most tasks); depth is the deciding fact's where the task gives it, else
-    None. The same seed, the same examples."""
+    """The test examples of one length (the task's knob) as (x, y, depth) batches of about max_tokens // length;
+    depth is the deciding fact's where the task gives it, else None. The same seed, the same examples."""
     g = torch.Generator().manual_seed(seed)
     batch, seen = max(1, min(n_examples, max_tokens // length)), 0
     while seen < n_examples:
@@ -269,16 +240,12 @@ PATH_BIN = 20   # the maze's exact match is kept by path length in bins of this 
 @torch.no_grad()
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None,
              batches=None):
-    """Accuracy at one length. Returns token_acc (scored positions right), loss (their mean cross-entropy), exact
-    (every scored position of an example right, over the examples that have one; None if none has), and where
-    the task defines them
-    gen_exact (greedy generation, e.g. copy) and by_depth (exact match in four bins of the deciding fact's
-    depth, e.g. babilong) or by_path (the maze: {a bin of PATH_BIN path lengths, named by its lowest: [exact,
-    examples]}, the bins that its `path_lengths` fill). `segments`: the test-time depth (HRM's segments, the looped
-    Transformer's loops).
-    The examples are `test_batches`' for the seed, or `batches` drawn from it before (to read them again at
-    another test-time depth without making them again)."""
-    knob = "segments" if hasattr(model, "segment_logits") else "loops"   # HRM's test-time depth, or a loop count
+    """Accuracy at one length: token_acc (scored positions right), loss (their mean cross-entropy), exact (every
+    scored position of an example right; None if no example is scored), and where the task defines them gen_exact
+    (greedy generation: copy), by_depth (exact match in four bins of the deciding fact's depth: babilong) or by_path
+    (the maze: {lowest path length of a PATH_BIN bin: [exact, examples]}). `segments`: the test-time depth (HRM's
+    segments, the looped Transformer's loops). `batches`: test_batches' examples made before, to read them again."""
+    knob = "segments" if hasattr(model, "segment_logits") else "loops"
     forward = model if segments is None else lambda x: model(x, **{knob: segments})
     model.to(device).eval()
     right = total = exact = scored_examples = seen = gen_exact = loss = 0
@@ -334,8 +301,7 @@ MODELS = {  # name -> (model class, config class, options that define the varian
     "titans_lmm": (titans.Titans, titans.TitansConfig, {"use_attention": False}),
     "hrm": (hrm.HRM, hrm.HRMConfig, {}),
     "hrm_last_cycle": (hrm.HRM, hrm.HRMConfig, {"gradient": "last_cycle"}),   # TRM's gradient
-    # HRM's control (depth preset): the Blocks looped 4 times, as HRM trains 4 segments (so 1x, 2x, 4x the training
-    # depth are the same test-time counts, 4, 8, 16, for both; 16 Block applications, HRM 12 a segment, 48 in all)
+    # HRM's control (depth preset): the Blocks looped 4 times, as HRM trains 4 segments (the same test-time counts)
     "attention_looped": (attention.Transformer, attention.TransformerConfig, {"loops": 4}),
 }
 
@@ -384,12 +350,12 @@ LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 2 up to 16 RMT segments
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
+SEQUENCE_MODELS = ["attention", "ssm", "rmt", "titans"]
+HRM_SEGMENTS = {"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)}   # the depth preset's training depth
 PRESETS = {
-    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr (the looped
-        # Transformer, HRM's control, on the grids alone)
+    "smoke": dict(  # the plumbing, not the science: every model and task, a few steps, one lr
         models=[m for m in MODELS if m != "attention_looped"], size=dict(d_model=32, n_layers=2), batch_size=16,
-        lrs=[3e-3], seeds=[0],
-        eval_examples=16, tasks={
+        lrs=[3e-3], seeds=[0], eval_examples=16, tasks={
             "copy": Budget(train=[2, 6], test=[6, 12], steps=15),
             "mqar": Budget(train=[32, 32], test=[32, 64], steps=15, options=dict(n_pairs=4, vocab_size=64)),
             "recall": Budget(train=[[2, 3], [3, 4]], test=[2, 4], steps=15, options=dict(vocab_size=16),
@@ -411,49 +377,40 @@ PRESETS = {
     "full": dict(  # one GPU; the sequence tasks, each at both ends of the trade-off (the maze: --preset depth)
         models=["attention", "ssm", "rmt", "titans", "hrm"], size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
-            # each stage keeps the shorter strings: with stages 2-6, 6-11, 11-16 attention forgot how to copy 8
-            # characters (0.69 token accuracy, against 0.98 at 16) while learning 16. At 3,000 steps attention was
-            # still in its phase change at 16 letters (0.93 on a CPU at lr 1e-2, seed 0); at 6,000, 0.99 at 1e-2 and 5e-3
+            # each stage keeps the shorter strings (without, attention forgot short copies while learning long ones);
+            # 6,000 steps take attention through its phase change at 16 letters
             "copy": Budget(train=[[2, 6], [2, 11], [2, 16]], test=[8, 16, 32, 64], steps=6000,
-                           models=["attention", "ssm", "rmt", "titans"],
-                           seeded=["attention", "ssm", "rmt", "titans"]),
+                           models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS),
             "recall": Budget(train=[[2, 8], [8, 16], [16, 32]], test=[4, 8, 16, 32], steps=4000, options=HARD_RECALL,
-                             models=["attention", "ssm", "rmt", "titans"], seeded=["attention", "ssm", "rmt", "titans"],
+                             models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory": ["linear"], "memory_expand": [4]}}),
-            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
-                               seeded=["attention", "ssm", "rmt", "titans", "hrm"]),
+            "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, seeded=SEQUENCE_MODELS + ["hrm"]),
             "selective_copy": Budget(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
-                                     models=["attention", "ssm", "rmt", "titans"]),
-            "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500,
-                               models=["attention", "ssm", "rmt", "titans"],
-                               seeded=["attention", "ssm", "rmt", "titans"]),
+                                     models=SEQUENCE_MODELS),
+            "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, models=SEQUENCE_MODELS,
+                               seeded=SEQUENCE_MODELS),
         }),
     "depth": dict(  # one GPU: recurrent depth (HRM, a looped Transformer) against a fixed-depth Transformer of the
         # same size, on mazes and on Sudoku graded by the rounds of singles it needs
         models=["attention", "attention_looped", "hrm", "hrm_last_cycle"],
         size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
-            # graded by path length (the report's table by path), up to 10x10 cells (a 21x21 grid). min_path=30
-            # squares: 6x6 mazes (paths of 31-71) then take ~4 draws each, 1,000 of them 0.6 s on a CPU.
+            # up to 10x10 cells (a 21x21 grid), graded by path length; trained on paths of >= 30 squares
             "maze": Budget(train=[6, 6], test=[6, 8, 10], steps=800, segments=[1, 2, 4, 8, 16],
-                           seeded=["attention", "hrm"],
-                           model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
+                           seeded=["attention", "hrm"], model_options=HRM_SEGMENTS,
                            options=dict(canvas=21, n_train=1000, min_path=30)),
-            # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained.
-            # (Not yet run. Each run makes its 300 training puzzles of a depth when its curriculum first reaches it,
-            # 6-20 ms each on a CPU, inside its training time.)
+            # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained
             "sudoku": Budget(train=[[1, 2], [1, 4], [1, 6]], test=[2, 4, 6, 7], steps=800, segments=[1, 2, 4, 8, 16],
-                             seeded=["attention", "attention_looped", "hrm"],
-                             model_options={"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)},
+                             seeded=["attention", "attention_looped", "hrm"], model_options=HRM_SEGMENTS,
                              options=dict(n_train=300)),
         }),
     "scale": dict(  # --scale trains these, keeps their weights, then reads SCALE's streams. BABILong's qa1 and qa2
         # rise through RMT's segment curriculum to 16 segments of 32 tokens (RMT's BABILong runs: 1 to 32 of 512)
-        models=["attention", "ssm", "rmt", "titans"], size=dict(d_model=64, n_layers=2), batch_size=128,
+        models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
-            # at 2,000 steps Titans had qa2 at 0.86 at 512 tokens and the SSM qa1 at 0.87; at 4,000, 1.00 and 1.00
+            # 4,000 steps: every model near 1.00 at 512 tokens (2,000 left Titans' qa2 and the SSM's qa1 at 0.87)
             "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000),
             "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000)}),
 }
@@ -464,8 +421,8 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------------------
 
 def task_models(command, t):
-    """The models that run task t: those asked for, or the task's own, or the preset's; a grid task only takes
-    models that can read it bidirectionally."""
+    """The models that run task t: those asked for, or the task's own, or the preset's; on a grid, only those that
+    read bidirectionally."""
     budget = PRESETS[command.preset]["tasks"][t]
     names = command.models if command.chosen_models else (budget.models or command.models)
     return [m for m in names if not is_grid(t) or reads_grids(m)]
@@ -491,13 +448,10 @@ def spec_hash(spec):
 
 
 def make_specs(command, phase="lr sweep", lr_by_cell=None):
-    """The runs of one phase: the lr sweep on the first seed, of each cell and of each of the dial's other state
-    sizes (a size of its own may want another rate: more memory slots are more to train); then, at each cell's
-    chosen lr, the other seeds (on the task's `seeded` models, the headline cells).
-    --scale's runs also keep their trained weights, which it reads the long streams with."""
-    preset = PRESETS[command.preset]
-    seeds = command.seeds
-    specs = []
+    """The runs of one phase: the "lr sweep" on the first seed, of each cell and of each of the dial's other state
+    sizes (a size may want a rate of its own); then the "seeds": the other seeds at each cell's chosen lr, on the
+    task's `seeded` models. --scale's runs also keep their weights, to read the long streams with."""
+    preset, seeds, specs = PRESETS[command.preset], command.seeds, []
     for t in command.tasks:
         b = preset["tasks"][t]
         for m in task_models(command, t):
@@ -507,14 +461,11 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
                         test=command.test_lengths or b.test, steps=command.steps or b.steps,
                         batch_size=preset["batch_size"], eval_examples=preset["eval_examples"], protocol=PROTOCOL,
-                        device=command.device)
-            if b.segments:
-                base["test_segments"] = b.segments
+                        device=command.device, **({"test_segments": b.segments} if b.segments else {}))
             if phase == "lr sweep":
-                lrs = command.lrs
-                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in lrs]
+                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in command.lrs]
                 specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
-                          for option, values in b.dial.get(m, {}).items() for v in values for lr in lrs]
+                          for option, values in b.dial.get(m, {}).items() for v in values for lr in command.lrs]
             elif phase == "seeds" and (command.chosen_models or m in b.seeded):
                 specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[1:]]
     if command.scale:   # weights named by all that defines the run: other settings never read them
@@ -524,8 +475,7 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
 
 
 def same_spec(saved, spec):
-    """A stored run is reused only if everything that defines it is unchanged, and the weights it kept, if any,
-    are still in the folder the runs are stored in."""
+    """A stored run is reused only if all that defines it is unchanged, and the weights it kept, if any, still exist."""
     return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in WHERE)
             and ("weights" not in spec or os.path.exists(os.path.join(spec["out"], spec["weights"]))))
 
@@ -534,8 +484,7 @@ DIVERGED = "diverged"   # what a diverged run shows in place of a metric
 
 
 def mean(values):
-    """The mean of the numbers among the values (a metric over seeds, say: None where it does not exist,
-    DIVERGED for a diverged run); nan when there is none."""
+    """The mean of the numbers among the values (skipping None and DIVERGED); nan when there is none."""
     values = [v for v in values if isinstance(v, (int, float))]
     return sum(values) / len(values) if values else float("nan")
 
@@ -546,13 +495,12 @@ def dial_cell(run):
 
 
 def best_runs(runs, dial=False):
-    """For each (model, task): all runs at the learning rate chosen on the sweep seeds (the seeds run at every
-    lr): best mean validation accuracy, ties broken by the lower validation loss; an lr where a sweep run
-    diverged is chosen only if every lr did. Seeds added later at that lr never change the choice.
-    dial=True: the same choice among the dial's runs, for each (model, task, size) of its own."""
+    """For each (model, task): its runs at the lr chosen on the sweep seeds (those run at every lr): the best mean
+    validation accuracy, ties broken by the lower validation loss; an lr where a sweep run diverged only if every
+    lr did. Seeds added later never change the choice. dial=True: the same for each (model, task, size) of the dial."""
     by_cell = {}
     for r in runs:
-        if bool(r.get("dial")) == dial:   # the dial's extra state sizes are not cells of the table
+        if bool(r.get("dial")) == dial:
             by_cell.setdefault(dial_cell(r), {}).setdefault(r["lr"], []).append(r)
     best = {}
     for cell, by_lr in by_cell.items():
@@ -570,18 +518,18 @@ def best_runs(runs, dial=False):
 
 def edge_cells(runs, best):
     """The cells whose chosen lr is the smallest or largest of a grid of several: a better one may lie outside."""
-    grids = {}
+    grids = collections.defaultdict(set)
     for r in runs:
         if not r.get("dial"):
-            grids.setdefault((r["model"], r["task"]), set()).add(r["lr"])
-    return {cell for cell, rs in best.items() if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]),
-                                                                                           max(grids[cell]))}
+            grids[r["model"], r["task"]].add(r["lr"])
+    return {cell for cell, rs in best.items()
+            if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]), max(grids[cell]))}
 
 
 @torch.no_grad()
 def block_calls(model, x):
-    """Block applications in one training forward of x (`all_logits`: every supervised segment of HRM), counted by
-    hooking every `attention.Block`: the training compute per example that the depth preset compares."""
+    """`attention.Block` applications in one training forward of x (every supervised segment of HRM): the training
+    compute per example that the depth preset compares."""
     calls = []
     hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()
              if isinstance(m, attention.Block)]
@@ -595,10 +543,10 @@ def block_calls(model, x):
 
 def run_one(spec):
     """Train and test one model on one task; returns the record stored in runs/<preset>.json."""
-    device = spec["device"]
+    device, cuda = spec["device"], torch.device(spec["device"]).type == "cuda"
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if torch.device(device).type == "cuda":
+    if cuda:
         torch.cuda.set_device(device)   # streams, graphs and their pools belong to the current GPU: make it the run's
     task = tasks.TASKS[spec["task"]](**spec["task_options"])
     torch.manual_seed(spec["seed"])
@@ -606,21 +554,22 @@ def run_one(spec):
     start = time.time()
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
                    seed=spec["seed"])
-    train_time = time.time() - start
+    train_time, trained = time.time() - start, stages(spec["train"])[-1][1]
+    times = lambda: dict(train_time_s=round(train_time, 2), wall_time_s=round(time.time() - start, 2))  # noqa: E731
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
     record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
               "examples_seen": spec["steps"] * spec["batch_size"], "torch": torch.__version__,
-              "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"}
+              "device_name": torch.cuda.get_device_name(device) if cuda else "CPU"}
     if is_grid(spec["task"]):   # the depth preset's training compute per example, at the longest training size
-        record["block_calls"] = block_calls(model, task.sample_train(1, stages(spec["train"])[-1][1], 0, device)[0])
+        record["block_calls"] = block_calls(model, task.sample_train(1, trained, 0, device)[0])
     if spec.get("weights"):   # kept even when diverged: a stored run is reused only while its weights exist
         os.makedirs(os.path.join(spec["out"], "scale_weights"), exist_ok=True)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(spec["out"], spec["weights"]))
     if not math.isfinite(losses[-1]):   # diverged: nothing to test, and the lr choice skips it (best_runs)
         return {**record, "diverged_at": len(losses), "final_loss": None, "val_token_acc": None, "val_loss": None,
-                "metrics": {}, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2)}
+                "metrics": {}, **times()}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
-    val = test(stages(spec["train"])[-1][1], seed=10_000 + spec["seed"])
+    val = test(trained, seed=10_000 + spec["seed"])
     metrics = {}
     deep = spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1)
     for L in spec["test"]:   # HRM and the looped Transformer: also against test-time depth, on the same examples
@@ -629,8 +578,7 @@ def run_one(spec):
         if deep:
             metrics[str(L)]["by_segments"] = {str(s): test(L, batches=batches, segments=s)
                                               for s in spec["test_segments"]}
-    return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - start, 2),
+    return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]), **times(),
             "val_token_acc": val["token_acc"], "val_loss": val["loss"], "metrics": metrics}
 
 
@@ -644,23 +592,20 @@ def usable_cores():
 
 
 def cpu_threads(workers):
-    """torch threads per worker on a CPU: workers x threads never exceeds the cores, and no worker gets more threads
-    than this process has (torch's default, or OMP_NUM_THREADS: README, "Threads"), since threads that wait for
-    busy cores spin and slow everything down."""
+    """torch threads per worker: never more in all than the cores, nor more than this process has (README,
+    "Threads"), since threads waiting for busy cores spin and slow everything down."""
     return max(1, min(usable_cores() // workers, torch.get_num_threads()))
 
 
 def slow_first(spec):
-    """Scheduling order: the slowest runs first (the grids, then the models with loops inside a step), so that
-    no long run starts last and keeps the others waiting."""
+    """Scheduling order: the grids, then the models with loops inside a step, so no long run starts last."""
     return (spec["task"] not in ("maze", "sudoku"),
             spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle"))
 
 
 def worker_start(parent):
-    """Each worker process's first act. It ignores Ctrl-C: the main process gets it (the terminal sends it to all),
-    stops the workers and keeps every finished run. And it ends as soon as the main process is gone, however that
-    ended (kill -9 included), rather than finish its run for no one and then idle: a thread looks every second."""
+    """Each worker process ignores Ctrl-C (the main process stops the workers and keeps every finished run), and
+    ends as soon as the main process is gone, however it ended (kill -9 included)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
@@ -674,26 +619,19 @@ STOP = threading.Event()   # set when run_all is stopped: its threads (not proce
 
 
 def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None, threads=False):
-    """Run the specs (work(spec): run_one unless told, or --scale's read_cell), `workers` at a time: in this
-    process (one worker) or in a pool of processes (or of threads: `threads`), each run on the device with the
-    fewest runs in flight.
-    on_done(record) stores a finished run and returns the runs it unlocks (a cell's other seeds once its lr sweep
-    is done), which join the queue at once: no phase waits for the one before. A run starts only if claim(spec) says so
-    (`Store.claim`: not one that another command on the same folder has stored or is training); the others are
-    left out."""
+    """Run work(spec) (run_one unless told) for every spec that claim(spec) allows (`Store.claim`), `workers` at a
+    time: here (one worker) or in a pool of processes (or of threads), each on the device with the fewest in flight.
+    on_done(record) stores a result and returns the runs it unlocks, which join the queue at once."""
     work = work or run_one                                         # (looked up now: a test may replace it)
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
-    # On a GPU too: each worker's torch threads (its host work: batches, copies) share the cores with the others'.
-    # (On two H200s, with 8 workers of 32 threads on 32 cores and the second GPU's runs capturing on the first,
-    # no run finished in 9 minutes; this and `set_device` in run_one, fixed together, ran the preset in 7.)
+    # On a GPU too, each worker's host threads share the cores (8 workers of 32 threads on 32 cores stalled 2 GPUs)
     cpu = None if threads else cpu_threads(workers)   # (threads share this process's torch threads)
     pool = None
     if workers > 1 and threads:
         pool = ThreadPoolExecutor(workers)
     elif workers > 1:
-        # A worker stopped mid-run cannot unregister its queue semaphores, so the resource-tracker process (started
-        # with the pool, taking our warning filters) would warn about them at exit; they are released all the same.
+        # a worker stopped mid-run leaves its queue's semaphores to the resource tracker, which would warn at exit
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_start,
                                    initargs=(os.getpid(),))
@@ -732,8 +670,8 @@ def run_all(specs, workers, devices, on_done, claim=lambda spec: True, work=None
 
 
 def git_commit():
-    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set: a copy of the working
-    tree on a rented GPU may have no history, or a stale one."""
+    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set (a copied working tree may
+    have no history, or a stale one)."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
@@ -746,8 +684,7 @@ def git_commit():
 
 
 def save_json(path, obj):
-    """Write to a temporary file of this process, then rename: a killed process never leaves a half-written file,
-    and two processes never write the same temporary file."""
+    """Write a temporary file of this process, then rename: never a half-written file, never two writers of one."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -755,8 +692,8 @@ def save_json(path, obj):
 
 
 def run_problem(run):
-    """What is wrong with a stored run of this protocol, in a few words, or None. A result the report reads must have
-    its type and range: a hand-edited accuracy of 1.5 would print as such, a metrics list would crash the report."""
+    """What is wrong with a stored run of this protocol, in a few words, or None: every result the report reads must
+    have its type and range (a hand-edited accuracy of 1.5 would print as such, a list would crash the report)."""
     number = lambda v: type(v) in (int, float) and math.isfinite(v)                    # noqa: E731 (not a bool)
     share = (lambda v: v is None or number(v) and 0 <= v <= 1, "an accuracy in [0, 1] or null")
     loss = (lambda v: v is None or type(v) in (int, float) and not v < 0, "a loss >= 0 or null")   # (nan: overflow)
@@ -795,10 +732,9 @@ def run_problem(run):
 
 
 def load_runs(path, preset, fresh):
-    """The stored runs of `path`, checked, and the commands that trained them (meta.commands: each one's wall time,
-    runs, commit), so that a preset run in several resumed commands reports the time of them all. With fresh, the
-    old file is kept under a new name and none are used. A file that is not a results file of this preset stops
-    the command with one line saying what to do."""
+    """The stored runs of `path`, checked, and the commands that trained them (meta.commands: wall time, runs,
+    commit of each). With fresh, the old file is kept under a new name and none are used. A file that is not a
+    results file of this preset stops the command with one line saying what to do."""
     if not os.path.exists(path):
         return {}, []
     if fresh:
@@ -831,7 +767,6 @@ def load_runs(path, preset, fresh):
 
 
 def alive(pid):
-    """Whether process `pid` of this machine is still running."""
     try:
         os.kill(pid, 0)                      # signal 0 only asks
     except ProcessLookupError:
@@ -842,13 +777,11 @@ def alive(pid):
 
 
 class Store:
-    """A preset's results file, <out>/<preset>.json, shared by every command that points --out at its folder: none
-    drops a run another stored, and none trains a run another is training.
-      - Every read-and-write holds a lock (fcntl.flock on <preset>.json.lock, which the kernel releases however its
-        holder ends) and writes the runs on disk merged with those this command trained.
-      - The lock file lists the runs being trained, each with the process that claimed it. A command trains a run
-        only once it has claimed it, and leaves a run that another live process claimed to that one (`main` waits
-        for it to be stored). Processes are told apart by their ids: the commands must run on one machine."""
+    """A preset's results file, <out>/<preset>.json, shared by every command whose --out is its folder: none drops a
+    run another stored, none trains a run another is training. Every read-and-write holds a lock (fcntl.flock on
+    <preset>.json.lock, released by the kernel however its holder ends) and merges the runs on disk with this
+    command's. The lock file lists the runs being trained and the process of each; a command trains only what it
+    claimed, and waits for what another live process claimed. (Process ids: the commands must share a machine.)"""
 
     def __init__(self, path, preset, fresh):
         self.path, self.preset, self.mine = path, preset, {}    # mine: the runs this command trained
@@ -884,8 +817,7 @@ class Store:
             return {k: pid for k, pid in claims.items() if pid != os.getpid()}
 
     def claim(self, spec):
-        """Whether this command should train `spec` now, claiming it if so: not when another command has stored it
-        meanwhile, nor when another live process is training it."""
+        """Claim `spec` and say True, unless another command has stored it or a live process is training it."""
         key = run_key(spec)
         with self.locked() as claims:
             self.merge()
@@ -895,8 +827,7 @@ class Store:
             return True
 
     def save(self, results, record=None):
-        """Write `results` (its "runs" are self.runs) with `record`, a run this command has just trained, merged with
-        what is on disk; the run's claim is given up."""
+        """Write `results` (its "runs" are self.runs) with `record`, a run just trained, merged with the disk's."""
         with self.locked() as claims:
             if record is not None:
                 self.mine[run_key(record)] = record
@@ -909,17 +840,16 @@ class Store:
             save_json(self.path, {**results, "runs": self.runs})
 
     def release(self):
-        """Give up this process's claims on the runs it did not finish (stopped): other commands may train them."""
+        """Give up this process's claims on the runs it did not finish: other commands may train them."""
         with self.locked() as claims:
             for key in [k for k, pid in claims.items() if pid == os.getpid()]:
                 del claims[key]
 
 
 class Schedule:
-    """The runs a command owes: the lr sweep of every cell (and of every dial size) first, on the first seed; a
-    cell's other seeds once its sweep is all stored, at the lr the sweep chose (none when every lr diverged; a dial
-    size has none). `finished` stores a run as it comes and returns the runs it unlocks, so no phase waits for
-    the one before."""
+    """The runs a command owes: every cell's (and dial size's) lr sweep on the first seed; a cell's other seeds once
+    its sweep is stored, at the lr it chose (none when every lr diverged). `finished` stores a run and returns the
+    runs it unlocks, so no phase waits for the one before."""
 
     def __init__(self, command, store, results, this):
         self.command, self.store, self.results, self.this = command, store, results, this
@@ -928,7 +858,6 @@ class Schedule:
             self.sweeps.setdefault(dial_cell(s), []).append(s)
 
     def done(self, spec):
-        """Whether a stored run has the whole spec."""
         return same_spec(self.store.runs.get(run_key(spec)), spec)
 
     def follow_ups(self, cell, lr):
@@ -948,8 +877,7 @@ class Schedule:
         return [s for s in self.owed() if not self.done(s)]
 
     def finished(self, record):
-        """Store a run this command trained (its count and wall time with it); the runs it unlocks: the cell's
-        other seeds, when it was the last of the cell's sweep."""
+        """Store a run this command trained; the cell's other seeds, when it was the last of the cell's sweep."""
         record["commit"] = self.results["meta"]["commit"]
         self.n_run += 1
         self.this.update(wall_time_s=round(time.time() - self.start, 1), runs_run=self.n_run)
@@ -961,16 +889,16 @@ class Schedule:
         """One line: the runs reused, those to train now, and those owed once their cells' sweeps are stored."""
         owed = self.owed()
         stale = sum(run_key(s) in self.store.runs and not self.done(s) for s in owed)
-        later = sum(len(self.follow_ups(cell, None)) for cell in self.sweeps if not all(map(self.done,
-                                                                                            self.sweeps[cell])))
+        later = sum(len(self.follow_ups(cell, None)) for cell, sweep in self.sweeps.items()
+                    if not all(map(self.done, sweep)))
         return (f"{sum(map(self.done, owed))} stored runs reused, {sum(not self.done(s) for s in owed)} to train now"
                 + (f" ({stale} because their settings differ from the stored ones)" if stale else "")
                 + (f", {later} more once their cells' lr sweeps are done" if later else ""))
 
 
 def train_owed(schedule, workers, devices):
-    """Train every run the schedule owes, then those that other commands on the same folder claimed meanwhile
-    and left unfinished; a run another live command is training is waited for, never trained twice."""
+    """Train every run the schedule owes, then those other commands on the folder claimed and left unfinished; a run
+    another live command is training is waited for, never trained twice."""
     todo, told = schedule.todo(), False
     while todo:
         run_all(todo, workers, devices, schedule.finished, schedule.store.claim)
@@ -1011,8 +939,8 @@ def md_table(header, rows):
 
 
 def table(panels, first=("model",)):
-    """One row per label (a tuple label fills the first columns), a column per x of each panel, named by the
-    panel's `names` or as title@x; a row with no value anywhere is left out."""
+    """A row per label (a tuple fills the first columns), a column per x of each panel (its `names`, or title@x);
+    rows with no value are left out."""
     header = list(first) + [n for p in panels for n in p.get("names") or [f"{p['title']}@{x}" for x in p["xs"]]]
     rows = []
     for label in dict.fromkeys(label for p in panels for label in p["lines"]):
@@ -1040,8 +968,8 @@ def short(n):
 
 
 def plot(path, panels, title=None):
-    """Panels side by side, a log x axis unless a panel says otherwise. One colour per model in every figure;
-    a model's second and later lines in a panel get other dash styles. Dotted verticals at a panel's `marks`."""
+    """Panels side by side, log x unless a panel says otherwise; a colour per model in every figure, other dashes
+    for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
     panels = [p for p in panels if any(not math.isnan(mean(v)) for values in p["lines"].values() for v in values)]
     plt = pyplot()
     if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
@@ -1301,24 +1229,31 @@ def bench_row(name, T, device, size, vocab_size=32, batch=1):
 STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
 
 
-def step_row(name, t, preset, device, graphs, steps=(5, 105)):
-    """ms per optimiser step of `train` (sampling, forward, backward, clipping, AdamW) for model `name` on task t
-    at the preset's size, batch and longest training length: the time of steps[1] steps less that of steps[0]
-    steps, over the difference, so one-off costs (building the optimiser, capturing the graphs) cancel."""
+def train_seconds(name, t, preset, device, counts, graphs=True, ready=lambda: None):
+    """Seconds of `train` for each number of steps in `counts`, model `name` on task t at the preset's size, batch and
+    longest training length, after an untimed call of a few steps (lazy initialisations); ready() before each timed
+    call. Also returns the last model."""
     b = preset["tasks"][t]
-    task = tasks.TASKS[t](**b.options)
-    options = model_config(preset, t, name)
-    L = stages(b.train)[-1][1]
-    seconds = []
-    for n in (steps[0],) + tuple(steps):          # the first, untimed, warms up (lazy initialisations)
+    task, L, seconds = tasks.TASKS[t](**b.options), stages(b.train)[-1][1], []
+    for i, n in enumerate([min(5, counts[0]), *counts]):
         torch.manual_seed(0)
-        model = build_model(name, task.vocab_size, **options)
+        model = build_model(name, task.vocab_size, **model_config(preset, t, name))
+        if i:
+            ready()
         start = time.perf_counter()
         train(model, task, n, preset["batch_size"], 1e-3, [L, L], device, graphs=graphs)   # returns after a sync
         seconds.append(time.perf_counter() - start)
-    tokens = task.sample(1, L, 0)[0].shape[1]
+    return seconds[1:], model
+
+
+def step_row(name, t, preset, device, graphs, steps=(5, 105)):
+    """ms per optimiser step of `train` (sampling, forward, backward, clipping, AdamW): the time of steps[1] steps
+    less that of steps[0], over the difference, so one-off costs (the optimiser, graph captures) cancel."""
+    (short, long), model = train_seconds(name, t, preset, device, steps, graphs)
+    L = stages(preset["tasks"][t].train)[-1][1]
+    tokens = tasks.TASKS[t](**preset["tasks"][t].options).sample(1, L, 0)[0].shape[1]
     return dict(model=name, task=t, length=L, tokens=tokens, batch=preset["batch_size"], params=n_params(model),
-                graphs=graphs, ms_per_step=(seconds[2] - seconds[1]) * 1e3 / (steps[1] - steps[0]))
+                graphs=graphs, ms_per_step=(long - short) * 1e3 / (steps[1] - steps[0]))
 
 
 def step_bench(command, meta):
@@ -1349,20 +1284,9 @@ def step_bench(command, meta):
 
 
 def sharing_worker(m, t, device, steps, threads, barrier, results):
-    """One of shared_rate's processes: warm up, wait for the others, train `steps` steps, report the seconds."""
+    """One of shared_rate's processes: train `steps` steps once all are warmed up, and report the seconds."""
     torch.set_num_threads(threads)
-    preset = PRESETS["full"]
-    b = preset["tasks"][t]
-    task = tasks.TASKS[t](**b.options)
-    L = stages(b.train)[-1][1]
-    for n in (5, steps):                     # the first call warms up (CUDA's lazy initialisations)
-        torch.manual_seed(0)
-        model = build_model(m, task.vocab_size, **model_config(preset, t, m))
-        if n == steps:
-            barrier.wait(timeout=600)
-            start = time.perf_counter()
-        train(model, task, n, preset["batch_size"], 1e-3, [L, L], device)
-    results.put(time.perf_counter() - start)
+    results.put(train_seconds(m, t, PRESETS["full"], device, [steps], ready=lambda: barrier.wait(timeout=600))[0][0])
 
 
 def shared_rate(n, m, t, device, steps=300):
@@ -1430,9 +1354,7 @@ def bench(command, meta):
 
 
 SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
-    lengths=dict(flipflop=[16_384, 131_072, 1_048_576, 11_000_000],
-                 babilong_qa1=[16_384, 131_072, 1_048_576, 11_000_000],
-                 babilong_qa2=[16_384, 131_072, 1_048_576, 11_000_000]),
+    lengths=dict.fromkeys(["flipflop", "babilong_qa1", "babilong_qa2"], [16_384, 131_072, 1_048_576, 11_000_000]),
     examples=dict(flipflop=1, babilong_qa1=64, babilong_qa2=64),   # streams read side by side (flip-flop scores
                                                   # ~T/10 reads in each, BABILong one answer per stream)
     piece=16_384,            # tokens per `stream` call and per generated piece: the host never holds more
@@ -1445,13 +1367,11 @@ def tensors(tree):
 
 
 class StreamGraphs:
-    """A model's `stream` on CUDA without gradients, each run of `span` tokens (after the first, which fixes the
-    state's shapes) replayed from a CUDA graph captured on first use, one per shape and dtype of the tokens and the
-    state and the autocast setting: one launch instead of the thousands that RMT's loop over segments and Titans'
-    over chunks make, where launching costs more than the GPU's work at this size. `span` is a multiple of RMT's
-    segment and of Titans' chunk, so the pieces give what one call gives. The graphs hold the addresses of the
-    weights: make new ones after moving the model. (The model is an argument, not kept:
-    `STREAM_GRAPHS` keeps a model's graphs only while the model lives.)"""
+    """A model's `stream` on CUDA without gradients, each `span` of tokens after the first (which fixes the state's
+    shapes) replayed from a CUDA graph, one per shape, dtype and autocast setting: one launch instead of the
+    thousands of RMT's loop over segments and Titans' over chunks, which cost more than the GPU's work at this size.
+    `span` is a multiple of the segment and the chunk, so the pieces give what one call gives. The graphs hold the
+    weights' addresses: make new ones after moving the model (`STREAM_GRAPHS` keeps them while the model lives)."""
 
     def __init__(self, span):
         self.span, self.graphs = span, {}
@@ -1486,12 +1406,11 @@ GRAPH_SPAN = {rmt.RMT: "segment_len", titans.Titans: "chunk_size"}   # a replay 
 
 @torch.no_grad()
 def scale_read(model, task, length, batch, piece, device, seed, shared=False):
-    """Read `batch` test streams of `length` tokens, made piece by piece by `task.pieces`: recurrent models call
-    `model.stream` on each piece with the state carried, attention reads the whole sequence in one call.
-    Returns token accuracy, scored positions, exact match per stream and, where the task gives depths (BABILong),
-    exact match in four bins of the deciding fact's depth; tokens per second of model time (all streams
-    together) and the peak GPU memory in MiB (None on CPU): this read's, or with `shared` (other threads reading
-    on the same GPU) the GPU's since the reading began, all readers together."""
+    """Read `batch` test streams of `length` tokens made piece by piece (`task.pieces`): recurrent models `stream`
+    each piece with the state carried, attention reads the whole sequence in one call. Returns token accuracy,
+    scored positions, exact match per stream (and by the deciding fact's depth, where the task gives it), tokens
+    per second of model time, and peak GPU MiB (None on CPU): this read's, or with `shared` (other threads reading
+    on the GPU) the GPU's since the reading began."""
     if not shared:
         peak_mib(device, start=True)
     pieces = task.pieces(batch, length, piece, seed, device)
@@ -1535,58 +1454,51 @@ def wilson(p, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def read_lengths(spec, trained):
-    """read_cell's reading, on the current CUDA stream."""
-    device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
-    cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
-    task = tasks.TASKS[t](**run["task_options"])
-    model = build_model(m, task.vocab_size, **run["model_options"])
-    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
-    model.to(device).eval()
-    batch, last, rows = SCALE["examples"][t], None, []
-    scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up, graphs
-    for L in spec["lengths"]:
-        row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
-                   weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: see read_streams
-        predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
-        if not hasattr(model, "stream") and predicted > cap:
-            row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
-        else:
-            try:
-                row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared), shared=shared)
-                last = (L, batch * L / row["tokens_per_s"])              # unrounded: row["seconds"] has 10 ms steps
-            except torch.OutOfMemoryError:
-                row["wall"] = "out of memory"
-        rows.append(row)
-        if row.get("wall"):
-            break                                                  # longer lengths would hit it too
-    return rows
-
-
 def read_cell(spec):
     """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall;
-    returns its rows. A worker of `read_streams`, like run_one for training."""
+    returns its rows. A worker of `read_streams`, as run_one is of training."""
     device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
+    cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
     trained = stages(run["train"])[-1][1]
     if run.get("diverged_at") is not None:                        # every lr diverged: nothing to read with
         return [dict(model=m, task=t, length=trained, trained=trained, batch=0, state_floats=None,
                      wall="every learning rate diverged in training")]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-        with torch.cuda.stream(torch.cuda.Stream(device)):   # a stream of its own: the GPU runs the cells' kernels
-            return read_lengths(spec, trained)   # side by side (threads of one process)
-    return read_lengths(spec, trained)
+    task = tasks.TASKS[t](**run["task_options"])
+    model = build_model(m, task.vocab_size, **run["model_options"])
+    model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
+    model.to(device).eval()
+    batch, last, rows = SCALE["examples"][t], None, []
+    # on a GPU, a CUDA stream of its own: the cells' kernels run side by side (threads of one process)
+    with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
+        scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up
+        for L in spec["lengths"]:
+            row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
+                       weights=run["weights"], trained_in=run.get("train_time_s"))   # which training: read_streams
+            predicted = last[1] * (L / last[0]) ** 2 if last else 0          # attention: time grows as T^2
+            if not hasattr(model, "stream") and predicted > cap:
+                row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
+            else:
+                try:
+                    row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared), shared=shared)
+                    last = (L, batch * L / row["tokens_per_s"])          # unrounded: row["seconds"] has 10 ms steps
+                except torch.OutOfMemoryError:
+                    row["wall"] = "out of memory"
+            rows.append(row)
+            if row.get("wall"):
+                break                                              # longer lengths would hit it too
+    return rows
 
 
 def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
-    """--scale's second half: each trained cell (at its chosen lr) reads its test streams (`read_cell`), the cells
-    side by side in worker processes like the training runs (a stream is read one segment or chunk after another,
-    each too small to fill a GPU). A cell's rows are added to `rows` as it ends, then save(). A cell whose rows an
-    earlier command stored (`stored`: the same weights file and the same training of it, told apart by its
-    training time, the same streams and lengths, read to the last or to a wall) is not
-    read again: a stopped reading resumes, like the training; the stored rows of cells not read now are kept."""
+    """--scale's second half: each trained cell reads its test streams (`read_cell`), the cells side by side (a
+    stream is read one small segment or chunk after another, too little to fill a GPU); a cell's rows join `rows`
+    as it ends, then save(). A cell whose rows an earlier command stored (`stored`: the same weights and training
+    time, streams and lengths, read to the end or to a wall) is not read again; the rows of cells not read now stay."""
     order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(MODELS).index(c[0]))))}
 
     def done(cell_rows):   # the rows kept by task, then model, then length, whichever cell ends first
@@ -1645,8 +1557,8 @@ def streams_report(rows):
                                   for x in panel["xs"]] for m in panel["lines"]}
         panels.append(panel)
     together = ", all readers" if any(r.get("shared") for r in rows) else ""
-    panels.append(dict(title=f"peak GPU memory ({task_names[0]}{together})", xlabel="test length (tokens)", ylabel="MiB",
-                       yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
+    panels.append(dict(title=f"peak GPU memory ({task_names[0]}{together})", xlabel="test length (tokens)",
+                       ylabel="MiB", yscale="log", **series(rows, "peak_mib", task=task_names[0])))   # (none on a CPU)
     deep = [r for r in rows if r.get("by_depth")]
     depth_table = ["### Exact match by the depth of the deciding fact (streams in each quarter)", "", md_table(
         ["model", "task", "length", "0-25%", "25-50%", "50-75%", "75-100%"],
@@ -1657,14 +1569,11 @@ def streams_report(rows):
         "## Streams: read with the weights trained above (" + ", ".join(
             f"{t} at <= {n:,} tokens" for t, n in trained.items()) + ")", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
-        f"sequence in one call until a call is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or"
-        " runs out of memory. The cells read side by side (on GPUs, threads of one process, each on a CUDA stream of "
-        "its own; on a CPU, worker processes), so tokens/s is each one's share of what it shares; a peak memory "
-        "marked * is its GPU's since the reading began, all the cells reading on it together. Accuracy is over the scored"
-        " positions (one per BABILong stream, so its 95% Wilson "
-        "interval is over the streams; flip-flop's reads in one stream are not independent, so its interval is "
-        "too narrow). tokens/s counts model time only, for all the sequences of a cell read side by side (batch);"
-        " peak memory is the GPU's, weights included (- on a CPU).", "",
+        f"sequence in one call until one is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or "
+        "runs out of memory. The cells read side by side, so tokens/s (model time, all of a cell's sequences) is each "
+        "one's share; peak memory includes the weights, and * marks its GPU's, all cells on it together (- on a CPU). "
+        "Accuracy is over scored positions: one per BABILong stream, so its 95% Wilson interval is over the streams; "
+        "flip-flop's reads in one stream are not independent, so its interval is too narrow.", "",
         md_table(["model", "task", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s", "peak MiB",
                   "state floats"], [cells(r) for r in rows]), ""] + depth_table), panels
 
@@ -1702,10 +1611,9 @@ def positive(s):
 
 
 class LiveBytes(TorchDispatchMode):
-    """While active, counts the bytes of every tensor that an op makes for as long as the tensor lives, and keeps
-    the peak: the memory a piece of code needs, on any device (a CPU has no peak-memory counter of its own). An op
-    whose result is a view or one of its inputs (in place) makes no new memory. The op after the first max_ops
-    raises LiveBytes.TooLong."""
+    """While active, keeps the peak of the bytes of the tensors that ops made and that still live: the memory a piece
+    of code needs on any device (a CPU has no peak counter). Views and in-place results make none. The op after the
+    first max_ops raises LiveBytes.TooLong."""
 
     class TooLong(Exception):
         pass
@@ -1734,12 +1642,10 @@ class LiveBytes(TorchDispatchMode):
 
 
 def eval_bytes(model, tokens, device, max_ops=5000):
-    """About the memory `evaluate` needs to read one sequence of `tokens` tokens with `model`: LiveBytes counts its
-    forward at 1,024 tokens, then on fake tensors (shapes without data: no arithmetic, no memory) at 4x, 16x, ...,
-    up to `tokens`. Counted rather than scaled, because some models need more than linear memory (the SSM's
-    chunk-to-chunk decays are (T / chunk)^2 a head). A model that loops in Python over its segments (RMT, Titans)
-    runs more ops the longer the sequence, and fake tensors are slow: past max_ops in a forward, the longest length
-    counted is scaled linearly, as such a model carries a state of fixed size from one segment to the next."""
+    """About the memory `evaluate` needs to read one sequence of `tokens` tokens: LiveBytes counts the forward at
+    1,024 tokens, then on fake tensors (shapes without data) at 4x, 16x, ... up to `tokens`; counted, not scaled,
+    since the SSM's chunk-to-chunk decays grow as (T / chunk)^2. Past max_ops in a forward (RMT's and Titans' Python
+    loops over segments), the longest count is scaled linearly: such a model carries a fixed-size state."""
     n, counted = min(1024, tokens), None
     while counted is None or counted[0] < tokens:
         try:
@@ -1764,9 +1670,8 @@ def device_bytes(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-SEEDS = 2 ** 32        # seeds are 0 .. 2**32 - 1: every generator seed made from one (1_000_003 * seed + 1) fits
-LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt in these budgets; above,
-                        # one step is larger than the weights themselves
+SEEDS = 2 ** 32         # seeds are 0 .. 2**32 - 1, so every generator seed made from one fits
+LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt; above, steps outgrow weights
 
 
 @dataclass(frozen=True)
@@ -1927,9 +1832,7 @@ def main(argv=None):
     this = dict(id=f"{os.getpid()}@{time.time_ns()}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
                 device_name=meta["device_name"])
     meta["commands"] = store.commands + [this]   # this command's entry is kept up to date with each run
-    # A training step replayed from CUDA graphs keeps a GPU busy on its own (--bench: the steps per second of 1 to 16
-    # processes sharing one are the same), so a few runs per GPU suffice; they overlap the evaluations, which are not
-    # graphed, and the host work.
+    # graphed training keeps a GPU busy alone (--bench's sharing table), so a few runs a GPU overlap the host work
     cores = usable_cores()   # never more workers than cores, whatever --workers asks (it says so)
     meta["workers"] = workers = min(command.workers or (4 * len(devices) if cuda else 4), cores)
     capped = (f" (--workers {command.workers} is capped at the {cores} CPU cores)"
