@@ -1551,7 +1551,7 @@ def streams_report(rows):
                      chance=1 / task.n_places if hasattr(task, "n_places") else 0.5,
                      ylabel="accuracy (band: 95% interval)", marks=[(r["length"], r["model"]) for r in rows
                                                                    if r["task"] == t and r.get("wall")],
-                     **series(rows, "token_acc", task=t), **ACCURACY)
+                     mark_label="wall", **series(rows, "token_acc", task=t), **ACCURACY)
         read = {(r["model"], r["length"]): r for r in rows if r["task"] == t and not r.get("wall")}
         panel["intervals"] = {m: [wilson(read[m, x]["token_acc"], read[m, x]["scored"]) if (m, x) in read else None
                                   for x in panel["xs"]] for m in panel["lines"]}
@@ -1873,9 +1873,11 @@ def main(argv=None):
         f.write(text)
     print(text)
     made = collections.Counter(f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs)   # not this command's
+    title = "; ".join(f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common())
+    if command.scale:
+        title = f"trained on {title}; read on {meta['device_name']}, commit {meta['commit']}"
     for name, panels in figures.items():
-        plot(os.path.join(command.out, f"{command.preset}_{name}.png"), panels, "; ".join(
-            f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common()))
+        plot(os.path.join(command.out, f"{command.preset}_{name}.png"), panels, title)
     return 0
 
 

@@ -665,6 +665,28 @@ def test_stream_graphs_in_threads_read_what_the_eager_stream_reads(monkeypatch):
         torch.testing.assert_close(out[name], eager[name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+def test_read_streams_on_a_gpu_reads_its_cells_as_threads(tmp_path):
+    """--scale's reading on CUDA end to end: three cells at once, as threads of this process on their own streams,
+    give each cell's rows, marked as sharing the GPU; alone, a cell scores the same positions. (Their accuracies
+    may differ in a few tokens of untrained models whose logits nearly tie: the streams' cuBLAS workspaces differ.)"""
+    cells = {}
+    for m in ("rmt", "titans", "ssm"):
+        torch.manual_seed(0)
+        torch.save(compare.build_model(m, 5, d_model=32, n_layers=2).state_dict(), tmp_path / f"{m}.pt")
+        cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=32, n_layers=2), weights=f"{m}.pt",
+                                     train=[32, 64], diverged_at=None)]
+    together, alone = [], []
+    compare.read_streams(cells, [20_000, 40_000], 4, ["cuda"], str(tmp_path), together, lambda: None)
+    compare.read_streams({("rmt", "flipflop"): cells["rmt", "flipflop"]}, [20_000, 40_000], 4, ["cuda"],
+                         str(tmp_path), alone, lambda: None)
+    assert sorted((r["model"], r["length"], r["shared"]) for r in together) == sorted(
+        (m, L, True) for m in ("rmt", "titans", "ssm") for L in (20_000, 40_000))
+    rmt = [r for r in together if r["model"] == "rmt"]
+    assert [r["scored"] for r in rmt] == [r["scored"] for r in alone] and not alone[0]["shared"]
+    assert all(abs(a["token_acc"] - b["token_acc"]) < 0.05 for a, b in zip(rmt, alone))
+
+
 def test_threads_of_run_all_stop_when_it_is_stopped():
     """Threads cannot be killed like worker processes: when one run raises (Ctrl-C reaches the main thread), run_all
     sets STOP, which the others see at their next piece, waits for them, and clears it for the next command."""
