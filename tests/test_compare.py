@@ -677,8 +677,8 @@ def test_read_streams_on_a_gpu_reads_its_cells_as_threads(tmp_path):
         cells[m, "flipflop"] = [dict(task_options={}, model_options=dict(d_model=32, n_layers=2), weights=f"{m}.pt",
                                      train=[32, 64], diverged_at=None)]
     together, alone = [], []
-    compare.read_streams(cells, [20_000, 40_000], 4, ["cuda"], str(tmp_path), together, lambda: None)
-    compare.read_streams({("rmt", "flipflop"): cells["rmt", "flipflop"]}, [20_000, 40_000], 4, ["cuda"],
+    compare.read_streams(cells, [20_000, 40_000], 4, ["cuda:0"], str(tmp_path), together, lambda: None)
+    compare.read_streams({("rmt", "flipflop"): cells["rmt", "flipflop"]}, [20_000, 40_000], 4, ["cuda:0"],
                          str(tmp_path), alone, lambda: None)
     assert sorted((r["model"], r["length"], r["shared"]) for r in together) == sorted(
         (m, L, True) for m in ("rmt", "titans", "ssm") for L in (20_000, 40_000))
