@@ -107,7 +107,9 @@ def capture(fn, inputs, device, pool=None, undo=None):
         torch.cuda.current_stream().wait_stream(side)
         if undo:
             undo()
-        graph = torch.cuda.CUDAGraph()   # thread_local: what other threads do meanwhile is no part of this graph
+        # Only kernels launched on the capture stream join the graph; thread_local keeps other threads' unsafe calls
+        # meanwhile (a synchronise, a cudaMalloc) from spoiling the capture. (Entering the capture waits for the GPU.)
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool, stream=side_stream(device, "capture"), capture_error_mode="thread_local"):
             outputs = fn(*inputs)
     return graph, outputs
@@ -1122,21 +1124,18 @@ def report(runs, meta, task_names, model_names):
                   ""]
         paths = [v.get("by_path", {}) for _, rs in cells[t] for r in rs for v in r["metrics"].values()]
         xs = sorted({int(b) for bins in paths for b in bins})
-        if not xs:   # (Sudoku is graded by its test lengths, the rounds of singles, already)
-            continue
-
-        def pooled(r, b):   # a run's exact match on the paths of bin b, its test sizes together (None: no such path)
-            if r.get("diverged_at") is not None:
-                return DIVERGED
-            bins = [v["by_path"][b] for v in r["metrics"].values() if b in v.get("by_path", {})]
-            return sum(e * n for e, n in bins) / sum(n for _, n in bins) if bins else None
-        figures.setdefault("depth", []).append(dict(
-            title=f"{t}: exact match against path length", xs=xs, xscale="linear", ylabel="exact match",
-            xlabel=f"squares on the S-G path (bins of {PATH_BIN}, from the value shown)", **ACCURACY,
-            names=[f"{b}-{b + PATH_BIN - 1}" for b in xs],
-            lines={m: [[pooled(r, str(b)) for r in rs] for b in xs] for m, rs in cells[t]}))
-        parts += [f"## {t}: exact match against path length (squares from S to G, both included; all test sizes)", "",
-                  table(figures["depth"][-1:]), ""]
+        if xs:   # the maze by path length, one line per model and size: pooled over sizes, the mix of sizes in each
+            # bin would make the trend (larger mazes have longer paths). (Sudoku's test lengths are its depths.)
+            low = cells[t][0][1][0]["task_options"].get("min_path", 0)   # no shorter path is ever drawn
+            lines = {(m, size(L)): [[DIVERGED if r.get("diverged_at") is not None else
+                                     r["metrics"][str(L)].get("by_path", {}).get(str(b), [None])[0] for r in rs]
+                                    for b in xs] for m, rs in cells[t] for L in rs[0]["test"]}
+            figures.setdefault("depth", []).append(dict(
+                title=f"{t}: exact match against path length", xs=xs, xscale="linear", ylabel="exact match",
+                xlabel=f"squares on the S-G path (bins of {PATH_BIN}, from the value shown)", **ACCURACY,
+                names=[f"{max(b, low)}-{b + PATH_BIN - 1}" for b in xs], lines=lines))
+            parts += [f"## {t}: exact match against path length (squares from S to G, both included)", "",
+                      table(figures["depth"][-1:], first=("model", "size")), ""]
     quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
                     ylabel="exact match", **ACCURACY)
     for t in [t for t in sequence_tasks if any("by_depth" in v for _, rs in cells[t] for r in rs
@@ -1249,11 +1248,11 @@ def train_seconds(name, t, preset, device, counts, graphs=True, ready=lambda: No
 def step_row(name, t, preset, device, graphs, steps=(5, 105)):
     """ms per optimiser step of `train` (sampling, forward, backward, clipping, AdamW): the time of steps[1] steps
     less that of steps[0], over the difference, so one-off costs (the optimiser, graph captures) cancel."""
-    (short, long), model = train_seconds(name, t, preset, device, steps, graphs)
+    (few, many), model = train_seconds(name, t, preset, device, steps, graphs)
     L = stages(preset["tasks"][t].train)[-1][1]
     tokens = tasks.TASKS[t](**preset["tasks"][t].options).sample(1, L, 0)[0].shape[1]
     return dict(model=name, task=t, length=L, tokens=tokens, batch=preset["batch_size"], params=n_params(model),
-                graphs=graphs, ms_per_step=(long - short) * 1e3 / (steps[1] - steps[0]))
+                graphs=graphs, ms_per_step=(many - few) * 1e3 / (steps[1] - steps[0]))
 
 
 def step_bench(command, meta):
@@ -1359,6 +1358,8 @@ SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
                                                   # ~T/10 reads in each, BABILong one answer per stream)
     piece=16_384,            # tokens per `stream` call and per generated piece: the host never holds more
     attention_cap_s=30.0)    # attention stops at the first length whose one call would take longer (predicted)
+READERS = 8   # cells read at once on one GPU, as threads (a cap, not tuned: the 12 cells of --scale read in 475 s on
+              # one H200, little more than the slowest cell, Titans, spent reading)
 
 
 def tensors(tree):
@@ -1473,8 +1474,12 @@ def read_cell(spec):
     model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
     model.to(device).eval()
     batch, last, rows = SCALE["examples"][t], None, []
-    # on a GPU, a CUDA stream of its own: the cells' kernels run side by side (threads of one process)
-    with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
+    # On a GPU, a CUDA stream of its own: the cells' kernels run side by side (threads of one process). Not the
+    # capture stream, which torch's pool of streams hands out again in turn: kernels on it would join a capture.
+    stream = torch.cuda.Stream(device) if cuda else None
+    while cuda and stream == side_stream(device, "capture"):
+        stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
         scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up
         for L in spec["lengths"]:
             row = dict(model=m, task=t, length=L, trained=trained, batch=batch, state_floats=model.state_size(L),
@@ -1522,10 +1527,14 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
         else:
             specs.append(dict(model=m, task=t, run=rs[0], lengths=want, out=out))
     # On GPUs the cells are threads of this process, each on a CUDA stream of its own, so that their kernels run at
-    # once: worker processes take turns on a GPU (four RMT readers took 3x as long as one alone). All cells at once.
+    # once: processes time-slice a GPU, their kernels never overlap (four RMT readers took 3x as long as one alone;
+    # a graphed training step fills the GPU on its own, so training loses nothing to that). Up to READERS a GPU.
     cuda = torch.device(devices[0]).type == "cuda"
-    workers = min(len(specs), 8 * len(devices)) if cuda else workers
-    specs = [dict(s, shared=cuda and workers > 1) for s in specs]
+    workers = min(len(specs), READERS * len(devices)) if cuda else workers
+    shared = cuda and workers > len(devices)          # a GPU's peak memory is then its readers' together
+    for d in devices if shared else []:
+        peak_mib(d, start=True)
+    specs = [dict(s, shared=shared) for s in specs]
     print(f"streams: {reused} cells read by an earlier command reused, {len(specs)} to read now"
           + (f", {workers} at once on {len(devices)} GPU(s)" if cuda and specs else ""))
     run_all(specs, workers, devices, done, work=read_cell, threads=cuda)
@@ -1711,7 +1720,8 @@ def parse_args(argv):
                    "task's test lengths (with --bench: the lengths measured; with --scale: the streams' lengths)")
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
     p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: 4 per GPU, "
-                   "up to 4 on a CPU; never more than the CPU cores)")
+                   "up to 4 on a CPU; never more than the CPU cores). --scale reads its streams on GPUs in threads "
+                   "instead, up to 8 a GPU")
     p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for results and plots (default: runs/)")
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
@@ -1832,7 +1842,8 @@ def main(argv=None):
     this = dict(id=f"{os.getpid()}@{time.time_ns()}", wall_time_s=0.0, runs_run=0, commit=meta["commit"],
                 device_name=meta["device_name"])
     meta["commands"] = store.commands + [this]   # this command's entry is kept up to date with each run
-    # graphed training keeps a GPU busy alone (--bench's sharing table), so a few runs a GPU overlap the host work
+    # a graphed training step keeps a GPU busy alone (--bench's sharing table: processes time-slice it), so a few
+    # runs a GPU are enough to overlap the host work
     cores = usable_cores()   # never more workers than cores, whatever --workers asks (it says so)
     meta["workers"] = workers = min(command.workers or (4 * len(devices) if cuda else 4), cores)
     capped = (f" (--workers {command.workers} is capped at the {cores} CPU cores)"
