@@ -1477,7 +1477,7 @@ def read_cell(spec):
     # On a GPU, a CUDA stream of its own: the cells' kernels run side by side (threads of one process). Not the
     # capture stream, which torch's pool of streams hands out again in turn: kernels on it would join a capture.
     stream = torch.cuda.Stream(device) if cuda else None
-    while cuda and stream == side_stream(device, "capture"):
+    while cuda and stream == side_stream(torch.device(device), "capture"):   # (the key capture() is called with)
         stream = torch.cuda.Stream(device)
     with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
         scale_read(model, task, min(2 * piece, spec["lengths"][0]), batch, piece, device, 1, shared)   # warm-up
