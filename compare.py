@@ -1534,6 +1534,7 @@ def read_streams(best, lengths, workers, devices, out, rows, save, stored=()):
     shared = cuda and workers > len(devices)          # a GPU's peak memory is then its readers' together
     for d in devices if shared else []:
         peak_mib(d, start=True)
+        side_stream(torch.device(d), "capture")       # made here, once: the readers compare their streams with it
     specs = [dict(s, shared=shared) for s in specs]
     print(f"streams: {reused} cells read by an earlier command reused, {len(specs)} to read now"
           + (f", {workers} at once on {len(devices)} GPU(s)" if cuda and specs else ""))
@@ -1725,8 +1726,8 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for results and plots (default: runs/)")
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
-    p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop and BABILong at <= 256 "
-                   "tokens), then read streams of up to 11M tokens")
+    p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, BABILong's "
+                   "qa1 and qa2 at <= 512), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
