@@ -224,7 +224,8 @@ def generate(model, prompt, n_new):
 
 def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
     """The test examples of one length (the task's knob) as (x, y, depth) batches of about max_tokens // length;
-    depth is the deciding fact's where the task gives it, else None. The same seed, the same examples."""
+    depth, where the task gives one, is the deciding fact's relative depth (BABILong) or the squares on the path (the
+    maze), else None: made once with the examples. The same seed, the same examples."""
     g = torch.Generator().manual_seed(seed)
     batch, seen = max(1, min(n_examples, max_tokens // length)), 0
     while seen < n_examples:
@@ -232,7 +233,8 @@ def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 **
         if hasattr(task, "sample_with_depth"):
             yield task.sample_with_depth(b, length, g, device)
         else:
-            yield *task.sample(b, length, g, device), None
+            x, y = task.sample(b, length, g, device)
+            yield x, y, task.path_lengths(x) if hasattr(task, "path_lengths") else None
         seen += b
 
 
@@ -263,12 +265,12 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
         row_ok = (ok.sum(1) == scored.sum(1)) & scored.any(1)   # an example with nothing scored is not a match
         right, total = right + ok.sum().item(), total + scored.sum().item()
         exact, scored_examples = exact + row_ok.sum().item(), scored_examples + scored.any(1).sum().item()
-        if depth is not None:
+        if depth is not None and hasattr(task, "sample_with_depth"):
             bins = (depth * 4).long().clamp(0, 3).cpu()
             depth_right += torch.bincount(bins[row_ok.cpu()], minlength=4)
             depth_total += torch.bincount(bins, minlength=4)
-        if hasattr(task, "path_lengths"):
-            bins = (task.path_lengths(x) // PATH_BIN * PATH_BIN).tolist()
+        elif depth is not None:   # the maze: its paths' squares
+            bins = (depth // PATH_BIN * PATH_BIN).tolist()
             path_total.update(bins)
             path_right.update(b for b, ok in zip(bins, row_ok.tolist()) if ok)
         if hasattr(task, "prompt_length"):
