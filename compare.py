@@ -1167,8 +1167,8 @@ def report(runs, meta, task_names, model_names):
     return "\n".join(parts), figures
 
 # ---------------------------------------------------------------------------------------------------------
-# Cost against length. --bench: one untrained model at a time, the time and memory of a training step and of
-# reading a whole sequence in one call. --scale: the trained models read streams of up to 11M tokens.
+# Cost against length (--bench): one untrained model at a time, the time and memory of a training step and of
+# reading a whole sequence in one call.
 # ---------------------------------------------------------------------------------------------------------
 
 def series(rows, key, **match):
@@ -1353,6 +1353,10 @@ def bench(command, meta):
                            ("train_mib", "fwd+bwd peak MiB")]], title=f"{meta['device_name']}, {meta['dtype']}")
     return 0
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Long streams (--scale): the trained models read streams of up to 11M tokens, a piece at a time
+# ---------------------------------------------------------------------------------------------------------
 
 SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
     lengths=dict.fromkeys(["flipflop", "babilong_qa1", "babilong_qa2"], [16_384, 131_072, 1_048_576, 11_000_000]),
@@ -1683,7 +1687,7 @@ def device_bytes(device):
 
 
 SEEDS = 2 ** 32         # seeds are 0 .. 2**32 - 1, so every generator seed made from one fits
-LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt; above, steps outgrow weights
+LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt; above, steps outgrow it
 
 
 @dataclass(frozen=True)
@@ -1728,8 +1732,8 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join(ROOT, "runs"), help="folder for results and plots (default: runs/)")
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
-    p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, BABILong's "
-                   "qa1 and qa2 at <= 512), then read streams of up to 11M tokens")
+    p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, "
+                   "BABILong's qa1 and qa2 at <= 512), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
