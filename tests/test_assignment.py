@@ -102,7 +102,8 @@ def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
                              cwd=dest, capture_output=True, text=True, env=env)
     assert imports.returncode == 0, imports.stderr
     # (not the bench's slow end-to-end runs: every one of them trains a model, which needs the blanked cores anyway)
-    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not slow",
+    # (--tb=line: the ~250 failures' full tracebacks took half the time; the report keeps each failure's message)
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not slow", "--tb=line",
                     f"--junitxml={tmp_path / 'r.xml'}"], cwd=dest, capture_output=True, env=env, timeout=600)
     outcome = {}
     for case in ET.parse(tmp_path / "r.xml").iter("testcase"):
