@@ -1,0 +1,148 @@
+"""The command line of compare.py: every flag checked, and each task asked whether it can make what the command
+will ask of it, before any training. Bad input stops the command with one line and exit status 2."""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import tasks
+
+SEEDS = 2 ** 32         # seeds are 0 .. 2**32 - 1, so every generator seed made from one fits
+LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt; above, steps outgrow it
+MAX_TEST_TOKENS = 2 ** 16   # evaluate's batch (max_tokens): a longer test sequence is --scale's to read in pieces
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, never a traceback
+        self.exit(2, f"compare.py: error: {message}\n")
+
+
+def csv(kind, what, ok=lambda v: True):
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]: at least one value, each ok(value), none twice."""
+    def parse(s):
+        try:
+            values = [kind(v.strip()) for v in s.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(map(ok, values)):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{twice[0]} is given twice in {s!r}; expected comma-separated {what}, "
+                                             "each once")
+        return values
+    return parse
+
+
+def positive(s):
+    """An argparse type: an integer >= 1."""
+    if not s.strip().isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return int(s)
+
+
+@dataclass(frozen=True)
+class Command:
+    """What a command asks for, its flags checked and the preset's defaults filled in (`parse_args`)."""
+    preset: str
+    models: list
+    chosen_models: bool         # --models given; else each task may name its own models (the maze)
+    tasks: list
+    seeds: list
+    lrs: list
+    steps: int | None           # None: each task's own
+    test_lengths: list | None   # None: each task's own
+    stream_lengths: list | None  # --scale's --test-lengths; None: harness/scale.py's SCALE
+    device: str                 # cpu, cuda (every GPU) or cuda:i
+    workers: int | None
+    out: str
+    fresh: bool
+    bench: bool
+    scale: bool
+    line: str                   # the command line, as the reports show it
+
+
+def parse_args(argv, lab):
+    """The Command that argv asks for; `lab` is compare.py (its presets, models and protocol)."""
+    offered = list(dict.fromkeys(t for p in lab.PRESETS.values() for t in p["tasks"]))
+    p = Parser(description="Train every model on every task and compare them.", allow_abbrev=False)
+    p.add_argument("--preset", choices=[name for name in lab.PRESETS if name != "scale"],
+                   help="default: full on CUDA, quick otherwise")
+    p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(lab.MODELS)}")
+    p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(offered)}")
+    p.add_argument("--seeds", type=csv(int, f"integers from 0 to {SEEDS - 1}", lambda v: 0 <= v < SEEDS),
+                   help="comma-separated seeds (the first runs the lr sweep)")
+    p.add_argument("--lrs", type=csv(float, f"learning rates from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}",
+                                     lambda v: LR_RANGE[0] <= v <= LR_RANGE[1]),
+                   help="comma-separated learning rates to sweep")
+    p.add_argument("--steps", type=positive, help="override every task's number of training steps")
+    p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
+                   "task's test lengths (with --bench: the lengths measured; with --scale: the streams' lengths)")
+    p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
+    p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: 4 per GPU, up "
+                   "to 4 on a CPU; never more than the CPU cores). Processes take turns on a GPU, so more than a few "
+                   "a GPU gain little; --scale reads its streams on GPUs in threads instead, up to 8 a GPU")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                  "runs"), help="folder for results and plots (default: runs/)")
+    p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
+    p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
+    p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, "
+                   "BABILong's qa1 and qa2 at <= 512), then read streams of up to 11M tokens")
+    args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        p.error(f"unknown device {args.device!r}")
+    if not (device.type == "cpu" and not device.index
+            or device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()):
+        p.error(f"device {args.device!r} is not available here; this machine has cpu and "
+                f"{torch.cuda.device_count()} CUDA GPU(s)")
+    if args.scale and (args.preset or args.bench):
+        p.error("--scale trains its own preset and measures its own costs; leave out --preset and --bench")
+    name = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
+    preset = lab.PRESETS[name]
+    command = Command(   # with --scale the test lengths are the streams': the runs test at their training length
+        preset=name, models=args.models or preset["models"], chosen_models=args.models is not None,
+        tasks=args.tasks or list(preset["tasks"]), seeds=args.seeds or preset["seeds"], lrs=args.lrs or preset["lrs"],
+        steps=args.steps, test_lengths=None if args.scale else args.test_lengths,
+        stream_lengths=args.test_lengths if args.scale else None, device="cpu" if device.type == "cpu" else str(device),
+        workers=args.workers, out=args.out, fresh=args.fresh, bench=args.bench, scale=args.scale,
+        line="python compare.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    for kind, names, known in [("model", command.models, lab.MODELS), ("task", command.tasks, tasks.TASKS)]:
+        for n in names:
+            if n not in known:
+                p.error(f"unknown {kind} {n!r}; choose from {', '.join(known)}")
+    for t in command.tasks:
+        if t not in preset["tasks"] and not args.bench:
+            has = [n for n, pr in lab.PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
+            p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}"
+                    + (f" (try {' or '.join(f'--preset {n}' for n in has)})" if has else ""))
+    longest = max([lab.stages(preset["tasks"][t].train)[-1][1] for t in command.tasks if args.scale] or [0])
+    if min(command.stream_lengths or [longest]) < longest:   # --scale reads no shorter than it trained
+        p.error(f"--test-lengths with --scale are stream lengths, at least {longest} tokens (the longest training "
+                f"length), got {command.stream_lengths}")
+    for t in [] if args.bench else command.tasks:  # ask each task whether it can make what we will ask of it
+        b = preset["tasks"][t]
+        for L in (command.test_lengths or b.test) + sum(lab.stages(b.train), []):
+            try:   # (a task's sequence is never shorter than its length: no need to make one to refuse it)
+                tokens = L if L > MAX_TEST_TOKENS else tasks.TASKS[t](**b.options).sample(1, L, 0)[0].shape[1]
+            except ValueError as e:
+                p.error(str(e))
+            if tokens > MAX_TEST_TOKENS:
+                p.error(f"--test-lengths {L}: {t} at that length is at least {tokens:,} tokens, more than evaluate reads at "
+                        f"once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")
+    if not args.bench and not any(lab.task_models(command, t) for t in command.tasks):
+        p.error(f"none of the models {', '.join(command.models)} can run the tasks {', '.join(command.tasks)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file; expected a folder (new or existing) that this process can write to")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f".write-test.{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(args.out, f".write-test.{os.getpid()}"))
+    except OSError as e:
+        p.error(f"--out {args.out!r}: {e.strerror.lower()}; expected a folder (new or existing) that this process can "
+                "write to")
+    return command

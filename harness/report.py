@@ -1,0 +1,286 @@
+"""The report of a preset's runs: markdown tables (printed, and saved as <preset>.md) and figures (<preset>_*.png,
+with matplotlib when it is installed).
+
+Every table and figure is made from "panels": a panel is one block of columns in a table and one axes in a figure,
+with x values `xs` and `lines`, a dict from a label (a model, or a tuple that starts with one) to one list of values
+per x, a value per seed. Tables show mean±half the spread; figures the mean. A value that is a string (a diverged
+run, a wall) is counted beside the numbers, never averaged.
+"""
+import collections
+import functools
+import math
+import os
+
+import tasks
+
+
+def average(values):
+    """The mean of the numbers among the values (skipping None and labels such as "diverged"); nan when none."""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else float("nan")
+
+
+def mean_spread(values):
+    """'mean' or 'mean±half-spread' over seeds, with how many seeds gave a label instead ("diverged", "out of
+    memory"); the label alone when no seed gave a number; '' when there is nothing at all."""
+    values = [v for v in values if v is not None]
+    numbers, labels = [v for v in values if not isinstance(v, str)], collections.Counter(v for v in values
+                                                                                         if isinstance(v, str))
+    if not numbers:
+        return ", ".join(labels)
+    return (f"{average(numbers):.2f}" + (f"±{(max(numbers) - min(numbers)) / 2:.2f}" if len(numbers) > 1 else "")
+            + "".join(f" ({n} {label})" for label, n in labels.items()))
+
+
+def md_row(cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def md_table(header, rows):
+    return "\n".join([md_row(header), "|" + "---|" * len(header)] + [md_row(r) for r in rows])
+
+
+def table(panels, first=("model",)):
+    """A row per label (a tuple fills the first columns), a column per x of each panel (its `names`, or title@x);
+    rows with no value are left out."""
+    header = list(first) + [n for p in panels for n in p.get("names") or [f"{p['title']}@{x}" for x in p["xs"]]]
+    rows = []
+    for label in dict.fromkeys(label for p in panels for label in p["lines"]):
+        cells = [mean_spread(v) for p in panels for v in p["lines"].get(label, [[]] * len(p["xs"]))]
+        if any(cells):
+            rows.append(list(label if isinstance(label, tuple) else [label]) + cells)
+    return md_table(header, rows)
+
+
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot, or None when matplotlib is not installed (said once)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+
+
+def short(n):
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e4 else f"{n:g}"
+
+
+def plot(path, panels, models, title=None):
+    """Panels side by side, log x unless a panel says otherwise; a colour per model of `models` in every figure, other dashes
+    for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
+    panels = [p for p in panels if any(not math.isnan(average(v)) for values in p["lines"].values() for v in values)]
+    plt = pyplot()
+    if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
+        return
+    size = (6.4, 3.6) if any(p.get("legend") for p in panels) else (3.4, 3.4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, size[0] * len(panels)), size[1]), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        drawn = []
+        for label, values in p["lines"].items():
+            label = label if isinstance(label, tuple) else (label,)
+            colour = f"C{list(models).index(label[0])}"
+            points = [(x, average(v)) for x, v in zip(p["xs"], values) if not math.isnan(average(v))]
+            if points:
+                ax.plot(*zip(*points), marker="o", color=colour, ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4],
+                        label=", ".join(map(str, label)), zorder=3 + len(p["lines"]) - len(drawn))   # first on top
+            spread = [(x, min(n), max(n)) for x, v in zip(p["xs"], values)
+                      if len(n := [a for a in v if isinstance(a, (int, float))]) > 1]
+            spread += [(x, *band) for x, band in zip(p["xs"], p.get("intervals", {}).get(label[0], [])) if band]
+            if spread:   # the band: the lowest and highest seed, or a panel's intervals
+                ax.fill_between(*zip(*spread), color=colour, alpha=0.15, lw=0)
+            drawn.append(label[0])
+        for mark in p.get("marks", []):   # a length, or (length, model): drawn in the model's colour
+            x, m = mark if isinstance(mark, tuple) else (mark, None)
+            ax.axvline(x, color=f"C{list(models).index(m)}" if m else "gray", ls=":", lw=1)
+            if p.get("mark_label"):
+                ax.annotate(p["mark_label"], (x, 0.02), xytext=(3, 0), textcoords="offset points", fontsize=7,
+                            color="gray", xycoords=("data", "axes fraction"))
+        if p.get("chance") is not None:
+            ax.axhline(p["chance"], color="gray", ls="--", lw=0.8)
+            ax.annotate("chance", (1, p["chance"]), xytext=(-3, 3), textcoords="offset points", ha="right",
+                        fontsize=7, color="gray", xycoords=("axes fraction", "data"))
+        if p.get("legend"):   # under its own panel
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=p["legend"], frameon=False)
+        ax.set(xscale=p.get("xscale", "log"), **{k: p[k] for k in ("title", "xlabel", "ylabel", "ylim", "yscale")
+                                                  if k in p})
+        ax.minorticks_off()
+        ax.set_xticks(p["xs"], [short(x) for x in p["xs"]], fontsize=7)
+    if not any(p.get("legend") for p in panels):
+        labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
+        axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6)   # every line's label, wherever it is
+    if title:
+        fig.suptitle(title, fontsize=8)
+    if any(p.get("legend") for p in panels):   # the axes keep their size; the saved image takes the legends in
+        fig.subplots_adjust(wspace=0.2)
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+ACCURACY = dict(ylim=(-0.02, 1.02))
+
+
+def report(runs, meta, task_names, model_names, lab):
+    """The markdown report of a preset's runs, and its figures as {name: panels}. `lab` is compare.py."""
+    best_runs, stages, is_grid, DIVERGED = lab.best_runs, lab.stages, lab.is_grid, lab.DIVERGED
+
+    def at(rs, L, *path):   # a metric of each seed's run at test length L, e.g. at(rs, 64, "by_depth", 0)
+        return [DIVERGED if r.get("diverged_at") is not None else r["metrics"][str(L)].get("wall") or
+                functools.reduce(lambda value, key: value[key], path, r["metrics"][str(L)]) for r in rs]
+    best = best_runs(runs)
+    edges = lab.edge_cells(runs, best)
+    cells = {t: [(m, best[(m, t)]) for m in model_names if (m, t) in best] for t in task_names}
+    first = {t: rs[0][1][0] for t, rs in cells.items() if rs}   # a run of each task: its test and train lengths
+    sequence_tasks = [t for t in first if not is_grid(t)]
+
+    def by_length(t, metric):   # a task's panel: a metric against test length (recall: content), a line per model
+        return dict(title=t, xs=first[t]["test"], xlabel="key-value pairs" if t == "recall" else "test length",
+                    lines={m: [at(rs, L, metric) for L in first[t]["test"]] for m, rs in cells[t]},
+                    ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], mark_label="longest trained",
+                    **ACCURACY)
+    made_on = sorted({f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs})
+    parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
+             f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
+             f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
+             f"{meta.get('runs_reused', 0)} reused from earlier ones; the runs' own times add up to "
+             f"{sum(r['wall_time_s'] for r in runs):.0f} s" + (
+                 f"; the runs were made on: {'; '.join(made_on)}" if len(made_on) > 1 else ""), ""]
+
+    def curriculum(r):   # "2-4, 2-8, 2-16 (a third of the steps each)" or "2-16"
+        plan = stages(r["train"])
+        share = {1: "", 2: " (half of the steps each)", 3: " (a third of the steps each)"}.get(
+            len(plan), f" (1/{len(plan)} of the steps each)")
+        return ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in plan) + share
+    parts += ["## Budgets: the same for every model on a task", "", md_table(
+        ["task", "steps", "batch", "training lengths, stage by stage", "test lengths", "task options"],
+        [[t, r["steps"], r["batch_size"], curriculum(r), ", ".join(map(str, r["test"])),
+          ", ".join(f"{k}={v}" for k, v in r["task_options"].items()) or "-"] for t, r in first.items()]), ""]
+    figures = {}
+    if sequence_tasks:
+        figures["length"] = [by_length(t, "token_acc") for t in sequence_tasks]
+        parts += ["## Token accuracy on scored positions, by test length (mean±half-spread over seeds)", "",
+                  table(figures["length"]), "",
+                  "## Exact match: every scored position of an example right (copy: greedy generation)", "",
+                  table([by_length(t, "gen_exact" if hasattr(tasks.TASKS[t], "prompt_length") else "exact")
+                         for t in sequence_tasks]), ""]
+    for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
+        points = [(m, "default", rs) for m, rs in cells[t]] + [
+            (m, ", ".join(f"{k}={v}" for k, v in size), rs)
+            for (m, task, size), rs in best_runs(runs, dial=True).items() if task == t and m in model_names]
+
+        def state(rs):   # the state floats at the largest content
+            return rs[0]["state_size"][str(first[t]["test"][-1])]
+
+        def accuracy(rs):
+            return [at(rs, L, "token_acc") for L in first[t]["test"]]
+        points.sort(key=lambda p: (model_names.index(p[0]), state(p[2])))
+        dial = dict(by_length(t, "token_acc"), lines={   # a dial size's row names the rate its own sweep chose
+            (m, size if size == "default" else f"{size} (lr {rs[0]['lr']:g})", f"{state(rs):,}"): accuracy(rs)
+            for m, size, rs in points})
+        figures.setdefault("dial", []).append(dict(dial, title=f"the dial: {t}, accuracy against content"))
+        if t == "recall" and "flipflop" in first:   # the trade-off in one picture: the dial beside a long stream
+            ff = by_length("flipflop", "token_acc")
+            by_size = sorted(points, key=lambda p: (model_names.index(p[0]), p[1] != "default"))   # default: solid
+            figures["tradeoff"] = [
+                dict(dial, title="Copying: recall as the content grows", marks=[], legend=2,
+                     xlabel="key-value pairs to recall (log scale; chance is ~0)",
+                     ylabel="token accuracy (band: lowest to highest seed)",
+                     lines={(m, f"{size.replace('default', 'default size')}: {state(rs):,} state floats"): accuracy(rs)
+                            for m, size, rs in by_size}),
+                dict(ff, title="Filtering: flip-flop as the stream grows", legend=3, chance=0.5,
+                     xlabel="stream length in tokens (log scale)", mark_label="longest training stream",
+                     ylabel="token accuracy (band: lowest to highest seed)")]
+        parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
+                  table([dial], first=("model", "size", "state floats")), ""]
+    for t in [t for t in first if is_grid(t)]:   # HRM at each count of test-time segments
+        counts = sorted({s for m, rs in cells[t] for s in rs[0].get("test_segments", [1])})
+        lines = {}
+        size = (lambda L: f"{L}x{L}") if t == "maze" else (lambda L: f"depth {L}")   # noqa: E731 (Sudoku: rounds)
+        for m, rs in cells[t]:
+            for L in rs[0]["test"]:
+                if any("by_segments" in r["metrics"].get(str(L), {}) for r in rs):
+                    lines[(m, size(L))] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
+                else:   # a fixed-depth model has one number, the same at every count
+                    fixed = "" if all(r.get("diverged_at") is not None for r in rs) else ", fixed depth"
+                    lines[(m, f"{size(L)}{fixed}")] = [at(rs, L, "exact")] * len(counts)
+        figures.setdefault("segments", []).append(dict(
+            title=f"{t}: recurrent depth at test time", xs=counts, lines=lines, names=[f"{s} seg" for s in counts],
+            xlabel="test-time segments (HRM) or loops (looped Transformer)", ylabel="exact match", **ACCURACY))
+        parts += [f"## {t}: exact match against test-time segments (HRM) or loops (attention_looped)", "",
+                  table(figures["segments"][-1:], first=("model", "size")), "",
+                  "Training compute, Block applications per example (one forward, every supervised segment): "
+                  + ", ".join(f"{m} {rs[0]['block_calls']}" for m, rs in cells[t]
+                              if rs[0].get("block_calls") is not None),
+                  ""]
+        paths = [v.get("by_path", {}) for _, rs in cells[t] for r in rs for v in r["metrics"].values()]
+        xs = sorted({int(b) for bins in paths for b in bins})
+        if xs:   # the maze by path length, one line per model and size: pooled over sizes, the mix of sizes in each
+            # bin would make the trend (larger mazes have longer paths). (Sudoku's test lengths are its depths.)
+            low = cells[t][0][1][0]["task_options"].get("min_path", 0)   # no shorter path is ever drawn
+            lines = {(m, size(L)): [[DIVERGED if r.get("diverged_at") is not None else
+                                     r["metrics"][str(L)].get("by_path", {}).get(str(b), [None])[0] for r in rs]
+                                    for b in xs] for m, rs in cells[t] for L in rs[0]["test"]}
+            figures.setdefault("depth", []).append(dict(
+                title=f"{t}: exact match against path length", xs=xs, xscale="linear", ylabel="exact match",
+                xlabel=f"squares on the S-G path (bins of {lab.PATH_BIN}, from the value shown)", **ACCURACY,
+                names=[f"{max(b, low)}-{b + lab.PATH_BIN - 1}" for b in xs], lines=lines))
+            parts += [f"## {t}: exact match against path length (squares from S to G, both included)", "",
+                      table(figures["depth"][-1:], first=("model", "size")), ""]
+    quarters = dict(xs=[12.5, 37.5, 62.5, 87.5], xscale="linear", xlabel="depth of the deciding fact (%)",
+                    ylabel="exact match", **ACCURACY)
+    for t in [t for t in sequence_tasks if any("by_depth" in v for _, rs in cells[t] for r in rs
+                                               for v in r.get("metrics", {}).values())]:   # the BABILongs
+        lengths = first[t]["test"]   # one row per (model, length); one panel per length in the figure
+        depth = {(m, L): [at(rs, L, "by_depth", k) for k in range(4)] for m, rs in cells[t] for L in lengths}
+        figures.setdefault("depth", []).extend(
+            dict(quarters, title=f"{t}@{L}", lines={m: v for (m, at_L), v in depth.items() if at_L == L})
+            for L in lengths)
+        parts += [f"## {t}: exact match by the depth of the deciding fact", "",
+                  table([dict(quarters, lines=depth, names=["0-25%", "25-50%", "50-75%", "75-100%"])],
+                        first=("model", "length")), ""]
+    rows = []   # the cost of each cell, at its chosen lr
+    for m, t in [(m, t) for m in model_names for t in task_names if (m, t) in best]:
+        rs, ref = best[(m, t)], best.get(("attention", t))
+        rows.append([m, t, f"{rs[0]['params']:,}" + (f" ({rs[0]['params'] / ref[0]['params']:.2f}x)" if ref else ""),
+                     ", ".join(f"{v:,}" for v in rs[0]["state_size"].values()),
+                     f"{rs[0]['lr']:g}" + (" (edge)" if (m, t) in edges else ""),
+                     f"{len(rs)}" + "".join(f", seed {r['seed']} {DIVERGED} at step {r['diverged_at']}" for r in rs
+                                            if r.get("diverged_at") is not None), rs[0]["steps"],
+                     f"{rs[0]['examples_seen']:,}", f"{average(r['wall_time_s'] for r in rs):.1f}"])
+    parts += ["## Runs", "", md_table(["model", "task", "params (vs attention)", "state floats (per test length)",
+                                       "chosen lr", "seeds", "steps", "examples", "wall s"], rows), ""]
+    if edges:
+        parts += [f"Chosen lr on the edge of the grid {meta['lrs']}: {', '.join(sorted(f'{m}/{t}' for m, t in edges))}."
+                  " A wider grid might find a better rate for these.", ""]
+    return "\n".join(parts), figures
+
+
+def series(rows, key, **match):
+    """A panel's xs and lines from rows of measurements: `key` against length, a line per model, over the rows
+    that match (e.g. task="flipflop"); rows without the key (out of memory, a wall) are left out."""
+    rows = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    xs = sorted({r["length"] for r in rows})
+    return dict(xs=xs, lines={m: [[r[key] for r in rows if (r["model"], r["length"]) == (m, x) and r.get(key)
+                                   is not None] for x in xs] for m in dict.fromkeys(r["model"] for r in rows)})
+
+
+
+def publish(text, figures, runs, meta, lab):
+    """Print the report, save it as <out>/<preset>.md and draw its figures as <out>/<preset>_<name>.png, titled
+    with where the runs were made (and, for --scale's streams, where they were read)."""
+    out = os.path.join(os.path.dirname(meta["path"]), meta["preset"])
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    made = collections.Counter(f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs)
+    title = "; ".join(f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common())
+    if "streams" in figures:
+        title = f"trained on {title}; read on {meta['device_name']}, commit {meta['commit']}"
+    for name, panels in figures.items():
+        plot(f"{out}_{name}.png", panels, lab.MODELS, title)

@@ -1,0 +1,97 @@
+"""The results file of a preset, <out>/<preset>.json: one command at a time, each run written as it finishes.
+
+A command holds <preset>.json.lock for as long as it runs; a second command on the same file stops at once with one
+line. Every finished run is written straight away (a temporary file, then a rename: never a half-written file), so
+Ctrl-C, `kill` or a crash loses nothing that finished, and the same command goes on from there.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit():
+    """The commit of this code (+dirty if tracked files changed), or $GIT_COMMIT when set (a copied working tree may
+    have no history, or a stale one)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = ""
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def save_json(path, obj):
+    """Write a temporary file, then rename it over `path`: a reader never sees half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold <path>.lock (fcntl.flock, which the kernel releases however the holder ends) for the whole block, or stop
+    at once with one line naming the process that holds it. The lock file is removed when the block ends."""
+    lock_path = path + ".lock"
+    while True:
+        lock = open(lock_path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            sys.exit(f"compare.py: error: {path} is in use by compare.py, pid {lock.read().strip() or '?'}; wait for "
+                     "it or use another --out")
+        try:   # the file we locked may have been removed by its last holder meanwhile: then lock the new one
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path)):
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    try:
+        yield
+    finally:
+        os.remove(lock_path)
+        lock.close()
+
+
+def load(path, preset, fresh):
+    """What `path` holds: {"runs": {run key: record}, "streams": [rows of --scale's reading]}. With fresh, the old file is kept under a new name and none
+    are used. A file that is not a results file of this preset stops the command with one line saying what to do."""
+    if not os.path.exists(path):
+        return {"runs": {}, "streams": []}
+    if fresh:
+        kept = path[:-len(".json")] + time.strftime(".%Y%m%d-%H%M%S.json")
+        os.replace(path, kept)
+        print(f"--fresh: the old runs are kept in {kept}")
+        return {"runs": {}, "streams": []}
+
+    def stop(why):
+        sys.exit(f"compare.py: error: {path} {why}; move it away, point --out at another folder, or run with --fresh "
+                 "(which keeps it under a new name)")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        stop(f"is not a readable results file ({type(e).__name__})")
+    runs = results.get("runs") if isinstance(results, dict) else None
+    fields = {"model", "task", "lr", "seed", "metrics"}
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and fields <= set(r) for r in runs.values()):
+        stop("does not hold compare.py runs")
+    if not isinstance(results.get("meta"), dict) or results["meta"].get("preset") != preset:
+        stop(f"holds runs of preset {(results.get('meta') or {}).get('preset')!r}, not {preset!r}")
+    streams = results.get("streams", [])
+    if not isinstance(streams, list) or not all(isinstance(r, dict) for r in streams):
+        stop("does not hold --scale's streams as a list of rows")
+    return {"runs": runs, "streams": streams}
