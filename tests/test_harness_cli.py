@@ -1,0 +1,78 @@
+"""harness/cli.py: every flag checked before any training, bad input as one line and exit status 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import compare
+from harness import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(argv):
+    return cli.parse_args(argv, compare)
+
+
+def test_runs_go_to_an_untracked_folder_by_default():
+    """A fresh clone's `python compare.py` trains: it never reads or writes the committed reference results."""
+    out = parse(["--preset", "smoke"]).out
+    assert out == os.path.join(ROOT, "runs") and "reference" not in out
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(out, "smoke.json")], cwd=ROOT)
+    assert ignored.returncode in (0, 128)    # ignored (0), or not a git checkout (128): never tracked (1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "lstm"], "unknown model 'lstm'"),
+    (["--tasks", "sorting"], "unknown task 'sorting'"),
+    (["--test-lengths", "-5"], "--test-lengths: expected comma-separated positive integers"),
+    (["--seeds", "1,x"], "expected comma-separated integers"),
+    (["--tasks", "maze", "--models", "ssm"], "none of the models"),
+    (["--tasks", "mqar", "--test-lengths", "15"], "too short"),
+    (["--device", "tpu9"], "device"),
+    (["--steps", "0"], "--steps"),
+    (["--lrs", "inf"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got 'inf'"),
+    (["--lrs", "1e9"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e9'"),
+    (["--lrs", "1e-3,0.001"], "--lrs: 0.001 is given twice in '1e-3,0.001'"),
+    (["--seeds", "0,0"], "--seeds: 0 is given twice in '0,0'; expected comma-separated integers from 0 to 4294967295"),
+    (["--seeds", "99999999999999999999"], "--seeds: expected comma-separated integers from 0 to 4294967295, got"),
+    (["--models", "ssm,ssm"], "--models: ssm is given twice"),
+    (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
+                                               "smoke or --preset depth)"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke"] + args)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_maze_size_with_no_fresh_test_maze_is_one_line(monkeypatch, capsys):
+    """The argument check asks each task for its lengths; a maze size whose training set holds every maze (2x2
+    cells, 1,000 training mazes) stops it with the task's one line, before any training."""
+    monkeypatch.setitem(compare.PRESETS["smoke"]["tasks"]["maze"].options, "n_train", 1000)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--tasks", "maze", "--models", "hrm", "--test-lengths", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "no 2x2 maze outside the training set" in err and "\n" not in err
+
+
+def test_out_must_be_a_writable_folder(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    cases = [(tmp_path / "a_file", "is a file;"), (tmp_path / "a_file" / "below", ": not a directory;")]
+    if os.path.isdir("/proc"):                      # a folder where no file can be made (Linux)
+        cases.append(("/proc", ": "))
+    for out, why in cases:
+        with pytest.raises(SystemExit) as exit:
+            compare.main(["--preset", "smoke", "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and f"--out {str(out)!r}" in err and why in err and "\n" not in err
+        assert "expected a folder (new or existing) that this process can write to" in err
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    out = subprocess.run([sys.executable, "compare.py", "--models", "nope"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "unknown model" in out.stderr

@@ -1,0 +1,39 @@
+"""harness/report.py: the tables' cells and the report's tables from stored runs."""
+import compare
+from harness import report
+
+
+def stored_run(**changes):
+    """A stored run of this protocol as run_one makes it, with some fields changed."""
+    run = dict(model="attention", task="copy", lr=0.003, seed=0, protocol=compare.PROTOCOL, params=1000,
+               state_size={"6": 10}, examples_seen=32, final_loss=0.5, val_token_acc=0.9, val_loss=0.4,
+               wall_time_s=1.0, diverged_at=None, metrics={"6": {"token_acc": 0.9, "loss": 0.4, "exact": None,
+                                                                  "gen_exact": 0.5}})
+    return {**run, **changes}
+
+
+def test_the_report_gives_the_mazes_path_bins_size_by_size():
+    """The maze's table by path length: one row per model and maze size, never pooled over sizes (larger mazes
+    have longer paths, so pooled bins would mix sizes: two seeds' rates at 8x8 are 1.0 and 0.0, kept apart from
+    6x6's); a bin no maze of a size falls in is left empty; the first bin starts at min_path, the shortest path drawn."""
+    runs = []
+    for seed, rate in [(0, 1.0), (1, 0.0)]:
+        metrics = {"6": {"token_acc": 0.9, "exact": 0.5, "by_path": {"20": [0.5, 4]}},
+                   "8": {"token_acc": 0.9, "exact": 0.5, "by_path": {"20": [rate, 2], "40": [0.0, 3]}}}
+        runs.append(stored_run(model="hrm", task="maze", test=[6, 8], train=[6, 6], steps=10, batch_size=4,
+                               seed=seed, task_options={"min_path": 30}, state_size={"6": 1, "8": 1},
+                               metrics=metrics))
+    meta = dict(preset="depth", command="test", device_name="CPU", torch="-", commit="-", lrs=[0.003])
+    text, figures = report.report(runs, meta, ["maze"], ["hrm"], compare)
+    assert ("| model | size | 30-39 | 40-59 |\n|---|---|---|---|\n| hrm | 6x6 | 0.50±0.00 |  |\n"
+            "| hrm | 8x8 | 0.50±0.50 | 0.00±0.00 |") in text
+    assert figures["depth"][0]["xs"] == [20, 40]
+
+
+def test_mean_spread_is_the_mean_and_half_the_range_over_seeds():
+    """The tables' cells: mean ± half of (highest - lowest), the ± only with two seeds or more; diverged seeds counted
+    beside, and a cell with no run at all empty."""
+    assert report.mean_spread([0.2, 0.6, 0.4]) == "0.40±0.20"
+    assert report.mean_spread([0.5, None]) == "0.50"
+    assert report.mean_spread([0.3, compare.DIVERGED, 0.5]) == "0.40±0.10 (1 diverged)"
+    assert report.mean_spread([compare.DIVERGED]) == compare.DIVERGED and report.mean_spread([None]) == ""

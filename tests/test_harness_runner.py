@@ -1,0 +1,101 @@
+"""harness/runner.py: runs side by side in worker processes or threads, stopped cleanly however the command ends."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_command(out, *args, steps=2):
+    """`python compare.py --preset smoke` in its own process: a thread a worker, one worker unless args say."""
+    return subprocess.Popen([sys.executable, "compare.py", "--preset", "smoke", "--steps", str(steps), "--out",
+                             str(out), *(args if "--workers" in args else args + ("--workers", "1"))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))   # a thread each: the cores are shared
+
+
+def workers_of(pid):
+    """The worker processes of compare.py's main process `pid` that are still running (Linux: from /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state, ppid = open(stat).read().rsplit(")", 1)[1].split()[:2]
+            cmdline = open(stat[:-len("stat")] + "cmdline").read()
+        except OSError:                                    # ended meanwhile
+            continue
+        if int(ppid) == pid and state not in "ZX" and "spawn_main" in cmdline:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def still_running(pids, seconds=15):
+    """Those of pids that still run (neither gone nor a zombie) after waiting up to `seconds` for them to end."""
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+    deadline = time.time() + seconds
+    while any(map(running, pids)) and time.time() < deadline:
+        time.sleep(0.2)
+    return [pid for pid in pids if running(pid)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process table from /proc (Linux)")
+def test_workers_end_with_the_main_process_however_it_is_stopped(tmp_path):
+    """Two commands with two workers each, stopped mid-run. `kill PID` (SIGTERM) stops one as Ctrl-C does: a
+    message, the finished runs kept, exit status 143 (128 + SIGTERM), its workers ended. `kill -9` cannot be
+    caught: the other's workers notice that their parent is gone and end within seconds, mid-run."""
+    jobs = {sig: smoke_command(tmp_path / sig.name, "--models", "attention,ssm", "--tasks", "copy,flipflop",
+                               "--workers", "2", steps=300) for sig in (signal.SIGTERM, signal.SIGKILL)}
+    workers, deadline = {}, time.time() + 240
+    while len(workers) < len(jobs):                    # SIGTERM once a run is stored, SIGKILL once both workers run
+        for sig, job in [(sig, job) for sig, job in jobs.items() if sig not in workers]:
+            assert job.poll() is None and time.time() < deadline, job.communicate()
+            if len(workers_of(job.pid)) == 2 and (
+                    sig == signal.SIGKILL or (tmp_path / sig.name / "smoke.json").exists()):
+                workers[sig] = workers_of(job.pid)
+                job.send_signal(sig)
+        time.sleep(0.1)
+    out, err = jobs[signal.SIGTERM].communicate(timeout=120)
+    assert jobs[signal.SIGTERM].returncode == 143, err[-1500:]
+    stopped = re.search(r"stopped by SIGTERM: the (\d+) runs finished by this command are saved", out)
+    runs = json.load(open(tmp_path / "SIGTERM" / "smoke.json"))["runs"]
+    assert stopped and len(runs) == int(stopped.group(1)) >= 1 and "Traceback" not in err
+    assert jobs[signal.SIGKILL].wait(timeout=60) == -signal.SIGKILL
+    left = still_running(workers[signal.SIGTERM] + workers[signal.SIGKILL])
+    for pid in left:                                   # (orphans of a failed test are not left behind)
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
+def test_threads_of_run_all_stop_when_it_is_stopped():
+    """Threads cannot be killed like worker processes: when one run raises (Ctrl-C reaches the main thread), run_all
+    sets STOP, which the others see at their next piece, waits for them, and clears it for the next command."""
+    seen = []
+
+    def work(spec):
+        if spec["i"] == 0:
+            time.sleep(0.1)
+            raise KeyboardInterrupt
+        for _ in range(3000):                         # 30 s unless told to stop
+            if runner.STOP.is_set():
+                seen.append(spec["i"])
+                raise KeyboardInterrupt("stopped")
+            time.sleep(0.01)
+        return []
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_all([dict(i=i, task="flipflop", model="ssm") for i in range(3)], 3, ["cpu"], work, print,
+                       threads=True)
+    assert sorted(seen) == [1, 2] and not runner.STOP.is_set()

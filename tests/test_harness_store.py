@@ -1,0 +1,76 @@
+"""harness/store.py: one command at a time on a results file, every run written as it finishes, a bad file refused."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import compare
+from harness import store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not a readable results file"),
+    ("", "is not a readable results file"),
+    ('{"runs": [1, 2]}', "does not hold compare.py runs"),
+    ('{"meta": {"preset": "quick"}, "runs": {}}', "holds runs of preset 'quick', not 'smoke'"),
+])
+def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, message, capsys):
+    (tmp_path / "smoke.json").write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert exit.value.code not in (0, None) and message in str(exit.value) and "--fresh" in str(exit.value)
+    assert "\n" not in str(exit.value) and (tmp_path / "smoke.json").read_text() == content
+
+
+def test_a_second_command_on_the_same_file_stops_at_once_with_one_line(tmp_path):
+    """Two commands on one --out: the second, started while the first holds the results file, exits at once with one
+    line naming the first's process; the first goes on and stores every run; no lock file is left behind."""
+    argv = [sys.executable, "compare.py", "--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop",
+            "--steps", "150", "--workers", "1", "--out", str(tmp_path)]
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):                             # until it holds the lock (importing torch takes seconds)
+            if (tmp_path / "smoke.json.lock").exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        second = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-1500:]
+    assert second.returncode != 0 and second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert f"smoke.json is in use by compare.py, pid {first.pid}; wait for it or use another --out" in second.stderr
+    runs = json.load(open(tmp_path / "smoke.json"))["runs"]
+    assert sorted(runs) == ["attention/copy/lr=0.003/seed=0", "attention/flipflop/lr=0.003/seed=0"]
+    assert sorted(os.listdir(tmp_path)) == ["smoke.json", "smoke.md"] + sorted(
+        p for p in os.listdir(tmp_path) if p.endswith(".png"))              # no lock, no temporary file left
+
+
+def test_a_lock_left_by_a_killed_command_does_not_block(tmp_path):
+    """The kernel drops a flock when its holder ends, however it ends (kill -9 too): the pid its file still names
+    stops nobody. Within one process too, a second hold of the same file is refused."""
+    path = str(tmp_path / "smoke.json")
+    (tmp_path / "smoke.json.lock").write_text("999999999")           # what a killed holder leaves
+    with store.locked(path):
+        assert (tmp_path / "smoke.json.lock").read_text() == str(os.getpid())
+        with pytest.raises(SystemExit, match=f"in use by compare.py, pid {os.getpid()};"):
+            with store.locked(path):
+                pass
+    assert not (tmp_path / "smoke.json.lock").exists()
+
+
+def test_load_keeps_the_old_file_with_fresh_and_refuses_streams_that_are_not_rows(tmp_path, capsys):
+    path = tmp_path / "scale.json"
+    content = json.dumps({"meta": {"preset": "scale"}, "runs": {}, "streams": [{"model": "ssm"}]})
+    path.write_text(content)
+    assert store.load(str(path), "scale", False) == {"runs": {}, "streams": [{"model": "ssm"}]}
+    assert store.load(str(path), "scale", True) == {"runs": {}, "streams": []} and not path.exists()
+    assert [p.read_text() for p in tmp_path.glob("scale.*.json")] == [content]
+    path.write_text(json.dumps({"meta": {"preset": "scale"}, "runs": {}, "streams": {"a": 1}}))
+    with pytest.raises(SystemExit, match="does not hold --scale's streams as a list of rows"):
+        store.load(str(path), "scale", False)
