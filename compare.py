@@ -551,7 +551,9 @@ def main(argv=None):
     meta["path"] = path = os.path.join(command.out, f"{command.preset}.json")
     with store.locked(path):                        # one command at a time on a results file
         results = dict(store.load(path, command.preset, command.fresh), meta=meta)
-        runs, trained, start = results["runs"], [], time.time()
+        if not command.scale:
+            del results["streams"]                  # (only --scale reads streams)
+        runs, trained, reading, start = results["runs"], [], False, time.time()
         # never more workers than cores (a thread waiting for a busy core spins); a graphed step keeps a GPU busy
         # alone, so a few runs a GPU are enough to overlap the host's work
         meta["workers"] = workers = min(command.workers or (4 * len(devices) if cuda else 4), runner.usable_cores())
@@ -568,17 +570,18 @@ def main(argv=None):
         try:
             chosen = run_phases(command, runs, save, workers, devices)
             if command.scale:                       # read the long streams with the weights of the chosen runs
-                stored, results["streams"] = results["streams"], []
+                stored, results["streams"], reading = results["streams"], [], True   # (stored rows come back if reused)
                 scale.read_streams(best_runs(chosen), command.stream_lengths, devices, command.out, results["streams"],
                                    lambda: store.save_json(path, results), sys.modules[__name__], stored)
         except KeyboardInterrupt as stop:           # Ctrl-C, or SIGTERM: the workers are stopped by now
-            if trained or results.get("streams"):
+            kept = [f"the {len(trained)} runs finished by this command"] if trained else []
+            kept += [f"the {len({(r['model'], r['task']) for r in results['streams']})} cells of streams read to the "
+                     "end"] if reading else []
+            if kept:
                 store.save_json(path, results)      # (in case the stop came while a run was being saved)
-            again = f"run the same command{' without --fresh' if command.fresh else ''} to go on from there"
-            print(f"\nstopped{' by SIGTERM' if isinstance(stop, Terminated) else ''}: "
-                  + (f"the {len(trained)} runs and {len({(r['model'], r['task']) for r in results.get('streams', [])})}"
-                     f" cells of streams finished by this command are saved in {path}; {again}"
-                     if trained or results.get("streams") else "nothing new was saved"))
+            print(f"\nstopped{' by SIGTERM' if isinstance(stop, Terminated) else ''}: " + (
+                f"{' and '.join(kept)} are saved in {path}; run the same command"
+                f"{' without --fresh' if command.fresh else ''} to go on from there" if kept else "nothing new was saved"))
             return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
         finally:
             signal.signal(signal.SIGTERM, sigterm)

@@ -574,3 +574,23 @@ def test_test_time_depths_read_the_same_test_examples_made_once(monkeypatch):
         for s in (1, 3):
             again = compare.evaluate(model, task, L, 8, seed=20_000, segments=s)
             assert record["metrics"][str(L)]["by_segments"][str(s)]["token_acc"] == again["token_acc"]
+
+
+def test_an_out_of_memory_test_length_is_that_models_wall(monkeypatch):
+    """A test length whose evaluation runs out of memory is recorded as the model's wall, with every longer length,
+    and the report shows the wall where the numbers would be; the shorter lengths keep their metrics."""
+    real = compare.evaluate
+
+    def evaluate(model, task, length, *args, **kwargs):
+        if length >= 12:
+            raise torch.OutOfMemoryError("fake")
+        return real(model, task, length, *args, **kwargs)
+    monkeypatch.setattr(compare, "evaluate", evaluate)
+    spec = next(s for s in compare.make_specs(parse(["--preset", "smoke", "--models", "attention", "--tasks", "copy",
+                                                     "--test-lengths", "6,12,24", "--steps", "2"])))
+    record = compare.run_one(spec)
+    assert record["metrics"]["12"] == record["metrics"]["24"] == {"wall": "out of memory"}
+    assert record["metrics"]["6"]["token_acc"] >= 0
+    meta = dict(preset="smoke", command="test", device_name="CPU", torch="-", commit="-", lrs=[3e-3])
+    text, _ = report.report([record], meta, ["copy"], ["attention"], compare)
+    assert "| out of memory | out of memory |" in text

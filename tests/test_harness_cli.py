@@ -76,3 +76,17 @@ def test_bad_input_from_the_shell_has_no_traceback():
     out = subprocess.run([sys.executable, "compare.py", "--models", "nope"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "unknown model" in out.stderr
+
+
+def test_a_test_length_past_one_evaluation_batch_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """evaluate reads at most cli.MAX_TEST_TOKENS tokens at once; a longer test sequence is --scale's to read in
+    pieces. Refused before any training (and without making the sequence), the --out folder not made."""
+    monkeypatch.setattr(compare, "run_one", lambda spec: pytest.fail("trained"))
+    for length, tokens in [(10 ** 8, "at least 100,000,000"), (32_768, "at least 65,537")]:   # copy: 2L + 1
+        with pytest.raises(SystemExit) as exit:
+            compare.main(["--preset", "smoke", "--models", "ssm", "--tasks", "copy", "--test-lengths", f"6,{length}",
+                          "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and "\n" not in err and not (tmp_path / "out").exists()
+        assert f"--test-lengths {length}: copy at that length is {tokens} tokens" in err and "--scale" in err
+    assert parse(["--preset", "smoke", "--tasks", "flipflop", "--test-lengths", "65536"]).test_lengths == [65536]

@@ -27,6 +27,7 @@ def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, m
     assert "\n" not in str(exit.value) and (tmp_path / "smoke.json").read_text() == content
 
 
+@pytest.mark.slow
 def test_a_second_command_on_the_same_file_stops_at_once_with_one_line(tmp_path):
     """Two commands on one --out: the second, started while the first holds the results file, exits at once with one
     line naming the first's process; the first goes on and stores every run; no lock file is left behind."""

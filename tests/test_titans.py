@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import compare
 import tasks
 from conftest import GRADE_SEED, causal_logits, close, lengths
+from harness.graphs import tensors
 from attention import apply_rotary, attention_ref, rotary
 from titans import NeuralMemory, Titans, TitansConfig, neural_memory, neural_memory_ref
 
@@ -346,11 +347,11 @@ def test_stream_in_pieces_equals_one_call(options):
         logits.append(out)
     whole, final = model(x, return_state=True)
     torch.testing.assert_close(torch.cat(logits, dim=1), whole)
-    for a, b in zip(compare.tensors(state), compare.tensors(final)):
+    for a, b in zip(tensors(state), tensors(final)):
         torch.testing.assert_close(a, b)
-    assert sum(t.numel() for t in compare.tensors(state)) == 2 * model.state_size(256)
+    assert sum(t.numel() for t in tensors(state)) == 2 * model.state_size(256)
     _, state = model.stream(x[:, :3])                              # fewer tokens than the window holds
-    assert sum(t.numel() for t in compare.tensors(state)) == 2 * model.state_size(3)
+    assert sum(t.numel() for t in tensors(state)) == 2 * model.state_size(3)
 
 
 def test_the_memory_runs_in_float32_under_bf16_autocast(monkeypatch):
