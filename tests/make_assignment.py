@@ -24,7 +24,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 SHIPPED = ["*.py", "harness/*.py", "tests/*.py", "README.md", "requirements.txt", "pytest.ini", ".gitignore", ".ci/run",
-           "results/*", "results/*/*"]
+           "results/*", "results/*/*", "results/*/*/*"]
 INSTRUCTOR_ONLY = ["tests/make_assignment.py", "tests/test_assignment.py", "tests/grade.py", "tests/test_oracles.py"]
 MODULES = ["attention", "ssm", "rmt", "titans", "hrm"]
 ASSIGNMENT = """## The assignment
