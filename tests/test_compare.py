@@ -28,7 +28,7 @@ def parse(argv):
 @pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     """Every model on every task, in worker processes as by default (2 on a 2-core machine)."""
-    assert compare.main(["--preset", "smoke", "--workers", "2", "--out", str(tmp_path)]) == 0
+    assert compare.main(["--preset", "smoke", "--workers", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
     runs = json.load(open(tmp_path / "smoke.json"))["runs"]
     preset = compare.PRESETS["smoke"]
     dial = {k: r for k, r in runs.items() if r.get("dial")}

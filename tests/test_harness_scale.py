@@ -200,12 +200,14 @@ def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path
 
 
 @pytest.mark.slow
-def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys):
+def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys, monkeypatch):
     """--scale: the scale preset's runs through the usual protocol (stored, resumable, a second seed as a
     follow-up), their weights kept beside them, then every chosen model reads every stream length; the same
     command on a copy of the folder elsewhere reuses the training and reads the same streams again."""
     argv = ["--scale", "--models", "ssm,attention", "--tasks", "flipflop", "--seeds", "0,1", "--steps", "3",
             "--test-lengths", "512,1024", "--workers", "1"]
+    monkeypatch.setitem(compare.PRESETS["scale"], "batch_size", 16)       # (the plumbing, not the science)
+    monkeypatch.setitem(compare.PRESETS["scale"], "eval_examples", 32)
     assert compare.main(argv + ["--out", str(tmp_path / "a")]) == 0
     saved = json.load(open(tmp_path / "a" / "scale.json"))
     assert len(saved["runs"]) == 2 * len(compare.PRESETS["scale"]["lrs"]) + 2      # the sweep, then seed 1

@@ -32,7 +32,7 @@ def test_a_second_command_on_the_same_file_stops_at_once_with_one_line(tmp_path)
     """Two commands on one --out: the second, started while the first holds the results file, exits at once with one
     line naming the first's process; the first goes on and stores every run; no lock file is left behind."""
     argv = [sys.executable, "compare.py", "--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop",
-            "--steps", "150", "--workers", "1", "--out", str(tmp_path)]
+            "--steps", "60", "--workers", "1", "--out", str(tmp_path)]
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):                             # until it holds the lock (importing torch takes seconds)
