@@ -490,12 +490,12 @@ def run_one(spec):
                 "metrics": {}, **times()}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
     val = test(trained, seed=10_000 + spec["seed"])
-    metrics = {}
+    metrics, test_seed = {}, 20_000 + spec["seed"]   # the same test examples for every model and lr
     deep = spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1)
     for L in spec["test"]:   # HRM and the looped Transformer: also against test-time depth, on the same examples
         try:
-            batches = list(test_batches(task, L, spec["eval_examples"], device, 20_000 + spec["seed"])) if deep else None
-            metrics[str(L)] = test(L, seed=20_000 + spec["seed"], batches=batches)
+            batches = list(test_batches(task, L, spec["eval_examples"], device, test_seed)) if deep else None
+            metrics[str(L)] = test(L, seed=test_seed, batches=batches)
             if deep:
                 metrics[str(L)]["by_segments"] = {str(s): test(L, batches=batches, segments=s)
                                                   for s in spec["test_segments"]}
@@ -557,7 +557,8 @@ def main(argv=None):
         # never more workers than cores (a thread waiting for a busy core spins); a graphed step keeps a GPU busy
         # alone, so a few runs a GPU are enough to overlap the host's work
         meta["workers"] = workers = min(command.workers or (4 * len(devices) if cuda else 4), runner.usable_cores())
-        capped = f" (--workers {command.workers} is capped at the CPU cores)" if workers < (command.workers or 0) else ""
+        capped = f" (--workers {command.workers} is capped at the CPU cores)" if workers < (command.workers or 0) \
+            else ""
         print(f"preset {command.preset!r} on {meta['device_name']} ({command.device}), {workers} worker(s){capped}; "
               f"runs are saved in {path}")
 
@@ -579,9 +580,9 @@ def main(argv=None):
                      "end"] if reading else []
             if kept:
                 store.save_json(path, results)      # (in case the stop came while a run was being saved)
-            print(f"\nstopped{' by SIGTERM' if isinstance(stop, Terminated) else ''}: " + (
-                f"{' and '.join(kept)} are saved in {path}; run the same command"
-                f"{' without --fresh' if command.fresh else ''} to go on from there" if kept else "nothing new was saved"))
+            again = f"run the same command{' without --fresh' if command.fresh else ''} to go on from there"
+            print(f"\nstopped{' by SIGTERM' if isinstance(stop, Terminated) else ''}: "
+                  + (f"{' and '.join(kept)} are saved in {path}; {again}" if kept else "nothing new was saved"))
             return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
         finally:
             signal.signal(signal.SIGTERM, sigterm)

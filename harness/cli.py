@@ -125,14 +125,15 @@ def parse_args(argv, lab):
                 f"length), got {command.stream_lengths}")
     for t in [] if args.bench else command.tasks:  # ask each task whether it can make what we will ask of it
         b = preset["tasks"][t]
-        for L in (command.test_lengths or b.test) + sum(lab.stages(b.train), []):
+        task = tasks.TASKS[t](**b.options)   # (one task: the maze makes its training set once per size)
+        for L in dict.fromkeys((command.test_lengths or b.test) + sum(lab.stages(b.train), [])):
             try:   # (a task's sequence is never shorter than its length: no need to make one to refuse it)
-                tokens = L if L > MAX_TEST_TOKENS else tasks.TASKS[t](**b.options).sample(1, L, 0)[0].shape[1]
+                tokens = L if L > MAX_TEST_TOKENS else task.sample(1, L, 0)[0].shape[1]
             except ValueError as e:
                 p.error(str(e))
             if tokens > MAX_TEST_TOKENS:
-                p.error(f"--test-lengths {L}: {t} at that length is at least {tokens:,} tokens, more than evaluate reads at "
-                        f"once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")
+                p.error(f"--test-lengths {L}: {t} at that length is at least {tokens:,} tokens, more than evaluate "
+                        f"reads at once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")
     if not args.bench and not any(lab.task_models(command, t) for t in command.tasks):
         p.error(f"none of the models {', '.join(command.models)} can run the tasks {', '.join(command.tasks)}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -70,8 +70,8 @@ def short(n):
 
 
 def plot(path, panels, models, title=None):
-    """Panels side by side, log x unless a panel says otherwise; a colour per model of `models` in every figure, other dashes
-    for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
+    """Panels side by side, log x unless a panel says otherwise; a colour per model of `models` in every figure,
+    other dashes for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
     panels = [p for p in panels if any(not math.isnan(average(v)) for values in p["lines"].values() for v in values)]
     plt = pyplot()
     if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)

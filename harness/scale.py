@@ -29,7 +29,7 @@ READERS = 8   # cells read at once on one GPU, as threads (a cap, not tuned: the
               # one H200, little more than the slowest cell, Titans, spent reading)
 
 
-GRAPH_SPAN = {"rmt": "segment_len", "titans": "chunk_size"}   # a graph replay reads 64 segments or 64 chunks
+GRAPH_SPAN = {"RMT": "segment_len", "Titans": "chunk_size"}   # a graph replay reads 64 segments or 64 chunks
 
 
 @torch.no_grad()
@@ -96,8 +96,9 @@ def read_cell(spec, lab):
     model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))
     model.to(device).eval()
     batch, last, rows, read = SCALE["examples"][t], None, [], None
-    if m in GRAPH_SPAN and cuda:                          # a span never cuts a segment or a chunk in two
-        read = StreamGraphs(model, 64 * getattr(model.config, GRAPH_SPAN[m]))
+    span = GRAPH_SPAN.get(type(model).__name__)          # (by class: titans_lmm is a Titans too)
+    if span and cuda:                                     # a span never cuts a segment or a chunk in two
+        read = StreamGraphs(model, 64 * getattr(model.config, span))
     # On a GPU, a CUDA stream of its own: the cells' kernels run side by side (threads of one process). Not the
     # capture stream, which torch's pool of streams hands out again in turn: kernels on it would join a capture.
     stream = torch.cuda.Stream(device) if cuda else None
@@ -113,7 +114,8 @@ def read_cell(spec, lab):
                 row["wall"] = f"time: {predicted:,.0f} s predicted > {cap:.0f} s cap"
             else:
                 try:
-                    row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared, read), shared=shared)
+                    row.update(scale_read(model, task, L, batch, piece, device, 20_000 + L, shared, read),
+                               shared=shared)
                     last = (L, batch * L / row["tokens_per_s"])          # unrounded: row["seconds"] has 10 ms steps
                 except torch.OutOfMemoryError:
                     row["wall"] = "out of memory"

@@ -67,8 +67,9 @@ def locked(path):
 
 
 def load(path, preset, fresh):
-    """What `path` holds: {"runs": {run key: record}, "streams": [rows of --scale's reading]}. With fresh, the old file is kept under a new name and none
-    are used. A file that is not a results file of this preset stops the command with one line saying what to do."""
+    """What `path` holds: {"runs": {run key: record}, "streams": [rows of --scale's reading]}. With fresh, the old
+    file is kept under a new name and nothing is used. A file that is not a results file of this preset stops the
+    command with one line saying what to do."""
     if not os.path.exists(path):
         return {"runs": {}, "streams": []}
     if fresh:

@@ -15,7 +15,8 @@ def stored_run(**changes):
 def test_the_report_gives_the_mazes_path_bins_size_by_size():
     """The maze's table by path length: one row per model and maze size, never pooled over sizes (larger mazes
     have longer paths, so pooled bins would mix sizes: two seeds' rates at 8x8 are 1.0 and 0.0, kept apart from
-    6x6's); a bin no maze of a size falls in is left empty; the first bin starts at min_path, the shortest path drawn."""
+    6x6's); a bin no maze of a size falls in is left empty; the first bin starts at min_path, the shortest path
+    drawn."""
     runs = []
     for seed, rate in [(0, 1.0), (1, 0.0)]:
         metrics = {"6": {"token_acc": 0.9, "exact": 0.5, "by_path": {"20": [0.5, 4]}},

@@ -92,7 +92,7 @@ def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_pa
     run = dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights="attention.pt", train=[32, 64])
     read = []
 
-    def timed_read(model, task, length, batch, piece, device, seed, shared, stream=None):   # 4 ms at 1,000 tokens, as T^2
+    def timed_read(model, task, length, batch, piece, device, seed, shared, stream=None):   # 4 ms at 1,000 tokens
         read.append(length)
         seconds = 4e-3 * (length / 1000) ** 2
         return dict(token_acc=1.0, scored=1, tokens_per_s=batch * length / seconds, seconds=round(seconds, 2),
@@ -136,7 +136,8 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
 
     monkeypatch.setattr(scale, "scale_read", fake_read)
     rows = []
-    scale.read_streams(cells, [1000, 2000, 4000], ["cpu"], str(tmp_path), rows, lambda: saved.append(len(rows)), compare)
+    scale.read_streams(cells, [1000, 2000, 4000], ["cpu"], str(tmp_path), rows, lambda: saved.append(len(rows)),
+                       compare)
     batch, piece = scale.SCALE["examples"]["flipflop"], scale.SCALE["piece"]
     warm_ups, reads = [c for c in calls if c[5] == calls[0][5]], [c for c in calls if c[5] != calls[0][5]]
     assert [c[:5] for c in warm_ups] == [(name, 1000, batch, piece, "cpu") for name in ("Mamba", "Transformer")]
@@ -224,7 +225,8 @@ def test_scale_trains_keeps_the_weights_and_reads_streams(tmp_path, capsys, monk
     store.save_json(tmp_path / "b" / "scale.json", {**copied, "streams": []})   # the streams to be read again
     assert compare.main(argv + ["--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "lr sweep: 4 stored runs reused, 0 to train now" in out and "seeds: 2 stored runs reused, 0 to" in out and "0 cells read by an earlier command reused, 2 to" in out
+    assert "lr sweep: 4 stored runs reused, 0 to train now" in out and "seeds: 2 stored runs reused, 0 to" in out
+    assert "0 cells read by an earlier command reused, 2 to" in out
     again = json.load(open(tmp_path / "b" / "scale.json"))["streams"]    # the same weights read the same streams
     assert [(r["token_acc"], r["scored"]) for r in again] == [(r["token_acc"], r["scored"]) for r in streams]
     assert compare.main(argv + ["--out", str(tmp_path / "b")]) == 0         # and, read, are not read a third time
