@@ -87,9 +87,9 @@ def step_bench(command, lab):
     cells = [(m, t) for t in STEP_TASKS for m in (command.models if command.chosen_models else
                                                    on[t]["tasks"][t].models or on[t]["models"])
              if not lab.is_grid(t) or lab.reads_grids(m)]
-    heading = (f"## Training step: ms per optimiser step (batch {on['recall']['batch_size']}, the "
-               f"{'full and depth presets' if cuda else 'smoke preset'}'s sizes, the task's longest training length), "
-               "each model alone on the device")
+    sizes = "full and depth presets' sizes" if cuda else "smoke preset's sizes"
+    heading = (f"## Training step: ms per optimiser step (batch {on['recall']['batch_size']}, the {sizes}, the task's "
+               "longest training length), each model alone on the device")
     print(heading)
     rows = []
     for m, t in cells:
