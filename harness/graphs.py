@@ -1,8 +1,9 @@
 """CUDA graphs: the whole training step, and a recurrent model's `stream`, recorded once and replayed.
 
 The models are so small that an eager step is all kernel-launch overhead: replaying the step as one graph makes
-training 4-9x faster on a GPU (README, "Performance"). compare.train chooses this path in one line, on CUDA; the
-eager loop it replaces is what the code reads as, and tests/test_harness_graphs.py holds the two equal.
+training 3-6x faster on a GPU on the sequence tasks (results/README.md, "Performance"). compare.train chooses this
+path in one line, on CUDA; the eager loop it replaces is what the code reads as, and tests/test_harness_graphs.py
+holds the two equal.
 """
 import functools
 import threading
