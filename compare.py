@@ -39,6 +39,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -326,7 +327,7 @@ PRESETS = {
                              seeded=["attention", "attention_looped", "hrm"], model_options=HRM_SEGMENTS,
                              options=dict(n_train=300)),
         }),
-    "scale": dict(  # --scale trains these, keeps their weights, then reads SCALE's streams. BABILong's qa1 and qa2
+    "scale": dict(  # --scale trains these, keeps their weights, then reads long streams (harness/scale.py). BABILong's qa1 and qa2
         # rise through RMT's segment curriculum to 16 segments of 32 tokens (RMT's BABILong runs: 1 to 32 of 512)
         models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
@@ -403,12 +404,6 @@ def same_spec(saved, spec):
 DIVERGED = "diverged"   # what a diverged run shows in place of a metric
 
 
-def mean(values):
-    """The mean of the numbers among the values (skipping None and DIVERGED); nan when there is none."""
-    values = [v for v in values if isinstance(v, (int, float))]
-    return sum(values) / len(values) if values else float("nan")
-
-
 def dial_cell(run):
     """The cell of a run: (model, task), and for a run of the dial's other state sizes (model, task, size)."""
     return (run["model"], run["task"]) + ((tuple(run["dial"].items()),) if run.get("dial") else ())
@@ -430,8 +425,8 @@ def best_runs(runs, dial=False):
             rs = [r for r in by_lr[lr] if r["seed"] in sweep]
             if any(r.get("diverged_at") is not None for r in rs):
                 return -math.inf, -math.inf
-            return mean(r["val_token_acc"] for r in rs), -mean(math.inf if r["val_loss"] is None else r["val_loss"]
-                                                                for r in rs)   # None: an overflowed loss, the worst
+            return fmean(r["val_token_acc"] for r in rs), -fmean(math.inf if r["val_loss"] is None else r["val_loss"]
+                                                                  for r in rs)   # None: an overflowed loss, the worst
         best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
 
@@ -522,9 +517,10 @@ def run_phases(command, runs, save, workers, devices):
                   if rs[0].get("diverged_at") is None}
         specs = make_specs(command, phase, chosen)
         todo = [s for s in specs if not same_spec(runs.get(run_key(s)), s)]
-        stale = sum(run_key(s) in runs for s in todo)
-        print(f"{phase}: {len(specs) - len(todo)} stored runs reused, {len(todo)} to train now"
-              + (f" ({stale} because their settings differ from the stored ones)" if stale else ""))
+        stale = [s for s in todo if run_key(s) in runs]   # stored with other settings: trained again, replaced
+        changed = sorted({k for s in stale for k in s if k not in WHERE and runs[run_key(s)].get(k) != s[k]})
+        print(f"{phase}: {len(specs) - len(todo)} stored runs reused, {len(todo)} to train now" + (
+            f" ({len(stale)} because their settings differ from the stored ones: {', '.join(changed)})" if stale else ""))
         runner.run_all(todo, workers, devices, run_one, save)
         done.update({run_key(s): runs[run_key(s)] for s in specs})
     return list(done.values())
@@ -547,7 +543,11 @@ def main(argv=None):
                 if cuda else "CPU", torch=torch.__version__,
                 commit=store.git_commit(), dtype="bf16 autocast" if cuda else "fp32", lrs=command.lrs)
     if command.bench:
-        return bench.bench(command, meta, sys.modules[__name__])
+        try:
+            return bench.bench(command, meta, sys.modules[__name__])
+        except KeyboardInterrupt:
+            print("\nstopped: --bench writes its tables when it ends; nothing was saved")
+            return 130
     meta["path"] = path = os.path.join(command.out, f"{command.preset}.json")
     with store.locked(path):                        # one command at a time on a results file
         results = dict(store.load(path, command.preset, command.fresh), meta=meta)

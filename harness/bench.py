@@ -90,7 +90,7 @@ def step_bench(command, lab):
     sizes = "full and depth presets' sizes" if cuda else "smoke preset's sizes"
     heading = (f"## Training step: ms per optimiser step (batch {on['recall']['batch_size']}, the {sizes}, the task's "
                "longest training length), each model alone on the device")
-    print(heading)
+    print("training step, ms per optimiser step:")
     rows = []
     for m, t in cells:
         eager = step_row(lab, m, t, on[t], command.device, graphs=False, steps=(5, 45) if cuda else (2, 8))

@@ -1,5 +1,6 @@
 """The command line of compare.py: every flag checked, and each task asked whether it can make what the command
-will ask of it, before any training. Bad input stops the command with one line and exit status 2."""
+will ask of it, before any training. Bad input stops the command with one line and exit status 2 (a results file
+that cannot be used, or that another command holds, with exit status 1: harness/store.py)."""
 import argparse
 import os
 import sys
@@ -79,7 +80,9 @@ def parse_args(argv, lab):
                    help="comma-separated learning rates to sweep")
     p.add_argument("--steps", type=positive, help="override every task's number of training steps")
     p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
-                   "task's test lengths (with --bench: the lengths measured; with --scale: the streams' lengths)")
+                   "task's test lengths, in each task's own unit: copy's letters, recall's pairs, a maze's cells a side, "
+                   "Sudoku's rounds, tokens otherwise (copy generates its answers token by token: at hundreds of letters "
+                   "on a CPU, minutes a run). With --bench: the lengths measured; with --scale: the streams' lengths")
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
     p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: 4 per GPU, up "
                    "to 4 on a CPU; never more than the CPU cores). Processes take turns on a GPU, so more than a few "
@@ -101,6 +104,11 @@ def parse_args(argv, lab):
                 f"{torch.cuda.device_count()} CUDA GPU(s)")
     if args.scale and (args.preset or args.bench):
         p.error("--scale trains its own preset and measures its own costs; leave out --preset and --bench")
+    unused = [f"--{k.replace('_', '-')}" for k in ("tasks", "seeds", "lrs", "steps", "workers", "fresh")
+              if getattr(args, k) not in (None, False)]
+    if args.bench and unused:
+        p.error(f"--bench trains nothing and stores no runs: it takes --models, --test-lengths, --preset (the model "
+                f"size), --device and --out, not {', '.join(unused)}")
     name = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
     preset = lab.PRESETS[name]
     command = Command(   # with --scale the test lengths are the streams': the runs test at their training length
@@ -110,15 +118,16 @@ def parse_args(argv, lab):
         stream_lengths=args.test_lengths if args.scale else None, device="cpu" if device.type == "cpu" else str(device),
         workers=args.workers, out=args.out, fresh=args.fresh, bench=args.bench, scale=args.scale,
         line="python compare.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    for kind, names, known in [("model", command.models, lab.MODELS), ("task", command.tasks, tasks.TASKS)]:
+    for kind, names, known in [("model", command.models, lab.MODELS), ("task", command.tasks, offered)]:
         for n in names:
             if n not in known:
                 p.error(f"unknown {kind} {n!r}; choose from {', '.join(known)}")
     for t in command.tasks:
         if t not in preset["tasks"] and not args.bench:
-            has = [n for n, pr in lab.PRESETS.items() if t in pr["tasks"] and n != "scale" and not args.scale]
+            has = [f"--preset {n}" if n != "scale" else "--scale" for n, pr in lab.PRESETS.items()
+                   if t in pr["tasks"] and n != name]
             p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}"
-                    + (f" (try {' or '.join(f'--preset {n}' for n in has)})" if has else ""))
+                    + (f" (try {' or '.join(has)})" if has else ""))
     longest = max([lab.stages(preset["tasks"][t].train)[-1][1] for t in command.tasks if args.scale] or [0])
     if min(command.stream_lengths or [longest]) < longest:   # --scale reads no shorter than it trained
         p.error(f"--test-lengths with --scale are stream lengths, at least {longest} tokens (the longest training "
@@ -130,7 +139,7 @@ def parse_args(argv, lab):
             try:   # (a task's sequence is never shorter than its length: no need to make one to refuse it)
                 tokens = L if L > MAX_TEST_TOKENS else task.sample(1, L, 0)[0].shape[1]
             except ValueError as e:
-                p.error(str(e))
+                p.error(f"length {L} of {t} (--test-lengths, or the preset's): {e}")
             if tokens > MAX_TEST_TOKENS:
                 p.error(f"--test-lengths {L}: {t} at that length is at least {tokens:,} tokens, more than evaluate "
                         f"reads at once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")

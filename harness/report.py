@@ -107,7 +107,7 @@ def plot(path, panels, models, title=None):
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=p["legend"], frameon=False)
         ax.set(xscale=p.get("xscale", "log"), **{k: p[k] for k in ("title", "xlabel", "ylabel", "ylim", "yscale")
                                                   if k in p})
-        ax.minorticks_off()
+        ax.xaxis.minorticks_off()   # (a log y axis spanning less than a decade needs its minor ticks' labels)
         ax.set_xticks(p["xs"], [short(x) for x in p["xs"]], fontsize=7)
     if not any(p.get("legend") for p in panels):
         labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}

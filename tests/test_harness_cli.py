@@ -40,6 +40,13 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--models", "ssm,ssm"], "--models: ssm is given twice"),
     (["--lrs", "1e-3,"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e-3,'"),
     (["--model", "ssm"], "unrecognized arguments: --model ssm"),      # no prefix of --models is taken for it
+    (["--bench", "--tasks", "copy", "--seeds", "1"], "--bench trains nothing and stores no runs: it takes --models, "
+                                                      "--test-lengths, --preset (the model size), --device and --out, "
+                                                      "not --tasks, --seeds"),
+    (["--tasks", "babilong_qa1"], "no settings in preset 'smoke'; it has copy"),
+    (["--tasks", "babilong_qa1"], "(try --scale)"),
+    (["--tasks", "flipflop_sparse"], "unknown task 'flipflop_sparse'"),       # offered only where a preset has it
+    (["--tasks", "recall", "--test-lengths", "64"], "length 64 of recall (--test-lengths, or the preset's): recall:"),
     (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
                                                "smoke or --preset depth)"),
 ])

@@ -1,4 +1,6 @@
 """harness/report.py: the tables' cells and the report's tables from stored runs."""
+import math
+
 import compare
 from harness import report
 
@@ -38,3 +40,10 @@ def test_mean_spread_is_the_mean_and_half_the_range_over_seeds():
     assert report.mean_spread([0.5, None]) == "0.50"
     assert report.mean_spread([0.3, compare.DIVERGED, 0.5]) == "0.40±0.10 (1 diverged)"
     assert report.mean_spread([compare.DIVERGED]) == compare.DIVERGED and report.mean_spread([None]) == ""
+
+
+def test_mean_is_over_the_numbers_only():
+    """A metric over seeds (the figures' points): None (no such metric) and "diverged" are left out; nothing left is
+    nan."""
+    assert report.average([0.25, None, 0.75, compare.DIVERGED, 0.5]) == 0.5
+    assert math.isnan(report.average([None, compare.DIVERGED])) and math.isnan(report.average([]))
