@@ -588,3 +588,15 @@ def test_an_out_of_memory_test_length_is_that_models_wall(monkeypatch):
     meta = dict(preset="smoke", command="test", device_name="CPU", torch="-", commit="-", lrs=[3e-3])
     text, _ = report.report([record], meta, ["copy"], ["attention"], compare)
     assert "| out of memory | out of memory |" in text
+
+
+def test_make_specs_keeps_each_models_own_options_and_seeds_every_cell():
+    """The depth preset: HRM's own training segments reach its specs (and no one else's); the seeds phase runs
+    every seeded cell of every task given a rate, not only the last."""
+    command = parse(["--preset", "depth", "--device", "cpu", "--seeds", "0,1"])
+    sweep = compare.make_specs(command)
+    options = {(s["model"], s["task"]): s["model_options"] for s in sweep}
+    assert options["hrm", "maze"]["segments"] == 4 and "segments" not in options["attention", "maze"]
+    seeds = compare.make_specs(command, "seeds", {cell: 1e-3 for cell in options})
+    assert sorted((s["model"], s["task"]) for s in seeds) == sorted(
+        (m, t) for t, b in compare.PRESETS["depth"]["tasks"].items() for m in b.seeded)

@@ -47,3 +47,8 @@ def test_mean_is_over_the_numbers_only():
     nan."""
     assert report.average([0.25, None, 0.75, compare.DIVERGED, 0.5]) == 0.5
     assert math.isnan(report.average([None, compare.DIVERGED])) and math.isnan(report.average([]))
+
+
+def test_mean_spread_counts_each_label_apart():
+    assert report.mean_spread([0.5, "diverged", "out of memory"]) == "0.50 (1 diverged) (1 out of memory)"
+    assert report.mean_spread(["diverged", "out of memory"]) == "diverged, out of memory"
