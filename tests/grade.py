@@ -1,28 +1,37 @@
 """
-Grade a submission with this repository's tests, the grader-only oracles included: for instructors.
+Grade a submission: for instructors.
 
     python tests/grade.py SUBMISSION [--seeds 1234]   # SUBMISSION: a student's copy; its five model files are graded
     python tests/grade.py --seeds 0-199               # no submission: the original solutions, seed after seed
 
-It writes a fresh copy of this repository to a temporary folder (solutions in, tests/test_oracles.py included)
-and merges each of the submission's five model files into it (splice): the blanked functions, and every other
-statement, function, method or class the submission added or changed, are the submission's; the rest is ours.
-Then, once per seed with GRADE_SEED set (tests/conftest.py), it runs the five files' tests, tests/test_cores.py
-and tests/test_oracles.py there, and the isolated checks (below): the submission computes outputs, gradients and
-operation counts on this process's inputs in a child process, and this process compares them with its own
-reference, out of the submission's reach. A seed passes when both pass. Tests that draw nothing from GRADE_SEED
-(tests/test_cores.py, training, sizes, configs) run at the first seed only. With no submission it is the check
-that no correct solution fails at any seed. It exits non-zero when anything failed at any seed.
+It merges each of the submission's five model files into a copy of this repository in a temporary folder (splice):
+the blanked functions, and every other statement, function, method or class the submission added or changed, are
+the submission's; the rest is ours. Then, once per seed:
+- the isolated checks decide the grade: this process, its reference imported before any of the submission's code
+  runs, draws fresh inputs (not from the seed: from the operating system) and compares with its reference what a
+  confined child process computes on them with the submission's files: outputs and gradients in float64 on odd
+  shapes, float32 and bf16 autocast at lengths past 2,048 drawn anew each time, torch.no_grad(), a sequence in two
+  pieces with the state carried, RMT and HRM whole (the order of HRM's updates decides its logits), the operations
+  a core dispatches (no loop over time steps, no (T, T) work where it has chunks), SDPA, and the 'meta' device;
+- the suite (the five files' tests, tests/test_cores.py and tests/test_oracles.py with GRADE_SEED set, see
+  tests/conftest.py) is feedback for the student and a gate: the grader counts its report against the tests it
+  collects from its own files, so a failure, a missing test or an early exit fails the seed whatever the exit
+  status. Tests that draw nothing from GRADE_SEED run at the first seed only.
+A seed passes when both pass. With no submission it is the check that no correct solution fails at any seed. It
+exits non-zero when anything failed at any seed, and removes its temporary folder on every way out.
 """
 import argparse
 import ast
 import concurrent.futures
+import glob
 import os
+import pickle
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +44,27 @@ SEEDLESS = ("not trains_on_a_bench_task and not memory_does_not_grow and not dt_
 
 
 def seeds(text):
-    """"1234", "0-199" or "1,5,9" -> a list of ints."""
+    """"1234", "0-199" or "1,5,9" -> a list of ints; an empty item, a range that runs down or nothing at all is
+    refused (argparse.ArgumentTypeError, one line)."""
     out = []
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
-        out += list(range(int(first), int(last or first) + 1))
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} is not a seed or a range like 0-199") \
+                from None
+        if high < low:
+            raise argparse.ArgumentTypeError(f"the range {part.strip()} in {text!r} runs down: nothing to grade")
+        out += list(range(low, high + 1))
     return out
+
+
+def positive(text):
+    """An int >= 1, for --jobs."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def core_names(original, module):
@@ -162,14 +186,71 @@ def splice(original, submitted, module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The checks a submission cannot reach. pytest runs the submission inside the test process, where it could patch
-# the tests' helpers, torch.testing or the operation counter. So the verdict also needs these: this process draws
-# the inputs and weights, a child process with the submission's files (and the reference loops replaced by a
-# raise) computes the outputs, gradients and operation counts and hands them back as tensors (torch.save), and
-# this process compares them with its own reference, which the submission's code never runs beside.
+# The grade. pytest runs the submission inside the test process, where it can patch the tests, pytest's reports or
+# the exit status, so pytest is only a gate here (below). The verdict comes from the isolated checks: this process
+# imports its own reference before any of the submission's code runs and draws fresh inputs at every grading (from
+# the operating system's randomness: no seed a submission can know); a child process, confined (confine), runs the
+# submission on them one case at a time, so that no case exists in it before the one before is answered; this
+# process compares what comes back with its reference.
 # ---------------------------------------------------------------------------------------------------------
 
 REFERENCES = {"attention": "attention_ref", "ssm": "ssd_scan_ref", "titans": "neural_memory_ref"}
+REFUSED = {"subprocess.Popen": "start a process", "os.system": "start a process", "os.fork": "start a process",
+           "os.forkpty": "start a process", "os.exec": "start a process", "os.posix_spawn": "start a process",
+           "os.spawn": "start a process", "os.kill": "signal a process", "os.killpg": "signal a process",
+           "ctypes.dlopen": "load C code", "ctypes.dlsym": "call C code", "ctypes.dlsym/handle": "call C code",
+           "ctypes.call_function": "call C code", "ctypes.addressof": "read memory by address",
+           "ctypes.string_at": "read memory by address", "gc.get_objects": "search the process's objects",
+           "gc.get_referrers": "search the process's objects", "gc.get_referents": "search the process's objects"}
+CHANGES = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown", "os.link", "os.symlink",
+           "os.truncate", "os.utime", "os.chflags", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
+           "shutil.copytree", "shutil.move", "shutil.rmtree"}
+WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def confine(writable, hidden, refused):
+    """Confine this process before a submission's code runs in it, with an audit hook (which nothing can remove)
+    and the thread starters replaced: no file written or changed outside `writable` (folders), nothing under
+    `hidden` (the grader's repository: the solutions) read or listed, no other process's /proc entries, no
+    thread or process started, no C code loaded or called, no search of the objects in memory. Each refusal
+    raises PermissionError and is noted in `refused` (a list), which the child hands back with every case.
+    What Python alone cannot stop (code that rewrites this process's memory, or a compiled extension already
+    loaded) needs an operating-system sandbox; README, "For instructors"."""
+    import _thread
+    import threading
+    real = lambda p: os.path.realpath(os.fsdecode(p))                    # noqa: E731
+    writable = tuple(real(p) + os.sep for p in [*writable, os.devnull])
+    hidden = tuple(real(p) for p in hidden)
+    mine = f"/proc/{os.getpid()}"
+    def refuse(what):
+        refused.append(what)
+        raise PermissionError(f"grade: the submission's process may not {what}")
+    def under(path, roots):
+        return any(path == r.rstrip(os.sep) or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+    def hook(event, args):
+        if event in REFUSED:
+            refuse(REFUSED[event])
+        paths = []
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path, mode, flags = args
+            paths = [(path, bool(mode and set(mode) & set("wax+")) or bool((flags or 0) & WRITING))]
+        elif event in ("os.listdir", "os.scandir") and isinstance(args[0], (str, bytes, os.PathLike)):
+            paths = [(args[0], False)]
+        elif event in CHANGES:
+            paths = [(a, True) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
+        for path, write in paths:
+            where = real(path)
+            if under(where, hidden):
+                refuse(f"{'write' if write else 'read'} {os.fsdecode(path)} (the grader's repository)")
+            if where.startswith("/proc/") and where.split("/")[2].isdigit() and not under(where, [mine]):
+                refuse(f"read {os.fsdecode(path)} (another process)")
+            if write and not under(where, writable):
+                refuse(f"write {os.fsdecode(path)}")
+    sys.addaudithook(hook)
+    def no_thread(*args, **kwargs):
+        refuse("start a thread (a loop in another thread is out of the operation counter's sight)")
+    _thread.start_new_thread = _thread.start_new = threading._start_new_thread = no_thread
+    sys.dont_write_bytecode = True
 
 
 def without_references(text, module):
@@ -184,16 +265,25 @@ def without_references(text, module):
     return "".join(lines)
 
 
-def draw(seed):
-    """The grader's cases at a seed: [(what, case)], a case being a dict that the child can run: module, call (a
-    function, or a method of `model`), args, kwargs, and what to hand back (counted ops, a device)."""
+# Tolerances suited to each kind of case (rtol, atol x the scale of the expected values): float64 cores agree with
+# their loops to rounding; RMT and HRM build their RoPE tables in float32, where two correct spellings (cos/sin or
+# torch.polar) differ in the last bit (6e-8); float32 at long T rounds over thousands of steps; bf16 keeps 8 bits.
+TOLERANCE = dict(float64=(1e-8, 1e-10), model=(1e-6, 1e-6), float32=(1e-4, 1e-4), bf16=(3e-2, 3e-2))
+
+
+def draw(rng):
+    """The grader's cases, drawn from `rng` (a random.Random seeded from the operating system at each grading):
+    [(what, case)], a case being a dict the child can run: module, call (a function, or a method of `model`), args,
+    kwargs, and how (dtype: float32, or bf16 under autocast, with no gradients; no_grad; pieces: the time step at
+    which the sequence is cut in two, the state carried; count: operations counted; device)."""
     import hrm
     import rmt
-    def lengths(written):                          # tests/conftest.py's, at this seed
-        return written + sorted(random.Random(seed).sample(range(1, 150), 3))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(rng.getrandbits(62))
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)   # noqa: E731
+    def lengths(written, most=150):
+        return written + sorted(rng.sample(range(1, most), 3))
+    long_T = rng.randrange(2049, 3072)                 # past any fixed threshold a core might hide behind
     out = []
     for T in lengths([1, 13, 37]):
         for causal in (True, False):
@@ -201,27 +291,57 @@ def draw(seed):
                 out.append((f"attention.attention(T={T}, causal={causal}, window={window})",
                             dict(module="attention", call="attention", args=list(r(3, 2, 3, T, 8).unbind(0)),
                                  kwargs=dict(causal=causal, window=window))))
+    for how, window in (("float32", None), ("float32", rng.randrange(2, 600)), ("bf16", None)):
+        out.append((f"attention.attention(T={long_T}, window={window}) in {how}",
+                    dict(module="attention", call="attention", args=list(r(3, 1, 2, long_T, 8).unbind(0)),
+                         kwargs=dict(causal=True, window=window), dtype=how)))
+    out.append(("attention.attention(T=29, causal=True) under torch.no_grad()",
+                dict(module="attention", call="attention", args=list(r(3, 2, 2, 29, 8).unbind(0)),
+                     kwargs=dict(causal=True), no_grad=True)))
+    def ssm_args(T, strong=False):
+        A = -(u(3) + 0.1) * (8 if strong else 1)
+        return [r(2, T, 3, 5), F.softplus(r(2, T, 3) - 1), A, r(2, T, 4), r(2, T, 4)]
     for i, T in enumerate(lengths([1, 7, 64, 131])):
         for j, chunk in enumerate((1, 4, 16, 64)):
-            for given in [(i + j) % 2 == 1]:                 # with and without, every length and chunk size
-                x, dt, A, B, C, h0 = r(2, T, 3, 5), F.softplus(r(2, T, 3) - 1), -(u(3) + 0.1), r(2, T, 4), \
-                    r(2, T, 4), r(2, 3, 5, 4)
-                out.append((f"ssm.ssd_scan(T={T}, chunk_size={chunk}, initial_state={'given' if given else None})",
-                            dict(module="ssm", call="ssd_scan", args=[x, dt, A, B, C],
-                                 kwargs=dict(chunk_size=chunk, initial_state=h0 if given else None))))
+            given = (i + j) % 2 == 1                   # with and without, every length and chunk size
+            out.append((f"ssm.ssd_scan(T={T}, chunk_size={chunk}, initial_state={'given' if given else None})",
+                        dict(module="ssm", call="ssd_scan", args=ssm_args(T),
+                             kwargs=dict(chunk_size=chunk, initial_state=r(2, 3, 5, 4) if given else None))))
+    T, at = rng.randrange(40, 150), rng.randrange(1, 39)
+    out.append((f"ssm.ssd_scan(T={T}, chunk_size=16) in two pieces cut at t={at}, the state carried",
+                dict(module="ssm", call="ssd_scan", args=ssm_args(T), kwargs=dict(chunk_size=16, initial_state=None),
+                     pieces=at)))
+    out.append((f"ssm.ssd_scan(T={long_T}, chunk_size=64, strong decays) in float32",
+                dict(module="ssm", call="ssd_scan", args=ssm_args(long_T, strong=True),
+                     kwargs=dict(chunk_size=64, initial_state=None), dtype="float32")))
+    out.append(("ssm.ssd_scan(T=29, chunk_size=8) under torch.no_grad()",
+                dict(module="ssm", call="ssd_scan", args=ssm_args(29), kwargs=dict(chunk_size=8), no_grad=True)))
+    def titans_args(T, memory="mlp", momentum=True):
+        q, k = F.normalize(r(2, 2, T, 4), dim=-1), F.normalize(r(2, 2, T, 4), dim=-1)
+        gates = [0.03 * u(2, 2, T), 0.05 + 0.9 * u(2, 2, T), 0.1 * u(2, 2, T)]
+        weights = (0.3 * r(2, 2, 4, 4),) if memory == "linear" else (0.5 * r(2, 2, 4, 6), 0.3 * r(2, 2, 6, 4))
+        return [q, k, r(2, 2, T, 4), *gates, weights, tuple(0.1 * r(*W.shape) for W in weights) if momentum else None]
     for T in lengths([1, 13, 64]):
         for memory, chunk, clip, momentum in [("linear", 4, None, True), ("mlp", 1 if T < 64 else 2, 3.0, True),
                                               ("mlp", 16, None, False), ("mlp", 4, 0.5, True)]:
-            q, k = F.normalize(r(2, 2, T, 4), dim=-1), F.normalize(r(2, 2, T, 4), dim=-1)
-            gates = [0.03 * u(2, 2, T), 0.05 + 0.9 * u(2, 2, T), 0.1 * u(2, 2, T)]
-            weights = (0.3 * r(2, 2, 4, 4),) if memory == "linear" else (0.5 * r(2, 2, 4, 6), 0.3 * r(2, 2, 6, 4))
-            S0 = tuple(0.1 * r(*W.shape) for W in weights) if momentum else None
             out.append((f"titans.neural_memory({memory} memory, T={T}, chunk_size={chunk}, max_grad_norm={clip}, "
                         f"momentum={'given' if momentum else None})",
-                        dict(module="titans", call="neural_memory", args=[q, k, r(2, 2, T, 4), *gates, weights, S0],
+                        dict(module="titans", call="neural_memory", args=titans_args(T, memory, momentum),
                              kwargs=dict(chunk_size=chunk, max_grad_norm=clip))))
+    T, at = rng.randrange(40, 100), 8 * rng.randrange(1, 5)   # cut between chunks (inside one, the tokens after
+    # the cut would take their gradients at other weights than the whole sequence's)
+    out.append((f"titans.neural_memory(mlp memory, T={T}, chunk_size=8) in two pieces cut at t={at}, the state "
+                "carried", dict(module="titans", call="neural_memory", args=titans_args(T), kwargs=dict(chunk_size=8),
+                                pieces=at)))
+    T = rng.randrange(300, 500)
+    out.append((f"titans.neural_memory(mlp memory, T={T}, chunk_size=16) in float32",
+                dict(module="titans", call="neural_memory", args=titans_args(T), kwargs=dict(chunk_size=16),
+                     dtype="float32")))
+    out.append(("titans.neural_memory(T=29, chunk_size=8) under torch.no_grad()",
+                dict(module="titans", call="neural_memory", args=titans_args(29), kwargs=dict(chunk_size=8),
+                     no_grad=True)))
     def model(module, name, config):
-        torch.manual_seed(seed)
+        torch.manual_seed(rng.getrandbits(62))
         m = getattr(module, name)(getattr(module, name + "Config")(**config)).double()
         with torch.no_grad():                      # every weight drawn: no norm of 1 or bias of 0 hides a term
             for p in m.parameters():
@@ -240,21 +360,24 @@ def draw(seed):
         for causal in (True, False):
             config = dict(vocab_size=7, d_model=16, n_layers=4, n_heads=2, H_cycles=2, L_cycles=3, segments=2,
                           causal=causal, gradient=gradient)
-            out.append((f"hrm.HRM({gradient=}, {causal=}), 3 segments",
+            out.append((f"hrm.HRM({gradient=}, {causal=}), 3 segments (the order of its updates decides the logits)",
                         dict(model(hrm, "HRM", config), call="forward", args=[torch.randint(0, 7, (2, 11), generator=g)],
                              kwargs=dict(segments=3))))
+    out.append(("hrm.HRM, 2 segments under torch.no_grad()",
+                dict(model(hrm, "HRM", config), call="forward", args=[torch.randint(0, 7, (2, 11), generator=g)],
+                     kwargs=dict(segments=2), no_grad=True)))
     return out
 
 
-def counted():
-    """The cases whose operations are counted (tests/test_cores.py's rules 2 and 3, its inputs), and the cases
-    run on the data-free 'meta' device (rule 5), every default argument left to the core."""
+def counted(rng):
+    """The cases whose operations are counted (tests/test_cores.py's rules 2 and 3, on inputs drawn from `rng`),
+    and the cases run on the data-free 'meta' device (rule 5), every default argument left to the core."""
     import test_cores as tc
     out = []
     for name, (module, core, _, make, pairs, work) in tc.CORES.items():
         for rule, lengths in (("ops", pairs), ("work", work)):
             for T, options in lengths or []:
-                args, kwargs = make(T, "cpu", **options)
+                args, kwargs = make(T, "cpu", seed=rng.getrandbits(62), **options)
                 out.append((f"{module.__name__}.{core}(T={T}{tc.described(options)})",
                             dict(module=module.__name__, call=core, args=list(args), kwargs=kwargs, count=(name, rule))))
     meta = [("attention", dict(window=4)), ("attention", dict(causal=False)), ("attention", {}),
@@ -276,7 +399,7 @@ def prepared(module, case, device=None):
         name, config = case["model"]
         model = getattr(module, name)(getattr(module, name + "Config")(**config)).double()
         model.load_state_dict(case["state"])
-        leaves = list(model.parameters())
+        leaves = [] if case.get("no_grad") else list(model.parameters())
         args = [a.to(device) for a in case["args"]] if device else case["args"]
         return getattr(model.to(device) if device else model, case["call"]), args, case["kwargs"], leaves
     def leaf(t):
@@ -289,6 +412,31 @@ def prepared(module, case, device=None):
     return getattr(module, case["call"]), args, kwargs, leaves
 
 
+def in_pieces(fn, module, args, kwargs, at):
+    """A core called on time steps [0, at), then on the rest with the state it handed back (ssd_scan's final state,
+    neural_memory's weights and momentum): what streaming a sequence in pieces does."""
+    if module == "ssm":
+        x, dt, A, B, C = args
+        y1, h = fn(x[:, :at], dt[:, :at], A, B[:, :at], C[:, :at], **kwargs)
+        y2, h = fn(x[:, at:], dt[:, at:], A, B[:, at:], C[:, at:], **{**kwargs, "initial_state": h})
+        return torch.cat([y1, y2], 1), h
+    *seq, weights, momentum = args                     # titans: q, k, v and the gates, (B, H, T, ...)
+    y1, (weights, momentum) = fn(*[t[:, :, :at] for t in seq], weights, momentum, **kwargs)
+    y2, state = fn(*[t[:, :, at:] for t in seq], weights, momentum, **kwargs)
+    return torch.cat([y1, y2], 2), state
+
+
+def called(fn, case, args, kwargs):
+    """Run a case's call as the case says: under autocast (bf16) or torch.no_grad(), or in pieces."""
+    from contextlib import nullcontext
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if case.get("dtype") == "bf16" else \
+        torch.no_grad() if case.get("no_grad") else nullcontext()
+    with context:
+        if case.get("pieces"):
+            return in_pieces(fn, case["module"], args, kwargs, case["pieces"])
+        return fn(*args, **kwargs)
+
+
 def gradients(outs, case, leaves):
     """The gradients of sum(output * probe) w.r.t. the leaves (the probes: random, drawn by the grader)."""
     pairs = [(o, p) for o, p in zip(outs, case["probes"]) if o.shape == p.shape and o.requires_grad]
@@ -298,19 +446,28 @@ def gradients(outs, case, leaves):
     return [None if g is None else g.detach() for g in grads]
 
 
-def expected(cases, seed):
-    """This process's reference for every case (the reference loops; for RMT and HRM this repository's model),
-    and the probes of each case's outputs put into it."""
+def expected(cases, rng):
+    """This process's reference for every case (the reference loops; for RMT and HRM this repository's model, the
+    whole sequence at once), and the probes of each case's outputs put into it. A float32 or bf16 case's inputs are
+    rounded to float32 here, then compared in float64 with what the core makes of the float32 ones."""
     import importlib
-    from torch.utils._pytree import tree_flatten
-    g = torch.Generator().manual_seed(seed + 1)
+    from torch.utils._pytree import tree_flatten, tree_map
+    g = torch.Generator().manual_seed(rng.getrandbits(62))
     out = []
     for _, case in cases:
         if case.get("device"):
             out.append(None)
             continue
+        if case.get("dtype"):
+            to32 = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            case["args"], case["kwargs"] = tree_map(to32, case["args"]), tree_map(to32, case["kwargs"])
+            case["grad"] = False
         module = importlib.import_module(case["module"])
-        fn, args, kwargs, leaves = prepared(module, case)
+        fn, args, kwargs, leaves = prepared(module, {**case, "grad": case.get("grad", True)
+                                                     and not case.get("no_grad")})
+        if case.get("dtype"):
+            to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            args, kwargs = tree_map(to64, args), tree_map(to64, kwargs)
         if "model" not in case:
             fn = getattr(module, REFERENCES[case["module"]])
         outs = [t for t in tree_flatten(fn(*args, **kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -327,11 +484,14 @@ DIMS = {("attention", "attention"): ["BHTK"], ("ssm", "ssd_scan"): ["BTHK", "BHK
 
 
 def compare(cases, wanted, results):
-    """The failures, one line each: values against the reference, gradients, the operation-count rules of
-    tests/test_cores.py, SDPA, and the device."""
+    """The failures, one line each: what the process was refused, values against the reference, gradients, the
+    operation-count rules of tests/test_cores.py, SDPA, and the device."""
     from conftest import close
     failures, counts = [], {}
     for (what, case), want, got in zip(cases, wanted, results):
+        if got.get("refused"):
+            failures.append(f"{what}: the submission tried to {got['refused'][0]}; refused, and graded as failed")
+            continue
         if case.get("device") == "meta" and "error" in got and "see the docstring" not in got["error"] and (
                 got["error"].startswith("NotImplementedError") or "device" not in got["error"]):
             continue                      # it reads values back, so it cannot run on 'meta' (a skip in test_cores)
@@ -349,20 +509,25 @@ def compare(cases, wanted, results):
             continue
         if "count" in case:
             counts.setdefault(case["count"], []).append((what, got))
+        if case.get("no_grad") and any(got["requires_grad"]):
+            failures.append(f"{what}: an output requires grad: something turned gradients back on")
+            continue
+        rtol, atol = TOLERANCE[case.get("dtype") or ("model" if "model" in case else "float64")]
         try:
             (outs, grads), (g_outs, g_grads) = want, (got["outputs"], got["grads"])
             assert len(g_outs) == len(outs), f"{what}: {len(g_outs)} output tensors, expected {len(outs)}"
             dims = DIMS.get((case["module"], case["call"]), [])
             for i, (a, b) in enumerate(zip(g_outs, outs)):
-                close(a, b, f"{what}: output {i}", dims[i] if i < len(dims) and a.dim() == len(dims[i]) else "",
-                      rtol=1e-8, atol=1e-10)
+                scale = 1.0 if not case.get("dtype") else b.abs().max().item()
+                close(a.to(b.dtype) if a.shape == b.shape else a, b, f"{what}: output {i}",
+                      dims[i] if i < len(dims) and a.dim() == len(dims[i]) else "", rtol=rtol, atol=atol * scale)
             assert len(g_grads) == len(grads), f"{what}: no gradient reaches the inputs"
             for i, (a, b) in enumerate(zip(g_grads, grads)):
                 if (a is None) != (b is None):
                     raise AssertionError(f"{what}: input {i} {'gets no' if a is None else 'gets a'} gradient, "
                                          f"the reference's {'does' if a is None else 'does not'}")
                 if a is not None:
-                    close(a, b, f"{what}: the gradient w.r.t. input {i}", rtol=1e-8, atol=1e-10)
+                    close(a, b, f"{what}: the gradient w.r.t. input {i}", rtol=rtol, atol=atol)
         except AssertionError as e:
             failures.append(str(e))
     for (name, rule), ((what1, a), (what2, b)) in counts.items():
@@ -382,47 +547,105 @@ def compare(cases, wanted, results):
     return failures
 
 
-def isolated(repo, seed, first, modules=None):
-    """Grade the submission in `repo` at one seed by the checks above; the counted and 'meta' cases only at the
-    first seed (they draw nothing from it); only the cases of `modules` when given (the tests' shortcut).
-    Returns the failures."""
-    cases = [(what, case) for what, case in draw(seed) + (counted() if first else [])
+def send(pipe, obj):
+    """One message on a pipe: its length (8 bytes), then torch.save's bytes."""
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    pipe.write(len(buffer.getvalue()).to_bytes(8, "little") + buffer.getvalue())
+    pipe.flush()
+
+
+def receive(pipe):
+    """The next message on a pipe (None when it is closed); tensors, numbers and strings only (weights_only), so
+    nothing the submission made runs here."""
+    import io
+    head = pipe.read(8)
+    if len(head) < 8:
+        return None
+    return torch.load(io.BytesIO(pipe.read(int.from_bytes(head, "little"))), weights_only=True)
+
+
+def isolated(sealed, first, modules=None, rng=None):
+    """Grade the submission in `sealed` by the checks above, on cases drawn now (from `rng`, else the operating
+    system's randomness); the counted and 'meta' cases too when `first`; only the cases of `modules` when given (the
+    tests' shortcut). Returns the failures, one line each."""
+    rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
+    cases = [(what, case) for what, case in draw(rng) + (counted(rng) if first else [])
              if modules is None or case["module"] in modules]
     for _, case in cases:
         case.setdefault("grad", "count" not in case)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)              # tiny tensors: a second thread only waits (100x slower on a busy CPU)
     try:
-        wanted = expected(cases, seed)
+        wanted = expected(cases, rng)
     finally:
         torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="grade-child-") as tmp:
-        torch.save([case for _, case in cases], os.path.join(tmp, "cases.pt"))
-        run = subprocess.run([sys.executable, os.path.realpath(__file__), "--child", os.path.join(tmp, "cases.pt"),
-                              os.path.join(tmp, "results.pt"), repo], capture_output=True, text=True,
-                             env={**os.environ, "GRADE_SEED": str(seed)}, timeout=900)
-        if not os.path.exists(os.path.join(tmp, "results.pt")):
-            return [f"the submission's process ended without results (exit status {run.returncode}): "
-                    f"{run.stderr.strip()[-300:]}"]
-        results = torch.load(os.path.join(tmp, "results.pt"), weights_only=True)
-    if len(results) != len(cases):
-        return [f"the submission's process handed back {len(results)} results for {len(cases)} cases"]
+    with tempfile.TemporaryDirectory(prefix="grade-child-") as scratch, tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                 env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,
+                                      "TORCHINDUCTOR_CACHE_DIR": scratch})
+        timer = threading.Timer(900, child.kill)
+        timer.start()
+        results = []
+        try:
+            for _, case in cases:                  # one case at a time: the next exists only once this one is back
+                send(child.stdin, case)
+                results.append(receive(child.stdout))
+                if results[-1] is None:
+                    break
+        except (BrokenPipeError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            child.kill()
+            kind = "something other than plain tensors" if isinstance(e, pickle.UnpicklingError) else "no result"
+            return [f"the submission's process handed back {kind} for case {len(results)} of {len(cases)} "
+                    f"({cases[len(results) - 1][0] if results else cases[0][0]}); a tensor subclass or a result "
+                    "it wrote itself is refused"]
+        finally:
+            timer.cancel()
+            for pipe in (child.stdin, child.stdout):
+                pipe.close()
+            child.wait()
+        if len(results) < len(cases) or None in results:
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
+            return [f"the submission's process ended after {len([r for r in results if r])} of {len(cases)} cases "
+                    f"(exit status {child.returncode}) {tail[0][:300]}"]
+    bad = [what for (what, _), got in zip(cases, results) for t in got.get("outputs", []) + [
+        g for g in got.get("grads", []) if g is not None] if type(t) is not torch.Tensor]
+    if bad:
+        return [f"{bad[0]}: the submission handed back a tensor subclass, not a plain tensor; refused"]
     return compare(cases, wanted, results)
 
 
-def child(cases_path, results_path, repo):
-    """In the child process: run each case on the submission's files in `repo`, save what it computed."""
-    sys.path[:0] = [repo, os.path.join(repo, "tests")]
-    torch.set_num_threads(1)
+def child(sealed, scratch):
+    """In the child process: confined (it may write only in `scratch`, an empty folder of its own), the submission's
+    files in `sealed` imported, then each case read from the grader's pipe, run, and its results written back
+    before the next case is read."""
     from contextlib import nullcontext
-    from test_cores import Calls, Trace
     from torch.profiler import ProfilerActivity, profile
     from torch.utils._pytree import tree_flatten
     import importlib
-    results = []                              # (what the checks use is bound before the submission is imported)
-    for case in torch.load(cases_path, weights_only=True):
+    cases, results = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)           # the submission reads nothing from the grader
+    os.dup2(2, 1)                                           # and what it prints goes to stderr
+    refused = []
+    confine(writable=[scratch], hidden=[ma.ROOT], refused=refused)
+    sys.path[:] = [sealed, os.path.join(sealed, "tests")] + [p for p in sys.path if p and not os.path.realpath(
+        p).startswith(ma.ROOT)]
+    torch.set_num_threads(1)
+    from test_cores import Calls, Trace   # (what the checks use is bound before the submission is imported)
+    modules = {}
+    for name in REFERENCES.keys() | {"rmt", "hrm"}:
         try:
-            module = importlib.import_module(case["module"])
+            modules[name] = importlib.import_module(name)
+        except Exception as e:                                          # noqa: BLE001 -- the submission's error
+            modules[name] = f"importing {name}.py: {type(e).__name__}: {str(e)[:300]}"
+    while (case := receive(cases)) is not None:
+        try:
+            module = modules[case["module"]]
+            if isinstance(module, str):
+                raise ImportError(module)
             device = case.get("device")
             fn, args, kwargs, leaves = prepared(module, case, device)
             trace, calls = Trace(device), Calls()
@@ -430,19 +653,19 @@ def child(cases_path, results_path, repo):
             # dispatch modes switched off (which hides them from Trace) included.
             profiler = profile(activities=[ProfilerActivity.CPU]) if "count" in case else nullcontext()
             with profiler, calls, trace:
-                outs = tree_flatten(fn(*args, **kwargs))[0]
+                outs = tree_flatten(called(fn, case, args, kwargs))[0]
             result = dict(ops=trace.ops, elements=trace.elements, off_device=sorted(set(trace.off_device)),
                           profiled=sum(e.name.startswith("aten::") for e in profiler.events()) if "count" in case
-                          else 0,
-                          sdpa="scaled_dot_product_attention" in calls.names,
+                          else 0, sdpa="scaled_dot_product_attention" in calls.names,
                           devices=[str(t.device) for t in outs if isinstance(t, torch.Tensor)])
             if not device:
                 outs = [t for t in outs if isinstance(t, torch.Tensor)]
+                result["requires_grad"] = [o.requires_grad for o in outs]
                 result["outputs"], result["grads"] = [o.detach() for o in outs], gradients(outs, case, leaves)
         except Exception as e:                                          # noqa: BLE001 -- the submission's error
             result = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-        results.append(result)
-    torch.save(results, results_path)
+        result["refused"] = list(refused)
+        send(results, result)
 
 
 def copies(graded, work):
@@ -462,17 +685,83 @@ def copies(graded, work):
     return repo, sealed
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The gate: the suite as feedback for the student. The grader counts its outcome itself from a report that pytest
+# writes (JUnit XML) against the tests it collects from this repository's own files at the same seed: every test
+# there, none failed, skips only where tests/test_cores.py allows them ('meta'), and a report at all (an early exit
+# leaves none). A submission that forges the report still meets the isolated checks.
+# ---------------------------------------------------------------------------------------------------------
+
+def collected(tests, only, seed):
+    """The test ids pytest collects from this repository's files at this seed."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *only,
+                          *tests], cwd=ma.ROOT, capture_output=True, text=True,
+                         env={**os.environ, "GRADE_SEED": str(seed), "PYTHONDONTWRITEBYTECODE": "1"})
+    return {line.strip() for line in run.stdout.splitlines() if "::" in line}
+
+
+def gate(report, expected):
+    """What the suite's report says against the tests expected: "" when every one passed, else one line."""
+    import xml.etree.ElementTree as ET
+    try:
+        cases = list(ET.parse(report).iter("testcase"))
+    except (OSError, ET.ParseError):
+        return "the test run ended without its report (an early exit)"
+    seen, failed, skipped = set(), [], []
+    for case in cases:
+        name = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
+        seen.add(name)
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(name)
+        elif case.find("skipped") is not None and "meta" not in name:
+            skipped.append(name)
+    missing = expected - seen
+    if failed or skipped or missing:
+        return (f"{len(failed)} failed" + (f", {len(skipped)} skipped" if skipped else "") +
+                (f", {len(missing)} of {len(expected)} never ran" if missing else "") + " (counted by the grader)")
+    return ""
+
+
+def snapshot():
+    """The grader's own files and their bytes, to show the grading left them as they were."""
+    out = {}
+    for pattern in ma.SHIPPED + ma.INSTRUCTOR_ONLY:
+        for path in glob.glob(os.path.join(ma.ROOT, pattern)):
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, ma.ROOT)] = f.read()
+    return out
+
+
+def run_tests(work, repo, args):
+    """In the pytest process: confined (writes only under work's pytest-* folders), then pytest on `args`."""
+    import pytest
+    refused = []
+    confine(writable=[os.path.join(work, d) for d in os.listdir(work) if d.startswith("pytest-")],
+            hidden=[ma.ROOT], refused=refused)
+    os.chdir(repo)
+    sys.path[:] = [repo, os.path.join(repo, "tests")] + [p for p in sys.path if p and not os.path.realpath(
+        p).startswith(ma.ROOT)]
+    sys.exit(pytest.main(args))
+
+
 def main():
     if sys.argv[1:2] == ["--child"]:
-        return child(*sys.argv[2:5])
+        return child(*sys.argv[2:4])
+    if sys.argv[1:2] == ["--pytest"]:
+        return run_tests(sys.argv[2], sys.argv[3], sys.argv[4:])
     sys.path.insert(0, ma.ROOT)                                 # this process: this repository's modules
-    parser = argparse.ArgumentParser(description="Grade a submission (or the original solutions) over seeds.")
+    parser = argparse.ArgumentParser(description="Grade a submission (or the original solutions) over seeds.",
+                                     allow_abbrev=False)
     parser.add_argument("submission", nargs="?", help="a student's copy; none: the original solutions")
-    parser.add_argument("--seeds", type=seeds, default=seeds(os.environ.get("GRADE_SEED") or "1"),
-                        help="GRADE_SEED values: 1234, 0-199 or 1,5,9 (default: $GRADE_SEED or 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds graded at once (default 1)")
+    parser.add_argument("--seeds", type=seeds, default=os.environ.get("GRADE_SEED") or "1",
+                        help="GRADE_SEED values for the tests: 1234, 0-199 or 1,5,9 (default: $GRADE_SEED or 1); "
+                        "the isolated checks draw fresh inputs at every seed")
+    parser.add_argument("--jobs", type=positive, default=1, help="seeds graded at once (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and say where it is")
     args = parser.parse_args()
+    import attention, hrm, rmt, ssm, titans, conftest, test_cores      # noqa: E401,F401 -- the reference, first
+    before = snapshot()
     graded = {}
     for module in ma.MODULES:
         with open(os.path.join(ma.ROOT, module + ".py")) as f:
@@ -491,44 +780,63 @@ def main():
         if carried:
             print(f"{module}.py: graded with the submission's own {', '.join(carried)} (added or changed)")
     work = tempfile.mkdtemp(prefix="grade-")
+    try:
+        failed = grade_all(args, graded, work)
+        changed = sorted(k for k in before.keys() | snapshot().keys() if before.get(k) != snapshot().get(k))
+        if changed:
+            print(f"grade: the grader's repository changed while grading ({', '.join(changed[:5])}): nothing passes; "
+                  f"restore it (git checkout) before grading again")
+            failed = args.seeds
+        print(f"{len(args.seeds) - len(failed)} of {len(args.seeds)} seeds passed every test and every isolated check"
+              + (f"; failed at {', '.join(map(str, failed))}" if failed else ""))
+    except KeyboardInterrupt:
+        sys.exit("grade: interrupted; nothing graded is kept")
+    finally:
+        if args.keep:
+            print(f"the graded copy: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if failed else 0)
+
+
+def grade_all(args, graded, work):
+    """Grade every seed (args.jobs at once): the gate and the isolated checks; print a line per seed and what failed.
+    Returns the seeds that failed."""
     repo, sealed = copies(graded, work)
     def grade(i):
+        seed = args.seeds[i]
         tests, only = (TESTS, []) if i == 0 else (TESTS[:-1], ["-k", SEEDLESS])
-        env = {**os.environ, "GRADE_SEED": str(args.seeds[i]), "COLUMNS": "400"}   # COLUMNS: whole failure lines
+        tmp, report = os.path.join(work, f"pytest-{i}"), os.path.join(work, f"pytest-{i}", "report.xml")
+        os.makedirs(tmp)
+        env = {**os.environ, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tmp}
         if args.jobs > 1:
             env["OMP_NUM_THREADS"] = "1"
-        run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tb=line", "-rf", *only,
-                              *tests], cwd=repo, capture_output=True, text=True, env=env)
+        expected_tests = collected(tests, only, seed)
+        run = subprocess.run([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
+                              "no:cacheprovider", "--tb=line", "-rf", f"--basetemp={tmp}/t", f"--junitxml={report}",
+                              *only, *tests], cwd=repo, capture_output=True, text=True, env=env)
         try:
-            failures = isolated(sealed, args.seeds[i], i == 0)
+            failures = isolated(sealed, i == 0)
         except Exception as e:                                  # noqa: BLE001 -- results the grader cannot read
             failures = [f"the submission's results could not be compared: {type(e).__name__}: {e}"]
-        return run, failures
+        return run, gate(report, expected_tests), failures
     failed = []
     if args.jobs > 1:
         torch.set_num_threads(1)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for seed, (run, failures) in zip(args.seeds, pool.map(grade, range(len(args.seeds)))):
-            lines = run.stdout.strip().splitlines()
-            summary = lines[-1].strip("= ") if lines else run.stderr.strip()[-300:]
-            print(f"GRADE_SEED={seed}: {summary}; {len(failures) or 'no'} failure(s) in the isolated checks",
-                  flush=True)
-            if run.returncode or failures:
+        for seed, (run, verdict, failures) in zip(args.seeds, pool.map(grade, range(len(args.seeds)))):
+            print(f"GRADE_SEED={seed}: the tests: {verdict or 'all passed (counted by the grader)'}; the isolated "
+                  f"checks: {len(failures) or 'no'} failure(s)", flush=True)
+            if verdict or failures:
                 failed.append(seed)
-                for line in lines:
+                for line in run.stdout.splitlines():
                     if line.startswith("FAILED"):
                         print("  " + line[:600])
                 for line in failures[:20]:
                     print("  ISOLATED " + line[:600])
                 if len(failures) > 20:
                     print(f"  ... and {len(failures) - 20} more")
-    print(f"{len(args.seeds) - len(failed)} of {len(args.seeds)} seeds passed every test and every isolated check"
-          + (f"; failed at {', '.join(map(str, failed))}" if failed else ""))
-    if args.keep:
-        print(f"the graded copy: {repo}")
-    else:
-        shutil.rmtree(work)
-    sys.exit(1 if failed else 0)
+    return failed
 
 
 if __name__ == "__main__":

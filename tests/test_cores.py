@@ -60,22 +60,22 @@ class Calls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def attention_inputs(T, device="cpu", **options):
-    g = torch.Generator().manual_seed(0)
+def attention_inputs(T, device="cpu", seed=0, **options):
+    g = torch.Generator().manual_seed(seed)
     q, k, v = torch.randn(3, 1, 2, T, 8, generator=g, dtype=torch.float64).to(device).unbind(0)
     return (q, k, v), options
 
 
-def ssm_inputs(T, device="cpu", chunk_size=16):
-    g = torch.Generator().manual_seed(0)
+def ssm_inputs(T, device="cpu", chunk_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
     A = -torch.rand(2, generator=g, dtype=torch.float64).to(device) - 0.1
     return (r(1, T, 2, 4), F.softplus(r(1, T, 2) - 1), A, r(1, T, 4), r(1, T, 4)), \
         dict(chunk_size=chunk_size, initial_state=r(1, 2, 4, 4))
 
 
-def titans_inputs(T, device="cpu", chunk_size=16):
-    g = torch.Generator().manual_seed(0)
+def titans_inputs(T, device="cpu", chunk_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
     u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64).to(device)   # noqa: E731
     q, k = F.normalize(r(1, 2, T, 4), dim=-1), F.normalize(r(1, 2, T, 4), dim=-1)
