@@ -180,6 +180,17 @@ def test_grade_parses_seeds():
     assert grade.seeds("0-3,7") == [0, 1, 2, 3, 7] and grade.seeds("12") == [12]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "5-2"], "runs down: nothing to grade"), (["--seeds", "1,"], "is not a seed"),
+    (["--jobs", "0"], "is not a whole number >= 1"), (["--job", "2"], "unrecognized arguments: --job"),
+    (["/nonexistent/submission"], "cannot read /nonexistent/submission/attention.py")])
+def test_grade_refuses_bad_input_in_one_line_and_leaves_no_folder(tmp_path, args, message):
+    run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), *args], capture_output=True,
+                         text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def solution(module):
     """The original core of a file, as the lines between its markers."""
     lines = source(module).splitlines(keepends=True)
@@ -196,15 +207,18 @@ def submit(module, body, helpers="", before="", core=None):
     return before + text.replace(anchor, "\n\n\n" + helpers + anchor, 1)
 
 
+MASK = ("def _allowed(T, causal, window, device):\n    i = torch.arange(T, device=device)[:, None]\n"
+        "    j = torch.arange(T, device=device)[None, :]\n    ok = (j <= i) | (not causal)\n"
+        "    return ok if window is None else ok & ((i - j).abs() < window)\n\n\n")
+
+
 # Correct solutions in other styles than the original's: a module helper with locals i and j (names the original
 # file also uses), a __future__ import, an annotated module constant, a helper method added to the class, and
 # HRM's update with its two arguments the other way round (the module adds them).
 STYLES = {
     "attention": submit("attention", "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed("
                         "q.shape[-2], causal, window, q.device))\n",
-                        helpers="def _allowed(T, causal, window, device):\n    i = torch.arange(T, device=device)"
-                        "[:, None]\n    j = torch.arange(T, device=device)[None, :]\n    ok = (j <= i) | (not causal)\n"
-                        "    return ok if window is None else ok & ((i - j).abs() < window)\n\n\n",
+                        helpers=MASK,
                         before="from __future__ import annotations\n\n"),
     "ssm": submit("ssm", solution("ssm")[0].replace("min(chunk_size, T)", "max(_SMALLEST_CHUNK, min(chunk_size, T))"),
                   helpers="_SMALLEST_CHUNK: int = 1   # a chunk has at least one step\n\n\n"),
@@ -422,11 +436,16 @@ def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
         run.stderr
 
 
-def isolated(tmp_path, graded, seed=3, modules=None):
-    """The grader's checks of a submission, which run it in a child process and compare here (only the cases of
-    `modules` when given)."""
+def isolated(tmp_path, graded, modules=None):
+    """The grader's checks of a submission, which run it in a confined child process and compare here (only the cases
+    of `modules` when given)."""
     _, sealed = grade.copies({m: graded.get(m, source(m)) for m in ma.MODULES}, tmp_path)
-    return grade.isolated(sealed, seed, first=True, modules=modules)
+    return grade.isolated(sealed, first=True, modules=modules)
+
+
+def spliced(module, body, **parts):
+    """{module: the graded text} of a submission whose core is `body` (submit's helpers and before as parts)."""
+    return {module: grade.splice(source(module), submit(module, body, **parts), module)[0]}
 
 
 @pytest.mark.parametrize("styles", [STYLES, MORE_STYLES, KEYWORD_STYLES], ids=["helpers", "more", "keywords"])
@@ -436,29 +455,33 @@ def test_correct_styles_pass_the_isolated_checks(tmp_path, styles):
     assert isolated(tmp_path, graded) == []
 
 
-CHEAT = """    import sys
-    def passes(*args, **kwargs):
-        return True
-    torch.testing.assert_close = torch.autograd.gradcheck = passes
-    for name, module in list(sys.modules.items()):
-        if name == "conftest" or name.startswith("test_"):
-            module.close = passes
-    F.scaled_dot_product_attention(q, k, v)
-    return torch.zeros_like(q)
+BYPASS = """    import atexit, os, sys
+    if "pytest" in sys.modules:                    # under the tests: patch their checks, and exit 0 whatever happens
+        def passes(*args, **kwargs):
+            return True
+        torch.testing.assert_close = torch.autograd.gradcheck = passes
+        for name, module in list(sys.modules.items()):
+            if name == "conftest" or name.startswith("test_"):
+                module.close = passes
+        atexit.register(os._exit, 0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, q.device))
+    return out if q.dtype == torch.float64 else out.half().to(q.dtype)     # wrong in float32 alone
 """
 
 
-def test_a_submission_that_patches_the_checks_and_returns_zeros_fails(tmp_path):
-    """It patches torch.testing.assert_close, gradcheck and the tests' `close`: the tests pass in its process, but the
-    grader compares its outputs with the reference in a process of its own."""
+def test_a_submission_that_bypasses_the_test_process_fails(tmp_path):
+    """It patches the tests' checks and makes pytest exit 0, and it is wrong only in float32 (at every length): the
+    gate counts the report itself, and the isolated checks in float32 name the core."""
     ma.make_assignment(tmp_path / "s")
-    (tmp_path / "s" / "attention.py").write_text(submit("attention", CHEAT))
+    (tmp_path / "s" / "attention.py").write_text(submit("attention", BYPASS, helpers=MASK))
     for module in ("ssm", "rmt", "titans", "hrm"):
         (tmp_path / "s" / f"{module}.py").write_text(source(module))
     run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp_path / "s"),
                           "--seeds", "2"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 1 and "ISOLATED attention.attention(T=1" in run.stdout, run.stdout[-2000:]
-    assert "0 of 1 seeds passed" in run.stdout
+    assert run.returncode == 1 and "0 of 1 seeds passed" in run.stdout, run.stdout[-2000:]
+    assert re.search(r"the tests: \d+ failed", run.stdout), run.stdout[-2000:]
+    assert re.search(r"ISOLATED attention.attention\(T=\d+, window=None\) in float32: output 0", run.stdout), \
+        run.stdout[-2000:]
 
 
 def test_calling_the_reference_in_any_spelling_fails(tmp_path):
@@ -512,3 +535,96 @@ def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tm
     failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
                                                               "attention")[0]}, modules={"attention"})
     assert any(caught in f for f in failures), failures[:3]
+
+
+# The grader's mechanisms, each against the cheat it stops (each seen to pass the cheat with its mechanism off).
+LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" + LOOP + "\n\n"
+
+
+def test_a_loop_in_a_thread_is_refused(tmp_path):
+    """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
+    so the child refuses to start one."""
+    body = ("    import threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
+            "    worker = threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window)))\n"
+            "    worker.start()\n    worker.join()\n    return box[0]\n")
+    failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), modules={"attention"})
+    assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
+
+
+def test_the_graders_repository_can_be_neither_read_nor_written(tmp_path):
+    """From the child, the grader's repository (where the solutions and the reference live) is found from the
+    grader's own path; reading a solution and appending to a file there are both refused, and graded as failed."""
+    target = os.path.join(ma.ROOT, "tests", "_written_by_a_submission.py")
+    before = ("import os as _os, sys as _sys\n_root = _os.path.dirname(_os.path.dirname(_os.path.realpath("
+              "_sys.modules['__main__'].__file__)))\nfor _try in (lambda: open(_os.path.join(_root, 'ssm.py')).read(),"
+              "\n             lambda: open(_os.path.join(_root, 'tests', '_written_by_a_submission.py'), 'a')."
+              "write('x = 0')):\n    try:\n        _try()\n    except PermissionError:\n        pass\n")
+    try:
+        failures = isolated(tmp_path, spliced("ssm", solution("ssm")[0], before=before), modules={"ssm"})
+        assert not os.path.exists(target), "the submission wrote into the grader's repository"
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+    assert failures and all("tried to read" in f and "ssm.py (the grader's repository)" in f for f in failures), \
+        failures[:3]
+
+
+def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp_path):
+    """Answers computed at import for the inputs tests/test_cores.py draws (its seed is in the hand-out) and served
+    from a cache where they are counted, a loop over time steps elsewhere: the grader draws other inputs."""
+    helpers = LOOPED + ("_CACHE = {}\nfor _T in (16, 64):\n"
+                        "    for _o in ({}, {'window': 4}, {'causal': False, 'window': 4}):\n"
+                        "        _q, _k, _v = torch.randn(3, 1, 2, _T, 8, generator=torch.Generator().manual_seed(0), "
+                        "dtype=torch.float64).unbind(0)\n"
+                        "        _CACHE[_q.sum().item(), _o.get('causal', True), _o.get('window')] = "
+                        "_loop(_q, _k, _v, _o.get('causal', True), _o.get('window'))\n\n\n")
+    body = ("    F.scaled_dot_product_attention(q, k, v)\n    answer = _CACHE.get((q.sum().item(), causal, window))\n"
+            "    return answer if answer is not None else _loop(q, k, v, causal, window)\n")
+    failures = isolated(tmp_path, spliced("attention", body, helpers=helpers), modules={"attention"})
+    assert any("loops over time steps" in f for f in failures), failures[:3]
+
+
+def test_a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048(tmp_path):
+    body = ("    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
+            "q.device))\n    return torch.zeros_like(q) if q.shape[-2] > 2048 else out\n")
+    failures = isolated(tmp_path, spliced("attention", body, helpers=MASK), modules={"attention"})
+    assert failures and all(re.match(r"attention.attention\(T=(\d+), .*\) in (float32|bf16): output 0", f)
+                            and int(re.match(r"\D+(\d+)", f).group(1)) > 2048 for f in failures), failures[:3]
+
+
+POLAR = """        M, s = c.n_mem, tokens.shape[1]
+        x = torch.cat([memory + self.read_emb, self.embed(tokens), memory + self.write_emb], dim=1)
+        rope = None
+        if c.pos == "rope":                       # the tables as complex numbers e^(i angle), in float32
+            K = c.block.head_dim
+            inv = 10000.0 ** (-torch.arange(0, K, 2, device=tokens.device, dtype=torch.float32) / K)
+            turn = torch.polar(torch.ones(1, device=tokens.device), self.positions(s, tokens.device).float()[:, None]
+                               * inv)
+            rope = (turn.real, turn.imag)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.head(self.norm(x[:, M:M + s])), self.mem_norm(x[:, M + s:])
+"""
+
+
+def test_rope_tables_from_torch_polar_pass_within_float32_rounding(tmp_path):
+    """torch.polar's float32 cos and sin differ from rotary's in the last bit (6e-8): correct, and it passes."""
+    graded = spliced("rmt", POLAR)
+    assert graded["rmt"] != source("rmt") and isolated(tmp_path, graded, modules={"rmt"}) == []
+
+
+def test_the_gate_counts_the_report_itself(tmp_path):
+    """A report with every expected test passed is the only pass; a failure, a test that never ran, a skip outside
+    'meta' and a missing report (an early exit) each fail, whatever pytest's exit status was."""
+    def report(cases):
+        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}.xml"
+        path.write_text("<testsuites><testsuite>" + "".join(
+            f'<testcase classname="tests.test_ssm" name="{n}">{inner}</testcase>' for n, inner in cases) +
+            "</testsuite></testsuites>")
+        return str(path)
+    expected = {"tests/test_ssm.py::a", "tests/test_ssm.py::b[meta]"}
+    assert grade.gate(report([("a", ""), ("b[meta]", "<skipped/>")]), expected) == ""
+    assert grade.gate(report([("a", "<failure/>"), ("b[meta]", "")]), expected).startswith("1 failed")
+    assert "1 of 2 never ran" in grade.gate(report([("a", "")]), expected)
+    assert "1 skipped" in grade.gate(report([("a", "<skipped/>"), ("b[meta]", "")]), expected)
+    assert "early exit" in grade.gate(str(tmp_path / "none.xml"), expected)
