@@ -46,7 +46,7 @@ def close(actual, expected, what, dims="", rtol=1e-10, atol=1e-10):
         first = f"; the first wrong time step is t={bad.movedim(t_axis, 0).flatten(1).any(1).nonzero()[0].item()}"
     raise AssertionError(
         f"{what}: {bad.sum().item()} of {bad.numel()} values differ{first}; the worst at [{where}] is "
-        f"{actual.flatten()[worst].item():.6g}, expected {expected.flatten()[worst].item():.6g} (|diff| "
+        f"{actual.flatten()[worst].item():.10g}, expected {expected.flatten()[worst].item():.10g} (|diff| "
         f"{err.flatten()[worst].item():.3g}, allowed {atol:.0e} + {rtol:.0e} x |expected|)")
 
 

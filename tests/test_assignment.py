@@ -456,28 +456,25 @@ def test_correct_styles_pass_the_isolated_checks(tmp_path, styles):
 
 
 BYPASS = """    import atexit, os, sys
-    if "pytest" in sys.modules:                    # under the tests: patch their checks, and exit 0 whatever happens
-        def passes(*args, **kwargs):
-            return True
-        torch.testing.assert_close = torch.autograd.gradcheck = passes
-        for name, module in list(sys.modules.items()):
-            if name == "conftest" or name.startswith("test_"):
-                module.close = passes
-        atexit.register(os._exit, 0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, q.device))
-    return out if q.dtype == torch.float64 else out.half().to(q.dtype)     # wrong in float32 alone
+    if "PYTEST_CURRENT_TEST" in os.environ:        # under the tests: wrong at window 1, and pytest exits 0 anyway
+        atexit.register(os._exit, 0)
+        return torch.zeros_like(out) if window == 1 else out
+    return out if q.dtype == torch.float64 else out.half().to(q.dtype)     # elsewhere wrong in float32 alone
 """
 
 
 def test_a_submission_that_bypasses_the_test_process_fails(tmp_path):
-    """It patches the tests' checks and makes pytest exit 0, and it is wrong only in float32 (at every length): the
-    gate counts the report itself, and the isolated checks in float32 name the core."""
+    """Under pytest it is wrong at window 1 and makes pytest exit 0; elsewhere it is wrong only in float32 (which no
+    test of the suite checks): the gate counts the failures from the report itself, and the isolated checks in
+    float32 name the core."""
     ma.make_assignment(tmp_path / "s")
     (tmp_path / "s" / "attention.py").write_text(submit("attention", BYPASS, helpers=MASK))
     for module in ("ssm", "rmt", "titans", "hrm"):
         (tmp_path / "s" / f"{module}.py").write_text(source(module))
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}   # as an instructor runs it
     run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp_path / "s"),
-                          "--seeds", "2"], capture_output=True, text=True, timeout=600)
+                          "--seeds", "2"], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 1 and "0 of 1 seeds passed" in run.stdout, run.stdout[-2000:]
     assert re.search(r"the tests: \d+ failed", run.stdout), run.stdout[-2000:]
     assert re.search(r"ISOLATED attention.attention\(T=\d+, window=None\) in float32: output 0", run.stdout), \

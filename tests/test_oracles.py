@@ -21,8 +21,9 @@ def test_rmt_segment_step_is_read_segment_write(pos, s):
         x = block(x, rope)
     logits, new_memory = m.segment_step(tokens, memory)
     name = f"rmt.RMT.segment_step(pos={pos!r}, a segment of {s} of S=5 tokens, M=3)"
-    close(logits, m.head(m.norm(x[:, 3:3 + s])), f"{name}: the logits", "BTV", rtol=0, atol=1e-12)
-    close(new_memory, m.mem_norm(x[:, 3 + s:]), f"{name}: the next memory", "BMD", rtol=0, atol=1e-12)
+    # RoPE's tables are float32: another correct spelling of them (torch.polar) differs in their last bit, 6e-8
+    close(logits, m.head(m.norm(x[:, 3:3 + s])), f"{name}: the logits", "BTV", rtol=1e-6, atol=1e-6)
+    close(new_memory, m.mem_norm(x[:, 3 + s:]), f"{name}: the next memory", "BMD", rtol=1e-6, atol=1e-6)
 
 
 def hrm_by_hand(model, tokens, segments, gradient):
