@@ -24,6 +24,7 @@ Glossary (the same letters are used in all five files)
   loops      passes through the stack of Blocks (1: the plain Transformer); before each pass after the first the
              embedded input is added to the stream again, as HRM injects its input into every update
 """
+import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -252,6 +253,8 @@ class Transformer(nn.Module):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="A smoke run of the Transformer (parameters, the logits' shape), then "
+                                        "attention's largest difference from attention_ref's.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)

@@ -43,6 +43,7 @@ Glossary (B, T, D, H, V as in attention.py: H is the number of attention heads, 
   segment    H_cycles * L_cycles low-level and H_cycles high-level updates, in the order
              low..low high low..low high ...; logits = head(z_H)
 """
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -211,6 +212,8 @@ def training_memory(H_cycles, L_cycles, gradient="one_step", device="cpu", batch
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="A smoke run of HRM (parameters, the logits' shape), then the activations that "
+                                        "training saves against the number of cycles, for each gradient.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,6 +28,7 @@ Glossary
   bptt_depth k       None: full BPTT; k: the memory is detached every k segments (gradient windows of k)
   stream             reads a long stream in pieces, carrying only the memory: constant memory at any length
 """
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -139,6 +140,7 @@ class RMT(nn.Module):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="A smoke run of RMT: parameters, logits' shape, state size.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)

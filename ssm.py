@@ -32,6 +32,7 @@ Glossary (paper -> here)
   segsum(a)[i, j] = a_{j+1} + ... + a_i for j <= i (else -inf): the log of the decay from step j to i.
   We discretise B with an Euler step (dt * B), as Mamba-2 does; A's step is exact (exp(dt * A)).
 """
+import argparse
 import math
 import os
 import time
@@ -320,6 +321,8 @@ def benchmark(fn, b, T, H, K, N, device, repeats=5):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="A smoke run of Mamba (parameters, the logits' shape, the state size), then "
+                                        "ssd_scan timed against ssd_scan_ref, forward and backward.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ and `.sample(batch_size, length, seed=0, device="cpu") -> (x, y)`; `seed` is an 
 What `length` means is each task's own difficulty knob (the string length for copy, the sequence length for
 the rest). An impossible request raises ValueError with a message that says why.
 """
+import argparse
 import random
 from collections import deque
 from functools import partial
@@ -56,12 +57,14 @@ def rand_int(n, g):
 
 def render(task, x, y, b=0):
     """One example as text. A sequence: its tokens, each scored position followed by `->answer`. A grid task
-    (`causal = False`, the maze): the rows of its canvas, each scored square showing its target."""
+    (`causal = False`: the maze, the Sudoku): the rows of its canvas as given (x), and beside them the same rows with
+    each scored square showing its target (the path, the digits of the blanks)."""
     x, y = x[b].tolist(), y[b].tolist()
     if getattr(task, "causal", True):
         return " ".join(task.names[u] + (f"->{task.names[v]}" if v != IGNORE else "") for u, v in zip(x, y))
-    cells, side = [task.names[u if v == IGNORE else v] for u, v in zip(x, y)], task.canvas
-    return "\n".join(" ".join(cells[r * side:(r + 1) * side]) for r in range(side))
+    side, answer = task.canvas, [u if v == IGNORE else v for u, v in zip(x, y)]
+    return "\n".join("    ".join(" ".join(task.names[u] for u in grid[r * side:(r + 1) * side]) for grid in (x, answer))
+                     for r in range(side))
 
 
 class Copy:
@@ -626,7 +629,7 @@ class Sudoku:
     relabelling of the digits), `sample` makes fresh ones outside it.
 
     Example: a solved grid with two cells blanked needs one round (each blank is a naked single); shown are its
-    first three rows, x then y (`render` shows the whole grid with each blank's digit):
+    first three rows, x then y (`render` shows the whole puzzle beside its solution):
         x  5 3 . 6 7 8 9 1 2      y  . . 4 . . . . . .
            6 7 2 1 9 5 3 4 8         . . . . . . . . .
            1 9 8 3 . 2 5 6 7         . . . . 4 . . . .
@@ -784,6 +787,7 @@ TASKS = {
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="Prints one example of each task.").parse_args()   # no options but --help
     lengths = {"copy": 5, "mqar": 40, "recall": 4, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
                "babilong": 40, "babilong_qa1": 40, "babilong_qa2": 40, "maze": 4, "sudoku": 3}
     for name, make in TASKS.items():
@@ -791,7 +795,7 @@ if __name__ == "__main__":
         task = make(canvas=9) if name == "maze" else make(n_train=1) if name == "sudoku" else make()
         # The first seed whose example scores something: a short sparse flip-flop stream often has no read.
         seed = next(s for s in range(100) if (task.sample(1, n, s)[1] != IGNORE).any())
-        what = {"maze": f"{n}x{n} cells, canvas 9, the path drawn as o",
-                "sudoku": f"{n} rounds of singles, each blank showing its digit"}.get(name, f"length {n}")
+        what = {"maze": f"{n}x{n} cells, canvas 9, the maze and its path drawn as o",
+                "sudoku": f"{n} rounds of singles, the puzzle and its solution"}.get(name, f"length {n}")
         text = render(task, *task.sample(1, n, seed)).replace("\n", "\n    ")
         print(f"{name} (vocab {task.vocab_size}, {what}, seed {seed}):\n    {text}")

@@ -45,6 +45,7 @@ Glossary (paper -> here)
   stream                    reads a long stream in pieces, carrying per layer the memory (weights, momentum),
                             the conv's last inputs and the window's last keys and values: constant memory
 """
+import argparse
 import math
 import os
 import time
@@ -395,6 +396,8 @@ class Titans(nn.Module):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="A smoke run of Titans (parameters, the logits' shape, the state size), "
+                                        "then neural_memory timed against neural_memory_ref.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.set_flush_denormal(True)  # CPU: products of many decays underflow to subnormals, which are very slow

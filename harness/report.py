@@ -70,8 +70,8 @@ def short(n):
 
 
 def plot(path, panels, models, title=None):
-    """Panels side by side, log x unless a panel says otherwise; a colour per model of `models` in every figure,
-    other dashes for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
+    """Panels side by side, log x unless a panel says otherwise; a colour and a marker per model of `models` in every
+    figure, other dashes for a model's further lines in a panel; dotted verticals at a panel's `marks`."""
     panels = [p for p in panels if any(not math.isnan(average(v)) for values in p["lines"].values() for v in values)]
     plt = pyplot()
     if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
@@ -82,16 +82,21 @@ def plot(path, panels, models, title=None):
         drawn = []
         for label, values in p["lines"].items():
             label = label if isinstance(label, tuple) else (label,)
-            colour = f"C{list(models).index(label[0])}"
+            i = list(models).index(label[0])
+            # each line's points moved sideways on the page (up to 4 points from the last line's, 24 in all), so that
+            # equal values show side by side; the values (y) stay where they are
+            shift = ax.transData + plt.matplotlib.transforms.ScaledTranslation(
+                (len(drawn) - (len(p["lines"]) - 1) / 2) * min(4, 24 / len(p["lines"])) / 72, 0, fig.dpi_scale_trans)
             points = [(x, average(v)) for x, v in zip(p["xs"], values) if not math.isnan(average(v))]
             if points:
-                ax.plot(*zip(*points), marker="o", color=colour, ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4],
-                        label=", ".join(map(str, label)), zorder=3 + len(p["lines"]) - len(drawn))   # first on top
+                ax.plot(*zip(*points), marker="os^Dv<>pXP"[i % 10], color=f"C{i}",
+                        ls=("-", "--", ":", "-.")[drawn.count(label[0]) % 4], label=", ".join(map(str, label)),
+                        zorder=3 + len(p["lines"]) - len(drawn))[0].set_transform(shift)   # first on top
             spread = [(x, min(n), max(n)) for x, v in zip(p["xs"], values)
                       if len(n := [a for a in v if isinstance(a, (int, float))]) > 1]
             spread += [(x, *band) for x, band in zip(p["xs"], p.get("intervals", {}).get(label[0], [])) if band]
             if spread:   # the band: the lowest and highest seed, or a panel's intervals
-                ax.fill_between(*zip(*spread), color=colour, alpha=0.15, lw=0)
+                ax.fill_between(*zip(*spread), color=f"C{i}", alpha=0.15, lw=0).set_transform(shift)
             drawn.append(label[0])
         for mark in p.get("marks", []):   # a length, or (length, model): drawn in the model's colour
             x, m = mark if isinstance(mark, tuple) else (mark, None)
@@ -101,7 +106,7 @@ def plot(path, panels, models, title=None):
                             color="gray", xycoords=("data", "axes fraction"))
         if p.get("chance") is not None:
             ax.axhline(p["chance"], color="gray", ls="--", lw=0.8)
-            ax.annotate("chance", (1, p["chance"]), xytext=(-3, 3), textcoords="offset points", ha="right",
+            ax.annotate("chance", (1, p["chance"]), xytext=(-3, -3), textcoords="offset points", ha="right", va="top",
                         fontsize=7, color="gray", xycoords=("axes fraction", "data"))
         if p.get("legend"):   # under its own panel
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=p["legend"], frameon=False)
@@ -109,21 +114,28 @@ def plot(path, panels, models, title=None):
                                                   if k in p})
         ax.xaxis.minorticks_off()   # (a log y axis spanning less than a decade needs its minor ticks' labels)
         ax.set_xticks(p["xs"], [short(x) for x in p["xs"]], fontsize=7)
-    if not any(p.get("legend") for p in panels):
-        labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
-        axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6)   # every line's label, wherever it is
     if title:
         fig.suptitle(title, fontsize=8)
     if any(p.get("legend") for p in panels):   # the axes keep their size; the saved image takes the legends in
         fig.subplots_adjust(wspace=0.2)
-    else:
+    else:   # the panels laid out first, then every line's label beside them (the saved image takes it in)
         fig.tight_layout()
+        labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
+        axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1),
+                           ncol=1 + len(labelled) // 16, frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"plot: {path}")
 
 
-ACCURACY = dict(ylim=(-0.02, 1.02))
+ACCURACY = dict(ylim=(-0.03, 1.03))
+BANDS = "the mean over seeds, the band from the lowest seed to the highest"
+CAPTIONS = {   # what a report's figure plots (each line above where its runs were made)
+    "length": f"Token accuracy against test length (recall: key-value pairs): {BANDS};\n"
+              "dotted: the longest training length; dashed: chance (flip-flop's 0.5)",
+    "dial": f"Token accuracy against content, a line per state size: {BANDS}",
+    "segments": f"Exact match against test-time depth: {BANDS}",
+    "depth": f"Exact match by path length (maze) or by the depth of the deciding fact (BABILong): {BANDS}"}
 
 
 def report(runs, meta, task_names, model_names, lab):
@@ -141,6 +153,7 @@ def report(runs, meta, task_names, model_names, lab):
 
     def by_length(t, metric):   # a task's panel: a metric against test length (recall: content), a line per model
         return dict(title=t, xs=first[t]["test"], xlabel="key-value pairs" if t == "recall" else "test length",
+                    chance=0.5 if t == "flipflop" else None,
                     lines={m: [at(rs, L, metric) for L in first[t]["test"]] for m, rs in cells[t]},
                     ylabel="token accuracy", marks=[stages(first[t]["train"])[-1][1]], mark_label="longest trained",
                     **ACCURACY)
@@ -193,7 +206,7 @@ def report(runs, meta, task_names, model_names, lab):
                      ylabel="token accuracy (band: lowest to highest seed)",
                      lines={(m, f"{size.replace('default', 'default size')}: {state(rs):,} state floats"): accuracy(rs)
                             for m, size, rs in by_size}),
-                dict(ff, title="Filtering: flip-flop as the stream grows", legend=3, chance=0.5,
+                dict(ff, title="Filtering: flip-flop as the stream grows", legend=3,
                      xlabel="stream length in tokens (log scale)", mark_label="longest training stream",
                      ylabel="token accuracy (band: lowest to highest seed)")]
         parts += [f"## The dial on {t}: token accuracy against content, one row per state size", "",
@@ -210,8 +223,8 @@ def report(runs, meta, task_names, model_names, lab):
                     fixed = "" if all(r.get("diverged_at") is not None for r in rs) else ", fixed depth"
                     lines[(m, f"{size(L)}{fixed}")] = [at(rs, L, "exact")] * len(counts)
         figures.setdefault("segments", []).append(dict(
-            title=f"{t}: recurrent depth at test time", xs=counts, lines=lines, names=[f"{s} seg" for s in counts],
-            xlabel="test-time segments (HRM) or loops (looped Transformer)", ylabel="exact match", **ACCURACY))
+            title=t, xs=counts, lines=lines, names=[f"{s} seg" for s in counts],
+            xlabel="test-time segments (HRM)\nor loops (looped Transformer)", ylabel="exact match", **ACCURACY))
         parts += [f"## {t}: exact match against test-time segments (HRM) or loops (attention_looped)", "",
                   table(figures["segments"][-1:], first=("model", "size")), "",
                   "Training compute, Block applications per example (one forward, every supervised segment): "
@@ -227,8 +240,8 @@ def report(runs, meta, task_names, model_names, lab):
                                      r["metrics"][str(L)].get("by_path", {}).get(str(b), [None])[0] for r in rs]
                                     for b in xs] for m, rs in cells[t] for L in rs[0]["test"]}
             figures.setdefault("depth", []).append(dict(
-                title=f"{t}: exact match against path length", xs=xs, xscale="linear", ylabel="exact match",
-                xlabel=f"squares on the S-G path (bins of {lab.PATH_BIN}, from the value shown)", **ACCURACY,
+                title=f"{t}: by path length", xs=xs, xscale="linear", ylabel="exact match",
+                xlabel=f"squares on the S-G path\n(bins of {lab.PATH_BIN}, from the value shown)", **ACCURACY,
                 names=[f"{max(b, low)}-{b + lab.PATH_BIN - 1}" for b in xs], lines=lines))
             parts += [f"## {t}: exact match against path length (squares from S to G, both included)", "",
                       table(figures["depth"][-1:], first=("model", "size")), ""]
@@ -283,4 +296,4 @@ def publish(text, figures, runs, meta, lab):
     if "streams" in figures:
         title = f"trained on {title}; read on {meta['device_name']}, commit {meta['commit']}"
     for name, panels in figures.items():
-        plot(f"{out}_{name}.png", panels, lab.MODELS, title)
+        plot(f"{out}_{name}.png", panels, lab.MODELS, "\n".join(filter(None, [CAPTIONS.get(name), title])))

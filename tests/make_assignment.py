@@ -126,11 +126,12 @@ def make_assignment(dest, only=None):
 
 
 def parse_only(text):
-    """--only's value, "ssm,rmt" or "ssm, rmt", as a set of module names; MarkerError on anything else."""
-    only = {name.strip() for name in text.split(",") if name.strip()}
-    if not only or only - set(MODULES):
-        raise MarkerError(f"expected a comma-separated list of {', '.join(MODULES)}; got {text!r}")
-    return only
+    """--only's value, "ssm,rmt" or "ssm, rmt", as a set of module names; MarkerError on anything else (an empty
+    item, a name twice: as compare.py's lists)."""
+    names = [name.strip() for name in text.split(",")]
+    if set(names) - set(MODULES) or len(set(names)) < len(names):
+        raise MarkerError(f"expected a comma-separated list of {', '.join(MODULES)}, each once; got {text!r}")
+    return set(names)
 
 
 class Parser(argparse.ArgumentParser):

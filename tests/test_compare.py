@@ -124,8 +124,9 @@ def test_workers_are_capped_at_the_cores_and_workers_times_threads_never_exceeds
 
 
 @pytest.mark.parametrize("name", ["attention", "ssm", "rmt", "titans", "hrm"])
-def test_python_model_py_benchmarks_on_one_thread_unless_told_otherwise(name, monkeypatch):
-    """`python <model>.py` sets one torch thread before its work (torch itself reads OMP_NUM_THREADS when set)."""
+def test_python_model_py_benchmarks_on_one_thread_unless_told_otherwise(name, monkeypatch, capsys):
+    """`python <model>.py` sets one torch thread before its work (torch itself reads OMP_NUM_THREADS when set);
+    `python <model>.py --help` says what it does and exits 0 before any of it, and an unknown option exits 2."""
     class ThreadsSet(Exception):
         pass
 
@@ -133,6 +134,13 @@ def test_python_model_py_benchmarks_on_one_thread_unless_told_otherwise(name, mo
         raise ThreadsSet(n)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "set_num_threads", stop)              # stops the script where it sets them
+    for argv, code in [(["--help"], 0), (["-h"], 0), (["--steps", "2"], 2)]:
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(os.path.join(ROOT, f"{name}.py"), run_name="__main__")
+        assert exit.value.code == code
+    assert f"usage: {name}.py" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", [f"{name}.py"])
     with pytest.raises(ThreadsSet) as threads:
         runpy.run_path(os.path.join(ROOT, f"{name}.py"), run_name="__main__")
     assert threads.value.args == (1,)

@@ -52,3 +52,25 @@ def test_mean_is_over_the_numbers_only():
 def test_mean_spread_counts_each_label_apart():
     assert report.mean_spread([0.5, "diverged", "out of memory"]) == "0.50 (1 diverged) (1 out of memory)"
     assert report.mean_spread(["diverged", "out of memory"]) == "diverged, out of memory"
+
+
+def test_equal_lines_show_side_by_side_and_the_legend_covers_no_panel(tmp_path, monkeypatch):
+    """Two models at the same values: each its own marker, their points apart on the page at the same y (one does not
+    hide the other); the figure says what it plots, and the legend sits beside the panels, over none of them."""
+    plt = report.pyplot()
+    if plt is None:
+        return
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)   # keeps the figure to look at
+    panel = dict(title="flipflop", xs=[32, 256], lines={"ssm": [[1.0], [1.0]], "titans": [[1.0], [1.0]]}, ylim=(0, 1))
+    report.plot(str(tmp_path / "f.png"), [panel, dict(panel, title="again")], compare.MODELS,
+                report.CAPTIONS["length"])
+    (fig,) = figures
+    axes = fig.axes
+    ssm, titans = axes[0].get_lines()
+    assert ssm.get_marker() != titans.get_marker() and list(ssm.get_ydata()) == list(titans.get_ydata()) == [1.0, 1.0]
+    (x0, y0), (x1, y1) = ssm.get_transform().transform((32, 1.0)), titans.get_transform().transform((32, 1.0))
+    assert y0 == y1 and abs(x0 - x1) >= 3 * fig.dpi / 72                    # 4 points apart, more than 3
+    legend = axes[-1].get_legend().get_window_extent()
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in axes)
+    assert "band" in fig._suptitle.get_text() and "chance" in fig._suptitle.get_text()

@@ -1,11 +1,13 @@
 """tasks.py: determinism, vocabularies, answers that follow from the prefix alone, no leak, clear errors."""
 import hashlib
+import runpy
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+import tasks
 from tasks import IGNORE, TASKS, BabiLong, Maze, Sudoku, _canonical, render
 
 LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37,
@@ -335,15 +337,27 @@ def test_the_docstring_examples_are_what_render_prints_and_are_right(name):
 
 
 def test_the_maze_renders_its_path_on_the_grid():
-    """The maze's docstring example: render shows walls, S and G from x, and each open square's target, `o` on
-    the path."""
+    """The maze's docstring example: render shows the maze as given, and beside it walls, S and G from x and each
+    open square's target, `o` on the path."""
     task = Maze(canvas=5)
     grid = ["# # # # #", "# S . . #", "# # # . #", "# G . . #", "# # # # #"]
     path = ["# # # # #", "# S o o #", "# # # o #", "# G o o #", "# # # # #"]
     x = torch.tensor([[task.names.index(c) for row in grid for c in row.split()]])
     y = torch.tensor([[task.names.index(c) if g == "." else IGNORE for prow, grow in zip(path, grid)
                        for c, g in zip(prow.split(), grow.split())]])
-    assert render(task, x, y) == "\n".join(path)
+    assert render(task, x, y) == "\n".join(f"{g}    {p}" for g, p in zip(grid, path))
+
+
+def test_the_sudoku_renders_its_blanks_apart_from_its_givens():
+    """A puzzle beside its solution: the puzzle shows every blank as `.` and every given as itself, the solution
+    the same givens and a digit at every blank."""
+    task = Sudoku(n_train=1)
+    x, y = task.sample(1, 2, seed=0)
+    rows = [row.split("    ") for row in render(task, x, y).split("\n")]
+    puzzle, solution = [" ".join(r[0] for r in rows).split(), " ".join(r[1] for r in rows).split()]
+    assert puzzle == [task.names[u] for u in x[0].tolist()] and puzzle.count(".") == (y != IGNORE).sum() > 0
+    assert solution == [task.names[v if v != IGNORE else u] for u, v in zip(x[0].tolist(), y[0].tolist())]
+    assert "." not in solution
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -636,3 +650,12 @@ def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles
     deep.max_grids = 2
     with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 2 batches"):
         deep.sample(1, 40)
+
+
+def test_python_tasks_py_help_says_what_it_does_and_prints_no_example(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["tasks.py", "--help"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(tasks.__file__, run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and out.startswith("usage: tasks.py") and "example of each task" in out
+    assert "(vocab" not in out
