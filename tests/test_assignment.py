@@ -66,6 +66,9 @@ def test_never_writes_in_place_or_over_a_folder(tmp_path):
 
 def test_only_takes_a_list_with_or_without_spaces(tmp_path):
     assert ma.parse_only("ssm, rmt") == ma.parse_only("ssm,rmt") == {"ssm", "rmt"}
+    for bad in ("ssm,", "ssm,,rmt", "ssm,ssm", ""):
+        with pytest.raises(ma.MarkerError):
+            ma.parse_only(bad)
     script = os.path.join(ma.ROOT, "tests", "make_assignment.py")
     run = subprocess.run([sys.executable, script, str(tmp_path / "a"), "--only", "ssm, foo"], capture_output=True,
                          text=True)
