@@ -28,6 +28,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,22 @@ CHANGES = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.cho
            "os.truncate", "os.utime", "os.chflags", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
            "shutil.copytree", "shutil.move", "shutil.rmtree"}
 WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+LIVE = set()   # the processes this grader started and has not yet seen end: killed on the way out (main)
+
+
+def spawn(command, **options):
+    """subprocess.Popen, the process noted in LIVE."""
+    process = subprocess.Popen(command, **options)
+    LIVE.add(process)
+    return process
+
+
+def finished(command, **options):
+    """Run a command to its end; its stdout and stderr together, as text."""
+    process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options)
+    out = process.communicate()[0]
+    LIVE.discard(process)
+    return out
 
 
 def confine(writable, hidden, refused):
@@ -581,8 +598,9 @@ def isolated(sealed, first, modules=None, rng=None):
         wanted = expected(cases, rng)
     finally:
         torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="grade-child-") as scratch, tempfile.TemporaryFile() as errors:
-        child = subprocess.Popen([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch],
+    with tempfile.TemporaryDirectory(prefix="child-", dir=os.path.dirname(sealed)) as scratch, \
+            tempfile.TemporaryFile(dir=os.path.dirname(sealed)) as errors:      # (beside sealed: in the grader's folder)
+        child = spawn([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
                                  env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,
                                       "TORCHINDUCTOR_CACHE_DIR": scratch})
@@ -606,6 +624,7 @@ def isolated(sealed, first, modules=None, rng=None):
             for pipe in (child.stdin, child.stdout):
                 pipe.close()
             child.wait()
+            LIVE.discard(child)
         if len(results) < len(cases) or None in results:
             errors.seek(0)
             tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
@@ -694,10 +713,9 @@ def copies(graded, work):
 
 def collected(tests, only, seed):
     """The test ids pytest collects from this repository's files at this seed."""
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *only,
-                          *tests], cwd=ma.ROOT, capture_output=True, text=True,
-                         env={**os.environ, "GRADE_SEED": str(seed), "PYTHONDONTWRITEBYTECODE": "1"})
-    return {line.strip() for line in run.stdout.splitlines() if "::" in line}
+    out = finished([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *only, *tests],
+                   cwd=ma.ROOT, env={**os.environ, "GRADE_SEED": str(seed), "PYTHONDONTWRITEBYTECODE": "1"})
+    return {line.strip() for line in out.splitlines() if "::" in line}
 
 
 def gate(report, expected):
@@ -780,6 +798,14 @@ def main():
         if carried:
             print(f"{module}.py: graded with the submission's own {', '.join(carried)} (added or changed)")
     work = tempfile.mkdtemp(prefix="grade-")
+    def stop(*_):                   # a signal: the graders' processes and the temporary folder go, then this one
+        for process in list(LIVE):
+            process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+        print("grade: stopped; nothing graded is kept", file=sys.stderr, flush=True)
+        os._exit(130)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         failed = grade_all(args, graded, work)
         changed = sorted(k for k in before.keys() | snapshot().keys() if before.get(k) != snapshot().get(k))
@@ -789,8 +815,6 @@ def main():
             failed = args.seeds
         print(f"{len(args.seeds) - len(failed)} of {len(args.seeds)} seeds passed every test and every isolated check"
               + (f"; failed at {', '.join(map(str, failed))}" if failed else ""))
-    except KeyboardInterrupt:
-        sys.exit("grade: interrupted; nothing graded is kept")
     finally:
         if args.keep:
             print(f"the graded copy: {work}")
@@ -812,24 +836,24 @@ def grade_all(args, graded, work):
         if args.jobs > 1:
             env["OMP_NUM_THREADS"] = "1"
         expected_tests = collected(tests, only, seed)
-        run = subprocess.run([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
+        out = finished([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
                               "no:cacheprovider", "--tb=line", "-rf", f"--basetemp={tmp}/t", f"--junitxml={report}",
-                              *only, *tests], cwd=repo, capture_output=True, text=True, env=env)
+                              *only, *tests], cwd=repo, env=env)
         try:
             failures = isolated(sealed, i == 0)
         except Exception as e:                                  # noqa: BLE001 -- results the grader cannot read
             failures = [f"the submission's results could not be compared: {type(e).__name__}: {e}"]
-        return run, gate(report, expected_tests), failures
+        return out, gate(report, expected_tests), failures
     failed = []
     if args.jobs > 1:
         torch.set_num_threads(1)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for seed, (run, verdict, failures) in zip(args.seeds, pool.map(grade, range(len(args.seeds)))):
+        for seed, (out, verdict, failures) in zip(args.seeds, pool.map(grade, range(len(args.seeds)))):
             print(f"GRADE_SEED={seed}: the tests: {verdict or 'all passed (counted by the grader)'}; the isolated "
                   f"checks: {len(failures) or 'no'} failure(s)", flush=True)
             if verdict or failures:
                 failed.append(seed)
-                for line in run.stdout.splitlines():
+                for line in out.splitlines():
                     if line.startswith("FAILED"):
                         print("  " + line[:600])
                 for line in failures[:20]:

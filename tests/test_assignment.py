@@ -194,6 +194,22 @@ def test_grade_refuses_bad_input_in_one_line_and_leaves_no_folder(tmp_path, args
     assert list(tmp_path.iterdir()) == []
 
 
+def test_grade_stopped_by_a_signal_leaves_no_folder_and_no_process(tmp_path):
+    import signal
+    import time
+    run = subprocess.Popen([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), "--seeds", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "TMPDIR": str(tmp_path)})
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("grade-*/repo/tests")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)                                         # the tests have started
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "stopped; nothing graded is kept" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def solution(module):
     """The original core of a file, as the lines between its markers."""
     lines = source(module).splitlines(keepends=True)
