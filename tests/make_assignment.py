@@ -149,7 +149,7 @@ def only_type(text):
 
 def main(argv=None):
     p = Parser(prog="python tests/make_assignment.py", description="Write a student copy of this repository with the "
-               "vectorised cores blanked (see this file's docstring).")
+               "vectorised cores blanked (see this file's docstring).", allow_abbrev=False)
     p.add_argument("dest", metavar="DIR", help="a new (or empty) folder outside this repository")
     p.add_argument("--only", type=only_type, help=f"blank only these files' cores, comma-separated from: "
                    f"{', '.join(MODULES)} (default: all)")
