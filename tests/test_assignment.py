@@ -91,7 +91,7 @@ def test_help_is_help_and_an_unwritable_destination_is_one_line(tmp_path):
         assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
         assert run.stderr.startswith(f"make_assignment: cannot write the copy in {dest} (")
         assert run.stderr.endswith("choose a new folder that you can write to\n")
-    for argv in ([], ["a", "b"]):                                   # no folder, two folders: one line, status 2
+    for argv in ([], ["a", "b"], ["a", "--onl", "ssm"]):             # no folder, two, an abbreviation: one line
         run = make(*argv)
         assert run.returncode == 2 and run.stderr.startswith("make_assignment: ") and run.stderr.count("\n") == 1
 
