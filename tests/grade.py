@@ -583,13 +583,14 @@ def receive(pipe):
     return torch.load(io.BytesIO(pipe.read(int.from_bytes(head, "little"))), weights_only=True)
 
 
-def isolated(sealed, first, modules=None, rng=None):
+def isolated(sealed, first, keep=None, rng=None):
     """Grade the submission in `sealed` by the checks above, on cases drawn now (from `rng`, else the operating
-    system's randomness); the counted and 'meta' cases too when `first`; only the cases of `modules` when given (the
+    system's randomness); the counted and 'meta' cases too when `first`; only those for which keep(what, case) holds
+    when given (the
     tests' shortcut). Returns the failures, one line each."""
     rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
     cases = [(what, case) for what, case in draw(rng) + (counted(rng) if first else [])
-             if modules is None or case["module"] in modules]
+             if keep is None or keep(what, case)]
     for _, case in cases:
         case.setdefault("grad", "count" not in case)
     threads = torch.get_num_threads()
@@ -599,7 +600,7 @@ def isolated(sealed, first, modules=None, rng=None):
     finally:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="child-", dir=os.path.dirname(sealed)) as scratch, \
-            tempfile.TemporaryFile(dir=os.path.dirname(sealed)) as errors:      # (beside sealed: in the grader's folder)
+            tempfile.TemporaryFile(dir=os.path.dirname(sealed)) as errors:   # (beside sealed: the grader's folder)
         child = spawn([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
                                  env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,

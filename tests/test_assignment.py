@@ -458,11 +458,12 @@ def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
         run.stderr
 
 
-def isolated(tmp_path, graded, modules=None):
+def isolated(tmp_path, graded, module=None, counted=False):
     """The grader's checks of a submission, which run it in a confined child process and compare here (only the cases
-    of `modules` when given)."""
+    of `module` when given; only those whose operations are counted, with counted)."""
     _, sealed = grade.copies({m: graded.get(m, source(m)) for m in ma.MODULES}, tmp_path)
-    return grade.isolated(sealed, first=True, modules=modules)
+    return grade.isolated(sealed, first=True, keep=lambda what, case: module in (None, case["module"]) and (
+        not counted or "count" in case))
 
 
 def spliced(module, body, **parts):
@@ -508,7 +509,7 @@ def test_calling_the_reference_in_any_spelling_fails(tmp_path):
     alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n    return _fast(q, k, v, causal, window)\n")
     alias = alias.replace("\n\n\n# ---", "\n\n\n_fast = attention_ref\n\n\n# ---", 2)
     failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), alias, "attention")[0]},
-                        modules={"attention"})
+                        module="attention")
     assert failures and all("attention_ref is the reference loop" in f for f in failures
                             if f.startswith("attention.attention(")), failures[:3]
 
@@ -535,7 +536,8 @@ def test_a_loop_hidden_from_the_dispatch_counter_fails(tmp_path, body, caught):
     """A core that switches PyTorch's dispatch modes off (so the counting mode sees nothing) around a loop over
     time steps: its own loop is seen by the profiler (rule 2, counted a second way), the reference raises."""
     failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
-                                                              "attention")[0]}, modules={"attention"})
+                                                              "attention")[0]}, module="attention",
+                        counted=True)
     assert any(caught in f for f in failures), failures[:3]
 
 
@@ -552,7 +554,8 @@ def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tm
     body = (f"    import inspect, math\n    if {look}:\n"
             "        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)\n    if True:\n" + LOOP)
     failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
-                                                              "attention")[0]}, modules={"attention"})
+                                                              "attention")[0]}, module="attention",
+                        counted=True)
     assert any(caught in f for f in failures), failures[:3]
 
 
@@ -566,7 +569,7 @@ def test_a_loop_in_a_thread_is_refused(tmp_path):
     body = ("    import threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
             "    worker = threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window)))\n"
             "    worker.start()\n    worker.join()\n    return box[0]\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), modules={"attention"})
+    failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), module="attention")
     assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
 
 
@@ -579,7 +582,7 @@ def test_the_graders_repository_can_be_neither_read_nor_written(tmp_path):
               "\n             lambda: open(_os.path.join(_root, 'tests', '_written_by_a_submission.py'), 'a')."
               "write('x = 0')):\n    try:\n        _try()\n    except PermissionError:\n        pass\n")
     try:
-        failures = isolated(tmp_path, spliced("ssm", solution("ssm")[0], before=before), modules={"ssm"})
+        failures = isolated(tmp_path, spliced("ssm", solution("ssm")[0], before=before), module="ssm")
         assert not os.path.exists(target), "the submission wrote into the grader's repository"
     finally:
         if os.path.exists(target):
@@ -599,14 +602,14 @@ def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp_path):
                         "_loop(_q, _k, _v, _o.get('causal', True), _o.get('window'))\n\n\n")
     body = ("    F.scaled_dot_product_attention(q, k, v)\n    answer = _CACHE.get((q.sum().item(), causal, window))\n"
             "    return answer if answer is not None else _loop(q, k, v, causal, window)\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=helpers), modules={"attention"})
+    failures = isolated(tmp_path, spliced("attention", body, helpers=helpers), module="attention", counted=True)
     assert any("loops over time steps" in f for f in failures), failures[:3]
 
 
 def test_a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048(tmp_path):
     body = ("    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
             "q.device))\n    return torch.zeros_like(q) if q.shape[-2] > 2048 else out\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=MASK), modules={"attention"})
+    failures = isolated(tmp_path, spliced("attention", body, helpers=MASK), module="attention")
     assert failures and all(re.match(r"attention.attention\(T=(\d+), .*\) in (float32|bf16): output 0", f)
                             and int(re.match(r"\D+(\d+)", f).group(1)) > 2048 for f in failures), failures[:3]
 
@@ -629,7 +632,7 @@ POLAR = """        M, s = c.n_mem, tokens.shape[1]
 def test_rope_tables_from_torch_polar_pass_within_float32_rounding(tmp_path):
     """torch.polar's float32 cos and sin differ from rotary's in the last bit (6e-8): correct, and it passes."""
     graded = spliced("rmt", POLAR)
-    assert graded["rmt"] != source("rmt") and isolated(tmp_path, graded, modules={"rmt"}) == []
+    assert graded["rmt"] != source("rmt") and isolated(tmp_path, graded, module="rmt") == []
 
 
 def test_the_gate_counts_the_report_itself(tmp_path):
