@@ -586,8 +586,7 @@ def receive(pipe):
 def isolated(sealed, first, keep=None, rng=None):
     """Grade the submission in `sealed` by the checks above, on cases drawn now (from `rng`, else the operating
     system's randomness); the counted and 'meta' cases too when `first`; only those for which keep(what, case) holds
-    when given (the
-    tests' shortcut). Returns the failures, one line each."""
+    when given (the tests' shortcut). Returns the failures, one line each."""
     rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
     cases = [(what, case) for what, case in draw(rng) + (counted(rng) if first else [])
              if keep is None or keep(what, case)]
