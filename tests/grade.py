@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -225,11 +226,14 @@ def finished(command, **options):
     return out
 
 
-def confine(writable, hidden, refused):
+def confine(writable, hidden, refused, readable=(), strict=False):
     """Confine this process before a submission's code runs in it, with an audit hook (which nothing can remove)
     and the thread starters replaced: no file written or changed outside `writable` (folders), nothing under
     `hidden` (the grader's repository: the solutions) read or listed, no other process's /proc entries, no
-    thread or process started, no C code loaded or called, no search of the objects in memory. Each refusal
+    thread or process started, no C code loaded or called, no search of the objects in memory, no folder opened
+    outside `readable` and `writable` (a folder's descriptor opens files by relative names); with `strict` (the
+    child), no change of the working folder either, and a thread of its own looks for threads that slipped
+    through. Each refusal
     raises PermissionError and is noted in `refused` (a list), which the child hands back with every case.
     What Python alone cannot stop (code that rewrites this process's memory, or a compiled extension already
     loaded) needs an operating-system sandbox; README, "For instructors"."""
@@ -237,7 +241,7 @@ def confine(writable, hidden, refused):
     import threading
     real = lambda p: os.path.realpath(os.fsdecode(p))                    # noqa: E731
     writable = tuple(real(p) + os.sep for p in [*writable, os.devnull])
-    hidden = tuple(real(p) for p in hidden)
+    hidden, readable = tuple(real(p) for p in hidden), tuple(real(p) for p in [*readable, *writable])
     mine = f"/proc/{os.getpid()}"
     def refuse(what):
         refused.append(what)
@@ -247,6 +251,8 @@ def confine(writable, hidden, refused):
     def hook(event, args):
         if event in REFUSED:
             refuse(REFUSED[event])
+        if strict and event == "os.chdir":                 # relative names stay relative to the scratch folder
+            refuse("change its working folder")
         paths = []
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             path, mode, flags = args
@@ -257,6 +263,8 @@ def confine(writable, hidden, refused):
             paths = [(a, True) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
         for path, write in paths:
             where = real(path)
+            if event == "open" and os.path.isdir(where) and not under(where, readable):   # a folder's descriptor
+                refuse(f"open the folder {os.fsdecode(path)} (its descriptor would reach around these checks)")
             if under(where, hidden):
                 refuse(f"{'write' if write else 'read'} {os.fsdecode(path)} (the grader's repository)")
             if where.startswith("/proc/") and where.split("/")[2].isdigit() and not under(where, [mine]):
@@ -264,8 +272,17 @@ def confine(writable, hidden, refused):
             if write and not under(where, writable):
                 refuse(f"write {os.fsdecode(path)}")
     sys.addaudithook(hook)
+    thread = "start a thread (a loop in another thread is out of the operation counter's sight)"
     def no_thread(*args, **kwargs):
-        refuse("start a thread (a loop in another thread is out of the operation counter's sight)")
+        refuse(thread)
+    seen = "run Python in another thread (seen by the grader's watch)"
+    def look(main=threading.get_ident()):       # the thread starters of a fresh copy of _thread are not replaced:
+        while True:                            # so look every millisecond for any other thread running Python
+            if set(sys._current_frames()) - {main, threading.get_ident()} and seen not in refused:
+                refused.append(seen)
+            time.sleep(0.001)
+    if strict:
+        threading.Thread(target=look, daemon=True).start()
     _thread.start_new_thread = _thread.start_new = threading._start_new_thread = no_thread
     sys.dont_write_bytecode = True
 
@@ -507,7 +524,8 @@ def compare(cases, wanted, results):
     failures, counts = [], {}
     for (what, case), want, got in zip(cases, wanted, results):
         if got.get("refused"):
-            failures.append(f"{what}: the submission tried to {got['refused'][0]}; refused, and graded as failed")
+            failures.append(f"{what}: the submission tried to {'; to '.join(dict.fromkeys(got['refused']))}; refused, "
+                            "and graded as failed")
             continue
         if case.get("device") == "meta" and "error" in got and "see the docstring" not in got["error"] and (
                 got["error"].startswith("NotImplementedError") or "device" not in got["error"]):
@@ -600,7 +618,7 @@ def isolated(sealed, first, keep=None, rng=None):
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="child-", dir=os.path.dirname(sealed)) as scratch, \
             tempfile.TemporaryFile(dir=os.path.dirname(sealed)) as errors:   # (beside sealed: the grader's folder)
-        child = spawn([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch],
+        child = spawn([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch], cwd=scratch,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
                                  env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,
                                       "TORCHINDUCTOR_CACHE_DIR": scratch})
@@ -649,7 +667,7 @@ def child(sealed, scratch):
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)           # the submission reads nothing from the grader
     os.dup2(2, 1)                                           # and what it prints goes to stderr
     refused = []
-    confine(writable=[scratch], hidden=[ma.ROOT], refused=refused)
+    confine(writable=[scratch], hidden=[ma.ROOT], refused=refused, readable=[sealed], strict=True)
     sys.path[:] = [sealed, os.path.join(sealed, "tests")] + [p for p in sys.path if p and not os.path.realpath(
         p).startswith(ma.ROOT)]
     torch.set_num_threads(1)
@@ -755,9 +773,9 @@ def run_tests(work, repo, args):
     """In the pytest process: confined (writes only under work's pytest-* folders), then pytest on `args`."""
     import pytest
     refused = []
-    confine(writable=[os.path.join(work, d) for d in os.listdir(work) if d.startswith("pytest-")],
-            hidden=[ma.ROOT], refused=refused)
     os.chdir(repo)
+    confine(writable=[os.path.join(work, d) for d in os.listdir(work) if d.startswith("pytest-")],
+            hidden=[ma.ROOT], refused=refused, readable=[repo])
     sys.path[:] = [repo, os.path.join(repo, "tests")] + [p for p in sys.path if p and not os.path.realpath(
         p).startswith(ma.ROOT)]
     sys.exit(pytest.main(args))

@@ -565,30 +565,38 @@ LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" 
 
 def test_a_loop_in_a_thread_is_refused(tmp_path):
     """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
-    so the child refuses to start one."""
-    body = ("    import threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
-            "    worker = threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window)))\n"
-            "    worker.start()\n    worker.join()\n    return box[0]\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), module="attention")
-    assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
+    so the child refuses to start one, and a thread started from a fresh copy of _thread (whose starter the child
+    did not replace) is seen running by the child's watch."""
+    body = ("    import importlib, sys, threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
+            "    try:\n        threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window))).start()\n"
+            "    except PermissionError:\n        saved = sys.modules.pop('_thread')\n"
+            "        fresh, sys.modules['_thread'] = importlib.import_module('_thread'), saved\n"
+            "        fresh.start_new_thread(lambda: box.append(_loop(q, k, v, causal, window)), ())\n"
+            "    while not box:\n        pass\n    return box[0]\n")
+    failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
+    assert failures and all("tried to start a thread" in f and "to run Python in another thread (seen by the "
+                            "grader's watch)" in f for f in failures), failures[:3]
 
 
 def test_the_graders_repository_can_be_neither_read_nor_written(tmp_path):
     """From the child, the grader's repository (where the solutions and the reference live) is found from the
-    grader's own path; reading a solution and appending to a file there are both refused, and graded as failed."""
+    grader's own path; reading a solution, appending to a file there and opening a folder above it (whose
+    descriptor would open the solution by a relative name) are each refused, and graded as failed."""
     target = os.path.join(ma.ROOT, "tests", "_written_by_a_submission.py")
     before = ("import os as _os, sys as _sys\n_root = _os.path.dirname(_os.path.dirname(_os.path.realpath("
               "_sys.modules['__main__'].__file__)))\nfor _try in (lambda: open(_os.path.join(_root, 'ssm.py')).read(),"
               "\n             lambda: open(_os.path.join(_root, 'tests', '_written_by_a_submission.py'), 'a')."
-              "write('x = 0')):\n    try:\n        _try()\n    except PermissionError:\n        pass\n")
+              "write('x = 0'),\n             lambda: _os.open(_os.path.dirname(_root), _os.O_RDONLY)):\n"
+              "    try:\n        _try()\n    except PermissionError:\n        pass\n")
     try:
-        failures = isolated(tmp_path, spliced("ssm", solution("ssm")[0], before=before), module="ssm")
+        failures = isolated(tmp_path, spliced("ssm", solution("ssm")[0], before=before), module="ssm", counted=True)
         assert not os.path.exists(target), "the submission wrote into the grader's repository"
     finally:
         if os.path.exists(target):
             os.remove(target)
-    assert failures and all("tried to read" in f and "ssm.py (the grader's repository)" in f for f in failures), \
-        failures[:3]
+    assert failures and all(f"tried to read {os.path.join(ma.ROOT, 'ssm.py')} (the grader's repository); to write "
+                            f"{target} (the grader's repository); to open the folder {os.path.dirname(ma.ROOT)}" in f
+                            for f in failures), failures[:3]
 
 
 def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp_path):
