@@ -566,7 +566,7 @@ LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" 
 def test_a_loop_in_a_thread_is_refused(tmp_path):
     """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
     so the child refuses to start one, and a thread started from a fresh copy of _thread (whose starter the child
-    did not replace) is seen running by the child's watch."""
+    did not replace) is seen running by the child's watch (it looks every millisecond: soon, if not at once)."""
     body = ("    import importlib, sys, threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
             "    try:\n        threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window))).start()\n"
             "    except PermissionError:\n        saved = sys.modules.pop('_thread')\n"
@@ -574,8 +574,8 @@ def test_a_loop_in_a_thread_is_refused(tmp_path):
             "        fresh.start_new_thread(lambda: box.append(_loop(q, k, v, causal, window)), ())\n"
             "    while not box:\n        pass\n    return box[0]\n")
     failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
-    assert failures and all("tried to start a thread" in f and "to run Python in another thread (seen by the "
-                            "grader's watch)" in f for f in failures), failures[:3]
+    assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
+    assert any("to run Python in another thread (seen by the grader's watch)" in f for f in failures), failures[-3:]
 
 
 def test_the_graders_repository_can_be_neither_read_nor_written(tmp_path):
