@@ -301,8 +301,9 @@ def without_references(text, module):
 
 # Tolerances suited to each kind of case (rtol, atol x the scale of the expected values): float64 cores agree with
 # their loops to rounding; RMT and HRM build their RoPE tables in float32, where two correct spellings (cos/sin or
-# torch.polar) differ in the last bit (6e-8); float32 at long T rounds over thousands of steps; bf16 keeps 8 bits.
-TOLERANCE = dict(float64=(1e-8, 1e-10), model=(1e-6, 1e-6), float32=(1e-4, 1e-4), bf16=(3e-2, 3e-2))
+# torch.polar) differ in the last bit (6e-8), which segments, Blocks and gradients with random weights grow to 5e-6
+# (measured on 20 seeds: 1e-6 failed 4); float32 at long T rounds over thousands of steps; bf16 keeps 8 bits.
+TOLERANCE = dict(float64=(1e-8, 1e-10), model=(1e-4, 1e-5), float32=(1e-4, 1e-4), bf16=(3e-2, 3e-2))
 
 
 def draw(rng):
