@@ -237,6 +237,7 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     raises PermissionError and is noted in `refused` (a list), which the child hands back with every case.
     What Python alone cannot stop (code that rewrites this process's memory, or a compiled extension already
     loaded) needs an operating-system sandbox; README, "For instructors"."""
+    import _posixsubprocess
     import _thread
     import threading
     real = lambda p: os.path.realpath(os.fsdecode(p))                    # noqa: E731
@@ -276,14 +277,21 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     def no_thread(*args, **kwargs):
         refuse(thread)
     seen = "run Python in another thread (seen by the grader's watch)"
-    def look(main=threading.get_ident()):       # the thread starters of a fresh copy of _thread are not replaced:
-        while True:                            # so look every millisecond for any other thread running Python
+    born = "start a process (seen by the grader's watch)"
+    def look(main=threading.get_ident()):       # the starters of a fresh copy of _thread or _posixsubprocess are not
+        while True:                            # replaced: so look every millisecond for another thread, or a child
             if set(sys._current_frames()) - {main, threading.get_ident()} and seen not in refused:
                 refused.append(seen)
+            tasks = os.listdir(f"{mine}/task")
+            if born not in refused and any(open(f"{mine}/task/{t}/children").read() for t in tasks):
+                refused.append(born)
             time.sleep(0.001)
     if strict:
         threading.Thread(target=look, daemon=True).start()
     _thread.start_new_thread = _thread.start_new = threading._start_new_thread = no_thread
+    def no_process(*args, **kwargs):
+        refuse("start a process")
+    _posixsubprocess.fork_exec = no_process         # what subprocess and multiprocessing start processes with
     sys.dont_write_bytecode = True
 
 

@@ -578,6 +578,23 @@ def test_a_loop_in_a_thread_is_refused(tmp_path):
     assert any("to run Python in another thread (seen by the grader's watch)" in f for f in failures), failures[-3:]
 
 
+def test_a_process_is_refused(tmp_path):
+    """A helper process (started as multiprocessing starts one, without an audit event) could run anything: refused,
+    and one started from a fresh copy of _posixsubprocess is seen by the child's watch."""
+    body = ("    import importlib, multiprocessing.util, sys\n    command = [sys.executable, '-c', 'import time; "
+            "time.sleep(2)']\n    try:\n        multiprocessing.util.spawnv_passfds(sys.executable.encode(), command, "
+            "[])\n    except PermissionError:\n        saved = sys.modules.pop('_posixsubprocess')\n"
+            "        fresh, sys.modules['_posixsubprocess'] = importlib.import_module('_posixsubprocess'), saved\n"
+            "        sys.modules['_posixsubprocess'] = fresh\n        try:\n"
+            "            multiprocessing.util.spawnv_passfds(sys.executable.encode(), command, [])\n"
+            "        finally:\n            sys.modules['_posixsubprocess'] = saved\n"
+            "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
+            "q.device))\n")
+    failures = isolated(tmp_path, spliced("attention", body, helpers=MASK), module="attention", counted=True)
+    assert failures and all("tried to start a process;" in f for f in failures), failures[:3]
+    assert any("start a process (seen by the grader's watch)" in f for f in failures), failures[-3:]
+
+
 def test_the_graders_repository_can_be_neither_read_nor_written(tmp_path):
     """From the child, the grader's repository (where the solutions and the reference live) is found from the
     grader's own path; reading a solution, appending to a file there and opening a folder above it (whose
