@@ -441,7 +441,11 @@ def prepared(module, case, device=None):
     if "model" in case:
         name, config = case["model"]
         model = getattr(module, name)(getattr(module, name + "Config")(**config)).double()
-        model.load_state_dict(case["state"])
+        loaded = model.load_state_dict(case["state"], strict=False)   # buffers of its own (tables) are its own
+        missing = [k for k in loaded.missing_keys if k in dict(model.named_parameters())]
+        if missing or loaded.unexpected_keys:
+            raise RuntimeError(f"its {name}'s weights are not this repository's: missing {missing or 'none'}, "
+                               f"unexpected {loaded.unexpected_keys or 'none'}")
         leaves = [] if case.get("no_grad") else list(model.parameters())
         args = [a.to(device) for a in case["args"]] if device else case["args"]
         return getattr(model.to(device) if device else model, case["call"]), args, case["kwargs"], leaves
