@@ -809,8 +809,6 @@ def main():
     parser.add_argument("--jobs", type=positive, default=1, help="seeds graded at once (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and say where it is")
     args = parser.parse_args()
-    import attention, hrm, rmt, ssm, titans, conftest, test_cores      # noqa: E401,F401 -- the reference, first
-    before = snapshot()
     graded = {}
     for module in ma.MODULES:
         with open(os.path.join(ma.ROOT, module + ".py")) as f:
@@ -828,11 +826,17 @@ def main():
             sys.exit(f"grade: {path} cannot be graded{where}: {getattr(e, 'msg', e)}")
         if carried:
             print(f"{module}.py: graded with the submission's own {', '.join(carried)} (added or changed)")
+    # (the submission so far only read as text;) now the reference, before any of the submission's code runs
+    sys.pycache_prefix = tempfile.mkdtemp(prefix="grade-pycache-")     # the reference from its source, never from a
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix              # cached .pyc in the repository (a poisoned one)
+    import attention, hrm, rmt, ssm, titans, conftest, test_cores      # noqa: E401,F401 -- the reference, first
+    before = snapshot()
     work = tempfile.mkdtemp(prefix="grade-")
     def stop(*_):                   # a signal: the graders' processes and the temporary folder go, then this one
         for process in list(LIVE):
             process.kill()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(sys.pycache_prefix, ignore_errors=True)
         print("grade: stopped; nothing graded is kept", file=sys.stderr, flush=True)
         os._exit(130)
     signal.signal(signal.SIGTERM, stop)
@@ -851,6 +855,7 @@ def main():
             print(f"the graded copy: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(sys.pycache_prefix, ignore_errors=True)
     sys.exit(1 if failed else 0)
 
 
