@@ -278,12 +278,17 @@ def confine(writable, hidden, refused, readable=(), strict=False):
         refuse(thread)
     seen = "run Python in another thread (seen by the grader's watch)"
     born = "start a process (seen by the grader's watch)"
+    def children(task):
+        try:
+            with open(f"{mine}/task/{task}/children") as f:
+                return f.read()
+        except OSError:                        # a thread that ended since the listing (the watch must not die)
+            return ""
     def look(main=threading.get_ident()):       # the starters of a fresh copy of _thread or _posixsubprocess are not
         while True:                            # replaced: so look every millisecond for another thread, or a child
             if set(sys._current_frames()) - {main, threading.get_ident()} and seen not in refused:
                 refused.append(seen)
-            tasks = os.listdir(f"{mine}/task")
-            if born not in refused and any(open(f"{mine}/task/{t}/children").read() for t in tasks):
+            if born not in refused and any(children(t) for t in os.listdir(f"{mine}/task")):
                 refused.append(born)
             time.sleep(0.001)
     if strict:
@@ -654,6 +659,8 @@ def isolated(sealed, first, keep=None, rng=None):
             timer.cancel()
             for pipe in (child.stdin, child.stdout):
                 pipe.close()
+            if len(results) == len(cases) and None not in results:
+                child.kill()               # every case answered, nothing it does now counts (its exit took 0.7 s)
             child.wait()
             LIVE.discard(child)
         if len(results) < len(cases) or None in results:
@@ -868,21 +875,21 @@ def grade_all(args, graded, work):
         tests, only = (TESTS, []) if i == 0 else (TESTS[:-1], ["-k", SEEDLESS])
         tmp, report = os.path.join(work, f"pytest-{i}"), os.path.join(work, f"pytest-{i}", "report.xml")
         os.makedirs(tmp)
-        env = {**os.environ, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tmp}
-        if args.jobs > 1:
-            env["OMP_NUM_THREADS"] = "1"
-        expected_tests = collected(tests, only, seed)
-        out = finished([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
-                              "no:cacheprovider", "--tb=line", "-rf", f"--basetemp={tmp}/t", f"--junitxml={report}",
-                              *only, *tests], cwd=repo, env=env)
-        try:
-            failures = isolated(sealed, i == 0)
-        except Exception as e:                                  # noqa: BLE001 -- results the grader cannot read
-            failures = [f"the submission's results could not be compared: {type(e).__name__}: {e}"]
+        env = {**os.environ, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tmp,
+               "OMP_NUM_THREADS": "1"}          # tiny tensors, and the isolated checks run beside: a thread each
+        with concurrent.futures.ThreadPoolExecutor(1) as side:     # the isolated checks beside the tests
+            checks = side.submit(isolated, sealed, i == 0)
+            expected_tests = collected(tests, only, seed)
+            out = finished([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
+                            "no:cacheprovider", "--tb=line", "-rf", f"--basetemp={tmp}/t", f"--junitxml={report}",
+                            *only, *tests], cwd=repo, env=env)
+            try:
+                failures = checks.result()
+            except Exception as e:                              # noqa: BLE001 -- results the grader cannot read
+                failures = [f"the submission's results could not be compared: {type(e).__name__}: {e}"]
         return out, gate(report, expected_tests), failures
     failed = []
-    if args.jobs > 1:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for seed, (out, verdict, failures) in zip(args.seeds, pool.map(grade, range(len(args.seeds)))):
             print(f"GRADE_SEED={seed}: the tests: {verdict or 'all passed (counted by the grader)'}; the isolated "

@@ -2,10 +2,17 @@
 the student copy imports, its core tests fail with NotImplementedError and nothing else fails; putting the bodies
 back restores the original files; no line of a solution ships, nor the instructors' notes; bad markers, bad
 --only lists and unsafe destinations (a link into the repository too) are refused."""
+import concurrent.futures
 import os
+import pathlib
+import pickle
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -19,6 +26,78 @@ CORES = ["attention.attention", "hrm.HRM.segment", "rmt.RMT.segment_step", "ssm.
 def source(module):
     with open(os.path.join(ma.ROOT, module + ".py")) as f:
         return f.read()
+
+
+# Most tests below grade a submission, which starts Python processes that import torch: seconds each, on one core.
+# So that this work fills the cores while the rest of the suite runs, the grading of `test_X` is a job, `def X(tmp)`
+# above it: once the suite is collected, conftest.py starts the selected tests' jobs in one background process (this
+# file run as a script, a few jobs at a time) and runs those tests last; each reads its own result, done(X).
+JOBS = {}                # (job, parameter name) -> fn(tmp)
+BACKGROUND = {}          # the background process and its folder, once started
+
+
+def job(**params):
+    """Register a test's grading: fn(tmp), or with params one job per value, fn(tmp, value), read as done(fn, name)."""
+    def register(fn):
+        for name, value in params.items() or [(None, None)]:
+            JOBS[fn.__name__, name] = (lambda tmp, v=value: fn(tmp, v)) if params else fn
+        return fn
+    return register
+
+
+def result_path(key):
+    return os.path.join(BACKGROUND["folder"], f"{key[0]}-{key[1]}.pickle")
+
+
+def start(items):
+    """Start the jobs of these tests (conftest.py calls this once they are collected)."""
+    names = {item.originalname.removeprefix("test_") for item in items}
+    BACKGROUND["folder"] = folder = tempfile.mkdtemp(prefix="test-assignment-")
+    with open(os.path.join(folder, "log"), "w") as log:
+        BACKGROUND["process"] = subprocess.Popen([sys.executable, __file__, folder, *sorted(names)], stdout=log,
+                                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def stop():
+    """End the background process and remove its folder (conftest.py calls this at the end of the session)."""
+    if BACKGROUND:
+        BACKGROUND["process"].kill()
+        BACKGROUND["process"].wait()
+        shutil.rmtree(BACKGROUND["folder"], ignore_errors=True)
+
+
+def run_jobs(folder, names):
+    """In the background process: run the jobs of the named tests, a few at a time, each result (or its error)
+    pickled as it ends."""
+    BACKGROUND["folder"] = folder
+    def run(key):
+        os.makedirs(tmp := os.path.join(folder, f"{key[0]}-{key[1]}"))
+        try:
+            out = (True, JOBS[key](pathlib.Path(tmp)))
+        except BaseException:                                   # noqa: BLE001 -- handed to the test to fail with
+            out = (False, traceback.format_exc())
+        with open(result_path(key) + ".part", "wb") as f:
+            pickle.dump(out, f)
+        os.replace(result_path(key) + ".part", result_path(key))
+    with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(run, [key for key in JOBS if key[0] in names]))
+
+
+@pytest.fixture
+def done():
+    def result(fn, name=None):
+        path = result_path((fn.__name__, name))
+        while not os.path.exists(path):
+            if BACKGROUND["process"].poll() is not None and not os.path.exists(path):
+                with open(os.path.join(BACKGROUND["folder"], "log")) as log:
+                    pytest.fail(f"the background grading ended without this result:\n{log.read()[-3000:]}")
+            time.sleep(0.1)
+        with open(path, "rb") as f:
+            ok, value = pickle.load(f)
+        if not ok:
+            pytest.fail(f"its grading raised:\n{value}")
+        return value
+    return result
 
 
 def test_the_marked_regions_are_the_five_cores_and_short():
@@ -96,23 +175,32 @@ def test_help_is_help_and_an_unwritable_destination_is_one_line(tmp_path):
         assert run.returncode == 2 and run.stderr.startswith("make_assignment: ") and run.stderr.count("\n") == 1
 
 
-def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
-    dest = tmp_path / "student"
-    assert sorted(ma.make_assignment(dest)) == CORES
-    assert not (dest / "tests" / "make_assignment.py").exists()
-    env = {k: v for k, v in os.environ.items() if k != "GRADE_SEED"}
+@job()
+def student_copy_fails_exactly_at_the_blanked_cores(tmp):
+    """The student copy's cores, whether it ships make_assignment.py, its imports, the outcome of its suite by test,
+    and its model files."""
+    dest = tmp / "student"
+    cores = sorted(ma.make_assignment(dest))
+    env = {**{k: v for k, v in os.environ.items() if k != "GRADE_SEED"}, "OMP_NUM_THREADS": "1"}  # (beside others)
     imports = subprocess.run([sys.executable, "-c", "import attention, ssm, rmt, titans, hrm, tasks, compare"],
                              cwd=dest, capture_output=True, text=True, env=env)
-    assert imports.returncode == 0, imports.stderr
     # (not the bench's slow end-to-end runs: every one of them trains a model, which needs the blanked cores anyway)
     # (--tb=line: the ~250 failures' full tracebacks took half the time; the report keeps each failure's message)
     subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not slow", "--tb=line",
-                    f"--junitxml={tmp_path / 'r.xml'}"], cwd=dest, capture_output=True, env=env, timeout=600)
+                    f"--junitxml={tmp / 'r.xml'}"], cwd=dest, capture_output=True, env=env, timeout=600)
     outcome = {}
-    for case in ET.parse(tmp_path / "r.xml").iter("testcase"):
+    for case in ET.parse(tmp / "r.xml").iter("testcase"):
         failure = case.find("failure") if case.find("failure") is not None else case.find("error")
         name = case.get("classname").split(".")[-1] + "::" + case.get("name")
         outcome[name] = "pass" if failure is None else (failure.get("message") or "") + (failure.text or "")
+    return cores, (dest / "tests" / "make_assignment.py").exists(), imports, outcome, {
+        module: (dest / f"{module}.py").read_text() for module in ma.MODULES}
+
+
+def test_student_copy_fails_exactly_at_the_blanked_cores(done):
+    cores, ships_the_maker, imports, outcome, students = done(student_copy_fails_exactly_at_the_blanked_cores)
+    assert cores == CORES and not ships_the_maker
+    assert imports.returncode == 0, imports.stderr
     failures = {n: m for n, m in outcome.items() if m != "pass"}
     assert failures and all("NotImplementedError" in m for m in failures.values()), \
         {n: m[:200] for n, m in failures.items() if "NotImplementedError" not in m}
@@ -131,7 +219,7 @@ def test_student_copy_fails_exactly_at_the_blanked_cores(tmp_path):
 
     for module in ["attention", "ssm", "rmt", "titans", "hrm"]:     # the original bodies put back: the originals
         original = source(module).splitlines(keepends=True)
-        student = (dest / f"{module}.py").read_text().splitlines(keepends=True)
+        student = students[module].splitlines(keepends=True)
         for begin, end, _ in reversed(ma.regions(original, module)):
             raise_line = next(i for i, line in enumerate(student) if "raise NotImplementedError" in line
                               and student[:i] == original[:i])
@@ -471,11 +559,16 @@ def spliced(module, body, **parts):
     return {module: grade.splice(source(module), submit(module, body, **parts), module)[0]}
 
 
-@pytest.mark.parametrize("styles", [STYLES, MORE_STYLES, KEYWORD_STYLES], ids=["helpers", "more", "keywords"])
-def test_correct_styles_pass_the_isolated_checks(tmp_path, styles):
+@job(helpers=STYLES, more=MORE_STYLES, keywords=KEYWORD_STYLES)
+def correct_styles_pass_the_isolated_checks(tmp, styles):
     graded = {module: grade.splice(source(module), text, module)[0] for module, text in styles.items()}
-    assert styles is STYLES or all(graded[m] != source(m) for m in graded)     # every replace above took
-    assert isolated(tmp_path, graded) == []
+    return styles is STYLES or all(graded[m] != source(m) for m in graded), isolated(tmp, graded)
+
+
+@pytest.mark.parametrize("styles", ["helpers", "more", "keywords"])
+def test_correct_styles_pass_the_isolated_checks(done, styles):
+    every_replace_took, failures = done(correct_styles_pass_the_isolated_checks, styles)
+    assert every_replace_took and failures == []
 
 
 BYPASS = """    import atexit, os, sys
@@ -487,29 +580,38 @@ BYPASS = """    import atexit, os, sys
 """
 
 
-def test_a_submission_that_bypasses_the_test_process_fails(tmp_path):
+@job()
+def a_submission_that_bypasses_the_test_process_fails(tmp):
+    ma.make_assignment(tmp / "s")
+    (tmp / "s" / "attention.py").write_text(submit("attention", BYPASS, helpers=MASK))
+    for module in ("ssm", "rmt", "titans", "hrm"):
+        (tmp / "s" / f"{module}.py").write_text(source(module))
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}   # as an instructor runs it
+    return subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp / "s"),
+                           "--seeds", "2"], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_a_submission_that_bypasses_the_test_process_fails(done):
     """Under pytest it is wrong at window 1 and makes pytest exit 0; elsewhere it is wrong only in float32 (which no
     test of the suite checks): the gate counts the failures from the report itself, and the isolated checks in
     float32 name the core."""
-    ma.make_assignment(tmp_path / "s")
-    (tmp_path / "s" / "attention.py").write_text(submit("attention", BYPASS, helpers=MASK))
-    for module in ("ssm", "rmt", "titans", "hrm"):
-        (tmp_path / "s" / f"{module}.py").write_text(source(module))
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}   # as an instructor runs it
-    run = subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp_path / "s"),
-                          "--seeds", "2"], capture_output=True, text=True, timeout=600, env=env)
+    run = done(a_submission_that_bypasses_the_test_process_fails)
     assert run.returncode == 1 and "0 of 1 seeds passed" in run.stdout, run.stdout[-2000:]
     assert re.search(r"the tests: \d+ failed", run.stdout), run.stdout[-2000:]
     assert re.search(r"ISOLATED attention.attention\(T=\d+, window=None\) in float32: output 0", run.stdout), \
         run.stdout[-2000:]
 
 
-def test_calling_the_reference_in_any_spelling_fails(tmp_path):
-    """An alias of attention_ref made at import, plus a dummy SDPA call: the reference raises in the child."""
+@job()
+def calling_the_reference_in_any_spelling_fails(tmp):
     alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n    return _fast(q, k, v, causal, window)\n")
     alias = alias.replace("\n\n\n# ---", "\n\n\n_fast = attention_ref\n\n\n# ---", 2)
-    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), alias, "attention")[0]},
-                        module="attention")
+    return isolated(tmp, {"attention": grade.splice(source("attention"), alias, "attention")[0]}, module="attention")
+
+
+def test_calling_the_reference_in_any_spelling_fails(done):
+    """An alias of attention_ref made at import, plus a dummy SDPA call: the reference raises in the child."""
+    failures = done(calling_the_reference_in_any_spelling_fails)
     assert failures and all("attention_ref is the reference loop" in f for f in failures
                             if f.startswith("attention.attention(")), failures[:3]
 
@@ -525,37 +627,39 @@ LOOP = """        T, K = q.shape[-2], q.shape[-1]
 """
 
 
-@pytest.mark.parametrize("body, caught", [
-    ("    import math\n    F.scaled_dot_product_attention(q, k, v)\n    with torch._C._DisableTorchDispatch():\n"
-     + LOOP, "out of the counter's sight"),
-    ("    from torch.utils._python_dispatch import _disable_current_modes\n    F.scaled_dot_product_attention(q, k, v)"
-     "\n    with _disable_current_modes():\n        return attention_ref(q, k, v, causal, window)\n",
-     "attention_ref is the reference loop"),
-], ids=["own_loop", "reference"])
-def test_a_loop_hidden_from_the_dispatch_counter_fails(tmp_path, body, caught):
+@job(own_loop="    import math\n    F.scaled_dot_product_attention(q, k, v)\n    with torch._C._DisableTorchDispatch():\n"
+     + LOOP, reference="    from torch.utils._python_dispatch import _disable_current_modes\n"
+     "    F.scaled_dot_product_attention(q, k, v)\n    with _disable_current_modes():\n"
+     "        return attention_ref(q, k, v, causal, window)\n")
+def a_loop_hidden_from_the_dispatch_counter_fails(tmp, body):
+    return isolated(tmp, spliced("attention", body), module="attention", counted=True)
+
+
+@pytest.mark.parametrize("cheat, caught", [("own_loop", "out of the counter's sight"),
+                                           ("reference", "attention_ref is the reference loop")])
+def test_a_loop_hidden_from_the_dispatch_counter_fails(done, cheat, caught):
     """A core that switches PyTorch's dispatch modes off (so the counting mode sees nothing) around a loop over
     time steps: its own loop is seen by the profiler (rule 2, counted a second way), the reference raises."""
-    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
-                                                              "attention")[0]}, module="attention",
-                        counted=True)
+    failures = done(a_loop_hidden_from_the_dispatch_counter_fails, cheat)
     assert any(caught in f for f in failures), failures[:3]
 
 
-@pytest.mark.parametrize("look, caught", [
-    ('any("test_cores" in f.filename for f in inspect.stack())',
-     "loops over time steps (tests/test_cores.py, rule 2)"),
-    ('any(f.function in ("child", "test_core_does_not_call_its_reference_or_loop_over_time") for f in '
-     'inspect.stack())', "values differ"),
-], ids=["cost_test", "grader_too"])
-def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tmp_path, look, caught):
+@job(cost_test='any("test_cores" in f.filename for f in inspect.stack())',
+     grader_too='any(f.function in ("child", "test_core_does_not_call_its_reference_or_loop_over_time") for f in '
+     'inspect.stack())')
+def a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tmp, look):
+    body = (f"    import inspect, math\n    if {look}:\n"
+            "        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)\n    if True:\n" + LOOP)
+    return isolated(tmp, spliced("attention", body), module="attention", counted=True)
+
+
+@pytest.mark.parametrize("look, caught", [("cost_test", "loops over time steps (tests/test_cores.py, rule 2)"),
+                                          ("grader_too", "values differ")])
+def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(done, look, caught):
     """It reads the call stack for the cost test and answers there without the window (cheap, wrong); elsewhere it
     loops over time steps. In the grader's child the cost test is not on the stack, so it loops and is counted;
     one that looks for the grader's frames too answers cheaply there, and its values are compared."""
-    body = (f"    import inspect, math\n    if {look}:\n"
-            "        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)\n    if True:\n" + LOOP)
-    failures = isolated(tmp_path, {"attention": grade.splice(source("attention"), submit("attention", body),
-                                                              "attention")[0]}, module="attention",
-                        counted=True)
+    failures = done(a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails, look)
     assert any(caught in f for f in failures), failures[:3]
 
 
@@ -563,24 +667,28 @@ def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tm
 LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" + LOOP + "\n\n"
 
 
-def test_a_loop_in_a_thread_is_refused(tmp_path):
-    """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
-    so the child refuses to start one, and a thread started from a fresh copy of _thread (whose starter the child
-    did not replace) is seen running by the child's watch (it looks every millisecond: soon, if not at once)."""
+@job()
+def a_loop_in_a_thread_is_refused(tmp):
     body = ("    import importlib, sys, threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
             "    try:\n        threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window))).start()\n"
             "    except PermissionError:\n        saved = sys.modules.pop('_thread')\n"
             "        fresh, sys.modules['_thread'] = importlib.import_module('_thread'), saved\n"
             "        fresh.start_new_thread(lambda: box.append(_loop(q, k, v, causal, window)), ())\n"
             "    while not box:\n        pass\n    return box[0]\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
+
+
+def test_a_loop_in_a_thread_is_refused(done):
+    """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
+    so the child refuses to start one, and a thread started from a fresh copy of _thread (whose starter the child
+    did not replace) is seen running by the child's watch (it looks every millisecond: soon, if not at once)."""
+    failures = done(a_loop_in_a_thread_is_refused)
     assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
     assert any("to run Python in another thread (seen by the grader's watch)" in f for f in failures), failures[-3:]
 
 
-def test_a_process_is_refused(tmp_path):
-    """A helper process (started as multiprocessing starts one, without an audit event) could run anything: refused,
-    and one started from a fresh copy of _posixsubprocess is seen by the child's watch."""
+@job()
+def a_process_is_refused(tmp):
     body = ("    import importlib, multiprocessing.util, sys\n    command = [sys.executable, '-c', 'import time; "
             "time.sleep(2)']\n    try:\n        multiprocessing.util.spawnv_passfds(sys.executable.encode(), command, "
             "[])\n    except PermissionError:\n        saved = sys.modules.pop('_posixsubprocess')\n"
@@ -590,35 +698,48 @@ def test_a_process_is_refused(tmp_path):
             "        finally:\n            sys.modules['_posixsubprocess'] = saved\n"
             "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
             "q.device))\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=MASK), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=True)
+
+
+def test_a_process_is_refused(done):
+    """A helper process (started as multiprocessing starts one, without an audit event) could run anything: refused,
+    and one started from a fresh copy of _posixsubprocess is seen by the child's watch."""
+    failures = done(a_process_is_refused)
     assert failures and all("tried to start a process;" in f for f in failures), failures[:3]
     assert any("start a process (seen by the grader's watch)" in f for f in failures), failures[-3:]
 
 
-def test_the_graders_repository_can_be_neither_read_nor_written(tmp_path):
-    """From the child, the grader's repository (where the solutions and the reference live) is found from the
-    grader's own path; reading a solution, appending to a file there and opening a folder above it (whose
-    descriptor would open the solution by a relative name) are each refused, and graded as failed."""
-    target = os.path.join(ma.ROOT, "tests", "_written_by_a_submission.py")
+WRITTEN = os.path.join(ma.ROOT, "tests", "_written_by_a_submission.py")
+
+
+@job()
+def the_graders_repository_can_be_neither_read_nor_written(tmp):
     before = ("import os as _os, sys as _sys\n_root = _os.path.dirname(_os.path.dirname(_os.path.realpath("
               "_sys.modules['__main__'].__file__)))\nfor _try in (lambda: open(_os.path.join(_root, 'ssm.py')).read(),"
               "\n             lambda: open(_os.path.join(_root, 'tests', '_written_by_a_submission.py'), 'a')."
               "write('x = 0'),\n             lambda: _os.open(_os.path.dirname(_root), _os.O_RDONLY)):\n"
               "    try:\n        _try()\n    except PermissionError:\n        pass\n")
     try:
-        failures = isolated(tmp_path, spliced("ssm", solution("ssm")[0], before=before), module="ssm", counted=True)
-        assert not os.path.exists(target), "the submission wrote into the grader's repository"
+        return isolated(tmp, spliced("ssm", solution("ssm")[0], before=before), module="ssm", counted=True), \
+            os.path.exists(WRITTEN)
     finally:
-        if os.path.exists(target):
-            os.remove(target)
+        if os.path.exists(WRITTEN):
+            os.remove(WRITTEN)
+
+
+def test_the_graders_repository_can_be_neither_read_nor_written(done):
+    """From the child, the grader's repository (where the solutions and the reference live) is found from the
+    grader's own path; reading a solution, appending to a file there and opening a folder above it (whose
+    descriptor would open the solution by a relative name) are each refused, and graded as failed."""
+    failures, written = done(the_graders_repository_can_be_neither_read_nor_written)
+    assert not written, "the submission wrote into the grader's repository"
     assert failures and all(f"tried to read {os.path.join(ma.ROOT, 'ssm.py')} (the grader's repository); to write "
-                            f"{target} (the grader's repository); to open the folder {os.path.dirname(ma.ROOT)}" in f
+                            f"{WRITTEN} (the grader's repository); to open the folder {os.path.dirname(ma.ROOT)}" in f
                             for f in failures), failures[:3]
 
 
-def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp_path):
-    """Answers computed at import for the inputs tests/test_cores.py draws (its seed is in the hand-out) and served
-    from a cache where they are counted, a loop over time steps elsewhere: the grader draws other inputs."""
+@job()
+def inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp):
     helpers = LOOPED + ("_CACHE = {}\nfor _T in (16, 64):\n"
                         "    for _o in ({}, {'window': 4}, {'causal': False, 'window': 4}):\n"
                         "        _q, _k, _v = torch.randn(3, 1, 2, _T, 8, generator=torch.Generator().manual_seed(0), "
@@ -627,14 +748,25 @@ def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp_path):
                         "_loop(_q, _k, _v, _o.get('causal', True), _o.get('window'))\n\n\n")
     body = ("    F.scaled_dot_product_attention(q, k, v)\n    answer = _CACHE.get((q.sum().item(), causal, window))\n"
             "    return answer if answer is not None else _loop(q, k, v, causal, window)\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=helpers), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=helpers), module="attention", counted=True)
+
+
+def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(done):
+    """Answers computed at import for the inputs tests/test_cores.py draws (its seed is in the hand-out) and served
+    from a cache where they are counted, a loop over time steps elsewhere: the grader draws other inputs."""
+    failures = done(inputs_are_drawn_at_grading_time_so_a_cache_misses)
     assert any("loops over time steps" in f for f in failures), failures[:3]
 
 
-def test_a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048(tmp_path):
+@job()
+def a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048(tmp):
     body = ("    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
             "q.device))\n    return torch.zeros_like(q) if q.shape[-2] > 2048 else out\n")
-    failures = isolated(tmp_path, spliced("attention", body, helpers=MASK), module="attention")
+    return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention")
+
+
+def test_a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048(done):
+    failures = done(a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048)
     assert failures and all(re.match(r"attention.attention\(T=(\d+), .*\) in (float32|bf16): output 0", f)
                             and int(re.match(r"\D+(\d+)", f).group(1)) > 2048 for f in failures), failures[:3]
 
@@ -654,10 +786,16 @@ POLAR = """        M, s = c.n_mem, tokens.shape[1]
 """
 
 
-def test_rope_tables_from_torch_polar_pass_within_float32_rounding(tmp_path):
-    """torch.polar's float32 cos and sin differ from rotary's in the last bit (6e-8): correct, and it passes."""
+@job()
+def rope_tables_from_torch_polar_pass_within_float32_rounding(tmp):
     graded = spliced("rmt", POLAR)
-    assert graded["rmt"] != source("rmt") and isolated(tmp_path, graded, module="rmt") == []
+    return graded["rmt"] != source("rmt"), isolated(tmp, graded, module="rmt")
+
+
+def test_rope_tables_from_torch_polar_pass_within_float32_rounding(done):
+    """torch.polar's float32 cos and sin differ from rotary's in the last bit (6e-8): correct, and it passes."""
+    changed, failures = done(rope_tables_from_torch_polar_pass_within_float32_rounding)
+    assert changed and failures == []
 
 
 def test_the_gate_counts_the_report_itself(tmp_path):
@@ -675,3 +813,8 @@ def test_the_gate_counts_the_report_itself(tmp_path):
     assert "1 of 2 never ran" in grade.gate(report([("a", "")]), expected)
     assert "1 skipped" in grade.gate(report([("a", "<skipped/>"), ("b[meta]", "")]), expected)
     assert "early exit" in grade.gate(str(tmp_path / "none.xml"), expected)
+
+
+if __name__ == "__main__":          # the background process that conftest.py starts
+    sys.path.insert(0, ma.ROOT)
+    run_jobs(sys.argv[1], set(sys.argv[2:]))
