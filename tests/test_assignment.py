@@ -562,7 +562,8 @@ def spliced(module, body, **parts):
 @job(helpers=STYLES, more=MORE_STYLES, keywords=KEYWORD_STYLES)
 def correct_styles_pass_the_isolated_checks(tmp, styles):
     graded = {module: grade.splice(source(module), text, module)[0] for module, text in styles.items()}
-    return styles is STYLES or all(graded[m] != source(m) for m in graded), isolated(tmp, graded)
+    return styles is STYLES or all(graded[m] != source(m) for m in graded), isolated(   # (the first set's other files:
+        tmp, graded, module="attention" if styles is STYLES else None)                 # graded end to end below)
 
 
 @pytest.mark.parametrize("styles", ["helpers", "more", "keywords"])
@@ -584,8 +585,8 @@ BYPASS = """    import atexit, os, sys
 def a_submission_that_bypasses_the_test_process_fails(tmp):
     ma.make_assignment(tmp / "s")
     (tmp / "s" / "attention.py").write_text(submit("attention", BYPASS, helpers=MASK))
-    for module in ("ssm", "rmt", "titans", "hrm"):
-        (tmp / "s" / f"{module}.py").write_text(source(module))
+    for module in ("ssm", "rmt", "titans", "hrm"):                  # the others correct, in their own styles
+        (tmp / "s" / f"{module}.py").write_text(STYLES[module])
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}   # as an instructor runs it
     return subprocess.run([sys.executable, os.path.join(ma.ROOT, "tests", "grade.py"), str(tmp / "s"),
                            "--seeds", "2"], capture_output=True, text=True, timeout=600, env=env)
@@ -594,12 +595,15 @@ def a_submission_that_bypasses_the_test_process_fails(tmp):
 def test_a_submission_that_bypasses_the_test_process_fails(done):
     """Under pytest it is wrong at window 1 and makes pytest exit 0; elsewhere it is wrong only in float32 (which no
     test of the suite checks): the gate counts the failures from the report itself, and the isolated checks in
-    float32 name the core."""
+    float32 name the core. The other four files, correct in the styles above, pass both."""
     run = done(a_submission_that_bypasses_the_test_process_fails)
     assert run.returncode == 1 and "0 of 1 seeds passed" in run.stdout, run.stdout[-2000:]
     assert re.search(r"the tests: \d+ failed", run.stdout), run.stdout[-2000:]
     assert re.search(r"ISOLATED attention.attention\(T=\d+, window=None\) in float32: output 0", run.stdout), \
         run.stdout[-2000:]
+    failed = [line.split()[1] for line in run.stdout.splitlines() if line.strip().startswith(("FAILED", "ISOLATED"))]
+    assert all(name.startswith(("tests/test_attention.py::", "attention.")) for name in failed), failed
+    assert "ssm.py: graded with the submission's own _SMALLEST_CHUNK" in run.stdout, run.stdout[-2000:]
 
 
 @job()
