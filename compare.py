@@ -6,7 +6,7 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py --preset depth     # mazes and Sudoku: recurrent depth (HRM) against a fixed-depth Transformer
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
     python compare.py --bench            # cost against length (untrained), and the cost of a training step
-    python compare.py --scale            # train BABILong on streams up to 524,288 tokens, then read up to 11M
+    python compare.py --scale            # train BABILong on streams up to 262,144 tokens, then read up to 11M
 
 This file is the lesson: how a fair comparison is made. It reads top to bottom: training, evaluation, the models,
 the budgets and presets, the protocol (which runs, which learning rate, one run), running the two phases, main.
@@ -89,8 +89,9 @@ def all_logits(model, x):
 
 
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
-          warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200, tokens_per_step=None):
-    """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay, gradient clipping. Each batch
+          warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200, tokens_per_step=None, restarts=False):
+    """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
+    own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch
     draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
     the step falls in (equal shares), with that stage's batch (`stage_batches`: fewer streams once they are long).
     HRM: one loss per segment (deep supervision), one step on their mean.
@@ -105,8 +106,10 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=rate, betas=(0.9, 0.98),
                             fused=cuda, capturable=fast)       # fused: fewer kernels; capturable: in a graph
-    n_warm = max(1, int(warmup * steps))
-    schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    plan, batches = stages(train_lengths), stage_batches(train_lengths, batch_size, tokens_per_step)
+    span = max(1, steps // len(plan)) if restarts else steps      # the steps a schedule spans
+    n_warm = max(1, int(warmup * span))
+    schedule = lambda s: min((s % span + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * (s % span) / span)))  # noqa: E731
 
     def step(x, y):
         with autocast(device, cache=not fast):
@@ -123,7 +126,6 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     run_step = StepGraphs(step, model, opt, bucket=32 if causal else None) if fast else step
     g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
     sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
-    plan, batches = stages(train_lengths), stage_batches(train_lengths, batch_size, tokens_per_step)
     losses, read = torch.zeros(steps, device=device), 0
     for s in tqdm(range(steps), desc="train", leave=False, disable=not progress):
         k = s * len(plan) // steps
@@ -278,18 +280,21 @@ class Budget:
     segments: list = None       # HRM's test-time segments to evaluate
     dial: dict = field(default_factory=dict)           # model -> {option: [values]}: other state sizes
     tokens_per_step: int = None  # long stages take fewer streams a step, about this many tokens (`stage_batches`)
+    restarts: bool = False      # each stage its own warm-up and cosine decay (`train`)
     walls: dict = field(default_factory=dict)          # model -> (length, why): it trains the stages up to there
 
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
 # --scale's BABILongs: four short stages at the full batch (2 up to 16 RMT segments), then fixed lengths 4x apart up
-# to 524,288 tokens at about 2**18 tokens a step (128 streams of 2,048 ... one of 524,288), one graph shape each
-BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[L, L] for L in (2048, 8192, 32768, 131072, 524288)]
-SCALE_WALLS = {   # where a model stops on BABI_CURRICULUM, and why (a graphed step on one H200, batch as the stage's)
-    "attention": (131072, "time: T^2; 134 ms a step at 131,072 tokens, so about 1 s at 524,288"),
-    "rmt": (2048, "time: its loop over 32-token segments, 66 ms a step at 2,048 tokens, 4x the segments at 8,192"),
-    "titans": (2048, "time: its loop over 16-token chunks, 0.73 s a step at 8,192 tokens")}
+# to 262,144 tokens at about 2**17 tokens a step (32 streams of 4,096 ... one of 262,144), one graph shape each.
+# One rule for every model: it trains a stage only while its step takes at most 0.3 s (a graphed step alone on one
+# H200, the stage's batch; results/README.md, Scale). The SSM's step at 262,144 took 0.057 s, attention's 0.249 s; at
+# 1,048,576 the SSM's would take 0.41 s (and 89 GiB), attention's 4.8 s: so the curriculum ends at 262,144.
+BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[L, L] for L in (4096, 16384, 65536, 262144)]
+SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
+    "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),
+    "titans": (512, "a step at 4,096 tokens takes 0.32 s (its loop over 16-token chunks), over the 0.3 s limit")}
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
 SEQUENCE_MODELS = ["attention", "ssm", "rmt", "titans"]
 HRM_SEGMENTS = {"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)}   # the depth preset's training depth
@@ -347,12 +352,12 @@ PRESETS = {
                              options=dict(n_train=300)),
         }),
     "scale": dict(  # --scale trains these, keeps their weights, then reads long streams (harness/scale.py).
-        # BABILong's qa1 and qa2 rise from 33 tokens to 524,288 (BABI_CURRICULUM), 300 steps a stage; a model whose next
-        # stage would take too long stops at its wall. RMT backpropagates through 16 segments at most (truncated BPTT)
+        # BABILong's qa1 and qa2 rise from 33 tokens to 262,144 (BABI_CURRICULUM), 200 steps a stage, each stage its
+        # own lr schedule; a model stops at its wall. RMT backpropagates through 16 segments at most (truncated BPTT)
         models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
-        lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
+        lrs=LRS[1:3], seeds=[0], eval_examples=128, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),   # (its last write is ~20 tokens back)
-            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=2700, tokens_per_step=2 ** 18,
+            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=1600, tokens_per_step=2 ** 17, restarts=True,
                          walls=SCALE_WALLS, model_options={"rmt": dict(bptt_depth=16)})
                for t in ("babilong_qa1", "babilong_qa2")}}),
 }
@@ -403,7 +408,7 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
                 train = [s for s in stages(b.train) if s[1] <= b.walls[m][0]]
                 steps, extra["train_wall"] = max(1, steps * len(train) // len(stages(b.train))), b.walls[m][1]
             if b.tokens_per_step:
-                extra["tokens_per_step"] = b.tokens_per_step
+                extra.update(tokens_per_step=b.tokens_per_step, restarts=b.restarts)
             if b.segments:
                 extra["test_segments"] = b.segments
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=train,
@@ -494,7 +499,7 @@ def run_one(spec):
     model = build_model(spec["model"], task.vocab_size, **spec["model_options"])
     start = time.time()
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
-                   seed=spec["seed"], tokens_per_step=spec.get("tokens_per_step"))
+                   seed=spec["seed"], tokens_per_step=spec.get("tokens_per_step"), restarts=spec.get("restarts", False))
     batches = stage_batches(spec["train"], spec["batch_size"], spec.get("tokens_per_step"))
     train_time, trained = time.time() - start, stages(spec["train"])[-1][1]
     times = lambda: dict(train_time_s=round(train_time, 2), wall_time_s=round(time.time() - start, 2))  # noqa: E731

@@ -92,7 +92,7 @@ def parse_args(argv, lab):
     p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
     p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, "
-                   "BABILong's qa1 and qa2 on streams up to 524,288), then read streams of up to 11M tokens")
+                   "BABILong's qa1 and qa2 on streams up to 262,144), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -183,7 +183,7 @@ def streams_report(rows, lab):
         if r["model"] not in models:
             models.append(r["model"])
 
-    def upto(t):   # "524k (ssm), 2048 (rmt, titans)"; one length alone when every model trained to it
+    def upto(t):   # "262k (attention, ssm), 4096 (rmt)"; one length alone when every model trained to it
         if len(trained[t]) == 1:
             return short(next(iter(trained[t])))
         return ", ".join(f"{short(n)} ({', '.join(ms)})" for n, ms in sorted(trained[t].items(), reverse=True))
