@@ -286,11 +286,9 @@ class Budget:
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
-# --scale's BABILongs: four short stages at the full batch (2 up to 16 RMT segments), then fixed lengths 4x apart up
-# to 262,144 tokens at about 2**17 tokens a step (32 streams of 4,096 ... one of 262,144), one graph shape each.
-# One rule for every model: it trains a stage only while its step takes at most 0.3 s (a graphed step alone on one
-# H200, the stage's batch; results/README.md, Scale). The SSM's step at 262,144 took 0.057 s, attention's 0.249 s; at
-# 1,048,576 the SSM's would take 0.41 s (and 89 GiB), attention's 4.8 s: so the curriculum ends at 262,144.
+# --scale's BABILongs: four short stages at the full batch, then 4,096 to 262,144 tokens at about 2**17 tokens a step.
+# A model trains a stage only while its step takes <= 0.3 s (graphed, alone on one H200; results/README.md, Scale):
+# at 1,048,576 the SSM's would take 0.41 s, attention's 4.8 s, so the curriculum ends at 262,144.
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[L, L] for L in (4096, 16384, 65536, 262144)]
 SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
     "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),

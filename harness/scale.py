@@ -177,16 +177,11 @@ def streams_report(rows, lab):
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}" + ("*" if r.get("shared") else "")]) + [
             "-" if r["state_floats"] is None else f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
-    trained = {}   # task -> {longest training stream: the models trained to it, in the rows' order}
+    trained = {}   # task -> {longest training stream: {its models}}: "262k (attention, ssm), 4096 (rmt)", or "262k"
     for r in rows:
-        models = trained.setdefault(r["task"], {}).setdefault(r["trained"], [])
-        if r["model"] not in models:
-            models.append(r["model"])
-
-    def upto(t):   # "262k (attention, ssm), 4096 (rmt)"; one length alone when every model trained to it
-        if len(trained[t]) == 1:
-            return short(next(iter(trained[t])))
-        return ", ".join(f"{short(n)} ({', '.join(ms)})" for n, ms in sorted(trained[t].items(), reverse=True))
+        trained.setdefault(r["task"], {}).setdefault(r["trained"], {})[r["model"]] = None
+    upto = lambda t: short(max(trained[t])) if len(trained[t]) == 1 else ", ".join(  # noqa: E731
+        f"{short(n)} ({', '.join(ms)})" for n, ms in sorted(trained[t].items(), reverse=True))
     panels = []
     for t in task_names:
         task = tasks.TASKS[t]()   # (the scale preset's tasks have their default options)

@@ -633,7 +633,8 @@ def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_s
             assert s["tokens_per_step"] == b.tokens_per_step and s["restarts"]
             assert (len(kept) < len(plan)) == (s["model"] in b.walls) == ("train_wall" in s)
     longest = {s["model"]: compare.stages(s["train"])[-1][1] for s in specs}
-    assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16 and longest["rmt"] > 512 >= longest["titans"]
+    assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16
+    assert longest["rmt"] > 512 >= longest["titans"]
     assert all(s["model_options"]["bptt_depth"] == 16 for s in specs if s["model"] == "rmt")
 
 
@@ -653,5 +654,6 @@ def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
         model = compare.build_model(name, task.vocab_size, d_model=16, n_layers=1, **options)
         losses = compare.train(model, task, 6, 16, 1e-3, plan, tokens_per_step=2048, restarts=name == "rmt")
         assert len(losses) == 6 and all(map(math.isfinite, losses))
-        assert [round(r / 1e-3, 2) for r in rates[-6:]] == ([1, 0.5] * 3 if name == "rmt" else [1, .93, .75, .5, .25, .07])
+        cosine = [1, 0.5] * 3 if name == "rmt" else [1, .93, .75, .5, .25, .07]   # rmt: restarts, a stage each
+        assert [round(r / 1e-3, 2) for r in rates[-6:]] == cosine
         assert [b for b, _ in drawn] == [16, 16, 2, 2, 1, 1] and [L for _, L in drawn[2:]] == [1024] * 2 + [4096] * 2
