@@ -6,7 +6,7 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py --preset depth     # mazes and Sudoku: recurrent depth (HRM) against a fixed-depth Transformer
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
     python compare.py --bench            # cost against length (untrained), and the cost of a training step
-    python compare.py --scale            # train at <= 512 tokens, then read streams of up to 11M tokens
+    python compare.py --scale            # train BABILong on streams up to 262,144 tokens, then read up to 11M
 
 This file is the lesson: how a fair comparison is made. It reads top to bottom: training, evaluation, the models,
 the budgets and presets, the protocol (which runs, which learning rate, one run), running the two phases, main.
@@ -15,7 +15,8 @@ The engineering it leans on (CUDA graphs, the results file, worker processes, th
 
 How the comparison is made fair, and where each rule lives:
   1. The same budget for every model on a task: steps, batch, training lengths and their curriculum, optimiser
-     and schedule (`Budget`, `PRESETS`, `train`).
+     and schedule (`Budget`, `PRESETS`, `train`); a model that cannot afford a stage stops at its wall, stated
+     (`Budget.walls`, `make_specs`).
   2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
   3. Each model at its own best learning rate: the same log-spaced grid on the first seed, the best validation
@@ -73,6 +74,14 @@ def stages(train_lengths):
     return [list(train_lengths)] if isinstance(train_lengths[0], int) else [list(s) for s in train_lengths]
 
 
+def stage_batches(train_lengths, batch_size, tokens_per_step=None):
+    """The batch of each stage: batch_size streams, or, once batch_size streams of the stage's longest length hi
+    would hold more than tokens_per_step tokens, tokens_per_step // hi of them (at least one). So the short stages
+    train at the full batch, and a step of long streams reads about as many tokens as the last short one."""
+    return [batch_size if tokens_per_step is None else max(1, min(batch_size, tokens_per_step // hi))
+            for _, hi in stages(train_lengths)]
+
+
 def all_logits(model, x):
     """The logits to train on: HRM's one per segment (deep supervision), every other model's one."""
     return model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
@@ -80,10 +89,12 @@ def all_logits(model, x):
 
 
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
-          warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200):
-    """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay, gradient clipping. Each batch
+          warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200, tokens_per_step=None, restarts=False):
+    """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
+    own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch
     draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
-    the step falls in (equal shares). HRM: one loss per segment (deep supervision), one step on their mean.
+    the step falls in (equal shares), with that stage's batch (`stage_batches`: fewer streams once they are long).
+    HRM: one loss per segment (deep supervision), one step on their mean.
     On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
     are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
     model.to(device).train()
@@ -95,8 +106,10 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=rate, betas=(0.9, 0.98),
                             fused=cuda, capturable=fast)       # fused: fewer kernels; capturable: in a graph
-    n_warm = max(1, int(warmup * steps))
-    schedule = lambda s: min((s + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    plan, batches = stages(train_lengths), stage_batches(train_lengths, batch_size, tokens_per_step)
+    span = max(1, steps // len(plan)) if restarts else steps      # the steps a schedule spans
+    n_warm = max(1, int(warmup * span))
+    schedule = lambda s: min((s % span + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * (s % span) / span)))  # noqa: E731
 
     def step(x, y):
         with autocast(device, cache=not fast):
@@ -113,11 +126,11 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     run_step = StepGraphs(step, model, opt, bucket=32 if causal else None) if fast else step
     g = torch.Generator().manual_seed(1_000_003 * seed + 1)       # the training data stream
     sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
-    plan = stages(train_lengths)
     losses, read = torch.zeros(steps, device=device), 0
     for s in tqdm(range(steps), desc="train", leave=False, disable=not progress):
-        lo, hi = plan[s * len(plan) // steps]
-        x, y = sample(batch_size, int(torch.randint(lo, hi + 1, (1,), generator=g)), g, "cpu" if fast else device)
+        k = s * len(plan) // steps
+        lo, hi = plan[k]
+        x, y = sample(batches[k], int(torch.randint(lo, hi + 1, (1,), generator=g)), g, "cpu" if fast else device)
         if fast:
             rate.fill_(lr * schedule(s))                           # every param group holds this tensor
         else:
@@ -266,11 +279,20 @@ class Budget:
     model_options: dict = field(default_factory=dict)  # model -> options of its own (HRM's training segments)
     segments: list = None       # HRM's test-time segments to evaluate
     dial: dict = field(default_factory=dict)           # model -> {option: [values]}: other state sizes
+    tokens_per_step: int = None  # long stages take fewer streams a step, about this many tokens (`stage_batches`)
+    restarts: bool = False      # each stage its own warm-up and cosine decay (`train`)
+    walls: dict = field(default_factory=dict)          # model -> (length, why): it trains the stages up to there
 
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
-BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]]   # --scale's BABILongs: 2 up to 16 RMT segments
+# --scale's BABILongs: four short stages at the full batch, then 4,096 to 262,144 tokens at about 2**17 tokens a step.
+# A model trains a stage only while its step takes <= 0.3 s (graphed, alone on one H200; results/README.md, Scale):
+# at 1,048,576 the SSM's would take 0.41 s, attention's 4.8 s, so the curriculum ends at 262,144.
+BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[L, L] for L in (4096, 16384, 65536, 262144)]
+SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
+    "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),
+    "titans": (512, "a step at 4,096 tokens takes 0.32 s (its loop over 16-token chunks), over the 0.3 s limit")}
 HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
 SEQUENCE_MODELS = ["attention", "ssm", "rmt", "titans"]
 HRM_SEGMENTS = {"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)}   # the depth preset's training depth
@@ -327,14 +349,15 @@ PRESETS = {
                              seeded=["attention", "attention_looped", "hrm"], model_options=HRM_SEGMENTS,
                              options=dict(n_train=300)),
         }),
-    "scale": dict(  # --scale trains these, keeps their weights, then reads long streams (harness/scale.py). BABILong's qa1 and qa2
-        # rise through RMT's segment curriculum to 16 segments of 32 tokens (RMT's BABILong runs: 1 to 32 of 512)
+    "scale": dict(  # --scale trains these, keeps their weights, then reads long streams (harness/scale.py).
+        # BABILong's qa1 and qa2 rise from 33 tokens to 262,144 (BABI_CURRICULUM), 200 steps a stage, each stage its
+        # own lr schedule; a model stops at its wall. RMT backpropagates through 16 segments at most (truncated BPTT)
         models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
-        lrs=LRS[1:3], seeds=[0], eval_examples=256, tasks={   # two rates keep it within minutes
-            "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),
-            # 4,000 steps: every model near 1.00 at 512 tokens (2,000 left Titans' qa2 and the SSM's qa1 at 0.87)
-            "babilong_qa1": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000),
-            "babilong_qa2": Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=4000)}),
+        lrs=LRS[1:3], seeds=[0], eval_examples=128, tasks={   # two rates keep it within minutes
+            "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),   # (its last write is ~20 tokens back)
+            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=1600, tokens_per_step=2 ** 17, restarts=True,
+                         walls=SCALE_WALLS, model_options={"rmt": dict(bptt_depth=16)})
+               for t in ("babilong_qa1", "babilong_qa2")}}),
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,11 +401,17 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
         for m in task_models(command, t):
             if phase != "lr sweep" and (m, t) not in lr_by_cell:
                 continue
-            options = model_config(preset, t, m)
-            base = dict(model=m, task=t, task_options=b.options, model_options=options, train=b.train,
-                        test=command.test_lengths or b.test, steps=command.steps or b.steps,
-                        batch_size=preset["batch_size"], eval_examples=preset["eval_examples"], protocol=PROTOCOL,
-                        device=command.device, **({"test_segments": b.segments} if b.segments else {}))
+            options, train, steps, extra = model_config(preset, t, m), b.train, command.steps or b.steps, {}
+            if m in b.walls:   # the same stages up to the model's wall, each with its usual share of the steps
+                train = [s for s in stages(b.train) if s[1] <= b.walls[m][0]]
+                steps, extra["train_wall"] = max(1, steps * len(train) // len(stages(b.train))), b.walls[m][1]
+            if b.tokens_per_step:
+                extra.update(tokens_per_step=b.tokens_per_step, restarts=b.restarts)
+            if b.segments:
+                extra["test_segments"] = b.segments
+            base = dict(model=m, task=t, task_options=b.options, model_options=options, train=train,
+                        test=command.test_lengths or b.test, steps=steps, batch_size=preset["batch_size"],
+                        eval_examples=preset["eval_examples"], protocol=PROTOCOL, device=command.device, **extra)
             if phase == "lr sweep":
                 specs += [dict(base, lr=lr, seed=seeds[0]) for lr in command.lrs]
                 specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
@@ -468,12 +497,14 @@ def run_one(spec):
     model = build_model(spec["model"], task.vocab_size, **spec["model_options"])
     start = time.time()
     losses = train(model, task, spec["steps"], spec["batch_size"], spec["lr"], spec["train"], device,
-                   seed=spec["seed"])
+                   seed=spec["seed"], tokens_per_step=spec.get("tokens_per_step"), restarts=spec.get("restarts", False))
+    batches = stage_batches(spec["train"], spec["batch_size"], spec.get("tokens_per_step"))
     train_time, trained = time.time() - start, stages(spec["train"])[-1][1]
     times = lambda: dict(train_time_s=round(train_time, 2), wall_time_s=round(time.time() - start, 2))  # noqa: E731
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
     record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
-              "examples_seen": spec["steps"] * spec["batch_size"], "torch": torch.__version__,
+              "examples_seen": sum(batches[s * len(batches) // spec["steps"]] for s in range(spec["steps"])),
+              "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if cuda else "CPU"}
     if is_grid(spec["task"]):   # the depth preset's training compute per example, at the longest training size
         record["block_calls"] = block_calls(model, task.sample_train(1, trained, 0, device)[0])

@@ -148,7 +148,8 @@ def report(runs, meta, task_names, model_names, lab):
     best = best_runs(runs)
     edges = lab.edge_cells(runs, best)
     cells = {t: [(m, best[(m, t)]) for m in model_names if (m, t) in best] for t in task_names}
-    first = {t: rs[0][1][0] for t, rs in cells.items() if rs}   # a run of each task: its test and train lengths
+    first = {t: next((rs[0] for _, rs in cs if not rs[0].get("train_wall")), cs[0][1][0])   # a run of each task
+             for t, cs in cells.items() if cs}   # with its test lengths and its whole curriculum (no wall met)
     sequence_tasks = [t for t in first if not is_grid(t)]
 
     def by_length(t, metric):   # a task's panel: a metric against test length (recall: content), a line per model
@@ -170,10 +171,20 @@ def report(runs, meta, task_names, model_names, lab):
         share = {1: "", 2: " (half of the steps each)", 3: " (a third of the steps each)"}.get(
             len(plan), f" (1/{len(plan)} of the steps each)")
         return ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in plan) + share
+
+    def batches(r):   # "128", or a batch per stage when long stages take fewer streams
+        sizes = lab.stage_batches(r["train"], r["batch_size"], r.get("tokens_per_step"))
+        return str(sizes[0]) if len(set(sizes)) == 1 else ", ".join(map(str, sizes))
+    walls = [f"- {m} on {t} stops at its wall, after the stages up to {stages(rs[0]['train'])[-1][1]:,} tokens "
+             f"({rs[0]['steps']} steps): {rs[0]['train_wall']}" for t, cs in cells.items() for m, rs in cs
+             if rs[0].get("train_wall")]
     parts += ["## Budgets: the same for every model on a task", "", md_table(
         ["task", "steps", "batch", "training lengths, stage by stage", "test lengths", "task options"],
-        [[t, r["steps"], r["batch_size"], curriculum(r), ", ".join(map(str, r["test"])),
+        [[t, r["steps"], batches(r), curriculum(r), ", ".join(map(str, r["test"])),
           ", ".join(f"{k}={v}" for k, v in r["task_options"].items()) or "-"] for t, r in first.items()]), ""]
+    if walls:
+        parts += ["Where a stage would cost a model too much, it stops there (the same stages and steps up to it):",
+                  "", *walls, ""]
     figures = {}
     if sequence_tasks:
         figures["length"] = [by_length(t, "token_acc") for t in sequence_tasks]

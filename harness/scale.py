@@ -16,7 +16,7 @@ import torch
 import tasks
 from harness.bench import peak_mib
 from harness.graphs import StreamGraphs, side_stream
-from harness.report import ACCURACY, md_table, series
+from harness.report import ACCURACY, md_table, series, short
 from harness.runner import STOP, run_all
 
 SCALE = dict(   # --scale's reading, after it has trained PRESETS["scale"]
@@ -171,17 +171,21 @@ def streams_report(rows, lab):
     def accuracy(r):
         low, high = wilson(r["token_acc"], r["scored"])
         return f"{r['token_acc']:.3f} [{low:.3f}, {high:.3f}]"
-    cells = lambda r: [r["model"], r["task"], f"{r['length']:,}", r["batch"]] + (  # noqa: E731
+    cells = lambda r: [r["model"], r["task"], f"{r['trained']:,}", f"{r['length']:,}", r["batch"]] + (  # noqa: E731
         [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
         [accuracy(r), f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}" + ("*" if r.get("shared") else "")]) + [
             "-" if r["state_floats"] is None else f"{r['state_floats']:,}"]
     task_names = list(dict.fromkeys(r["task"] for r in rows))
-    trained = {r["task"]: r.get("trained", lab.CURRICULUM[-1][1]) for r in rows}
+    trained = {}   # task -> {longest training stream: {its models}}: "262k (attention, ssm), 4096 (rmt)", or "262k"
+    for r in rows:
+        trained.setdefault(r["task"], {}).setdefault(r["trained"], {})[r["model"]] = None
+    upto = lambda t: short(max(trained[t])) if len(trained[t]) == 1 else ", ".join(  # noqa: E731
+        f"{short(n)} ({', '.join(ms)})" for n, ms in sorted(trained[t].items(), reverse=True))
     panels = []
     for t in task_names:
         task = tasks.TASKS[t]()   # (the scale preset's tasks have their default options)
-        panel = dict(title=f"{t} (trained <= {trained[t]:,})", xlabel="test length (tokens)",
+        panel = dict(title=f"{t}, trained <= {upto(t)}", xlabel="test length (tokens)",
                      chance=1 / task.n_places if hasattr(task, "n_places") else 0.5,
                      ylabel="accuracy (band: 95% interval)", marks=[(r["length"], r["model"]) for r in rows
                                                                    if r["task"] == t and r.get("wall")],
@@ -200,13 +204,16 @@ def streams_report(rows, lab):
                                                          for v, n in zip(r["by_depth"], r["depth_counts"])]
          for r in deep]), ""] if deep else []
     return "\n".join([
-        "## Streams: read with the weights trained above (" + ", ".join(
-            f"{t} at <= {n:,} tokens" for t, n in trained.items()) + ")", "",
+        "## Streams: read with the weights trained above (" + "; ".join(
+            f"{t} on streams of <= {upto(t)} tokens" for t in task_names) + ")", "",
         f"Recurrent models `stream` pieces of {SCALE['piece']:,} tokens, carrying their state; attention reads each "
         f"sequence in one call until one is predicted to take over {SCALE['attention_cap_s']:.0f} s (time ~ T^2) or "
         "runs out of memory. The cells read side by side, so tokens/s (model time, all of a cell's sequences) is each "
         "one's share; peak memory includes the weights, and * marks its GPU's, all cells on it together (- on a CPU). "
         "Accuracy is over scored positions: one per BABILong stream, so its 95% Wilson interval is over the streams; "
-        "flip-flop's reads in one stream are not independent, so its interval is too narrow.", "",
-        md_table(["model", "task", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s", "peak MiB",
-                  "state floats"], [cells(r) for r in rows]), ""] + depth_table), panels
+        "flip-flop's reads in one stream are not independent, so its interval is too narrow. What each task tests: "
+        "flip-flop's last write is ~20 tokens back at any length, so a long stream tests that a recurrence stays "
+        "stable; BABILong's deciding fact lies at a uniform depth, so its accuracy by that depth (below) tests how far "
+        "a fact is carried.", "",
+        md_table(["model", "task", "trained to", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s",
+                  "peak MiB", "state floats"], [cells(r) for r in rows]), ""] + depth_table), panels

@@ -608,3 +608,52 @@ def test_make_specs_keeps_each_models_own_options_and_seeds_every_cell():
     seeds = compare.make_specs(command, "seeds", {cell: 1e-3 for cell in options})
     assert sorted((s["model"], s["task"]) for s in seeds) == sorted(
         (m, t) for t, b in compare.PRESETS["depth"]["tasks"].items() for m in b.seeded)
+
+
+def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_step():
+    """--scale's BABILongs: the short stages (<= 512 tokens) first, at the full batch; then fixed lengths (one graph
+    shape a stage), each longer than the last, up to 262,144 tokens, a step holding about tokens_per_step tokens
+    (within 2x: a stream longer than that is a batch of one). Every model runs the same stages with the same steps a
+    stage up to its wall, where it stops (the spec says why), each stage with its own lr schedule; RMT
+    backpropagates through 16 segments at most."""
+    preset, plan = compare.PRESETS["scale"], None
+    specs = compare.make_specs(parse(["--scale", "--tasks", "babilong_qa1,babilong_qa2"]))
+    for t in ("babilong_qa1", "babilong_qa2"):
+        b = preset["tasks"][t]
+        plan, batches = compare.stages(b.train), compare.stage_batches(b.train, preset["batch_size"], b.tokens_per_step)
+        n_short = sum(hi <= 512 for _, hi in plan)
+        assert n_short >= 2 and all(hi <= 512 for _, hi in plan[:n_short]) and batches[:n_short] == [128] * n_short
+        long = [hi for lo, hi in plan[n_short:] if lo == hi]
+        assert len(long) == len(plan) - n_short and long == sorted(set(long)) and long[-1] >= 2 ** 18
+        assert all(b.tokens_per_step / 2 <= n * L <= 2 * b.tokens_per_step for n, L in zip(batches[n_short:], long))
+        assert b.steps % len(plan) == 0
+        for s in [s for s in specs if s["task"] == t]:
+            kept = compare.stages(s["train"])
+            assert kept == plan[:len(kept)] and s["steps"] == b.steps // len(plan) * len(kept)
+            assert s["tokens_per_step"] == b.tokens_per_step and s["restarts"]
+            assert (len(kept) < len(plan)) == (s["model"] in b.walls) == ("train_wall" in s)
+    longest = {s["model"]: compare.stages(s["train"])[-1][1] for s in specs}
+    assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16
+    assert longest["rmt"] > 512 >= longest["titans"]
+    assert all(s["model_options"]["bptt_depth"] == 16 for s in specs if s["model"] == "rmt")
+
+
+def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
+    """A curriculum's long stages at a tiny size: each step draws its stage's batch (16 streams of <= 64 tokens, then
+    2 of 1,024 and 1 of 4,096 at 2,048 tokens a step), and the SSM and RMT (truncated BPTT) train on them; with
+    `restarts` the lr's warm-up and cosine start again at each stage."""
+    task = tasks.TASKS["babilong_qa1"]()
+    drawn, real = [], task.sample
+    monkeypatch.setattr(task, "sample", lambda b, L, g, device: drawn.append((b, L)) or real(b, L, g, device))
+    plan = [[33, 64], [1024, 1024], [4096, 4096]]
+    assert compare.stage_batches(plan, 16, 2048) == [16, 2, 1] and compare.stage_batches(plan, 16) == [16] * 3
+    rates, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda opt, *a: rates.append(opt.param_groups[0]["lr"]) or step(opt))
+    for name, options in [("ssm", {}), ("rmt", dict(bptt_depth=4))]:
+        drawn.clear()
+        model = compare.build_model(name, task.vocab_size, d_model=16, n_layers=1, **options)
+        losses = compare.train(model, task, 6, 16, 1e-3, plan, tokens_per_step=2048, restarts=name == "rmt")
+        assert len(losses) == 6 and all(map(math.isfinite, losses))
+        cosine = [1, 0.5] * 3 if name == "rmt" else [1, .93, .75, .5, .25, .07]   # rmt: restarts, a stage each
+        assert [round(r / 1e-3, 2) for r in rates[-6:]] == cosine
+        assert [b for b, _ in drawn] == [16, 16, 2, 2, 1, 1] and [L for _, L in drawn[2:]] == [1024] * 2 + [4096] * 2

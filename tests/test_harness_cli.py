@@ -99,3 +99,15 @@ def test_a_test_length_past_one_evaluation_batch_is_refused_before_training(tmp_
         assert exit.value.code == 2 and "\n" not in err and not (tmp_path / "out").exists()
         assert f"--test-lengths {length}: copy at that length is {tokens} tokens" in err and "--scale" in err
     assert parse(["--preset", "smoke", "--tasks", "flipflop", "--test-lengths", "65536"]).test_lengths == [65536]
+
+
+def test_scale_trains_on_streams_longer_than_one_evaluation_batch(capsys):
+    """--scale's BABILong stages reach past cli.MAX_TEST_TOKENS (a batch of one such stream trains); its stream
+    lengths may be shorter than its longest training stream, but not shorter than a task can make."""
+    longest = compare.stages(compare.PRESETS["scale"]["tasks"]["babilong_qa1"].train)[-1][1]
+    assert longest > cli.MAX_TEST_TOKENS
+    assert parse(["--scale", "--tasks", "babilong_qa1", "--test-lengths", "16384,1048576"]).stream_lengths == [
+        16384, 1048576]
+    with pytest.raises(SystemExit) as exit:
+        parse(["--scale", "--tasks", "babilong_qa1", "--test-lengths", "20"])
+    assert exit.value.code == 2 and "length 20 of babilong_qa1" in capsys.readouterr().err

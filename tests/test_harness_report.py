@@ -74,3 +74,19 @@ def test_equal_lines_show_side_by_side_and_the_legend_covers_no_panel(tmp_path, 
     legend = axes[-1].get_legend().get_window_extent()
     assert not any(legend.overlaps(ax.get_window_extent()) for ax in axes)
     assert "band" in fig._suptitle.get_text() and "chance" in fig._suptitle.get_text()
+
+
+def test_the_budget_table_gives_each_stage_its_batch_and_names_the_walls():
+    """A curriculum whose long stages take fewer streams shows a batch per stage; the budget is the whole one (a model
+    that stopped at its wall does not stand for the task), and each wall is named with its stages, steps and why."""
+    plan = [[33, 64], [2048, 2048], [8192, 8192]]
+    common = dict(task="babilong_qa1", test=[512], batch_size=128, tokens_per_step=2 ** 18, task_options={},
+                  state_size={"512": 10}, metrics={"512": {"token_acc": 0.9, "loss": 0.4, "exact": 0.9,
+                                                           "by_depth": [0.9] * 4}})
+    runs = [stored_run(model="rmt", train=plan[:2], steps=20, train_wall="time: too slow", **common),
+            stored_run(model="ssm", train=plan, steps=30, **common)]
+    meta = dict(preset="scale", command="test", device_name="CPU", torch="-", commit="-", lrs=[0.003])
+    text, _ = report.report(runs, meta, ["babilong_qa1"], ["rmt", "ssm"], compare)
+    assert "| babilong_qa1 | 30 | 128, 128, 32 | 33-64, 2048, 8192 (a third of the steps each) | 512 | - |" in text
+    assert "- rmt on babilong_qa1 stops at its wall, after the stages up to 2,048 tokens (20 steps): time: too slow" \
+        in text
