@@ -19,6 +19,7 @@ except ValueError:
     raise pytest.UsageError(f"GRADE_SEED must be an integer, not {os.environ['GRADE_SEED']!r}") from None
 
 
+@pytest.hookimpl(trylast=True)                  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(config, items):
     """tests/test_assignment.py grades submissions in a background process: the tests that wait for it go last, and
     it starts now, so that the other tests run meanwhile (the student copy has none of them)."""
