@@ -636,6 +636,17 @@ def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_s
     assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16
     assert longest["rmt"] > 512 >= longest["titans"]
     assert all(s["model_options"]["bptt_depth"] == 16 for s in specs if s["model"] == "rmt")
+    assert all(type(s["steps"]) is int for s in specs)
+
+
+def test_scale_runs_keep_their_weights_in_files_of_their_own_and_a_wall_keeps_a_step(tmp_path):
+    """--scale's runs keep their weights under --out, a file a run named by all that defines it; a model stopped at
+    its wall still trains one step when --steps leaves its stages none."""
+    specs = compare.make_specs(parse(["--scale", "--out", str(tmp_path), "--steps", "1"]))
+    assert all(s["out"] == str(tmp_path) and s["weights"] == f"scale_weights/{s['model']}_{s['task']}_"
+               f"{compare.spec_hash({k: v for k, v in s.items() if k != 'weights'})}.pt" for s in specs)
+    assert len({s["weights"] for s in specs}) == len(specs)
+    assert {s["steps"] for s in specs if "train_wall" in s} == {1}
 
 
 def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
