@@ -608,7 +608,8 @@ def test_a_submission_that_bypasses_the_test_process_fails(done):
 
 @job()
 def calling_the_reference_in_any_spelling_fails(tmp):
-    alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n    return _fast(q, k, v, causal, window)\n")
+    alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n"
+                                "    return _fast(q, k, v, causal, window)\n")
     alias = alias.replace("\n\n\n# ---", "\n\n\n_fast = attention_ref\n\n\n# ---", 2)
     return isolated(tmp, {"attention": grade.splice(source("attention"), alias, "attention")[0]}, module="attention")
 
@@ -631,8 +632,9 @@ LOOP = """        T, K = q.shape[-2], q.shape[-1]
 """
 
 
-@job(own_loop="    import math\n    F.scaled_dot_product_attention(q, k, v)\n    with torch._C._DisableTorchDispatch():\n"
-     + LOOP, reference="    from torch.utils._python_dispatch import _disable_current_modes\n"
+@job(own_loop="    import math\n    F.scaled_dot_product_attention(q, k, v)\n"
+     "    with torch._C._DisableTorchDispatch():\n" + LOOP,
+     reference="    from torch.utils._python_dispatch import _disable_current_modes\n"
      "    F.scaled_dot_product_attention(q, k, v)\n    with _disable_current_modes():\n"
      "        return attention_ref(q, k, v, causal, window)\n")
 def a_loop_hidden_from_the_dispatch_counter_fails(tmp, body):
@@ -673,11 +675,12 @@ LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" 
 
 @job()
 def a_loop_in_a_thread_is_refused(tmp):
-    body = ("    import importlib, sys, threading\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
+    body = ("    import importlib, sys, threading, time\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
             "    try:\n        threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window))).start()\n"
             "    except PermissionError:\n        saved = sys.modules.pop('_thread')\n"
             "        fresh, sys.modules['_thread'] = importlib.import_module('_thread'), saved\n"
-            "        fresh.start_new_thread(lambda: box.append(_loop(q, k, v, causal, window)), ())\n"
+            "        fresh.start_new_thread(lambda: time.sleep(0.05) or box.append(_loop(q, k, v, causal, window)),"
+            " ())\n"
             "    while not box:\n        pass\n    return box[0]\n")
     return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
 
@@ -685,7 +688,8 @@ def a_loop_in_a_thread_is_refused(tmp):
 def test_a_loop_in_a_thread_is_refused(done):
     """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
     so the child refuses to start one, and a thread started from a fresh copy of _thread (whose starter the child
-    did not replace) is seen running by the child's watch (it looks every millisecond: soon, if not at once)."""
+    did not replace) is seen running by the child's watch (it looks every millisecond; this thread lives 50 ms at
+    least: a briefer one can slip between two looks on a busy CPU, README, "For instructors")."""
     failures = done(a_loop_in_a_thread_is_refused)
     assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
     assert any("to run Python in another thread (seen by the grader's watch)" in f for f in failures), failures[-3:]
