@@ -3,11 +3,13 @@ the student copy imports, its core tests fail with NotImplementedError and nothi
 back restores the original files; no line of a solution ships, nor the instructors' notes; bad markers, bad
 --only lists and unsafe destinations (a link into the repository too) are refused."""
 import concurrent.futures
+import contextlib
 import os
 import pathlib
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,13 +57,15 @@ def start(items):
     BACKGROUND["folder"] = folder = tempfile.mkdtemp(prefix="test-assignment-")
     with open(os.path.join(folder, "log"), "w") as log:
         BACKGROUND["process"] = subprocess.Popen([sys.executable, __file__, folder, *sorted(names)], stdout=log,
-                                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                                 start_new_session=True)   # a group of its own: stop() ends it all
 
 
 def stop():
     """End the background process and remove its folder (conftest.py calls this at the end of the session)."""
     if BACKGROUND:
-        BACKGROUND["process"].kill()
+        with contextlib.suppress(ProcessLookupError):        # (the graders it started too, on -x or Ctrl-C)
+            os.killpg(BACKGROUND["process"].pid, signal.SIGKILL)
         BACKGROUND["process"].wait()
         shutil.rmtree(BACKGROUND["folder"], ignore_errors=True)
 
