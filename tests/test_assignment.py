@@ -771,6 +771,20 @@ def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(done):
 
 
 @job()
+def a_core_that_ends_its_process_fails_with_its_exit_status(tmp):
+    body = "    import os\n    os._exit(3)\n"
+    return isolated(tmp, spliced("attention", body), module="attention", counted=True)
+
+
+def test_a_core_that_ends_its_process_fails_with_its_exit_status(done):
+    """A child that ends before answering is graded as failed, and its own exit status is said (the grader kills
+    the child only once every case is answered)."""
+    failures = done(a_core_that_ends_its_process_fails_with_its_exit_status)
+    assert len(failures) == 1 and re.match(r"the submission's process ended after 0 of \d+ cases \(exit status 3\)",
+                                           failures[0]), failures
+
+
+@job()
 def a_core_wrong_past_a_length_fails_at_a_length_drawn_past_2048(tmp):
     body = ("    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
             "q.device))\n    return torch.zeros_like(q) if q.shape[-2] > 2048 else out\n")
