@@ -1,6 +1,7 @@
 """harness/store.py: one command at a time on a results file, every run written as it finishes, a bad file refused."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,12 +35,17 @@ def test_a_second_command_on_the_same_file_stops_at_once_with_one_line(tmp_path)
     argv = [sys.executable, "compare.py", "--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop",
             "--steps", "60", "--workers", "1", "--out", str(tmp_path)]
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "smoke.json.lock"
     try:
-        for _ in range(600):                             # until it holds the lock (importing torch takes seconds)
-            if (tmp_path / "smoke.json.lock").exists() or first.poll() is not None:
+        for _ in range(2400):               # until it holds the lock and wrote its pid (importing torch takes seconds)
+            if (lock.exists() and lock.read_text() == str(first.pid)) or first.poll() is not None:
                 break
             time.sleep(0.05)
-        second = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        first.send_signal(signal.SIGSTOP)   # paused while it holds the lock: a slow start of the second cannot let
+        try:                                # the first finish before the second asks (CI's load once did)
+            second = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        finally:
+            first.send_signal(signal.SIGCONT)
         out, err = first.communicate(timeout=300)
     finally:
         first.kill()
