@@ -95,7 +95,7 @@ def parse_args(argv, lab):
                    "BABILong's qa1 and qa2 on streams up to 262,144), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(args.device if args.device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError:
         p.error(f"unknown device {args.device!r}")
     if not (device.type == "cpu" and not device.index
@@ -117,7 +117,7 @@ def parse_args(argv, lab):
         steps=args.steps, test_lengths=None if args.scale else args.test_lengths,
         stream_lengths=args.test_lengths if args.scale else None, device="cpu" if device.type == "cpu" else str(device),
         workers=args.workers, out=args.out, fresh=args.fresh, bench=args.bench, scale=args.scale,
-        line="python compare.py " + " ".join(sys.argv[1:] if argv is None else argv))
+        line=" ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)]))
     for kind, names, known in [("model", command.models, lab.MODELS), ("task", command.tasks, offered)]:
         for n in names:
             if n not in known:

@@ -898,10 +898,14 @@ def grade_all(args, graded, work):
                 for line in out.splitlines():
                     if line.startswith("FAILED"):
                         print("  " + line[:600])
-                for line in failures[:20]:
-                    print("  ISOLATED " + line[:600])
-                if len(failures) > 20:
-                    print(f"  ... and {len(failures) - 20} more")
+                by_core = {m: [f for f in failures if f.startswith(m + ".")] for m in ma.MODULES}
+                print("  the isolated checks, core by core: " + ", ".join(
+                    f"{m} {len(fs)} failed" if fs else f"{m} passed" for m, fs in by_core.items()))
+                for fs in [[f for f in failures if f.split(".")[0] not in by_core], *by_core.values()]:
+                    for line in fs[:6]:                     # a few of each core's, so that every core shows
+                        print("  ISOLATED " + line[:600])
+                    if len(fs) > 6:
+                        print(f"  ... and {len(fs) - 6} more")
     return failed
 
 

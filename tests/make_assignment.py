@@ -7,8 +7,9 @@ Make a student copy of this repository, with the vectorised cores blanked: the c
 Each region between a line `### BEGIN SOLUTION` and a line `### END SOLUTION` (nbgrader's markers, each alone on
 its line) becomes `raise NotImplementedError("<file>.<function>: see the docstring")`, indented like the
 marker. Signatures, docstrings, the reference loops, the configs, the tasks, the harness and the results stay,
-so in the copy `pytest` checks the students' work: the tests of the blanked cores fail with NotImplementedError
-until they are written, and everything else passes. The copy's README is the students': its "For instructors"
+so in the copy `pytest` checks the students' work: every test that runs a blanked core (its own tests, and those
+that train its model: compare.py's and the harness's) fails with NotImplementedError until it is written, and
+everything else passes. The copy's README is the students': its "For instructors"
 section becomes "The assignment". Left out: this script, tests/grade.py, and the tests that would hand an answer
 out (tests/test_oracles.py spells the RMT step and HRM's cycles out); `python tests/grade.py SUBMISSION` grades
 with them. Nothing is written in place (nor through a link into this repository), and nested or unmatched
@@ -34,7 +35,11 @@ Write each one from its docstring (shapes, equations, the reference loop beside 
 tests/test_<file>.py` checks it against that loop in float64 on several shapes; `pytest tests/test_cores.py`
 checks that it does the vectorised work itself: no call of the reference, no loop over time steps (a loop over
 chunks is fine where the docstring has chunks), no (T, T) matrices where it has chunks, and every tensor on the
-inputs' device. RMT, Titans and HRM run on `attention.Block`, so write `attention.attention` first.
+inputs' device. RMT, Titans and HRM run on `attention.Block`, so write `attention.attention` first. Until a
+core is written, whatever runs its model stops with NotImplementedError naming it: its tests, the tests that train
+models (tests/test_compare.py, tests/test_harness_*.py) and `python compare.py` (one line). The README mentions
+`tests/make_assignment.py`, `tests/grade.py`, `tests/test_assignment.py` and `tests/test_oracles.py`: your
+instructor keeps those.
 """
 
 

@@ -599,7 +599,8 @@ def a_submission_that_bypasses_the_test_process_fails(tmp):
 def test_a_submission_that_bypasses_the_test_process_fails(done):
     """Under pytest it is wrong at window 1 and makes pytest exit 0; elsewhere it is wrong only in float32 (which no
     test of the suite checks): the gate counts the failures from the report itself, and the isolated checks in
-    float32 name the core. The other four files, correct in the styles above, pass both."""
+    float32 name the core. The other four files, correct in the styles above, pass both, and a line says so core by
+    core."""
     run = done(a_submission_that_bypasses_the_test_process_fails)
     assert run.returncode == 1 and "0 of 1 seeds passed" in run.stdout, run.stdout[-2000:]
     assert re.search(r"the tests: \d+ failed", run.stdout), run.stdout[-2000:]
@@ -607,6 +608,8 @@ def test_a_submission_that_bypasses_the_test_process_fails(done):
         run.stdout[-2000:]
     failed = [line.split()[1] for line in run.stdout.splitlines() if line.strip().startswith(("FAILED", "ISOLATED"))]
     assert all(name.startswith(("tests/test_attention.py::", "attention.")) for name in failed), failed
+    assert re.search(r"core by core: attention \d+ failed, ssm passed, rmt passed, titans passed, hrm passed\n",
+                     run.stdout), run.stdout[-2000:]
     assert "ssm.py: graded with the submission's own _SMALLEST_CHUNK" in run.stdout, run.stdout[-2000:]
 
 

@@ -46,6 +46,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--tasks", "babilong_qa1"], "no settings in preset 'smoke'; it has copy"),
     (["--tasks", "babilong_qa1"], "(try --scale)"),
     (["--tasks", "flipflop_sparse"], "unknown task 'flipflop_sparse'"),       # offered only where a preset has it
+    (["--device", ""], "unknown device ''"),                                  # not the default device
     (["--tasks", "recall", "--test-lengths", "64"], "length 64 of recall (--test-lengths, or the preset's): recall:"),
     (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
                                                "smoke or --preset depth)"),
@@ -111,3 +112,8 @@ def test_scale_trains_on_streams_longer_than_one_evaluation_batch(capsys):
     with pytest.raises(SystemExit) as exit:
         parse(["--scale", "--tasks", "babilong_qa1", "--test-lengths", "20"])
     assert exit.value.code == 2 and "length 20 of babilong_qa1" in capsys.readouterr().err
+
+
+def test_the_command_line_is_recorded_as_typed():
+    assert cli.parse_args([], compare).line == "python compare.py"
+    assert cli.parse_args(["--seeds", "0,1"], compare).line == "python compare.py --seeds 0,1"

@@ -19,6 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("", "is not a readable results file"),
     ('{"runs": [1, 2]}', "does not hold compare.py runs"),
     ('{"meta": {"preset": "quick"}, "runs": {}}', "holds runs of preset 'quick', not 'smoke'"),
+    *[(json.dumps({"meta": {"preset": "smoke"}, "runs": {"attention/copy/lr=0.003/seed=0": dict(
+        model="attention", task="copy", lr=3e-3, seed=0, test=[6, 12], diverged_at=None, metrics=metrics)}}),
+       "holds a damaged run, attention/copy/lr=0.003/seed=0")            # valid JSON, but scores the report can't read
+      for metrics in ["high", {"6": {"token_acc": 1.0}}, {"6": {"token_acc": "high"}, "12": {"token_acc": 0.5}}]],
 ])
 def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, message, capsys):
     (tmp_path / "smoke.json").write_text(content)
