@@ -37,17 +37,16 @@ def test_a_gpu_preset_on_a_cpu_says_so_before_it_starts(argv, warned, tmp_path, 
 
 def test_a_core_not_written_yet_stops_with_one_line(tmp_path, monkeypatch):
     """A student copy (tests/make_assignment.py) raises NotImplementedError in each blanked core: compare.py names it
-    in one line and exits non-zero, the runs finished before it kept."""
+    in one line and exits non-zero. (Only the SSM runs, so that the test reads the same in a copy with blank cores.)"""
     def blank(*args, **kwargs):
         raise NotImplementedError("ssm.ssd_scan: see the docstring")
     monkeypatch.setattr(compare.ssm, "ssd_scan", blank)
-    argv = ["--preset", "smoke", "--models", "attention,ssm", "--tasks", "copy", "--steps", "1", "--workers", "1"]
     with pytest.raises(SystemExit) as stop:
-        compare.main(argv + ["--out", str(tmp_path)])
+        compare.main(["--preset", "smoke", "--models", "ssm", "--tasks", "copy", "--steps", "1", "--workers", "1",
+                      "--out", str(tmp_path)])
     message = str(stop.value)
-    assert "\n" not in message and message.startswith("compare.py: error: a core is not written yet (ssm.ssd_scan")
-    runs = json.load(open(tmp_path / "smoke.json"))["runs"]
-    assert f"the {len(runs)} runs finished are saved" in message and all(k.startswith("attention/") for k in runs)
+    assert "\n" not in message and message.startswith("compare.py: error: a core is not written yet (ssm.ssd_scan: see "
+                                                      "the docstring; ") and "the 0 runs finished are saved" in message
 
 
 @pytest.mark.slow
