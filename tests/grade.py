@@ -230,13 +230,13 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     """Confine this process before a submission's code runs in it, with an audit hook (which nothing can remove)
     and the thread starters replaced: no file written or changed outside `writable` (folders), nothing under
     `hidden` (the grader's repository: the solutions) read or listed, no other process's /proc entries, no
-    thread or process started, no C code loaded or called, no search of the objects in memory, no folder opened
-    outside `readable` and `writable` (a folder's descriptor opens files by relative names); with `strict` (the
-    child), no change of the working folder either, and a thread of its own looks for threads that slipped
-    through. Each refusal
-    raises PermissionError and is noted in `refused` (a list), which the child hands back with every case.
+    thread or process started (nor a fresh copy of their starters' modules loaded), no C code loaded or called, no
+    search of the objects in memory, no folder opened outside `readable` and `writable` (a folder's descriptor
+    opens files by relative names); with `strict` (the child), no change of the working folder either, and a
+    thread of its own looks for threads that slipped through. Each refusal raises PermissionError and is noted in `refused` (a list), which the child hands back with every case.
     What Python alone cannot stop (code that rewrites this process's memory, or a compiled extension already
     loaded) needs an operating-system sandbox; README, "For instructors"."""
+    import _imp
     import _posixsubprocess
     import _thread
     import threading
@@ -284,8 +284,9 @@ def confine(writable, hidden, refused, readable=(), strict=False):
                 return f.read()
         except OSError:                        # a thread that ended since the listing (the watch must not die)
             return ""
-    def look(main=threading.get_ident()):       # the starters of a fresh copy of _thread or _posixsubprocess are not
-        while True:                            # replaced: so look every millisecond for another thread, or a child
+    def look(main=threading.get_ident()):       # a fresh copy of _thread or _posixsubprocess, reached around the
+        while True:                            # guard below, has its starters: so look every millisecond for another
+                                               # thread, or a child
             if set(sys._current_frames()) - {main, threading.get_ident()} and seen not in refused:
                 refused.append(seen)
             if born not in refused and any(children(t) for t in os.listdir(f"{mine}/task")):
@@ -297,6 +298,13 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     def no_process(*args, **kwargs):
         refuse("start a process")
     _posixsubprocess.fork_exec = no_process         # what subprocess and multiprocessing start processes with
+    def guarded(make):                              # a fresh copy of these would bring the starters back
+        def load(spec, *rest):
+            if spec.name in ("_thread", "_posixsubprocess", "_imp"):
+                refuse(f"load a fresh copy of {spec.name} (its starters would not be the replaced ones)")
+            return make(spec, *rest)
+        return load
+    _imp.create_builtin, _imp.create_dynamic = guarded(_imp.create_builtin), guarded(_imp.create_dynamic)
     sys.dont_write_bytecode = True
 
 

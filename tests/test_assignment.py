@@ -677,6 +677,14 @@ def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(do
 
 
 # The grader's mechanisms, each against the cheat it stops (each seen to pass the cheat with its mechanism off).
+FRESH = ("        saved = sys.modules.pop(NAME)\n        try:\n            fresh = importlib.import_module(NAME)\n"
+         "        except PermissionError:         # refused: so around the guard, through what its closure holds\n"
+         "            import _imp, importlib.machinery as m\n"
+         "            make = [c.cell_contents for c in getattr(_imp, MAKE).__closure__\n"
+         "                    if getattr(c.cell_contents, '__name__', '') == MAKE][0]\n"
+         "            spec = (m.BuiltinImporter if NAME == '_thread' else m.PathFinder).find_spec(NAME)\n"
+         "            fresh = make(spec)\n            if MAKE == 'create_dynamic':\n"
+         "                _imp.exec_dynamic(fresh)\n        finally:\n            sys.modules[NAME] = saved\n")
 LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" + LOOP + "\n\n"
 
 
@@ -684,8 +692,7 @@ LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" 
 def a_loop_in_a_thread_is_refused(tmp):
     body = ("    import importlib, sys, threading, time\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
             "    try:\n        threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window))).start()\n"
-            "    except PermissionError:\n        saved = sys.modules.pop('_thread')\n"
-            "        fresh, sys.modules['_thread'] = importlib.import_module('_thread'), saved\n"
+            "    except PermissionError:\n" + FRESH.replace("NAME", "'_thread'").replace("MAKE", "'create_builtin'") +
             "        fresh.start_new_thread(lambda: time.sleep(0.05) or box.append(_loop(q, k, v, causal, window)),"
             " ())\n"
             "    while not box:\n        pass\n    return box[0]\n")
@@ -699,15 +706,16 @@ def test_a_loop_in_a_thread_is_refused(done):
     least: a briefer one can slip between two looks on a busy CPU, README, "For instructors")."""
     failures = done(a_loop_in_a_thread_is_refused)
     assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
-    assert any("to run Python in another thread (seen by the grader's watch)" in f for f in failures), failures[-3:]
+    assert any("to load a fresh copy of _thread" in f and "to run Python in another thread (seen by the grader's "
+               "watch)" in f for f in failures), failures[-3:]
 
 
 @job()
 def a_process_is_refused(tmp):
     body = ("    import importlib, multiprocessing.util, sys\n    command = [sys.executable, '-c', 'import time; "
             "time.sleep(2)']\n    try:\n        multiprocessing.util.spawnv_passfds(sys.executable.encode(), command, "
-            "[])\n    except PermissionError:\n        saved = sys.modules.pop('_posixsubprocess')\n"
-            "        fresh, sys.modules['_posixsubprocess'] = importlib.import_module('_posixsubprocess'), saved\n"
+            "[])\n    except PermissionError:\n"
+            + FRESH.replace("NAME", "'_posixsubprocess'").replace("MAKE", "'create_dynamic'") +
             "        sys.modules['_posixsubprocess'] = fresh\n        try:\n"
             "            multiprocessing.util.spawnv_passfds(sys.executable.encode(), command, [])\n"
             "        finally:\n            sys.modules['_posixsubprocess'] = saved\n"
@@ -721,7 +729,8 @@ def test_a_process_is_refused(done):
     and one started from a fresh copy of _posixsubprocess is seen by the child's watch."""
     failures = done(a_process_is_refused)
     assert failures and all("tried to start a process;" in f for f in failures), failures[:3]
-    assert any("start a process (seen by the grader's watch)" in f for f in failures), failures[-3:]
+    assert any("to load a fresh copy of _posixsubprocess" in f and "start a process (seen by the grader's watch)" in f
+               for f in failures), failures[-3:]
 
 
 WRITTEN = os.path.join(ma.ROOT, "tests", "_written_by_a_submission.py")
