@@ -90,14 +90,14 @@ def load(path, preset, fresh):
     fields = {"model", "task", "lr", "seed", "metrics"}
     if not isinstance(runs, dict) or not all(isinstance(r, dict) and fields <= set(r) for r in runs.values()):
         stop("does not hold compare.py runs")
+    if not isinstance(results.get("meta"), dict) or results["meta"].get("preset") != preset:
+        stop(f"holds runs of preset {(results.get('meta') or {}).get('preset')!r}, not {preset!r}")
     for key, r in runs.items():   # what the report reads: each test length's scores (a diverged run has none)
         m, lengths = r["metrics"], r.get("test") if r.get("diverged_at") is None else []
         if not isinstance(m, dict) or not isinstance(lengths, list) or not all(
                 isinstance(m.get(str(L)), dict) and isinstance(m[str(L)].get("token_acc", 0.0), (int, float))
                 for L in lengths):
             stop(f"holds a damaged run, {key} (its scores at its test lengths)")
-    if not isinstance(results.get("meta"), dict) or results["meta"].get("preset") != preset:
-        stop(f"holds runs of preset {(results.get('meta') or {}).get('preset')!r}, not {preset!r}")
     streams = results.get("streams", [])
     if not isinstance(streams, list) or not all(isinstance(r, dict) for r in streams):
         stop("does not hold --scale's streams as a list of rows")

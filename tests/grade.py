@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +234,8 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     thread or process started (nor a fresh copy of their starters' modules loaded), no C code loaded or called, no
     search of the objects in memory, no folder opened outside `readable` and `writable` (a folder's descriptor
     opens files by relative names); with `strict` (the child), no change of the working folder either, and a
-    thread of its own looks for threads that slipped through. Each refusal raises PermissionError and is noted in `refused` (a list), which the child hands back with every case.
+    thread of its own looks for threads that slipped through. Each refusal raises PermissionError and is noted in
+    `refused` (a list), which the child hands back with every case.
     What Python alone cannot stop (code that rewrites this process's memory, or a compiled extension already
     loaded) needs an operating-system sandbox; README, "For instructors"."""
     import _imp
@@ -276,7 +278,7 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     thread = "start a thread (a loop in another thread is out of the operation counter's sight)"
     def no_thread(*args, **kwargs):
         refuse(thread)
-    seen = "run Python in another thread (seen by the grader's watch)"
+    seen = "run another thread (seen by the grader's watch)"
     born = "start a process (seen by the grader's watch)"
     def children(task):
         try:
@@ -284,12 +286,14 @@ def confine(writable, hidden, refused, readable=(), strict=False):
                 return f.read()
         except OSError:                        # a thread that ended since the listing (the watch must not die)
             return ""
-    def look(main=threading.get_ident()):       # a fresh copy of _thread or _posixsubprocess, reached around the
-        while True:                            # guard below, has its starters: so look every millisecond for another
-                                               # thread, or a child
-            if set(sys._current_frames()) - {main, threading.get_ident()} and seen not in refused:
+    known = set(os.listdir(f"{mine}/task"))
+    def look():                                 # for a route to the starters around the guards below: every ms,
+        known.add(str(threading.get_native_id()))   # any operating-system thread that was not there at the start
+        while True:                                 # (one running no Python too), and any child process
+            tasks = os.listdir(f"{mine}/task")
+            if seen not in refused and set(tasks) - known:
                 refused.append(seen)
-            if born not in refused and any(children(t) for t in os.listdir(f"{mine}/task")):
+            if born not in refused and any(children(t) for t in tasks):
                 refused.append(born)
             time.sleep(0.001)
     if strict:
@@ -297,14 +301,20 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     _thread.start_new_thread = _thread.start_new = threading._start_new_thread = no_thread
     def no_process(*args, **kwargs):
         refuse("start a process")
-    _posixsubprocess.fork_exec = no_process         # what subprocess and multiprocessing start processes with
-    def guarded(make):                              # a fresh copy of these would bring the starters back
-        def load(spec, *rest):
-            if spec.name in ("_thread", "_posixsubprocess", "_imp"):
-                refuse(f"load a fresh copy of {spec.name} (its starters would not be the replaced ones)")
-            return make(spec, *rest)
+    _posixsubprocess.fork_exec = subprocess._fork_exec = no_process   # what subprocess and multiprocessing use
+    # A fresh copy of _thread, _posixsubprocess or _imp would bring the starters (or the loaders) back: every module
+    # that _imp's loaders make or run is looked at, whatever its name says, and one with a starter is refused.
+    starters = {"start_new_thread", "start_new", "fork_exec", "create_builtin", "create_dynamic"}
+    def guarded(real):
+        def load(arg, *rest):
+            out = real(arg, *rest)
+            module = out if real.__name__.startswith("create") else arg
+            if isinstance(module, types.ModuleType) and starters & set(object.__getattribute__(module, "__dict__")):
+                refuse(f"load a fresh copy of {module.__name__} (its starters would not be the replaced ones)")
+            return out
         return load
-    _imp.create_builtin, _imp.create_dynamic = guarded(_imp.create_builtin), guarded(_imp.create_dynamic)
+    for name in ("create_builtin", "create_dynamic", "exec_builtin", "exec_dynamic"):
+        setattr(_imp, name, guarded(getattr(_imp, name)))
     sys.dont_write_bytecode = True
 
 
@@ -694,6 +704,8 @@ def child(sealed, scratch):
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)           # the submission reads nothing from the grader
     os.dup2(2, 1)                                           # and what it prints goes to stderr
     refused = []
+    with profile(activities=[ProfilerActivity.CPU]):   # the profiler's thread started before the watch's first look
+        torch.ones(1).add(1)
     confine(writable=[scratch], hidden=[ma.ROOT], refused=refused, readable=[sealed], strict=True)
     sys.path[:] = [sealed, os.path.join(sealed, "tests")] + [p for p in sys.path if p and not os.path.realpath(
         p).startswith(ma.ROOT)]
@@ -907,9 +919,11 @@ def grade_all(args, graded, work):
                     if line.startswith("FAILED"):
                         print("  " + line[:600])
                 by_core = {m: [f for f in failures if f.startswith(m + ".")] for m in ma.MODULES}
+                loose = [f for f in failures if f.split(".")[0] not in by_core]    # (the child ended early, say)
                 print("  the isolated checks, core by core: " + ", ".join(
-                    f"{m} {len(fs)} failed" if fs else f"{m} passed" for m, fs in by_core.items()))
-                for fs in [[f for f in failures if f.split(".")[0] not in by_core], *by_core.values()]:
+                    f"{m} {len(fs)} failed" if fs else f"{m} {'not all run' if loose else 'passed'}"
+                    for m, fs in by_core.items()))
+                for fs in [loose, *by_core.values()]:
                     for line in fs[:6]:                     # a few of each core's, so that every core shows
                         print("  ISOLATED " + line[:600])
                     if len(fs) > 6:

@@ -677,14 +677,13 @@ def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(do
 
 
 # The grader's mechanisms, each against the cheat it stops (each seen to pass the cheat with its mechanism off).
-FRESH = ("        saved = sys.modules.pop(NAME)\n        try:\n            fresh = importlib.import_module(NAME)\n"
-         "        except PermissionError:         # refused: so around the guard, through what its closure holds\n"
-         "            import _imp, importlib.machinery as m\n"
-         "            make = [c.cell_contents for c in getattr(_imp, MAKE).__closure__\n"
-         "                    if getattr(c.cell_contents, '__name__', '') == MAKE][0]\n"
-         "            spec = (m.BuiltinImporter if NAME == '_thread' else m.PathFinder).find_spec(NAME)\n"
-         "            fresh = make(spec)\n            if MAKE == 'create_dynamic':\n"
-         "                _imp.exec_dynamic(fresh)\n        finally:\n            sys.modules[NAME] = saved\n")
+FRESH = ("        import _imp, importlib.machinery as m\n        class S(str):         # a name that is never equal\n"
+         "            def __eq__(self, other):\n                return False\n            __hash__ = str.__hash__\n"
+         "        spec = (m.BuiltinImporter if NAME == '_thread' else m.PathFinder).find_spec(NAME)\n"
+         "        try:\n            fresh = getattr(_imp, MAKE)(m.ModuleSpec(S(NAME), spec.loader, origin=spec.origin))\n"
+         "        except PermissionError:     # refused: so around the guard, to the real loader it holds\n"
+         "            fresh = [c.cell_contents for c in getattr(_imp, MAKE).__closure__\n"
+         "                     if getattr(c.cell_contents, '__name__', '') == MAKE][0](spec)\n")
 LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" + LOOP + "\n\n"
 
 
@@ -701,13 +700,27 @@ def a_loop_in_a_thread_is_refused(tmp):
 
 def test_a_loop_in_a_thread_is_refused(done):
     """attention_ref's loop run in another thread: the operation counter and the profiler see only their own thread,
-    so the child refuses to start one, and a thread started from a fresh copy of _thread (whose starter the child
-    did not replace) is seen running by the child's watch (it looks every millisecond; this thread lives 50 ms at
-    least: a briefer one can slip between two looks on a busy CPU, README, "For instructors")."""
+    so the child refuses to start one and a fresh copy of _thread (whose starter it did not replace), by any name;
+    one made through the real loader that the guard holds is seen running by the child's watch (it looks every
+    millisecond; this thread lives 50 ms at least: a briefer one can slip between two looks on a busy CPU)."""
     failures = done(a_loop_in_a_thread_is_refused)
     assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
-    assert any("to load a fresh copy of _thread" in f and "to run Python in another thread (seen by the grader's "
-               "watch)" in f for f in failures), failures[-3:]
+    assert any("to load a fresh copy of _thread" in f and "to run another thread (seen by the grader's watch)" in f
+               for f in failures), failures[-3:]
+
+
+def test_the_watch_sees_a_thread_started_by_a_route_not_closed(tmp_path):
+    """The child's watch, for a route to the starters that the grader has not thought of (here, the real one kept
+    from before the child was confined): it sees the operating-system thread, though no Python runs in it."""
+    script = ("import _posixsubprocess, _thread, os, subprocess, sys, time\n"
+              "start, fork = _thread.start_new_thread, _posixsubprocess.fork_exec   # kept: the route not closed\n"
+              "import grade\nrefused = []\n"
+              f"grade.confine([{str(tmp_path)!r}], [], refused, strict=True)\n"
+              "start(time.sleep, (0.2,))       # no Python runs in it\n"
+              "time.sleep(0.1)\nprint(refused)\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=os.path.join(ma.ROOT, "tests"), capture_output=True,
+                         text=True, timeout=120)
+    assert "run another thread (seen by the grader's watch)" in run.stdout, run.stdout + run.stderr[-2000:]
 
 
 @job()
@@ -726,7 +739,8 @@ def a_process_is_refused(tmp):
 
 def test_a_process_is_refused(done):
     """A helper process (started as multiprocessing starts one, without an audit event) could run anything: refused,
-    and one started from a fresh copy of _posixsubprocess is seen by the child's watch."""
+    and so is a fresh copy of _posixsubprocess, by any name; one started through the real loader that the guard
+    holds is seen by the child's watch."""
     failures = done(a_process_is_refused)
     assert failures and all("tried to start a process;" in f for f in failures), failures[:3]
     assert any("to load a fresh copy of _posixsubprocess" in f and "start a process (seen by the grader's watch)" in f
