@@ -256,6 +256,8 @@ def confine(writable, hidden, refused, readable=(), strict=False):
             refuse(REFUSED[event])
         if strict and event == "os.chdir":                 # relative names stay relative to the scratch folder
             refuse("change its working folder")
+        if strict and event in ("sys.addaudithook", "sys._current_frames"):   # a hook of its own, or the frames of
+            refuse(f"call {event} (the grader's watch runs beside it)")        # other threads: both reach the watch
         paths = []
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             path, mode, flags = args
@@ -280,24 +282,27 @@ def confine(writable, hidden, refused, readable=(), strict=False):
         refuse(thread)
     seen = "run another thread (seen by the grader's watch)"
     born = "start a process (seen by the grader's watch)"
-    def children(task):
-        try:
-            with open(f"{mine}/task/{task}/children") as f:
-                return f.read()
-        except OSError:                        # a thread that ended since the listing (the watch must not die)
-            return ""
     known = set(os.listdir(f"{mine}/task"))
-    def look():                                 # for a route to the starters around the guards below: every ms,
-        known.add(str(threading.get_native_id()))   # any operating-system thread that was not there at the start
-        while True:                                 # (one running no Python too), and any child process
-            tasks = os.listdir(f"{mine}/task")
-            if seen not in refused and set(tasks) - known:
-                refused.append(seen)
-            if born not in refused and any(children(t) for t in tasks):
-                refused.append(born)
-            time.sleep(0.001)
+    # The watch, for a route to the starters around the guards below: every millisecond, any operating-system thread
+    # that was not there at the start (one running no Python too), and any child process. What it calls is bound
+    # here (a submission may replace os.listdir), and it runs on a bare thread (not in threading.enumerate()).
+    def look(notes, listdir=os.listdir, opener=open, sleep=time.sleep, me=_thread.get_native_id):
+        known.add(str(me()))
+        def children(task):
+            try:
+                with opener(f"{mine}/task/{task}/children") as f:
+                    return f.read()
+            except OSError:                    # a thread that ended since the listing (the watch must not die)
+                return ""
+        while True:
+            tasks = listdir(f"{mine}/task")
+            if seen not in notes and set(tasks) - known:
+                notes.append(seen)
+            if born not in notes and any(children(t) for t in tasks):
+                notes.append(born)
+            sleep(0.001)
     if strict:
-        threading.Thread(target=look, daemon=True).start()
+        _thread.start_new_thread(look, (refused,))
     _thread.start_new_thread = _thread.start_new = threading._start_new_thread = no_thread
     def no_process(*args, **kwargs):
         refuse("start a process")
@@ -476,7 +481,8 @@ def prepared(module, case, device=None):
         if not isinstance(t, torch.Tensor):
             return t
         t = t.to(device) if device else t.clone()
-        return t.requires_grad_() if t.is_floating_point() and not device and case.get("grad", True) else t
+        wanted = case.get("grad", True) or "count" in case      # a counted case's autograd graph is counted too
+        return t.requires_grad_() if t.is_floating_point() and not device and wanted else t
     args, kwargs = tree_map(leaf, case["args"]), tree_map(leaf, case["kwargs"])
     leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
     return getattr(module, case["call"]), args, kwargs, leaves
@@ -505,6 +511,17 @@ def called(fn, case, args, kwargs):
         if case.get("pieces"):
             return in_pieces(fn, case["module"], args, kwargs, case["pieces"])
         return fn(*args, **kwargs)
+
+
+def graph_size(outs):
+    """The nodes of the autograd graph behind the outputs: one per differentiable operation recorded."""
+    seen, todo = {}, [o.grad_fn for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node
+            todo += [n for n, _ in node.next_functions]
+    return len(seen)
 
 
 def gradients(outs, case, leaves):
@@ -542,7 +559,7 @@ def expected(cases, rng):
             fn = getattr(module, REFERENCES[case["module"]])
         outs = [t for t in tree_flatten(fn(*args, **kwargs))[0] if isinstance(t, torch.Tensor)]
         case["probes"] = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
-        out.append(([o.detach() for o in outs], gradients(outs, case, leaves)))
+        out.append(([o.detach() for o in outs], gradients(outs, case, leaves) if case.get("grad", True) else []))
     return out
 
 
@@ -611,6 +628,11 @@ def compare(cases, wanted, results):
                             f"profiler): {b['profiled'] / a['profiled']:.1f}x for 4x the length at the same number "
                             f"of chunks, while the dispatch counter saw {a['ops']} and {b['ops']}; it loops over time "
                             "steps out of the counter's sight (tests/test_cores.py, rule 2)")
+        if rule == "ops" and b["graph"] > 2 * max(a["graph"], 1):
+            failures.append(f"{what1} recorded {a['graph']} autograd operations and {what2} {b['graph']}: "
+                            f"{b['graph'] / max(a['graph'], 1):.1f}x for 4x the length at the same number of chunks; it loops "
+                            "over time steps (tests/test_cores.py, rule 2; autograd records operations that the "
+                            "counters can be kept from seeing)")
         if rule == "work" and b["elements"] > 8 * a["elements"]:
             failures.append(f"{what1} wrote {a['elements']:,} tensor elements and {what2} {b['elements']:,}: "
                             f"{b['elements'] / a['elements']:.1f}x for 4x the length; its work grows like T^2 "
@@ -730,14 +752,16 @@ def child(sealed, scratch):
             profiler = profile(activities=[ProfilerActivity.CPU]) if "count" in case else nullcontext()
             with profiler, calls, trace:
                 outs = tree_flatten(called(fn, case, args, kwargs))[0]
+            graph = graph_size(outs)        # autograd's record of the work, which no dispatch switch turns off
             result = dict(ops=trace.ops, elements=trace.elements, off_device=sorted(set(trace.off_device)),
                           profiled=sum(e.name.startswith("aten::") for e in profiler.events()) if "count" in case
-                          else 0, sdpa="scaled_dot_product_attention" in calls.names,
+                          else 0, graph=graph, sdpa="scaled_dot_product_attention" in calls.names,
                           devices=[str(t.device) for t in outs if isinstance(t, torch.Tensor)])
             if not device:
                 outs = [t for t in outs if isinstance(t, torch.Tensor)]
                 result["requires_grad"] = [o.requires_grad for o in outs]
-                result["outputs"], result["grads"] = [o.detach() for o in outs], gradients(outs, case, leaves)
+                result["outputs"] = [o.detach() for o in outs]
+                result["grads"] = gradients(outs, case, leaves) if case.get("grad", True) else []
         except Exception as e:                                          # noqa: BLE001 -- the submission's error
             result = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         result["refused"] = list(refused)

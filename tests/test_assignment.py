@@ -688,6 +688,23 @@ LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" 
 
 
 @job()
+def a_loop_hidden_from_both_counters_fails(tmp):
+    body = ("    import torch\n    F.scaled_dot_product_attention(q, k, v)\n"
+            "    torch.autograd._enable_record_function(False)          # the profiler sees nothing\n"
+            "    try:\n        with torch._C._DisableTorchDispatch():      # the dispatch counter sees nothing\n"
+            "            return _loop(q, k, v, causal, window)\n    finally:\n"
+            "        torch.autograd._enable_record_function(True)\n")
+    return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
+
+
+def test_a_loop_hidden_from_both_counters_fails(done):
+    """attention_ref's loop with PyTorch's dispatch modes and its profiler's recording switched off around it (a
+    red-team trial's pass): autograd still records every step's operations, and that count grows with T."""
+    failures = done(a_loop_hidden_from_both_counters_fails)
+    assert any("autograd operations" in f and "it loops over time steps" in f for f in failures), failures[:3]
+
+
+@job()
 def a_loop_in_a_thread_is_refused(tmp):
     body = ("    import importlib, sys, threading, time\n    F.scaled_dot_product_attention(q, k, v)\n    box = []\n"
             "    try:\n        threading.Thread(target=lambda: box.append(_loop(q, k, v, causal, window))).start()\n"
