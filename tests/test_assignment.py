@@ -728,16 +728,23 @@ def test_a_loop_in_a_thread_is_refused(done):
 
 def test_the_watch_sees_a_thread_started_by_a_route_not_closed(tmp_path):
     """The child's watch, for a route to the starters that the grader has not thought of (here, the real one kept
-    from before the child was confined): it sees the operating-system thread, though no Python runs in it."""
+    from before the child was confined): it sees the operating-system thread, though no Python runs in it, and
+    though the submission replaced os.listdir; an audit hook of the submission's (which could block the watch) and
+    other threads' frames (which hold its notes) are refused."""
     script = ("import _posixsubprocess, _thread, os, subprocess, sys, time\n"
               "start, fork = _thread.start_new_thread, _posixsubprocess.fork_exec   # kept: the route not closed\n"
               "import grade\nrefused = []\n"
               f"grade.confine([{str(tmp_path)!r}], [], refused, strict=True)\n"
+              "listdir = os.listdir           # the watch's own calls, replaced: it bound its own at the start\n"
+              "os.listdir = lambda path='.': [] if str(path).endswith('/task') else listdir(path)\n"
+              "for blind in (lambda: sys.addaudithook(lambda *a: time.sleep(60)), sys._current_frames):\n"
+              "    try:\n        blind()\n    except PermissionError:\n        pass\n"
               "start(time.sleep, (0.2,))       # no Python runs in it\n"
               "time.sleep(0.1)\nprint(refused)\n")
     run = subprocess.run([sys.executable, "-c", script], cwd=os.path.join(ma.ROOT, "tests"), capture_output=True,
                          text=True, timeout=120)
     assert "run another thread (seen by the grader's watch)" in run.stdout, run.stdout + run.stderr[-2000:]
+    assert "call sys.addaudithook" in run.stdout and "call sys._current_frames" in run.stdout, run.stdout
 
 
 @job()
