@@ -95,7 +95,8 @@ def parse_args(argv, lab):
                    "BABILong's qa1 and qa2 on streams up to 262,144), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
     try:
-        device = torch.device(args.device if args.device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(default if args.device is None else args.device)
     except RuntimeError:
         p.error(f"unknown device {args.device!r}")
     if not (device.type == "cpu" and not device.index

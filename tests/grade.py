@@ -630,9 +630,9 @@ def compare(cases, wanted, results):
                             "steps out of the counter's sight (tests/test_cores.py, rule 2)")
         if rule == "ops" and b["graph"] > 2 * max(a["graph"], 1):
             failures.append(f"{what1} recorded {a['graph']} autograd operations and {what2} {b['graph']}: "
-                            f"{b['graph'] / max(a['graph'], 1):.1f}x for 4x the length at the same number of chunks; it loops "
-                            "over time steps (tests/test_cores.py, rule 2; autograd records operations that the "
-                            "counters can be kept from seeing)")
+                            f"{b['graph'] / max(a['graph'], 1):.1f}x for 4x the length at the same number of "
+                            "chunks; it loops over time steps (tests/test_cores.py, rule 2; autograd records "
+                            "operations that the counters can be kept from seeing)")
         if rule == "work" and b["elements"] > 8 * a["elements"]:
             failures.append(f"{what1} wrote {a['elements']:,} tensor elements and {what2} {b['elements']:,}: "
                             f"{b['elements'] / a['elements']:.1f}x for 4x the length; its work grows like T^2 "

@@ -680,7 +680,8 @@ def test_a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(do
 FRESH = ("        import _imp, importlib.machinery as m\n        class S(str):         # a name that is never equal\n"
          "            def __eq__(self, other):\n                return False\n            __hash__ = str.__hash__\n"
          "        spec = (m.BuiltinImporter if NAME == '_thread' else m.PathFinder).find_spec(NAME)\n"
-         "        try:\n            fresh = getattr(_imp, MAKE)(m.ModuleSpec(S(NAME), spec.loader, origin=spec.origin))\n"
+         "        try:\n"
+         "            fresh = getattr(_imp, MAKE)(m.ModuleSpec(S(NAME), spec.loader, origin=spec.origin))\n"
          "        except PermissionError:     # refused: so around the guard, to the real loader it holds\n"
          "            fresh = [c.cell_contents for c in getattr(_imp, MAKE).__closure__\n"
          "                     if getattr(c.cell_contents, '__name__', '') == MAKE][0](spec)\n")
