@@ -167,7 +167,8 @@ def main(argv=None):
         sys.exit(f"make_assignment: cannot write the copy in {args.dest} ({e.strerror}: {e.filename}); choose a new "
                  "folder that you can write to")
     print(f"student copy in {os.path.realpath(args.dest)}; blanked: {', '.join(names)}")
-    print(f"students check it with: cd {args.dest} && pytest; grade a submission: python tests/grade.py SUBMISSION")
+    print(f"students check it with: cd {args.dest} && pytest; grade a submission (a copy with the cores written) from "
+          "this repository: python tests/grade.py SUBMISSION")
 
 
 if __name__ == "__main__":
