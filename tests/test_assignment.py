@@ -738,7 +738,8 @@ def test_the_watch_sees_a_thread_started_by_a_route_not_closed(tmp_path):
               f"grade.confine([{str(tmp_path)!r}], [], refused, strict=True)\n"
               "listdir = os.listdir           # the watch's own calls, replaced: it bound its own at the start\n"
               "os.listdir = lambda path='.': [] if str(path).endswith('/task') else listdir(path)\n"
-              "for blind in (lambda: sys.addaudithook(lambda *a: time.sleep(60)), sys._current_frames):\n"
+              "for blind in (lambda: sys.addaudithook(lambda *a: time.sleep(60)), sys._current_frames,\n"
+              "              subprocess._fork_exec):   # (subprocess keeps its own name for the real fork_exec)\n"
               "    try:\n        blind()\n    except PermissionError:\n        pass\n"
               "start(time.sleep, (0.2,))       # no Python runs in it\n"
               "time.sleep(0.1)\nprint(refused)\n")
@@ -746,6 +747,7 @@ def test_the_watch_sees_a_thread_started_by_a_route_not_closed(tmp_path):
                          text=True, timeout=120)
     assert "run another thread (seen by the grader's watch)" in run.stdout, run.stdout + run.stderr[-2000:]
     assert "call sys.addaudithook" in run.stdout and "call sys._current_frames" in run.stdout, run.stdout
+    assert "'start a process'" in run.stdout, run.stdout
 
 
 @job()
