@@ -525,7 +525,10 @@ def graph_size(outs):
 
 
 def gradients(outs, case, leaves):
-    """The gradients of sum(output * probe) w.r.t. the leaves (the probes: random, drawn by the grader)."""
+    """The gradients of sum(output * probe) w.r.t. the leaves (the probes: random, drawn by the grader); none for a
+    case without them (a counted case's inputs require grad only so that its autograd graph is counted)."""
+    if not case.get("grad", True):
+        return []
     pairs = [(o, p) for o, p in zip(outs, case["probes"]) if o.shape == p.shape and o.requires_grad]
     if not leaves or not pairs:
         return []
@@ -559,7 +562,7 @@ def expected(cases, rng):
             fn = getattr(module, REFERENCES[case["module"]])
         outs = [t for t in tree_flatten(fn(*args, **kwargs))[0] if isinstance(t, torch.Tensor)]
         case["probes"] = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
-        out.append(([o.detach() for o in outs], gradients(outs, case, leaves) if case.get("grad", True) else []))
+        out.append(([o.detach() for o in outs], gradients(outs, case, leaves)))
     return out
 
 
@@ -760,8 +763,7 @@ def child(sealed, scratch):
             if not device:
                 outs = [t for t in outs if isinstance(t, torch.Tensor)]
                 result["requires_grad"] = [o.requires_grad for o in outs]
-                result["outputs"] = [o.detach() for o in outs]
-                result["grads"] = gradients(outs, case, leaves) if case.get("grad", True) else []
+                result["outputs"], result["grads"] = [o.detach() for o in outs], gradients(outs, case, leaves)
         except Exception as e:                                          # noqa: BLE001 -- the submission's error
             result = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         result["refused"] = list(refused)

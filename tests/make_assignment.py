@@ -9,8 +9,8 @@ its line) becomes `raise NotImplementedError("<file>.<function>: see the docstri
 marker. Signatures, docstrings, the reference loops, the configs, the tasks, the harness and the results stay,
 so in the copy `pytest` checks the students' work: every test that runs a blanked core (its own tests, and those
 that train its model: compare.py's and the harness's) fails with NotImplementedError until it is written, and
-everything else passes. The copy's README is the students': its "For instructors"
-section becomes "The assignment". Left out: this script, tests/grade.py, and the tests that would hand an answer
+everything else passes. The copy's README is the students': its "For instructors" section becomes "The
+assignment". Left out: this script, tests/grade.py, and the tests that would hand an answer
 out (tests/test_oracles.py spells the RMT step and HRM's cycles out); `python tests/grade.py SUBMISSION` grades
 with them. Nothing is written in place (nor through a link into this repository), and nested or unmatched
 markers stop it with one line before anything is written.
