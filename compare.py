@@ -82,6 +82,14 @@ def stage_batches(train_lengths, batch_size, tokens_per_step=None):
             for _, hi in stages(train_lengths)]
 
 
+def stage_steps(steps, n_stages):
+    """The steps of each of a curriculum's stages: `steps` itself when it is a list (a count a stage), else equal
+    shares of the int (step s falls in stage s * n_stages // steps)."""
+    if isinstance(steps, list):
+        return list(steps)
+    return [-(-(k + 1) * steps // n_stages) + (k * steps // -n_stages) for k in range(n_stages)]
+
+
 def all_logits(model, x):
     """The logits to train on: HRM's one per segment (deep supervision), every other model's one."""
     return model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
@@ -93,7 +101,7 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
     own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch
     draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
-    the step falls in (equal shares), with that stage's batch (`stage_batches`: fewer streams once they are long).
+    the step falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`: fewer streams once they are long).
     HRM: one loss per segment (deep supervision), one step on their mean.
     On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
     are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
@@ -107,9 +115,13 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
                              {"params": no_decay, "weight_decay": 0.0}], lr=rate, betas=(0.9, 0.98),
                             fused=cuda, capturable=fast)       # fused: fewer kernels; capturable: in a graph
     plan, batches = stages(train_lengths), stage_batches(train_lengths, batch_size, tokens_per_step)
-    span = max(1, steps // len(plan)) if restarts else steps      # the steps a schedule spans
-    n_warm = max(1, int(warmup * span))
-    schedule = lambda s: min((s % span + 1) / n_warm, 0.5 * (1 + math.cos(math.pi * (s % span) / span)))  # noqa: E731
+    counts = stage_steps(steps, len(plan))
+    stage_of = [k for k, n in enumerate(counts) for _ in range(n)]    # step -> its stage
+    steps, first = len(stage_of), [sum(counts[:k]) for k in range(len(plan))]
+
+    def schedule(s):   # the lr's factor at step s: its place in the schedule it belongs to, and that one's length
+        at, span = (s - first[stage_of[s]], counts[stage_of[s]]) if restarts else (s, steps)
+        return min((at + 1) / max(1, int(warmup * span)), 0.5 * (1 + math.cos(math.pi * at / span)))
 
     def step(x, y):
         with autocast(device, cache=not fast):
@@ -128,7 +140,7 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     sample = getattr(task, "sample_train", task.sample)           # the maze trains on a fixed, small set
     losses, read = torch.zeros(steps, device=device), 0
     for s in tqdm(range(steps), desc="train", leave=False, disable=not progress):
-        k = s * len(plan) // steps
+        k = stage_of[s]
         lo, hi = plan[k]
         x, y = sample(batches[k], int(torch.randint(lo, hi + 1, (1,), generator=g)), g, "cpu" if fast else device)
         if fast:
@@ -271,7 +283,7 @@ class Budget:
     """What one task gets: the same for every model that runs it."""
     train: list                 # training lengths [lo, hi] (each batch draws one), or a curriculum [[lo, hi], ...]
     test: list                  # test lengths (the first usually the longest training length)
-    steps: int                  # optimiser steps
+    steps: int | list           # optimiser steps: in all, or a count a stage of the curriculum
     options: dict = field(default_factory=dict)        # the task's constructor options
     models: list = None         # the models that run it (default: the preset's)
     seeded: list = field(default_factory=list)         # headline models: every seed, not only the first
@@ -286,10 +298,12 @@ class Budget:
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
 CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream tasks, in three stages
-# --scale's BABILongs: four short stages at the full batch, then 4,096 to 262,144 tokens at about 2**17 tokens a step.
+# --scale's BABILongs: four short stages at the full batch, 1,000 steps each (at 200 the SSM had not learnt the
+# task by 512 tokens), then 4,096 to 262,144 tokens at about 2**17 tokens a step, 250 steps each.
 # A model trains a stage only while its step takes <= 0.3 s (graphed, alone on one H200; results/README.md, Scale):
 # at 1,048,576 the SSM's would take 0.41 s, attention's 4.8 s, so the curriculum ends at 262,144.
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[L, L] for L in (4096, 16384, 65536, 262144)]
+BABI_STEPS = [1000] * 4 + [250] * 4
 SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
     "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),
     "titans": (512, "a step at 4,096 tokens takes 0.32 s (its loop over 16-token chunks), over the 0.3 s limit")}
@@ -350,12 +364,12 @@ PRESETS = {
                              options=dict(n_train=300)),
         }),
     "scale": dict(  # --scale trains these, keeps their weights, then reads long streams (harness/scale.py).
-        # BABILong's qa1 and qa2 rise from 33 tokens to 262,144 (BABI_CURRICULUM), 200 steps a stage, each stage its
+        # BABILong's qa1 and qa2 rise from 33 tokens to 262,144 (BABI_CURRICULUM, BABI_STEPS), each stage with its
         # own lr schedule; a model stops at its wall. RMT backpropagates through 16 segments at most (truncated BPTT)
         models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=128, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),   # (its last write is ~20 tokens back)
-            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=1600, tokens_per_step=2 ** 17, restarts=True,
+            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=BABI_STEPS, tokens_per_step=2 ** 17, restarts=True,
                          walls=SCALE_WALLS, model_options={"rmt": dict(bptt_depth=16)})
                for t in ("babilong_qa1", "babilong_qa2")}}),
 }
@@ -404,7 +418,9 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
             options, train, steps, extra = model_config(preset, t, m), b.train, command.steps or b.steps, {}
             if m in b.walls:   # the same stages up to the model's wall, each with its usual share of the steps
                 train = [s for s in stages(b.train) if s[1] <= b.walls[m][0]]
-                steps, extra["train_wall"] = max(1, steps * len(train) // len(stages(b.train))), b.walls[m][1]
+                steps = steps[:len(train)] if isinstance(steps, list) else max(
+                    1, steps * len(train) // len(stages(b.train)))
+                extra["train_wall"] = b.walls[m][1]
             if b.tokens_per_step:
                 extra.update(tokens_per_step=b.tokens_per_step, restarts=b.restarts)
             if b.segments:
@@ -503,7 +519,7 @@ def run_one(spec):
     times = lambda: dict(train_time_s=round(train_time, 2), wall_time_s=round(time.time() - start, 2))  # noqa: E731
     tokens = {L: task.sample(1, L, 0)[0].shape[1] for L in spec["test"]}   # length is a task's knob, not T
     record = {**spec, "params": n_params(model), "state_size": {str(L): model.state_size(tokens[L]) for L in tokens},
-              "examples_seen": sum(batches[s * len(batches) // spec["steps"]] for s in range(spec["steps"])),
+              "examples_seen": sum(n * b for n, b in zip(stage_steps(spec["steps"], len(batches)), batches)),
               "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if cuda else "CPU"}
     if is_grid(spec["task"]):   # the depth preset's training compute per example, at the longest training size

@@ -169,18 +169,22 @@ def report(runs, meta, task_names, model_names, lab):
     def curriculum(r):   # "2-4, 2-8, 2-16 (a third of the steps each)" or "2-16"
         plan = stages(r["train"])
         share = {1: "", 2: " (half of the steps each)", 3: " (a third of the steps each)"}.get(
-            len(plan), f" (1/{len(plan)} of the steps each)")
+            len(plan), f" (1/{len(plan)} of the steps each)") if isinstance(r["steps"], int) else \
+            f" ({', '.join(map(str, r['steps']))} steps)"
         return ", ".join(f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in plan) + share
+
+    def total(r):   # a run's steps in all (a curriculum may give each stage its own count)
+        return sum(r["steps"]) if isinstance(r["steps"], list) else r["steps"]
 
     def batches(r):   # "128", or a batch per stage when long stages take fewer streams
         sizes = lab.stage_batches(r["train"], r["batch_size"], r.get("tokens_per_step"))
         return str(sizes[0]) if len(set(sizes)) == 1 else ", ".join(map(str, sizes))
     walls = [f"- {m} on {t} stops at its wall, after the stages up to {stages(rs[0]['train'])[-1][1]:,} tokens "
-             f"({rs[0]['steps']} steps): {rs[0]['train_wall']}" for t, cs in cells.items() for m, rs in cs
+             f"({total(rs[0])} steps): {rs[0]['train_wall']}" for t, cs in cells.items() for m, rs in cs
              if rs[0].get("train_wall")]
     parts += ["## Budgets: the same for every model on a task", "", md_table(
         ["task", "steps", "batch", "training lengths, stage by stage", "test lengths", "task options"],
-        [[t, r["steps"], batches(r), curriculum(r), ", ".join(map(str, r["test"])),
+        [[t, total(r), batches(r), curriculum(r), ", ".join(map(str, r["test"])),
           ", ".join(f"{k}={v}" for k, v in r["task_options"].items()) or "-"] for t, r in first.items()]), ""]
     if walls:
         parts += ["Where a stage would cost a model too much, it stops there (the same stages and steps up to it):",
@@ -275,7 +279,7 @@ def report(runs, meta, task_names, model_names, lab):
                      ", ".join(f"{v:,}" for v in rs[0]["state_size"].values()),
                      f"{rs[0]['lr']:g}" + (" (edge)" if (m, t) in edges else ""),
                      f"{len(rs)}" + "".join(f", seed {r['seed']} {DIVERGED} at step {r['diverged_at']}" for r in rs
-                                            if r.get("diverged_at") is not None), rs[0]["steps"],
+                                            if r.get("diverged_at") is not None), total(rs[0]),
                      f"{rs[0]['examples_seen']:,}", f"{average(r['wall_time_s'] for r in rs):.1f}"])
     parts += ["## Runs", "", md_table(["model", "task", "params (vs attention)", "state floats (per test length)",
                                        "chosen lr", "seeds", "steps", "examples", "wall s"], rows), ""]

@@ -80,8 +80,8 @@ def wilson(p, n, z=1.96):
 
 
 def read_cell(spec, lab):
-    """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall;
-    returns its rows. A worker of `read_streams`, as run_one is of training; `lab` is compare.py."""
+    """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall,
+    or, on BABILong, until it answers at chance (1 / places inside its 95% interval): returns its rows. A worker of `read_streams`, as run_one is of training; `lab` is compare.py."""
     device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
     cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
     trained = lab.stages(run["train"])[-1][1]
@@ -122,6 +122,13 @@ def read_cell(spec, lab):
             rows.append(row)
             if row.get("wall"):
                 break                                              # longer lengths would hit it too
+            if hasattr(task, "n_places") and wilson(row["token_acc"], row["scored"])[0] <= 1 / task.n_places:
+                if L != spec["lengths"][-1]:   # at chance: a longer stream only adds distance (BABILong)
+                    nxt = spec["lengths"][spec["lengths"].index(L) + 1]
+                    rows.append(dict(model=m, task=t, length=nxt, trained=trained, batch=batch, state_floats=None,
+                                     weights=run["weights"], trained_in=run.get("train_time_s"), at_chance=True,
+                                     wall=f"not read: chance is inside the interval at {L:,} tokens"))
+                break
     return rows
 
 
@@ -188,7 +195,8 @@ def streams_report(rows, lab):
         panel = dict(title=f"{t}, trained <= {upto(t)}", xlabel="test length (tokens)",
                      chance=1 / task.n_places if hasattr(task, "n_places") else 0.5,
                      ylabel="accuracy (band: 95% interval)", marks=[(r["length"], r["model"]) for r in rows
-                                                                   if r["task"] == t and r.get("wall")],
+                                                                   if r["task"] == t and r.get("wall")
+                                                                   and not r.get("at_chance")],
                      mark_label="wall", **series(rows, "token_acc", task=t), **ACCURACY)
         read = {(r["model"], r["length"]): r for r in rows if r["task"] == t and not r.get("wall")}
         panel["intervals"] = {m: [wilson(read[m, x]["token_acc"], read[m, x]["scored"]) if (m, x) in read else None

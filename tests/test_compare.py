@@ -654,17 +654,16 @@ def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_s
         long = [hi for lo, hi in plan[n_short:] if lo == hi]
         assert len(long) == len(plan) - n_short and long == sorted(set(long)) and long[-1] >= 2 ** 18
         assert all(b.tokens_per_step / 2 <= n * L <= 2 * b.tokens_per_step for n, L in zip(batches[n_short:], long))
-        assert b.steps % len(plan) == 0
+        assert len(b.steps) == len(plan) and min(b.steps[:n_short]) >= 1000      # (at 200 a stage qa1 was not learnt)
         for s in [s for s in specs if s["task"] == t]:
             kept = compare.stages(s["train"])
-            assert kept == plan[:len(kept)] and s["steps"] == b.steps // len(plan) * len(kept)
+            assert kept == plan[:len(kept)] and s["steps"] == b.steps[:len(kept)]
             assert s["tokens_per_step"] == b.tokens_per_step and s["restarts"]
             assert (len(kept) < len(plan)) == (s["model"] in b.walls) == ("train_wall" in s)
     longest = {s["model"]: compare.stages(s["train"])[-1][1] for s in specs}
     assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16
     assert longest["rmt"] > 512 >= longest["titans"]
     assert all(s["model_options"]["bptt_depth"] == 16 for s in specs if s["model"] == "rmt")
-    assert all(type(s["steps"]) is int for s in specs)
 
 
 def test_scale_runs_keep_their_weights_in_files_of_their_own_and_a_wall_keeps_a_step(tmp_path):
@@ -696,3 +695,8 @@ def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
         cosine = [1, 0.5] * 3 if name == "rmt" else [1, .93, .75, .5, .25, .07]   # rmt: restarts, a stage each
         assert [round(r / 1e-3, 2) for r in rates[-6:]] == cosine
         assert [b for b, _ in drawn] == [16, 16, 2, 2, 1, 1] and [L for _, L in drawn[2:]] == [1024] * 2 + [4096] * 2
+    drawn.clear()                                  # a count of steps a stage: 1, 2 and 3 steps, each its own schedule
+    model = compare.build_model("ssm", task.vocab_size, d_model=16, n_layers=1)
+    assert len(compare.train(model, task, [1, 2, 3], 16, 1e-3, plan, tokens_per_step=2048, restarts=True)) == 6
+    assert [round(r / 1e-3, 2) for r in rates[-6:]] == [1, 1, 0.5, 1, 0.75, 0.25]
+    assert [b for b, _ in drawn] == [16, 2, 2, 1, 1, 1] and compare.stage_steps([1, 2, 3], 3) == [1, 2, 3]
