@@ -3,7 +3,7 @@ compare.py: train every model on every task at matched size, and show when filte
 
     python compare.py                    # `full` on a GPU, `quick` on a CPU (it says which)
     python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
-    python compare.py --preset depth     # mazes and Sudoku: recurrent depth (HRM) against a fixed-depth Transformer
+    python compare.py --preset depth     # mazes: recurrent depth (HRM) against a fixed-depth Transformer
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
     python compare.py --bench            # cost against length (untrained), and the cost of a training step
     python compare.py --scale            # train BABILong on streams up to 262,144 tokens, then read up to 11M
@@ -307,7 +307,7 @@ BABI_STEPS = [1000] * 4 + [250] * 4
 SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
     "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),
     "titans": (512, "a step at 4,096 tokens takes 0.32 s (its loop over 16-token chunks), over the 0.3 s limit")}
-HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's MQAR settings
+HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's harder settings
 SEQUENCE_MODELS = ["attention", "ssm", "rmt", "titans"]
 HRM_SEGMENTS = {"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)}   # the depth preset's training depth
 PRESETS = {
@@ -315,16 +315,12 @@ PRESETS = {
         models=[m for m in MODELS if m != "attention_looped"], size=dict(d_model=32, n_layers=2), batch_size=16,
         lrs=[3e-3], seeds=[0], eval_examples=16, tasks={
             "copy": Budget(train=[2, 6], test=[6, 12], steps=15),
-            "mqar": Budget(train=[32, 32], test=[32, 64], steps=15, options=dict(n_pairs=4, vocab_size=64)),
             "recall": Budget(train=[[2, 3], [3, 4]], test=[2, 4], steps=15, options=dict(vocab_size=16),
                              dial={"ssm": {"d_state": [4]}}),
             "flipflop": Budget(train=[32, 32], test=[32, 128], steps=15),
-            "selective_copy": Budget(train=[24, 24], test=[24, 64], steps=15, options=dict(n_data=4)),
             "babilong": Budget(train=[32, 32], test=[32, 96], steps=15, options=dict(max_facts=4)),
             "maze": Budget(train=[2, 2], test=[2, 3], steps=15, segments=[1, 2], options=dict(canvas=7, n_train=20),
                            models=list(MODELS)),
-            "sudoku": Budget(train=[1, 2], test=[2], steps=15, segments=[1, 2], options=dict(n_train=5),
-                             models=["attention", "attention_looped", "hrm"]),   # (the maze runs every grid model)
         }),
     "quick": dict(  # a 2-core CPU in minutes: one task at each end of the trade-off, three seeds each
         models=["attention", "ssm"], size=dict(d_model=64, n_layers=2), batch_size=64, lrs=LRS[1:], seeds=[0, 1, 2],
@@ -344,13 +340,11 @@ PRESETS = {
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory": ["linear"], "memory_expand": [4]}}),
             "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, seeded=SEQUENCE_MODELS + ["hrm"]),
-            "selective_copy": Budget(train=[64, 64], test=[64, 256], steps=600, options=dict(n_data=8),
-                                     models=SEQUENCE_MODELS),
             "babilong": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, models=SEQUENCE_MODELS,
                                seeded=SEQUENCE_MODELS),
         }),
     "depth": dict(  # one GPU: recurrent depth (HRM, a looped Transformer) against a fixed-depth Transformer of the
-        # same size, on mazes and on Sudoku graded by the rounds of singles it needs
+        # same size, on mazes graded by the length of their path
         models=["attention", "attention_looped", "hrm", "hrm_last_cycle"],
         size=dict(d_model=128, n_heads=4, n_layers=4), batch_size=128,
         lrs=LRS, seeds=[0, 1, 2], eval_examples=256, tasks={
@@ -358,10 +352,6 @@ PRESETS = {
             "maze": Budget(train=[6, 6], test=[6, 8, 10], steps=800, segments=[1, 2, 4, 8, 16],
                            seeded=["attention", "hrm"], model_options=HRM_SEGMENTS,
                            options=dict(canvas=21, n_train=1000, min_path=30)),
-            # a curriculum over depth, each stage keeping the shallower puzzles; tested one round deeper than trained
-            "sudoku": Budget(train=[[1, 2], [1, 4], [1, 6]], test=[2, 4, 6, 7], steps=800, segments=[1, 2, 4, 8, 16],
-                             seeded=["attention", "attention_looped", "hrm"], model_options=HRM_SEGMENTS,
-                             options=dict(n_train=300)),
         }),
     "scale": dict(  # --scale trains these, keeps their weights, then reads long streams (harness/scale.py).
         # BABILong's qa1 and qa2 rise from 33 tokens to 262,144 (BABI_CURRICULUM, BABI_STEPS), each stage with its

@@ -6,7 +6,7 @@ decays the state by a data-dependent amount and writes the token into it, h_t = 
 dt_t x_t B_t^T, then reads it out with y_t = h_t C_t. Because dt, B and C depend on the token ("selection"),
 it can ignore noise and hold on to what matters, for any length, at constant cost per token: this is why it
 should win on long noisy streams (flipflop, babilong; the README's claim C2). Because the state has a fixed size
-(H * K * N floats per layer), it cannot copy or recall more than that state holds (copy, mqar; C1). N is the
+(H * K * N floats per layer), it cannot copy or recall more than that state holds (copy, recall; C1). N is the
 dial of that trade-off.
 
 A loop over time is slow on a GPU (T small kernel launches). Mamba-2's SSD algorithm computes the same thing

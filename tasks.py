@@ -7,18 +7,15 @@ y[b, t] is what the model should output after reading x[b, :t+1], and y = -100 w
 seed always gives the same batch. Nothing is downloaded; `python tasks.py` prints one example of each task.
 
   copy            copy a random string after a separator           copying   (Jelassi et al., arXiv 2402.01032)
-  mqar            multi-query associative recall                   copying   (Zoology, arXiv 2312.04927)
-  recall          mqar with the number of pairs as the knob        the dial  (Zoology, arXiv 2312.04927)
+  recall          multi-query associative recall, pairs the knob   the dial  (Zoology, arXiv 2312.04927)
   flipflop        remember the last written bit in a noisy stream  filtering (Liu et al., arXiv 2306.00946)
-  selective_copy  reproduce data tokens scattered in noise         both      (Mamba §4.1, arXiv 2312.00752)
   babilong        where is a person / object, facts lost in noise  filtering (BABILong, arXiv 2406.10149)
   babilong_qa1    babilong's person questions alone, 2-10 moves    filtering (bAbI task 1, arXiv 1502.05698)
   babilong_qa2    babilong's object questions alone, 2-10 facts    filtering (bAbI task 2, arXiv 1502.05698)
   maze            mark the shortest path through a perfect maze    depth     (HRM, arXiv 2506.21734)
-  sudoku          fill in a 9x9 Sudoku, graded by rounds of singles depth     (HRM, arXiv 2506.21734)
 
-The maze and the Sudoku are grid tasks, not next-token ones: x is the whole grid, y marks the answer on it, and
-models read it bidirectionally (`causal = False`); their training sets are fixed and small (`sample_train`).
+The maze is a grid task, not a next-token one: x is the whole grid, y marks the answer on it, and models read it
+bidirectionally (`causal = False`); its training set is fixed and small (`sample_train`).
 
 Contract: `TASKS[name](**options)` builds a task with `.vocab_size`, `.names` (a printable name per token id)
 and `.sample(batch_size, length, seed=0, device="cpu") -> (x, y)`; `seed` is an int or a torch.Generator.
@@ -57,8 +54,8 @@ def rand_int(n, g):
 
 def render(task, x, y, b=0):
     """One example as text. A sequence: its tokens, each scored position followed by `->answer`. A grid task
-    (`causal = False`: the maze, the Sudoku): the rows of its canvas as given (x), and beside them the same rows with
-    each scored square showing its target (the path, the digits of the blanks)."""
+    (`causal = False`: the maze): the rows of its canvas as given (x), and beside them the same rows with each scored
+    square showing its target (the path)."""
     x, y = x[b].tolist(), y[b].tolist()
     if getattr(task, "causal", True):
         return " ".join(task.names[u] + (f"->{task.names[v]}" if v != IGNORE else "") for u, v in zip(x, y))
@@ -99,47 +96,46 @@ class Copy:
         return x.to(device), y.to(device)
 
 
-class MQAR:
-    """Multi-query associative recall (Zoology's `multiquery_ar`): P key-value pairs, then the P keys again as
-    queries in a stream of zeros; at each query, output its value. Keys come from [1, V/2), values from
-    [V/2, V); query gaps follow a power law (power_a), so most queries come soon after the pairs.
-    Zoology's harder settings: `random_non_queries` fills the stream between the queries with random tokens of
-    the whole vocabulary instead of zeros (a query no longer stands out, and the noise must not be stored), and
-    `distinct_values` draws the values without replacement, as the keys are.
+class Recall:
+    """Multi-query associative recall (Zoology's `multiquery_ar`) with the content as the knob: P key-value pairs,
+    then the P keys again as queries, each followed by a stream token; at each query, output its value. Keys come
+    from [1, V/2), values from [V/2, V). length = P, the number of pairs, in a sequence of 4P tokens. Trained on a
+    mixture of P (each batch draws its own), tested at each P, it asks how much a model can hold: a KV cache grows
+    with P, a fixed recurrent state does not (the dial in compare.py). So P <= V/2 - 1.
+    Zoology's harder settings: `random_non_queries` puts random tokens of the whole vocabulary between the queries
+    instead of zeros (a query no longer stands out, and the noise must not be stored), and `distinct_values` draws
+    the values without replacement, as the keys are. The queries' order is drawn as Zoology draws its query gaps (a
+    power law, power_a); at 4P tokens every slot holds a query, so power_a only shuffles them.
 
-    length = T, the sequence length; it must be at least 4P. n_pairs = P is a constructor option.
-
-    Example (V=16, P=2, T=8): keys 3, 5 -> values 12, 9:
+    Example (V=16, P=2): keys 3, 5 -> values 12, 9:
         3 12 5 9 5->9 0 3->12 0
     and with random_non_queries, say:
         3 12 5 9 5->9 14 3->12 7
     """
+    min_length = 1
 
-    def __init__(self, n_pairs=8, vocab_size=256, power_a=0.01, random_non_queries=False, distinct_values=False):
-        if n_pairs < 1 or n_pairs > vocab_size // 2 - 1:
-            raise ValueError(f"mqar: n_pairs={n_pairs} needs 1 <= P <= vocab_size/2 - 1 = {vocab_size // 2 - 1} "
-                             "distinct keys")
-        self.n_pairs, self.vocab_size, self.power_a = n_pairs, vocab_size, power_a
+    def __init__(self, vocab_size=256, power_a=0.01, random_non_queries=False, distinct_values=False):
+        self.vocab_size, self.power_a = vocab_size, power_a
         self.random_non_queries, self.distinct_values = random_non_queries, distinct_values
-        self.min_length = 4 * n_pairs
         self.names = [str(i) for i in range(vocab_size)]
 
     def sample(self, batch_size, length, seed=0, device="cpu"):
-        _check(batch_size, length, self.min_length, f"mqar with {self.n_pairs} pairs")
+        if length > self.vocab_size // 2 - 1:
+            raise ValueError(f"recall: {length} pairs need {length} distinct keys, but vocab_size "
+                             f"{self.vocab_size} has only {self.vocab_size // 2 - 1}")
+        _check(batch_size, length, self.min_length, "recall")
         g = _generator(seed)
-        B, P, V = batch_size, self.n_pairs, self.vocab_size
+        B, P, V = batch_size, length, self.vocab_size
         keys = torch.rand(B, V // 2 - 1, generator=g).argsort(dim=1)[:, :P] + 1       # distinct, in [1, V/2)
         if self.distinct_values:
             values = torch.rand(B, V - V // 2, generator=g).argsort(dim=1)[:, :P] + V // 2  # distinct, in [V/2, V)
         else:
             values = torch.randint(V // 2, V, (B, P), generator=g)
         context = torch.stack([keys, values], dim=2).reshape(B, 2 * P)               # k1 v1 k2 v2 ...
-        n_slots = (length - 2 * P) // 2                                             # query slots, even offsets
-        gaps = torch.arange(1, n_slots + 1, dtype=torch.float64)
-        weights = (gaps ** (self.power_a - 1)).expand(B, n_slots)
-        slots = torch.multinomial(weights, P, replacement=False, generator=g)       # (B, P), distinct per row
-        queries = torch.zeros(B, length - 2 * P, dtype=torch.long)
-        targets = torch.full((B, length - 2 * P), IGNORE)
+        gaps = torch.arange(1, P + 1, dtype=torch.float64)                          # P query slots, even offsets
+        slots = torch.multinomial((gaps ** (self.power_a - 1)).expand(B, P), P, replacement=False, generator=g)
+        queries = torch.zeros(B, 2 * P, dtype=torch.long)
+        targets = torch.full((B, 2 * P), IGNORE)
         queries.scatter_(1, 2 * slots, keys)                                        # query i asks for key i
         targets.scatter_(1, 2 * slots, values)
         if self.random_non_queries:                                                 # noise wherever no query is
@@ -148,28 +144,6 @@ class MQAR:
         y = torch.cat([torch.full((B, 2 * P), IGNORE), targets], dim=1)
         return x.to(device), y.to(device)
 
-
-
-class Recall(MQAR):
-    """MQAR with the content as the knob: length = P, the number of key-value pairs, in a sequence of 4P tokens.
-    Trained on a mixture of P (each batch draws its own), tested at each P, it asks how much a model can hold:
-    a KV cache grows with P, a fixed recurrent state does not (the dial in compare.py). Keys come from [1, V/2),
-    so P <= V/2 - 1.
-
-    Example (V=16, P=2): the same as MQAR's with T=8.
-    """
-
-    def __init__(self, vocab_size=256, power_a=0.01, random_non_queries=False, distinct_values=False):
-        super().__init__(1, vocab_size, power_a, random_non_queries, distinct_values)
-        self.min_length = 1
-
-    def sample(self, batch_size, length, seed=0, device="cpu"):
-        if length > self.vocab_size // 2 - 1:
-            raise ValueError(f"recall: {length} pairs need {length} distinct keys, but vocab_size "
-                             f"{self.vocab_size} has only {self.vocab_size // 2 - 1}")
-        _check(batch_size, length, 1, "recall")
-        return MQAR(length, self.vocab_size, self.power_a, self.random_non_queries,
-                    self.distinct_values).sample(batch_size, 4 * length, seed, device)
 
 class FlipFlop:
     """Flip-flop language (Liu et al. 2023): pairs (instruction, bit) with instructions write / ignore / read.
@@ -225,37 +199,6 @@ class FlipFlop:
             x, nxt = seq[:, :n], F.pad(seq[:, 1:], (0, n + 1 - seq.shape[1]))   # a piece never ends on `r`
             y = torch.where(x == self.r, nxt, IGNORE)             # x[t] = r is always an instruction (even t)
             yield x.contiguous().to(device), y.to(device)
-
-
-class SelectiveCopy:
-    """Selective copying (Mamba §4.1, `torch_copying_data` of state-spaces/s4): M data tokens scattered among
-    noise, then M markers; at the i-th marker output the i-th data token.
-
-    length = T = stream + M markers; the stream holds the M data tokens among T - 2M noise tokens.
-    Token 0 is noise, 1..vocab_size-2 are data, vocab_size-1 is the marker.
-
-    Example (M=3, T=10):
-        . 4 . . 7 2 . #->4 #->7 #->2
-    """
-
-    def __init__(self, n_data=8, vocab_size=16):
-        if n_data < 1 or vocab_size < 3:
-            raise ValueError("selective_copy needs n_data >= 1 and vocab_size >= 3")
-        self.n_data, self.vocab_size = n_data, vocab_size
-        self.marker = vocab_size - 1
-        self.min_length = 2 * n_data
-        self.names = ["."] + [str(i) for i in range(1, vocab_size - 1)] + ["#"]
-
-    def sample(self, batch_size, length, seed=0, device="cpu"):
-        _check(batch_size, length, self.min_length, f"selective_copy with {self.n_data} data tokens")
-        g = _generator(seed)
-        B, M = batch_size, self.n_data
-        data = torch.randint(1, self.vocab_size - 1, (B, M), generator=g)
-        where = torch.rand(B, length - M, generator=g).argsort(dim=1)[:, :M].sort(dim=1).values
-        stream = torch.zeros(B, length - M, dtype=torch.long).scatter_(1, where, data)
-        x = torch.cat([stream, torch.full((B, M), self.marker)], dim=1)
-        y = torch.cat([torch.full((B, length - M), IGNORE), data], dim=1)
-        return x.to(device), y.to(device)
 
 
 class BabiLong:
@@ -611,161 +554,6 @@ class Maze:
         return self._batch(grids, paths, device)
 
 
-class Sudoku:
-    """Fill in a 9x9 Sudoku, graded by the reasoning depth it needs (HRM's Sudoku-Extreme, arXiv 2506.21734): a grid
-    task.
-
-    length = d: the puzzle is solved by d rounds of constraint propagation and no fewer. One round fills, all at
-    once, every blank that is a naked single (one digit left for the cell) or a hidden single (the one place left
-    for a digit in a row, column or box). `rounds` is that solver; it doubles as the oracle of the tests. A puzzle
-    that singles solve has exactly one solution (each digit placed is forced), so the label is unambiguous. The
-    generator takes a random solved grid (a base pattern under random relabelling, row, column, band and stack
-    shuffles and transposition) and blanks cells in random order, keeping each blank only while singles still
-    solve the puzzle in at most d rounds; the puzzle is kept if it ends needing exactly d (else another grid).
-    x: 81 tokens, row by row, `.` for a blank and `1`-`9` for a given; y: the digit at every blank, givens not
-    scored. Nothing is causal (`causal = False`); x never holds a blank's digit.
-
-    Like the maze, data-scarce: `sample_train` draws from a fixed set of `n_train` puzzles per depth (under a random
-    relabelling of the digits), `sample` makes fresh ones outside it.
-
-    Example: a solved grid with two cells blanked needs one round (each blank is a naked single); shown are its
-    first three rows, x then y (`render` shows the whole puzzle beside its solution):
-        x  5 3 . 6 7 8 9 1 2      y  . . 4 . . . . . .
-           6 7 2 1 9 5 3 4 8         . . . . . . . . .
-           1 9 8 3 . 2 5 6 7         . . . . 4 . . . .
-    """
-    causal = False
-    canvas = 9        # the grid's side (`render` reads it)
-    min_length = 1
-    max_grids = 50    # batches of solved grids tried before a depth is called out of reach
-    BLANK = 0
-    UNITS = np.array([[9 * r + c for c in range(9)] for r in range(9)]                    # rows, columns, boxes
-                     + [[9 * r + c for r in range(9)] for c in range(9)]
-                     + [[9 * (3 * (b // 3) + i // 3) + 3 * (b % 3) + i % 3 for i in range(9)] for b in range(9)])
-
-    def __init__(self, n_train=1000, train_seed=1234):
-        if n_train < 1:
-            raise ValueError(f"sudoku: n_train must be >= 1, got {n_train}")
-        self.n_train, self.train_seed = n_train, train_seed
-        self.vocab_size = 10
-        self.names = ["."] + [str(k) for k in range(1, 10)]
-        self._train_sets = {}     # d -> (puzzles, solutions), (n_train, 81) each
-        self._peers = np.stack([np.isin(np.arange(81), self.UNITS[(self.UNITS == i).any(1)]) for i in range(81)])
-
-    def rounds(self, puzzle):
-        """Rounds of singles that solve `puzzle` (81 ints, 0 blank), and the solution; (None, None) if singles get
-        stuck (or meet a contradiction) before it is full. The oracle of the tests; `_rounds` does many at once."""
-        n, grid = self._rounds(np.asarray(puzzle)[None])
-        return (None, None) if n[0] < 0 else (int(n[0]), grid[0])
-
-    def _rounds(self, grids):
-        """`rounds` for a batch (P, 81) at once: the rounds (P,), -1 where singles get stuck or contradict, and
-        the grids as far as they got. Each round, for every puzzle still open: the digits each blank's peers
-        hold (one product with the peer matrix), the naked singles (one candidate left), the hidden singles
-        (a digit with one place left in one of the 27 units); all filled at once."""
-        grids, P = np.array(grids), len(grids)
-        n, failed = np.zeros(P, int), np.zeros(P, bool)
-        peers = self._peers.astype(np.float32)
-        while True:
-            blank = grids == self.BLANK
-            open_ = blank.any(1) & ~failed
-            if not open_.any():
-                break
-            placed = np.eye(10, dtype=np.float32)[grids]                          # (P, 81, 10) one-hot digits
-            cand = (np.matmul(peers, placed)[..., 1:] == 0) & blank[..., None]                 # (P, 81, 9)
-            count = cand.sum(2)
-            fills = cand & (count == 1)[..., None]                                # naked singles
-            in_unit = cand[:, self.UNITS]                                         # (P, 27 units, 9 cells, 9 digits)
-            hidden = in_unit & (in_unit.sum(2) == 1)[:, :, None, :]               # a digit's one place in a unit
-            for u, cells in enumerate(self.UNITS):
-                fills[:, cells] |= hidden[:, u]
-            clash = (fills.sum(2) > 1).any(1)                                     # two digits forced into one cell
-            dead = ((count == 0) & blank).any(1) | ~fills.any((1, 2))             # a blank with no digit, or stuck
-            failed |= open_ & (clash | dead)
-            go = open_ & ~failed
-            grids[go] = np.where(fills[go].any(2), fills[go].argmax(2) + 1, grids[go])
-            n[go] += 1
-        units = np.sort(grids[:, self.UNITS], axis=2)                            # two singles of one round may
-        failed |= ~(units == np.arange(1, 10)).all((1, 2))                        # put a digit twice in a unit
-        return np.where(failed, -1, n), grids
-
-    def _solved(self, rng):
-        """A random solved grid: the pattern (3 (r mod 3) + r // 3 + c) mod 9, shuffled in every way that keeps it
-        a Sudoku."""
-        def order():   # a shuffle of 0..8 that keeps each band (or stack) of three together
-            return [3 * band + i for band in rng.sample(range(3), 3) for i in rng.sample(range(3), 3)]
-        rows, cols, digits = order(), order(), rng.sample(range(1, 10), 9)
-        grid = np.array([[digits[(3 * (r % 3) + r // 3 + c) % 9] for c in cols] for r in rows])
-        return (grid.T if rng.random() < 0.5 else grid).reshape(81)
-
-    def _puzzles(self, d, rng, count):
-        """`count` puzzles that need exactly d rounds, and their solutions, (count, 81) each. Blanked side by side:
-        at each of 81 steps every grid in the batch loses one more cell, in its own random order, and gets it back
-        if singles would then stop or need more than d rounds; the grids that end needing d rounds are kept."""
-        puzzles, solutions = [], []
-        for _ in range(self.max_grids):
-            P = max(2 * (count - len(puzzles)), 8)
-            solved = np.stack([self._solved(rng) for _ in range(P)])
-            order = np.array([rng.sample(range(81), 81) for _ in range(P)])
-            grids, deepest, rows = solved.copy(), np.zeros(P, int), np.arange(P)
-            for i in range(81):
-                grids[rows, order[:, i]] = self.BLANK
-                n, _ = self._rounds(grids)
-                keep = (n < 0) | (n > d)                                   # singles would stop, or it goes too deep
-                grids[rows[keep], order[keep, i]] = solved[rows[keep], order[keep, i]]
-                deepest = np.where(keep, deepest, n)
-            puzzles += list(grids[deepest == d])
-            solutions += list(solved[deepest == d])
-            if len(puzzles) >= count:
-                return np.stack(puzzles[:count]), np.stack(solutions[:count])
-        raise ValueError(f"sudoku: no puzzle needing {d} rounds of singles in {self.max_grids} batches of grids; "
-                         "try fewer")
-
-    def train_set(self, d):
-        if d not in self._train_sets:
-            rng = random.Random(self.train_seed * 1000 + d)
-            self._train_sets[d] = self._puzzles(d, rng, self.n_train)
-        return self._train_sets[d]
-
-    def _batch(self, puzzles, solutions, device):
-        x = torch.from_numpy(np.asarray(puzzles)).long()
-        y = torch.where(x == self.BLANK, torch.from_numpy(np.asarray(solutions)).long(), IGNORE)
-        return x.to(device), y.to(device)
-
-    def sample_train(self, batch_size, length, seed=0, device="cpu"):
-        """A batch from the fixed training set, each puzzle's digits relabelled at random (still a Sudoku of the
-        same depth)."""
-        _check(batch_size, length, self.min_length, "sudoku")
-        puzzles, solutions = self.train_set(length)
-        g = _generator(seed)
-        i = torch.randint(0, len(puzzles), (batch_size,), generator=g)
-        relabel = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long),   # blank stays blank
-                             torch.stack([torch.randperm(9, generator=g) + 1 for _ in range(batch_size)])], 1)
-        x, y = self._batch(puzzles[i.numpy()], solutions[i.numpy()], "cpu")
-        return relabel.gather(1, x).to(device), torch.where(y == IGNORE, IGNORE, relabel.gather(1, y.clamp(min=0))
-                                                            ).to(device)
-
-    @staticmethod
-    def _key(puzzle):
-        """The same key for a puzzle under every relabelling of its digits (`sample_train` relabels): the digits
-        renamed in the order they first appear."""
-        names = {0: 0}
-        return bytes(names.setdefault(int(v), len(names)) for v in puzzle)
-
-    def sample(self, batch_size, length, seed=0, device="cpu"):
-        """Fresh puzzles of depth `length`: the test set. Once this task has made its training set of that depth
-        (training comes first), none is a training puzzle under any relabelling; a random puzzle would almost
-        never be one anyway, and making the set only to check costs seconds per depth."""
-        _check(batch_size, length, self.min_length, "sudoku")
-        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=_generator(seed))))
-        seen = {self._key(p) for p in self._train_sets[length][0]} if length in self._train_sets else set()
-        pairs = []
-        while len(pairs) < batch_size:
-            pairs += [(p, q) for p, q in zip(*self._puzzles(length, rng, batch_size - len(pairs)))
-                      if self._key(p) not in seen]
-        return self._batch(*map(np.stack, zip(*pairs)), device)
-
-
 def _canonical(grid):
     """The same key for a grid and its 8 rotations / reflections."""
     return min(np.ascontiguousarray(t).tobytes() for k in range(4) for t in (np.rot90(grid, k), np.rot90(grid, k).T))
@@ -773,29 +561,25 @@ def _canonical(grid):
 
 TASKS = {
     "copy": Copy,
-    "mqar": MQAR,
     "recall": Recall,
     "flipflop": FlipFlop,
     "flipflop_sparse": partial(FlipFlop, p_ignore=0.98),
-    "selective_copy": SelectiveCopy,
     "babilong": BabiLong,
     "babilong_qa1": partial(BabiLong, qa=1, max_facts=10),   # bAbI's qa1 and qa2 told apart, with 2-10 facts
     "babilong_qa2": partial(BabiLong, qa=2, max_facts=10),
     "maze": Maze,
-    "sudoku": Sudoku,
 }
 
 
 if __name__ == "__main__":
     argparse.ArgumentParser(description="Prints one example of each task.").parse_args()   # no options but --help
-    lengths = {"copy": 5, "mqar": 40, "recall": 4, "flipflop": 24, "flipflop_sparse": 24, "selective_copy": 20,
-               "babilong": 40, "babilong_qa1": 40, "babilong_qa2": 40, "maze": 4, "sudoku": 3}
+    lengths = {"copy": 5, "recall": 4, "flipflop": 24, "flipflop_sparse": 24,
+               "babilong": 40, "babilong_qa1": 40, "babilong_qa2": 40, "maze": 4}
     for name, make in TASKS.items():
         n = lengths[name]
-        task = make(canvas=9) if name == "maze" else make(n_train=1) if name == "sudoku" else make()
+        task = make(canvas=9) if name == "maze" else make()
         # The first seed whose example scores something: a short sparse flip-flop stream often has no read.
         seed = next(s for s in range(100) if (task.sample(1, n, s)[1] != IGNORE).any())
-        what = {"maze": f"{n}x{n} cells, canvas 9, the maze and its path drawn as o",
-                "sudoku": f"{n} rounds of singles, the puzzle and its solution"}.get(name, f"length {n}")
+        what = f"{n}x{n} cells, canvas 9, the maze and its path drawn as o" if name == "maze" else f"length {n}"
         text = render(task, *task.sample(1, n, seed)).replace("\n", "\n    ")
         print(f"{name} (vocab {task.vocab_size}, {what}, seed {seed}):\n    {text}")

@@ -229,14 +229,13 @@ def report(runs, meta, task_names, model_names, lab):
     for t in [t for t in first if is_grid(t)]:   # HRM at each count of test-time segments
         counts = sorted({s for m, rs in cells[t] for s in rs[0].get("test_segments", [1])})
         lines = {}
-        size = (lambda L: f"{L}x{L}") if t == "maze" else (lambda L: f"depth {L}")   # noqa: E731 (Sudoku: rounds)
         for m, rs in cells[t]:
             for L in rs[0]["test"]:
                 if any("by_segments" in r["metrics"].get(str(L), {}) for r in rs):
-                    lines[(m, size(L))] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
+                    lines[(m, f"{L}x{L}")] = [at(rs, L, "by_segments", str(s), "exact") for s in counts]
                 else:   # a fixed-depth model has one number, the same at every count
                     fixed = "" if all(r.get("diverged_at") is not None for r in rs) else ", fixed depth"
-                    lines[(m, f"{size(L)}{fixed}")] = [at(rs, L, "exact")] * len(counts)
+                    lines[(m, f"{L}x{L}{fixed}")] = [at(rs, L, "exact")] * len(counts)
         figures.setdefault("segments", []).append(dict(
             title=t, xs=counts, lines=lines, names=[f"{s} seg" for s in counts],
             xlabel="test-time segments (HRM)\nor loops (looped Transformer)", ylabel="exact match", **ACCURACY))
@@ -249,9 +248,9 @@ def report(runs, meta, task_names, model_names, lab):
         paths = [v.get("by_path", {}) for _, rs in cells[t] for r in rs for v in r["metrics"].values()]
         xs = sorted({int(b) for bins in paths for b in bins})
         if xs:   # the maze by path length, one line per model and size: pooled over sizes, the mix of sizes in each
-            # bin would make the trend (larger mazes have longer paths). (Sudoku's test lengths are its depths.)
+            # bin would make the trend (larger mazes have longer paths)
             low = cells[t][0][1][0]["task_options"].get("min_path", 0)   # no shorter path is ever drawn
-            lines = {(m, size(L)): [[DIVERGED if r.get("diverged_at") is not None else
+            lines = {(m, f"{L}x{L}"): [[DIVERGED if r.get("diverged_at") is not None else
                                      r["metrics"][str(L)].get("by_path", {}).get(str(b), [None])[0] for r in rs]
                                     for b in xs] for m, rs in cells[t] for L in rs[0]["test"]}
             figures.setdefault("depth", []).append(dict(

@@ -70,9 +70,9 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert all(r["model_options"]["causal"] is False for r in runs.values() if r["task"] == "maze")
     hrm_maze = runs["hrm/maze/lr=0.003/seed=0"]["metrics"]
     assert all(set(v["by_segments"]) == {"1", "2"} for v in hrm_maze.values())
-    looped = runs["attention_looped/sudoku/lr=0.003/seed=0"]   # read at test-time loops; its compute counted
+    looped = runs["attention_looped/maze/lr=0.003/seed=0"]   # read at test-time loops; its compute counted
     assert set(looped["metrics"]["2"]["by_segments"]) == {"1", "2"} and looped["block_calls"] == 4 * 2   # 4 x 2 layers
-    assert "by_segments" not in runs["attention/sudoku/lr=0.003/seed=0"]["metrics"]["2"]
+    assert "by_segments" not in runs["attention/maze/lr=0.003/seed=0"]["metrics"]["2"]
     for r in runs.values():   # every test length measured, the spec stored with the run
         assert sorted(r["metrics"], key=int) == [str(L) for L in r["test"]] and r["protocol"] == compare.PROTOCOL
         assert r["examples_seen"] == r["steps"] * r["batch_size"] and set(r["state_size"]) == set(r["metrics"])
@@ -87,7 +87,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch, capsys):
-    argv = ["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop,mqar", "--steps", "3",
+    argv = ["--preset", "smoke", "--models", "attention", "--tasks", "copy,flipflop,recall", "--steps", "3",
             "--workers", "1", "--out", str(tmp_path)]  # one worker: the patched run_one runs in this process
     real, calls = compare.run_one, []
 
@@ -587,7 +587,7 @@ def test_block_calls_count_the_training_compute_per_example():
 
 def test_test_time_depths_read_the_same_test_examples_made_once(monkeypatch):
     """HRM's test-time segments (and the looped model's loops) are read on the test examples of each length made
-    once, not again for every count (a Sudoku test set takes seconds to make); read so, they score as evaluate
+    once, not again for every count (a maze test set is a Python loop); read so, they score as evaluate
     with the seed alone does."""
     spec = dict(model="hrm", task="maze", task_options=dict(canvas=7, n_train=20), train=[2, 2], test=[2, 3],
                 steps=2, batch_size=4, lr=1e-3, seed=0, eval_examples=8, device="cpu", test_segments=[1, 2, 3],

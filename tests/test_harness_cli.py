@@ -29,7 +29,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--test-lengths", "-5"], "--test-lengths: expected comma-separated positive integers"),
     (["--seeds", "1,x"], "expected comma-separated integers"),
     (["--tasks", "maze", "--models", "ssm"], "none of the models"),
-    (["--tasks", "mqar", "--test-lengths", "15"], "too short"),
+    (["--tasks", "flipflop", "--test-lengths", "3"], "too short"),
     (["--device", "tpu9"], "device"),
     (["--steps", "0"], "--steps"),
     (["--lrs", "inf"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got 'inf'"),

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import tasks
-from tasks import IGNORE, TASKS, BabiLong, Maze, Sudoku, _canonical, render
+from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
 
-LENGTHS = {"copy": 9, "mqar": 64, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "selective_copy": 37,
-           "babilong": 60, "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5, "sudoku": 2}
+LENGTHS = {"copy": 9, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "babilong": 60, "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
@@ -20,25 +19,14 @@ def oracle_copy(task, x, t):
     return x[1 + t - sep]
 
 
-def oracle_mqar(task, x, t):
-    pairs = x[:2 * task.n_pairs].view(-1, 2)
-    return pairs[(pairs[:, 0] == x[t]).nonzero()[0, 0], 1]
-
-
-def oracle_recall(task, x, t):   # length = P pairs: they fill the first 2P tokens
-    pairs = x[:2 * LENGTHS["recall"]].view(-1, 2)
-    return pairs[(pairs[:, 0] == x[t]).nonzero()[0, 0], 1]
+def oracle_recall(task, x, t):
+    """The token after the key's first place at an even position: the pairs come first, keys at even positions."""
+    return x[next(j for j in range(0, t, 2) if x[j] == x[t]) + 1]
 
 
 def oracle_flipflop(task, x, t):
     writes = [j for j in range(0, t, 2) if x[j] == task.w]
     return x[writes[-1] + 1]
-
-
-def oracle_selective_copy(task, x, t):
-    first_marker = (x == task.marker).nonzero()[0, 0]
-    data = x[:first_marker][x[:first_marker] != 0]
-    return data[t - first_marker]
 
 
 def replay_babilong(task, x, t):
@@ -79,8 +67,7 @@ def oracle_babilong(task, x, t):
     return replay_babilong(task, x, t)[0]
 
 
-ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "flipflop": oracle_flipflop,
-           "flipflop_sparse": oracle_flipflop, "selective_copy": oracle_selective_copy,
+ORACLES = {"copy": oracle_copy, "recall": oracle_recall, "flipflop": oracle_flipflop, "flipflop_sparse": oracle_flipflop,
            "babilong": oracle_babilong, "babilong_qa1": oracle_babilong, "babilong_qa2": oracle_babilong}
 
 
@@ -88,10 +75,9 @@ ORACLES = {"copy": oracle_copy, "mqar": oracle_mqar, "recall": oracle_recall, "f
 def test_same_seed_same_batch(name):
     """The same seed, the same batch, from another task object too (each run builds its own: every model must see
     the same test examples)."""
-    make = lambda: TASKS[name](n_train=5) if name == "sudoku" else TASKS[name]()   # noqa: E731 (Sudoku: a small set)
-    task = make()
-    a, b = task.sample(4, LENGTHS[name], seed=3), make().sample(4, LENGTHS[name], seed=3)
-    c = make().sample(4, LENGTHS[name], seed=torch.Generator().manual_seed(3))
+    task = TASKS[name]()
+    a, b = task.sample(4, LENGTHS[name], seed=3), TASKS[name]().sample(4, LENGTHS[name], seed=3)
+    c = TASKS[name]().sample(4, LENGTHS[name], seed=torch.Generator().manual_seed(3))
     d = task.sample(4, LENGTHS[name], seed=4)
     for u, v, w in zip(a, b, c):
         assert torch.equal(u, v) and torch.equal(u, w)
@@ -100,7 +86,7 @@ def test_same_seed_same_batch(name):
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_shapes_and_vocabulary(name):
-    task = TASKS[name](n_train=5) if name == "sudoku" else TASKS[name]()
+    task = TASKS[name]()
     x, y = task.sample(8, LENGTHS[name], seed=0)
     assert x.shape == y.shape and x.dtype == y.dtype == torch.long
     assert x.min() >= 0 and x.max() < task.vocab_size
@@ -144,7 +130,7 @@ def test_recall_at_zoologys_difficulty():
     x, y = hard.sample(128, P, seed=5)
     scored = y != IGNORE
     for b, t in scored.nonzero().tolist():
-        assert oracle_mqar(TASKS["mqar"](n_pairs=P), x[b, :t + 1], t) == y[b, t]
+        assert oracle_recall(hard, x[b, :t + 1], t) == y[b, t]
     values = x[:, 1:2 * P:2]
     assert all(len(set(row)) == P for row in values.tolist())              # 24 of 32 values: often equal if drawn
     assert (values >= 32).all() and (x[:, 2 * P:][~scored[:, 2 * P:]] != 0).float().mean() > 0.9   # with replacement
@@ -232,13 +218,10 @@ def test_babilong_depth_points_at_the_deciding_fact():
 
 @pytest.mark.parametrize("name, options, length", [
     ("copy", {}, 0),
-    ("mqar", dict(n_pairs=8), 31),
     ("recall", dict(vocab_size=16), 0),
     ("flipflop", {}, 3),
-    ("selective_copy", dict(n_data=8), 15),
     ("babilong", dict(max_facts=8), 26),
     ("maze", dict(n_train=20), 1),
-    ("sudoku", dict(n_train=2), 0),
 ])
 def test_impossible_lengths_raise_and_the_shortest_is_made(name, options, length):
     """One below the shortest length raises ValueError naming the task; the shortest itself is made."""
@@ -250,18 +233,12 @@ def test_impossible_lengths_raise_and_the_shortest_is_made(name, options, length
 
 
 def test_impossible_options_raise_and_the_smallest_are_accepted():
-    with pytest.raises(ValueError, match="distinct keys"):
-        TASKS["mqar"](n_pairs=200, vocab_size=256)
     with pytest.raises(ValueError, match=r"^recall: 8 pairs"):
         TASKS["recall"](vocab_size=16).sample(2, 8)
     with pytest.raises(ValueError):
         TASKS["flipflop"](p_ignore=1.0)
     with pytest.raises(ValueError):
         TASKS["babilong"](min_facts=5, max_facts=2)
-    with pytest.raises(ValueError):
-        TASKS["selective_copy"](n_data=0)
-    with pytest.raises(ValueError):
-        TASKS["selective_copy"](vocab_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         TASKS["copy"]().sample(0, 5)
     with pytest.raises(ValueError, match="piece"):
@@ -269,10 +246,9 @@ def test_impossible_options_raise_and_the_smallest_are_accepted():
     for name in ("babilong", "flipflop"):    # a stream too short for the task names the task (it is one line to a user)
         with pytest.raises(ValueError, match=f"^{name}.*too short"):
             next(TASKS[name]().pieces(2, 1, 1))
-    TASKS["mqar"](n_pairs=1, vocab_size=4).sample(1, 4)              # one key of [1, 2), one value of [2, 4)
+    TASKS["recall"](vocab_size=4).sample(1, 1)                      # one key of [1, 2), one value of [2, 4)
     TASKS["recall"](vocab_size=16).sample(1, 7)
     TASKS["flipflop"](p_ignore=0.0).sample(1, 4)
-    TASKS["selective_copy"](n_data=1, vocab_size=3).sample(1, 2)
     TASKS["babilong"](min_facts=1, max_facts=1).sample(1, 6)
     assert sum(x.shape[1] for x, _ in TASKS["babilong"]().pieces(1, 40, 1)) == 40   # pieces of one token
 
@@ -280,7 +256,7 @@ def test_impossible_options_raise_and_the_smallest_are_accepted():
 @pytest.mark.parametrize("name", list(TASKS))
 def test_batches_come_on_the_asked_device(name):
     """'meta', PyTorch's device without data: every sampler hands its tensors over on the device asked for."""
-    task = TASKS[name](n_train=20) if name in ("maze", "sudoku") else TASKS[name]()
+    task = TASKS[name](n_train=20) if name == "maze" else TASKS[name]()
     batches = [task.sample(2, LENGTHS[name], device="meta")]
     batches += [task.sample_with_depth(2, LENGTHS[name], device="meta")] if hasattr(task, "sample_with_depth") else []
     batches += [task.sample_train(2, LENGTHS[name], device="meta")] if hasattr(task, "sample_train") else []
@@ -294,17 +270,14 @@ def test_random_tokens_cover_their_whole_range():
         return set(t.flatten().tolist())
     x, _ = TASKS["copy"]().sample(256, 8)
     assert seen(x[:, 1:9]) == set(range(26))
-    task = TASKS["mqar"](n_pairs=4, vocab_size=16)
-    x, _ = task.sample(256, 16)
+    task = TASKS["recall"](vocab_size=16)
+    x, _ = task.sample(256, 4)
     assert seen(x[:, 0:8:2]) == set(range(1, 8)) and seen(x[:, 1:8:2]) == set(range(8, 16))
-    task = TASKS["mqar"](n_pairs=4, vocab_size=16, distinct_values=True)
-    x, _ = task.sample(256, 16)
+    task = TASKS["recall"](vocab_size=16, distinct_values=True)
+    x, _ = task.sample(256, 4)
     assert seen(x[:, 1:8:2]) == set(range(8, 16)) and all(len(seen(row)) == 4 for row in x[:, 1:8:2])
     x, _ = TASKS["flipflop"]().sample(64, 40)
     assert seen(x[:, 0::2]) == {0, 1, 2} and seen(x[:, 1::2]) == {3, 4}
-    task = TASKS["selective_copy"](n_data=4, vocab_size=8)
-    _, y = task.sample(256, 12)
-    assert seen(y[:, -4:]) == set(range(1, 7))
     task = BabiLong()
     x, y = task.sample(256, 40)
     assert seen(x) == set(range(task.vocab_size)) and seen(y[:, -1]) == set(task.place)
@@ -315,9 +288,8 @@ def test_random_tokens_cover_their_whole_range():
 
 SPECIMENS = {   # the examples of the docstrings (and of the README's table of tasks), with their options
     "copy": ({}, "$ q d k |->q q->d d->k"),
-    "mqar": (dict(n_pairs=2, vocab_size=16), "3 12 5 9 5->9 0 3->12 0"),
+    "recall": (dict(vocab_size=16), "3 12 5 9 5->9 0 3->12 0"),
     "flipflop": ({}, "w 1 i 0 r->1 1 w 0 i 1 r->0"),
-    "selective_copy": (dict(n_data=3), ". 4 . . 7 2 . #->4 #->7 #->2"),
     "babilong": ({}, ". P1 move L3 . P0 move L1 . P1 grab O2 P1 move L0 . . ? O2 =->L0"),
 }
 
@@ -346,18 +318,6 @@ def test_the_maze_renders_its_path_on_the_grid():
     y = torch.tensor([[task.names.index(c) if g == "." else IGNORE for prow, grow in zip(path, grid)
                        for c, g in zip(prow.split(), grow.split())]])
     assert render(task, x, y) == "\n".join(f"{g}    {p}" for g, p in zip(grid, path))
-
-
-def test_the_sudoku_renders_its_blanks_apart_from_its_givens():
-    """A puzzle beside its solution: the puzzle shows every blank as `.` and every given as itself, the solution
-    the same givens and a digit at every blank."""
-    task = Sudoku(n_train=1)
-    x, y = task.sample(1, 2, seed=0)
-    rows = [row.split("    ") for row in render(task, x, y).split("\n")]
-    puzzle, solution = [" ".join(r[0] for r in rows).split(), " ".join(r[1] for r in rows).split()]
-    assert puzzle == [task.names[u] for u in x[0].tolist()] and puzzle.count(".") == (y != IGNORE).sum() > 0
-    assert solution == [task.names[v if v != IGNORE else u] for u, v in zip(x[0].tolist(), y[0].tolist())]
-    assert "." not in solution
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -520,136 +480,6 @@ def test_pieces_make_valid_examples(name, length, piece):
     assert n >= 8
     again = torch.cat([p[0] for p in task.pieces(8, length, piece, seed=3)], dim=1)
     assert torch.equal(again, x)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sudoku: the puzzle's depth, its one solution, and the solver that grades it
-# ---------------------------------------------------------------------------------------------------------
-
-WIKIPEDIA = ("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79",   # solved by singles
-             "534678912672195348198342567859761423426853791713924856961537284287419635345286179")
-
-
-def count_solutions(grid, most=2):
-    """Solutions of a puzzle (81 ints, 0 blank), counted up to `most` by plain backtracking, the emptiest-choice
-    cell first: an oracle written apart from `Sudoku.rounds`."""
-    grid = list(grid)
-    blanks = [i for i in range(81) if grid[i] == 0]
-    if not blanks:
-        return 1
-    def options(i):
-        r, c = divmod(i, 9)
-        used = {grid[9 * r + k] for k in range(9)} | {grid[9 * k + c] for k in range(9)} | {
-            grid[9 * (3 * (r // 3) + k // 3) + 3 * (c // 3) + k % 3] for k in range(9)}
-        return [v for v in range(1, 10) if v not in used]
-    i = min(blanks, key=lambda j: len(options(j)))
-    found = 0
-    for v in options(i):
-        grid[i] = v
-        found += count_solutions(grid, most - found)
-        if found >= most:
-            break
-    grid[i] = 0
-    return found
-
-
-def singles_rounds(grid):
-    """Rounds of singles, the spec of `Sudoku.rounds` in plain Python: each round fills at once every blank with one
-    candidate left (naked) and every digit with one place left in a row, column or box (hidden). None if stuck."""
-    grid, n = list(grid), 0
-    units = [[9 * r + c for c in range(9)] for r in range(9)] + [[9 * r + c for r in range(9)] for c in range(9)] + [
-        [9 * (3 * (b // 3) + i // 3) + 3 * (b % 3) + i % 3 for i in range(9)] for b in range(9)]
-    while 0 in grid:
-        cand = {i: set(range(1, 10)) - {grid[j] for u in units if i in u for j in u} for i in range(81) if not grid[i]}
-        fill = {i: next(iter(c)) for i, c in cand.items() if len(c) == 1}
-        for u in units:
-            for v in range(1, 10):
-                places = [i for i in u if v in cand.get(i, ())]
-                if len(places) == 1:
-                    fill[places[0]] = v
-        if not fill:
-            return None
-        for i, v in fill.items():
-            grid[i] = v
-        n += 1
-    return n
-
-
-def is_solved(grid):
-    g = np.asarray(grid).reshape(9, 9)
-    boxes = g.reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)
-    return all(sorted(unit) == list(range(1, 10)) for block in (g, g.T, boxes) for unit in block.tolist())
-
-
-def test_sudoku_solver_solves_a_published_puzzle_and_refuses_what_singles_cannot_do():
-    """`rounds` (the grader of depth) solves Wikipedia's example puzzle to its published solution; a puzzle with
-    two solutions (a deadly pattern: two digits swappable in a rectangle) gets stuck, and so does an empty grid; a
-    grid with a contradiction (a digit twice in a row) is refused."""
-    task = Sudoku(n_train=1)
-    n, solution = task.rounds([int(c) if c != "." else 0 for c in WIKIPEDIA[0]])
-    assert n >= 1 and "".join(map(str, solution)) == WIKIPEDIA[1]
-    solved = [int(c) for c in WIKIPEDIA[1]]
-
-    def blanked(cells):
-        return [0 if i in cells else v for i, v in enumerate(solved)]
-    corners = ((9 * a + x, 9 * a + z, 9 * b + x, 9 * b + z) for a in range(9) for b in range(a + 1, 9)
-               for x in range(9) for z in range(x + 1, 9))
-    rectangle = next(p for p in map(blanked, corners) if count_solutions(p) == 2)
-    assert count_solutions(rectangle) == 2 and task.rounds(rectangle) == (None, None)
-    assert task.rounds([0] * 81) == (None, None)
-    bad = list(solved)
-    bad[0], bad[2] = 0, solved[0]                   # cell 0's digit written into cell 2 too: cell 0 has none left
-    assert task.rounds(bad) == (None, None)
-    bad = list(solved)
-    bad[0], bad[2] = 0, solved[1]                   # a given twice in a row: the blank fills, the grid is no Sudoku
-    assert task.rounds(bad) == (None, None)
-    swapped = list(solved)
-    swapped[0], swapped[1] = solved[1], solved[0]   # full, every row right, two columns and a box wrong
-    assert task.rounds(swapped) == (None, None)
-    one = list(solved)
-    one[2] = one[22] = 0                            # the docstring's example: two naked singles, one round
-    assert task.rounds(one)[0] == 1
-
-
-@pytest.mark.parametrize("depth", [1, 3, 6])
-def test_sudoku_puzzles_need_their_depth_and_have_one_solution(depth):
-    """Fresh puzzles: givens from a valid solved grid, exactly `depth` rounds of singles (the solver, and its spec
-    in plain Python above), one solution (the backtracking counter), y the solution at the blanks and nothing at
-    the givens."""
-    task = Sudoku(n_train=2)
-    x, y = task.sample(3, depth, seed=depth)
-    assert x.shape == y.shape == (3, 81) and not getattr(task, "causal", True)
-    for b in range(3):
-        puzzle = x[b].numpy()
-        n, solution = task.rounds(puzzle)
-        assert n == depth == singles_rounds(puzzle) and is_solved(solution) and count_solutions(puzzle) == 1
-        blank = puzzle == 0
-        assert (solution[~blank] == puzzle[~blank]).all() and 20 <= blank.sum() <= 64
-        assert (y[b].numpy() == np.where(blank, solution, IGNORE)).all()
-
-
-def test_sudoku_training_set_is_fixed_relabelled_and_apart_from_the_test_puzzles():
-    """sample_train draws from n_train fixed puzzles, their digits relabelled (still a puzzle of the same depth
-    with the relabelled solution); the same seed gives the same batch; no test puzzle is a training puzzle."""
-    task = Sudoku(n_train=3)
-    x, y = task.sample_train(12, 2, seed=0)
-    assert torch.equal(x, task.sample_train(12, 2, seed=0)[0])
-    assert not torch.equal(x, task.sample_train(12, 2, seed=1)[0])
-    puzzles = task.train_set(2)[0]
-    blanks = {tuple(p == 0) for p in puzzles}
-    for b in range(12):
-        n, solution = task.rounds(x[b].numpy())
-        assert n == 2 and tuple(x[b].numpy() == 0) in blanks
-        assert (y[b].numpy() == np.where(x[b].numpy() == 0, solution, IGNORE)).all()
-    test, _ = task.sample(20, 2, seed=5)
-    assert not {Sudoku._key(p) for p in test.numpy()} & {Sudoku._key(p) for p in puzzles}
-    assert Sudoku._key(x[0].numpy()) in {Sudoku._key(p) for p in puzzles}     # relabelled: the same key
-    task._train_sets[2] = (test.numpy(), test.numpy())    # a training set that holds them: other puzzles are drawn
-    assert not {Sudoku._key(p) for p in task.sample(20, 2, seed=5)[0].numpy()} & {Sudoku._key(p) for p in test.numpy()}
-    deep = Sudoku(n_train=1)
-    deep.max_grids = 2
-    with pytest.raises(ValueError, match="sudoku: no puzzle needing 40 rounds of singles in 2 batches"):
-        deep.sample(1, 40)
 
 
 def test_python_tasks_py_help_says_what_it_does_and_prints_no_example(monkeypatch, capsys):
