@@ -186,50 +186,11 @@ class HRM(nn.Module):
         return 2 * c.d_model * seq_len * (calls + 1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Memory benchmark: `python hrm.py`
-# ---------------------------------------------------------------------------------------------------------
-
-def training_memory(H_cycles, L_cycles, gradient="one_step", device="cpu", batch=32, T=289, d_model=128):
-    """One training step of deep supervision (2 segments): bytes of activations saved for backward (counted
-    by autograd's saved-tensor hooks, on any device) and, on CUDA, the peak memory allocated."""
-    torch.manual_seed(0)
-    model = HRM(HRMConfig(vocab_size=5, d_model=d_model, n_layers=4, n_heads=4, causal=False, H_cycles=H_cycles,
-                          L_cycles=L_cycles, gradient=gradient)).to(device)
-    tokens = torch.randint(0, 5, (batch, T), device=device)
-    saved = {}
-    def pack(t):
-        saved[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
-        return t
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = sum(logits.logsumexp(-1).mean() for logits in model.segment_logits(tokens))
-    loss.backward()
-    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
-    return sum(saved.values()), peak
-
-
 if __name__ == "__main__":
-    argparse.ArgumentParser(description="A smoke run of HRM (parameters, the logits' shape), then the activations that "
-                                        "training saves against the number of cycles, for each gradient.").parse_args()
+    argparse.ArgumentParser(description="A smoke run of HRM: parameters, the logits' shape.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = HRM(HRMConfig(vocab_size=5, n_layers=4, causal=False))
     tokens = torch.randint(0, 5, (2, 49))
     print(f"HRM: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)} "
           f"for tokens {tuple(tokens.shape)}")
-    # On a GPU the bench's maze canvas (a 17x17 grid, 289 tokens) at D=128; on a CPU a 9x9 grid at D=64, which
-    # takes seconds. The rows are what to compare: flat with the one-step gradient, growing with L_cycles with
-    # the last-cycle gradient, at either size.
-    size = dict(batch=32, T=289, d_model=128) if device == "cuda" else dict(batch=4, T=81, d_model=64)
-    print(f"training memory, batch {size['batch']}, T={size['T']}, D={size['d_model']}, 2+2 Blocks, 2 segments, "
-          f"on {device}:", flush=True)
-    for gradient in ("one_step", "last_cycle"):
-        for H_cycles, L_cycles in ((1, 2), (2, 2), (2, 4), (4, 4)):
-            saved, peak = training_memory(H_cycles, L_cycles, gradient, device, **size)
-            peak = f", peak allocated {peak / 2 ** 20:7.1f} MiB" if peak is not None else ""
-            print(f"  {gradient:10} H_cycles={H_cycles} L_cycles={L_cycles} ({H_cycles * L_cycles:2} L updates): "
-                  f"activations saved for backward {saved / 2 ** 20:7.1f} MiB{peak}", flush=True)
