@@ -157,15 +157,6 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     return losses.tolist()
 
 
-@torch.no_grad()
-def generate(model, prompt, n_new):
-    """Greedy decoding: append the argmax token n_new times. Recomputes the prefix each step (tiny scale)."""
-    seq = prompt
-    for _ in range(n_new):
-        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[:, prompt.shape[1]:]
-
-
 def test_batches(task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16):
     """The test examples of one length (the task's knob) as (x, y, depth) batches of about max_tokens // length;
     depth, where the task gives one, is the deciding fact's relative depth (BABILong) or the squares on the path (the
@@ -189,14 +180,13 @@ PATH_BIN = 20   # the maze's exact match is kept by path length in bins of this 
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None,
              batches=None):
     """Accuracy at one length: token_acc (scored positions right), loss (their mean cross-entropy), exact (every
-    scored position of an example right; None if no example is scored), and where the task defines them gen_exact
-    (greedy generation: copy), by_depth (exact match in four bins of the deciding fact's depth: babilong) or by_path
+    scored position of an example right; None if no example is scored), and where the task defines them by_depth (exact match in four bins of the deciding fact's depth: babilong) or by_path
     (the maze: {lowest path length of a PATH_BIN bin: [exact, examples]}). `segments`: the test-time depth (HRM's
     segments, the looped Transformer's loops). `batches`: test_batches' examples made before, to read them again."""
     knob = "segments" if hasattr(model, "segment_logits") else "loops"
     forward = model if segments is None else lambda x: model(x, **{knob: segments})
     model.to(device).eval()
-    right = total = exact = scored_examples = seen = gen_exact = loss = 0
+    right = total = exact = scored_examples = loss = 0
     depth_right, depth_total = torch.zeros(4), torch.zeros(4)
     path_right, path_total = collections.Counter(), collections.Counter()
     for x, y, depth in batches or test_batches(task, length, n_examples, device, seed, max_tokens):
@@ -217,17 +207,9 @@ def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2
             bins = (depth // PATH_BIN * PATH_BIN).tolist()
             path_total.update(bins)
             path_right.update(b for b, ok in zip(bins, row_ok.tolist()) if ok)
-        if hasattr(task, "prompt_length"):
-            p = task.prompt_length(length)
-            with autocast(device):
-                out = generate(model, x[:, :p], length)
-            gen_exact += (out == y[:, p - 1:p - 1 + length]).all(1).sum().item()
-        seen += len(x)
     loss = loss / max(total, 1)      # inf or nan from a model whose outputs overflow: stored as null (strict JSON)
     result = {"token_acc": right / max(total, 1), "loss": loss if math.isfinite(loss) else None,
               "exact": exact / scored_examples if scored_examples else None}
-    if hasattr(task, "prompt_length"):
-        result["gen_exact"] = gen_exact / seen
     if hasattr(task, "sample_with_depth"):
         result["by_depth"] = [r / t if t else None for r, t in zip(depth_right.tolist(), depth_total.tolist())]
     if hasattr(task, "path_lengths"):   # (keys are strings, as JSON stores them)

@@ -80,10 +80,6 @@ class Copy:
         self.vocab_size = n_letters + 2
         self.names = [chr(ord("a") + i) for i in range(n_letters)] + ["$", "|"]
 
-    def prompt_length(self, length):
-        """Positions before the first generated token, for greedy generation: `$ s |`."""
-        return length + 2
-
     def sample(self, batch_size, length, seed=0, device="cpu"):
         _check(batch_size, length, self.min_length, "copy")
         g = _generator(seed)

@@ -11,8 +11,6 @@ import functools
 import math
 import os
 
-import tasks
-
 
 def average(values):
     """The mean of the numbers among the values (skipping None and labels such as "diverged"); nan when none."""
@@ -194,9 +192,8 @@ def report(runs, meta, task_names, model_names, lab):
         figures["length"] = [by_length(t, "token_acc") for t in sequence_tasks]
         parts += ["## Token accuracy on scored positions, by test length (mean±half-spread over seeds)", "",
                   table(figures["length"]), "",
-                  "## Exact match: every scored position of an example right (copy: greedy generation)", "",
-                  table([by_length(t, "gen_exact" if hasattr(tasks.TASKS[t], "prompt_length") else "exact")
-                         for t in sequence_tasks]), ""]
+                  "## Exact match: every scored position of an example right", "",
+                  table([by_length(t, "exact") for t in sequence_tasks]), ""]
     for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
         points = [(m, "default", rs) for m, rs in cells[t]] + [
             (m, ", ".join(f"{k}={v}" for k, v in size), rs)
