@@ -30,8 +30,7 @@ def cpu_threads(workers):
 
 def slow_first(spec):
     """Scheduling order: the grids, then the models with loops inside a step, so no long run starts last."""
-    return (spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm",
-                                                                          "hrm_last_cycle"))
+    return spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle")
 
 
 def worker_start(parent):
