@@ -101,7 +101,8 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
     own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch
     draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
-    the step falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`: fewer streams once they are long).
+    the step falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`:
+    fewer streams once they are long).
     HRM: one loss per segment (deep supervision), one step on their mean.
     On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
     are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
@@ -180,9 +181,10 @@ PATH_BIN = 20   # the maze's exact match is kept by path length in bins of this 
 def evaluate(model, task, length, n_examples, device="cpu", seed=0, max_tokens=2 ** 16, segments=None,
              batches=None):
     """Accuracy at one length: token_acc (scored positions right), loss (their mean cross-entropy), exact (every
-    scored position of an example right; None if no example is scored), and where the task defines them by_depth (exact match in four bins of the deciding fact's depth: babilong) or by_path
-    (the maze: {lowest path length of a PATH_BIN bin: [exact, examples]}). `segments`: the test-time depth (HRM's
-    segments, the looped Transformer's loops). `batches`: test_batches' examples made before, to read them again."""
+    scored position of an example right; None if no example is scored), and where the task defines them by_depth
+    (exact match in four bins of the deciding fact's depth: babilong) or by_path (the maze: {lowest path length of
+    a PATH_BIN bin: [exact, examples]}). `segments`: the test-time depth (HRM's segments, the looped Transformer's
+    loops). `batches`: test_batches' examples made before, to read them again."""
     knob = "segments" if hasattr(model, "segment_logits") else "loops"
     forward = model if segments is None else lambda x: model(x, **{knob: segments})
     model.to(device).eval()
@@ -341,8 +343,8 @@ PRESETS = {
         models=SEQUENCE_MODELS, size=dict(d_model=64, n_layers=2), batch_size=128,
         lrs=LRS[1:3], seeds=[0], eval_examples=128, tasks={   # two rates keep it within minutes
             "flipflop": Budget(train=CURRICULUM, test=[256], steps=500),   # (its last write is ~20 tokens back)
-            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=BABI_STEPS, tokens_per_step=2 ** 17, restarts=True,
-                         walls=SCALE_WALLS, model_options={"rmt": dict(bptt_depth=16)})
+            **{t: Budget(train=BABI_CURRICULUM, test=[512, 4096], steps=BABI_STEPS, tokens_per_step=2 ** 17,
+                         restarts=True, walls=SCALE_WALLS, model_options={"rmt": dict(bptt_depth=16)})
                for t in ("babilong_qa1", "babilong_qa2")}}),
 }
 

@@ -80,9 +80,8 @@ def parse_args(argv, lab):
                    help="comma-separated learning rates to sweep")
     p.add_argument("--steps", type=positive, help="override every task's number of training steps")
     p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
-                   "task's test lengths, in each task's own unit: copy's letters, recall's pairs, a maze's cells a side, "
-                   "tokens otherwise (copy generates its answers token by token: at hundreds of letters "
-                   "on a CPU, minutes a run). With --bench: the lengths measured; with --scale: the streams' lengths")
+                   "task's test lengths, in each task's own unit: copy's letters, recall's pairs, a maze's cells a "
+                   "side, tokens otherwise. With --bench: the lengths measured; with --scale: the streams' lengths")
     p.add_argument("--device", help="cpu, cuda (every GPU), cuda:1 (that GPU only); default: cuda when available")
     p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: 4 per GPU, up "
                    "to 4 on a CPU; never more than the CPU cores). Processes take turns on a GPU, so more than a few "

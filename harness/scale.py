@@ -81,7 +81,8 @@ def wilson(p, n, z=1.96):
 
 def read_cell(spec, lab):
     """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall,
-    or, on BABILong, until it answers at chance (1 / places inside its 95% interval): returns its rows. A worker of `read_streams`, as run_one is of training; `lab` is compare.py."""
+    or, on BABILong, until it answers at chance (1 / places inside its 95% interval): returns its rows. A worker of
+    `read_streams`, as run_one is of training; `lab` is compare.py."""
     device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
     cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
     trained = lab.stages(run["train"])[-1][1]
