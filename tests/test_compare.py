@@ -659,7 +659,7 @@ def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_s
             kept = compare.stages(s["train"])
             assert kept == plan[:len(kept)] and s["steps"] == b.steps[:len(kept)]
             assert s["tokens_per_step"] == b.tokens_per_step and s["restarts"]
-            assert (len(kept) < len(plan)) == (s["model"] in b.walls) == ("train_wall" in s)
+            assert (len(kept) < len(plan)) == (s["model"] in b.walls) == bool(s.get("train_wall"))
     longest = {s["model"]: compare.stages(s["train"])[-1][1] for s in specs}
     assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16
     assert longest["rmt"] > 512 >= longest["titans"]
@@ -674,6 +674,10 @@ def test_scale_runs_keep_their_weights_in_files_of_their_own_and_a_wall_keeps_a_
                f"{compare.spec_hash({k: v for k, v in s.items() if k != 'weights'})}.pt" for s in specs)
     assert len({s["weights"] for s in specs}) == len(specs)
     assert {s["steps"] for s in specs if "train_wall" in s} == {1}
+    plan = compare.stages(compare.BABI_CURRICULUM)   # --steps in all: a walled model keeps its stages' equal shares
+    for s in compare.make_specs(parse(["--scale", "--out", str(tmp_path), "--steps", "1600"])):
+        kept = len(compare.stages(s["train"])) if s["task"] != "flipflop" else len(plan)
+        assert type(s["steps"]) is int and s["steps"] == 1600 * kept // len(plan)
 
 
 def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
