@@ -26,8 +26,8 @@ def test_the_smallest_config_runs_and_smaller_ones_raise():
     """One memory slot and segments of one token make a (slow) RMT; none, or empty segments, raise."""
     m = model(n_mem=1, segment_len=1)
     assert m(torch.randint(0, 13, (2, 3))).shape == (2, 3, 13)
-    for bad in (dict(n_mem=0), dict(segment_len=0), dict(bptt_depth=0)):
-        with pytest.raises(ValueError):
+    for bad in (dict(n_mem=0), dict(segment_len=0), dict(bptt_depth=0)):   # the message names the field and value
+        with pytest.raises(ValueError, match=rf"{next(iter(bad))}.* must be >= 1.*got.*\b0\b"):
             RMTConfig(**bad)
     RMTConfig(d_model=6, n_heads=2, pos="none")       # head dim 3: odd is fine without RoPE (refused with it)
     with pytest.raises(ValueError):
