@@ -86,6 +86,8 @@ def stage_steps(steps, n_stages):
     """The steps of each of a curriculum's stages: `steps` itself when it is a list (a count a stage), else equal
     shares of the int (step s falls in stage s * n_stages // steps)."""
     if isinstance(steps, list):
+        if len(steps) != n_stages:
+            raise ValueError(f"{len(steps)} step counts for {n_stages} stages")
         return list(steps)
     return [-(-(k + 1) * steps // n_stages) + (k * steps // -n_stages) for k in range(n_stages)]
 
@@ -99,7 +101,8 @@ def all_logits(model, x):
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200, tokens_per_step=None, restarts=False):
     """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
-    own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch
+    own, as if it were a training of its own from the last one's weights; before dd9cb6f a restart came every
+    steps // stages steps, the same when they divide), gradient clipping. Each batch
     draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
     the step falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`:
     fewer streams once they are long).
@@ -390,11 +393,9 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
             if phase != "lr sweep" and (m, t) not in lr_by_cell:
                 continue
             options, train, steps, extra = model_config(preset, t, m), b.train, command.steps or b.steps, {}
-            if m in b.walls:   # the same stages up to the model's wall, each with its usual share of the steps
+            if m in b.walls:   # the same stages up to the model's wall, each with its steps
                 train = [s for s in stages(b.train) if s[1] <= b.walls[m][0]]
-                steps = steps[:len(train)] if isinstance(steps, list) else max(
-                    1, steps * len(train) // len(stages(b.train)))
-                extra["train_wall"] = b.walls[m][1]
+                steps, extra["train_wall"] = stage_steps(steps, len(stages(b.train)))[:len(train)], b.walls[m][1]
             if b.tokens_per_step:
                 extra.update(tokens_per_step=b.tokens_per_step, restarts=b.restarts)
             if b.segments:

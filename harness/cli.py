@@ -78,7 +78,8 @@ def parse_args(argv, lab):
     p.add_argument("--lrs", type=csv(float, f"learning rates from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}",
                                      lambda v: LR_RANGE[0] <= v <= LR_RANGE[1]),
                    help="comma-separated learning rates to sweep")
-    p.add_argument("--steps", type=positive, help="override every task's number of training steps")
+    p.add_argument("--steps", type=positive, help="override every task's number of training steps, in all (a "
+                   "curriculum's stages share them equally)")
     p.add_argument("--test-lengths", type=csv(int, "positive integers", lambda v: v > 0), help="override every "
                    "task's test lengths, in each task's own unit: copy's letters, recall's pairs, a maze's cells a "
                    "side, tokens otherwise. With --bench: the lengths measured; with --scale: the streams' lengths")

@@ -4,6 +4,7 @@ Recurrent models `stream` each piece with their state carried, so memory is the 
 attention reads each sequence in one call until it meets a wall (memory, or a predicted time cap). On GPUs the cells
 read side by side as threads of one process, each on a CUDA stream of its own, so their kernels overlap: 12 cells
 read to 1M tokens in 53 s so, 113 s one at a time (one H200; worker processes would take turns on the GPU).
+A BABILong cell at or below chance at two lengths in a row reads no longer streams (mostly Titans' 11M: minutes).
 """
 import contextlib
 import functools
@@ -81,7 +82,8 @@ def wilson(p, n, z=1.96):
 
 def read_cell(spec, lab):
     """One trained cell (its chosen run, spec["run"]) reads test streams of growing length until it meets a wall,
-    or, on BABILong, until it answers at chance (1 / places inside its 95% interval): returns its rows. A worker of
+    or, on BABILong, until it answers at or below chance at two lengths in a row (1 / places at or above the lower
+    end of the 95% interval): returns its rows. A worker of
     `read_streams`, as run_one is of training; `lab` is compare.py."""
     device, run, m, t = spec["device"], spec["run"], spec["model"], spec["task"]
     cap, piece, shared = SCALE["attention_cap_s"], SCALE["piece"], spec.get("shared", False)
@@ -123,12 +125,13 @@ def read_cell(spec, lab):
             rows.append(row)
             if row.get("wall"):
                 break                                              # longer lengths would hit it too
-            if hasattr(task, "n_places") and wilson(row["token_acc"], row["scored"])[0] <= 1 / task.n_places:
-                if L != spec["lengths"][-1]:   # at chance: a longer stream only adds distance (BABILong)
-                    nxt = spec["lengths"][spec["lengths"].index(L) + 1]
-                    rows.append(dict(model=m, task=t, length=nxt, trained=trained, batch=batch, state_floats=None,
-                                     weights=run["weights"], trained_in=run.get("train_time_s"), at_chance=True,
-                                     wall=f"not read: chance is inside the interval at {L:,} tokens"))
+            chance = [r for r in rows[-2:] if hasattr(task, "n_places")   # BABILong: at or below chance (1 / places)
+                      and not r.get("wall") and wilson(r["token_acc"], r["scored"])[0] <= 1 / task.n_places]
+            if len(chance) == 2 and L != spec["lengths"][-1]:   # twice in a row: a longer stream only adds distance
+                rows.append(dict(model=m, task=t, length=spec["lengths"][spec["lengths"].index(L) + 1],
+                                 trained=trained, batch=batch, state_floats=None, weights=run["weights"],
+                                 trained_in=run.get("train_time_s"), at_chance=True,
+                                 wall=f"not read: at or below chance at {rows[-2]['length']:,} and {L:,} tokens"))
                 break
     return rows
 
@@ -180,7 +183,7 @@ def streams_report(rows, lab):
         low, high = wilson(r["token_acc"], r["scored"])
         return f"{r['token_acc']:.3f} [{low:.3f}, {high:.3f}]"
     cells = lambda r: [r["model"], r["task"], f"{r['trained']:,}", f"{r['length']:,}", r["batch"]] + (  # noqa: E731
-        [f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
+        [r["wall"] if r.get("at_chance") else f"wall: {r['wall']}", "", "", ""] if r.get("wall") else
         [accuracy(r), f"{r['scored']:,}", f"{r['tokens_per_s']:,.0f}",
          "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}" + ("*" if r.get("shared") else "")]) + [
             "-" if r["state_floats"] is None else f"{r['state_floats']:,}"]

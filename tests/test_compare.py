@@ -660,6 +660,9 @@ def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_s
             assert kept == plan[:len(kept)] and s["steps"] == b.steps[:len(kept)]
             assert s["tokens_per_step"] == b.tokens_per_step and s["restarts"]
             assert (len(kept) < len(plan)) == (s["model"] in b.walls) == bool(s.get("train_wall"))
+    assert compare.stage_steps(7, 3) == [3, 2, 2] and compare.stage_steps(2, 3) == [1, 1, 0]
+    with pytest.raises(ValueError, match="2 step counts for 3 stages"):
+        compare.stage_steps([1, 2], 3)
     longest = {s["model"]: compare.stages(s["train"])[-1][1] for s in specs}
     assert longest["ssm"] == plan[-1][1] and longest["attention"] > 2 ** 16
     assert longest["rmt"] > 512 >= longest["titans"]
@@ -673,11 +676,11 @@ def test_scale_runs_keep_their_weights_in_files_of_their_own_and_a_wall_keeps_a_
     assert all(s["out"] == str(tmp_path) and s["weights"] == f"scale_weights/{s['model']}_{s['task']}_"
                f"{compare.spec_hash({k: v for k, v in s.items() if k != 'weights'})}.pt" for s in specs)
     assert len({s["weights"] for s in specs}) == len(specs)
-    assert {s["steps"] for s in specs if "train_wall" in s} == {1}
-    plan = compare.stages(compare.BABI_CURRICULUM)   # --steps in all: a walled model keeps its stages' equal shares
-    for s in compare.make_specs(parse(["--scale", "--out", str(tmp_path), "--steps", "1600"])):
-        kept = len(compare.stages(s["train"])) if s["task"] != "flipflop" else len(plan)
-        assert type(s["steps"]) is int and s["steps"] == 1600 * kept // len(plan)
+    assert {sum(s["steps"]) for s in specs if "train_wall" in s} == {1}
+    plan = compare.stages(compare.BABI_CURRICULUM)   # --steps in all: a walled model keeps its stages' shares
+    for s in compare.make_specs(parse(["--scale", "--out", str(tmp_path), "--steps", "100"])):
+        kept = len(compare.stages(s["train"]))
+        assert s["steps"] == (compare.stage_steps(100, len(plan))[:kept] if s.get("train_wall") else 100)
 
 
 def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
@@ -704,3 +707,5 @@ def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
     assert len(compare.train(model, task, [1, 2, 3], 16, 1e-3, plan, tokens_per_step=2048, restarts=True)) == 6
     assert [round(r / 1e-3, 2) for r in rates[-6:]] == [1, 1, 0.5, 1, 0.75, 0.25]
     assert [b for b, _ in drawn] == [16, 2, 2, 1, 1, 1] and compare.stage_steps([1, 2, 3], 3) == [1, 2, 3]
+    compare.train(model, task, 7, 16, 1e-3, plan, tokens_per_step=2048, restarts=True)   # 7 steps: 3, 2 and 2
+    assert [round(r / 1e-3, 2) for r in rates[-7:]] == [1, 0.75, 0.25, 1, 0.5, 1, 0.5]

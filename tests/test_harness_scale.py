@@ -160,31 +160,37 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
     assert [(r["length"], r.get("wall")) for r in rows] == [(1000, None), (4000, "out of memory")]
 
 
-def test_a_babilong_cell_stops_reading_once_it_answers_at_chance(tmp_path, monkeypatch):
-    """BABILong (six places: chance 1/6): a cell reads on while its 95% interval stays above chance and stops after
-    the first length whose interval holds it, the next length marked not read (not a wall in the figure); a cell
-    below chance stops too. Flip-flop has no such stop."""
+def test_a_babilong_cell_stops_reading_once_it_answers_at_chance_twice(tmp_path, monkeypatch):
+    """BABILong (six places: chance 1/6): a cell reads on until two lengths in a row have 95% intervals that reach
+    down to chance (or below), then marks the next length not read (not a wall in the figure); at chance at the last
+    length, nothing more; stored, its rows are reused whole. Flip-flop has no such stop."""
     for t in ("babilong_qa1", "flipflop"):
         model = compare.build_model("ssm", tasks.TASKS[t]().vocab_size, d_model=16, n_layers=1)
         torch.save(model.state_dict(), tmp_path / f"{t}.pt")
-    accuracy = {1000: 0.5, 2000: 0.3, 4000: 0.2, 8000: 0.9}   # 64 streams: 0.3 is [0.20, 0.42], 0.2 holds 1/6
+    lengths, read = [1000, 2000, 4000, 8000, 16000], []
 
     def fake_read(model, task, length, batch, piece, device, seed, shared, stream=None):
+        read.append(length)
         return dict(token_acc=accuracy[length], scored=64, tokens_per_s=1.0, seconds=1.0, peak_mib=None)
 
     monkeypatch.setattr(scale, "scale_read", fake_read)
-    for t, acc, want in [("babilong_qa1", accuracy, [1000, 2000, 4000, 8000]),
-                         ("babilong_qa1", {1000: 0.02}, [1000, 2000]), ("flipflop", {}, [1000, 2000, 4000, 8000])]:
-        accuracy.update(acc) if t != "flipflop" else accuracy.update({L: 0.5 for L in accuracy})
+    # 64 streams: 0.3 is [0.20, 0.42], 0.2 reaches 1/6, 0.02 lies below it
+    for t, accuracy, want in [("babilong_qa1", {1000: 0.5, 2000: 0.2, 4000: 0.3, 8000: 0.2, 16000: 0.02},
+                               [1000, 2000, 4000, 8000, 16000]),
+                              ("babilong_qa1", {1000: 0.2, 2000: 0.02, 4000: 0.9}, [1000, 2000, 4000]),
+                              ("babilong_qa1", {1000: 0.5, 2000: 0.5, 4000: 0.5, 8000: 0.2, 16000: 0.2}, lengths),
+                              ("flipflop", dict.fromkeys(lengths, 0.0), lengths)]:
         rows, run = [], dict(task_options={}, model_options=dict(d_model=16, n_layers=1), weights=f"{t}.pt",
-                             train=[32, 64])
-        scale.read_streams({("ssm", t): [run]}, [1000, 2000, 4000, 8000], ["cpu"], str(tmp_path), rows,
-                             lambda: None, compare)
+                             train=[32, 64], train_time_s=1.0)
+        scale.read_streams({("ssm", t): [run]}, lengths, ["cpu"], str(tmp_path), rows, lambda: None, compare)
         assert [r["length"] for r in rows] == want
         stopped = [r for r in rows if r.get("wall")]
-        assert stopped == ([] if t == "flipflop" else [rows[-1]]) and all(r.get("at_chance") for r in stopped)
-        panel = scale.streams_report(rows, compare)[1][0]
-        assert panel["marks"] == []
+        assert all(r.get("at_chance") and "not read: at or below chance" in r["wall"] for r in stopped)
+        assert len(stopped) == (want[-1] == 4000) and scale.streams_report(rows, compare)[1][0]["marks"] == []
+        read.clear()   # stored, the rows are the cell's whole reading: nothing is read again
+        again = []
+        scale.read_streams({("ssm", t): [run]}, lengths, ["cpu"], str(tmp_path), again, lambda: None, compare, rows)
+        assert read == [] and again == rows
 
 
 def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path, monkeypatch):

@@ -140,6 +140,9 @@ def test_recall_at_zoologys_difficulty():
     # the lenient batch, byte for byte as the code before the options drew it (commit 32b27cd)
     assert hashlib.sha1(ex.numpy().tobytes() + ey.numpy().tobytes()).hexdigest() == \
         "8a4c8ea9d23ad07b2357dc7e664ec8126e4403fd"
+    # and the hard one as the MQAR class drew it before recall absorbed it (commit 88c0220)
+    assert hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest() == \
+        "a0a1fcae15287544fcdbe2cff40503e6060522ee"
 
 
 @pytest.mark.parametrize("seed, batch_size", [(0, 1), (1, 7), (2, 33), (3, 129)])
