@@ -10,7 +10,8 @@ import torch
 import tasks
 from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
 
-LENGTHS = {"copy": 9, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "babilong": 60, "babilong_qa1": 60, "babilong_qa2": 60, "maze": 5}
+LENGTHS = {"copy": 9, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "babilong": 60, "babilong_qa1": 60,
+           "babilong_qa2": 60, "maze": 5}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
@@ -67,7 +68,8 @@ def oracle_babilong(task, x, t):
     return replay_babilong(task, x, t)[0]
 
 
-ORACLES = {"copy": oracle_copy, "recall": oracle_recall, "flipflop": oracle_flipflop, "flipflop_sparse": oracle_flipflop,
+ORACLES = {"copy": oracle_copy, "recall": oracle_recall, "flipflop": oracle_flipflop,
+           "flipflop_sparse": oracle_flipflop,
            "babilong": oracle_babilong, "babilong_qa1": oracle_babilong, "babilong_qa2": oracle_babilong}
 
 
