@@ -160,6 +160,16 @@ def test_read_streams_reads_every_length_with_the_trained_weights(tmp_path, monk
     assert [(r["length"], r.get("wall")) for r in rows] == [(1000, None), (4000, "out of memory")]
 
 
+def test_babilong_is_read_from_16k_to_11m_tokens_with_64_questions_a_length():
+    """C2's long gap: each BABILong task is read at 16k to 11M tokens, 64 streams (questions) or more a length, so
+    that each accuracy has a 95% interval of at most about +-0.12."""
+    for t in ("babilong_qa1", "babilong_qa2"):
+        lengths = scale.SCALE["lengths"][t]
+        assert lengths[0] <= 16_384 and lengths[-1] >= 11_000_000 and scale.SCALE["examples"][t] >= 64
+        low, high = scale.wilson(0.5, scale.SCALE["examples"][t])
+        assert high - low <= 0.25
+
+
 def test_a_babilong_cell_stops_reading_once_it_answers_at_chance_twice(tmp_path, monkeypatch):
     """BABILong (six places: chance 1/6): a cell reads on until two lengths in a row have 95% intervals that reach
     down to chance (or below), then marks the next length not read (not a wall in the figure); at chance at the last
