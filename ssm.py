@@ -35,7 +35,6 @@ Glossary (paper -> here)
 import argparse
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -300,29 +299,9 @@ class Mamba(nn.Module):
         return c.n_layers * (c.n_heads * c.head_dim * c.d_state + (c.d_conv - 1) * (c.d_inner + 2 * c.d_state))
 
 
-def benchmark(fn, b, T, H, K, N, device, repeats=5):
-    """Median fwd+bwd time (ms) of one scan, and peak memory (GiB, CUDA only), on random fp32 inputs."""
-    x = torch.randn(b, T, H, K, device=device, requires_grad=True)
-    dt = F.softplus(torch.randn(b, T, H, device=device) - 3).requires_grad_()
-    A = (-torch.rand(H, device=device) - 0.5).requires_grad_()
-    Bm, Cm = (torch.randn(b, T, N, device=device).requires_grad_() for _ in range(2))
-    times = []
-    for i in range(repeats + 1):                                    # the first run warms up
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        fn(x, dt, A, Bm, Cm, chunk_size=64)[0].sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-    return sorted(times[1:])[repeats // 2], peak
-
-
 if __name__ == "__main__":
-    argparse.ArgumentParser(description="A smoke run of Mamba (parameters, the logits' shape, the state size), then "
-                                        "ssd_scan timed against ssd_scan_ref, forward and backward.").parse_args()
+    argparse.ArgumentParser(description="A smoke run of Mamba: parameters, the logits' shape, the state "
+                                        "size. (compare.py --bench times ssd_scan against ssd_scan_ref.)").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)
@@ -331,20 +310,3 @@ if __name__ == "__main__":
     print(f"Mamba: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)}, "
           f"state {model.state_size():,} floats per sequence at any length")
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False                # honest fp32
-    # A GPU gets the sizes of the README's numbers; a CPU smaller ones, so that this finishes in seconds.
-    shape = dict(b=8, H=8, K=32, N=64) if device == "cuda" else dict(b=2, H=4, K=16, N=16)
-    T_cmp, lengths = (4096, [1024, 4096, 16384]) if device == "cuda" else (512, [1024, 4096])
-    print(f"fwd+bwd of one scan, fp32, B={shape['b']} H={shape['H']} K={shape['K']} N={shape['N']}, chunk 64, "
-          f"on {name} (torch {torch.__version__}):", flush=True)
-    fast, mem = benchmark(ssd_scan, T=T_cmp, device=device, **shape)
-    slow, _ = benchmark(ssd_scan_ref, T=T_cmp, device=device, repeats=1, **shape)
-    print(f"  T={T_cmp:5d}  ssd_scan {fast:9.2f} ms   ssd_scan_ref {slow:9.1f} ms   speed-up {slow / fast:6.0f}x",
-          flush=True)
-    for T in lengths:
-        ms, mem = benchmark(ssd_scan, T=T, device=device, **shape)
-        peak = f"   peak memory {mem:5.2f} GiB" if device == "cuda" else ""
-        print(f"  T={T:5d}  ssd_scan {ms:9.2f} ms{peak}", flush=True)

@@ -48,7 +48,6 @@ Glossary (paper -> here)
 import argparse
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -396,8 +395,9 @@ class Titans(nn.Module):
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description="A smoke run of Titans (parameters, the logits' shape, the state size), "
-                                        "then neural_memory timed against neural_memory_ref.").parse_args()
+    argparse.ArgumentParser(description="A smoke run of Titans: parameters, the logits' shape, the state size. "
+                                        "(compare.py --bench times neural_memory against neural_memory_ref.)"
+                            ).parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.set_flush_denormal(True)  # CPU: products of many decays underflow to subnormals, which are very slow
@@ -406,28 +406,3 @@ if __name__ == "__main__":
     tokens = torch.randint(0, 32, (2, 50))
     print(f"Titans (MAG): {sum(p.numel() for p in model.parameters()):,} parameters, logits "
           f"{tuple(model(tokens).shape)}, state {model.state_size(50):,} floats per sequence")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"fwd+bwd of one neural_memory call, MLP memory, B=4 H=4 K=32, chunk 16, fp32, on {name}:")
-    for T in ([512, 2048, 8192] if device == "cuda" else [256, 1024]):
-        times = {}
-        for fn in (neural_memory, neural_memory_ref):
-            if fn is neural_memory_ref and T > 2048:
-                continue
-            g = torch.Generator(device).manual_seed(0)
-            q, k, v = (F.normalize(torch.randn(4, 4, T, 32, device=device, generator=g), dim=-1) for _ in range(3))
-            gates = [torch.rand(4, 4, T, device=device, generator=g).requires_grad_() for _ in range(3)]
-            theta, eta, alpha = gates[0] * 0.1, gates[1] * 0.9, gates[2] * 0.01
-            weights = (torch.randn(4, 4, 32, 64, device=device, requires_grad=True),
-                       torch.zeros(4, 4, 64, 32, device=device, requires_grad=True))
-            for i in range(2):                                      # the first run warms up
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn(q, k, v, theta, eta, alpha, weights, chunk_size=16)[0].sum().backward(retain_graph=True)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[fn.__name__] = (time.perf_counter() - start) * 1e3
-        ref = times.get("neural_memory_ref")
-        speed = f"   neural_memory_ref {ref:9.1f} ms   speed-up {ref / times['neural_memory']:5.0f}x" if ref else ""
-        print(f"  T={T:5d}  neural_memory {times['neural_memory']:8.1f} ms{speed}")

@@ -1,12 +1,17 @@
 """--bench: what each model costs. First the time and memory of one untrained model against sequence length (a
-training step's forward and backward, and a no-grad forward over the whole sequence), then the milliseconds of one
-optimiser step of compare.train, eagerly and (on CUDA) replayed from CUDA graphs. Saved as bench.json/.md/.png."""
+training step's forward and backward, and a no-grad forward over the whole sequence), then each model file's fast
+core against the reference loop beside it, then the milliseconds of one optimiser step of compare.train, eagerly
+and (on CUDA) replayed from CUDA graphs. Saved as bench.json/.md/.png."""
 import os
 import time
 
 import torch
+import torch.nn.functional as F
 
+import attention
+import ssm
 import tasks
+import titans
 from harness.report import md_row, md_table, plot, series
 from harness.store import save_json
 
@@ -56,6 +61,53 @@ def bench_row(lab, name, T, device, size, vocab_size=32, batch=1):
     except torch.OutOfMemoryError:
         row["oom"] = True
     return row
+
+
+CORES = {"attention": ("attention", attention.attention, attention.attention_ref),   # core -> its model, the two
+         "ssd_scan": ("ssm", ssm.ssd_scan, ssm.ssd_scan_ref),
+         "neural_memory": ("titans", titans.neural_memory, titans.neural_memory_ref)}
+
+
+def core_inputs(core, T, device, b=4, H=4, K=32, N=64):
+    """Random fp32 inputs of one call of a core on T tokens, every tensor a leaf that wants its gradient."""
+    g = torch.Generator(device).manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    if core == "ssd_scan":   # x, dt > 0, A < 0, B, C
+        return [t.requires_grad_() for t in (r(b, T, H, K), F.softplus(r(b, T, H) - 3), -0.5 - r(H).abs(),
+                                              r(b, T, N), r(b, T, N))]
+    q, k, v = (F.normalize(r(b, H, T, K), dim=-1).requires_grad_() for _ in range(3))
+    if core == "attention":
+        return [q, k, v]
+    gates = [(torch.rand(b, H, T, device=device, generator=g) * s).requires_grad_() for s in (0.1, 0.9, 0.01)]
+    memory = ((r(b, H, K, 2 * K) / K ** 0.5).requires_grad_(), torch.zeros(b, H, 2 * K, K, device=device,
+                                                                           requires_grad=True))
+    return [q, k, v, *gates, memory]   # theta, eta, alpha in [0, 1); the MLP memory's two weights
+
+
+def core_rows(models, lengths, device):
+    """fwd+bwd ms of one call of each fast core and, at the shortest length only (a loop over T takes seconds
+    beyond), of its reference loop: what the vectorised code buys. The cores of `models` only."""
+    rows = []
+    for core, (model, fast, ref) in CORES.items():
+        for T in lengths if model in models else []:
+            row = dict(core=core, length=T)
+            for key, fn in [("fast_ms", fast)] + ([("ref_ms", ref)] if T == lengths[0] else []):
+                inputs = core_inputs(core, T, device)
+
+                def fwd_bwd():
+                    out = fn(*inputs)
+                    (out if core == "attention" else out[0]).sum().backward()   # the others return a state too
+                row[key] = timed(fwd_bwd, device)[0] * 1e3
+            rows.append(row)
+            print(f"{core:14} T={T:6,}: {row['fast_ms']:9.2f} ms" + (
+                f", reference loop {row['ref_ms']:,.1f} ms ({row['ref_ms'] / row['fast_ms']:,.0f}x)"
+                if "ref_ms" in row else ""), flush=True)
+    table = md_table(["core", "length", "fast ms", "reference loop ms", "speed-up"], [
+        [r["core"], f"{r['length']:,}", f"{r['fast_ms']:.2f}"] + (
+            [f"{r['ref_ms']:,.1f}", f"{r['ref_ms'] / r['fast_ms']:,.0f}x"] if "ref_ms" in r else ["-", "-"])
+        for r in rows])
+    return rows, ("## Each fast core against the reference loop beside it: fwd+bwd of one call, fp32, batch 4, "
+                  "4 heads of 32 (the scan's state N=64, the memory's chunks 16)\n\n" + table)
 
 
 STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
@@ -133,12 +185,15 @@ def bench(command, meta, lab):
             print(md_row(cells(rows[-1])), flush=True)
             if rows[-1].get("oom"):
                 break                    # longer sequences would not fit either
+    print("\ncores against their reference loops:")
+    core, core_table = core_rows(models, lengths, command.device)
     print()
     step_rows, step_table = step_bench(command, lab)
     print(step_table, flush=True)
-    save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, step_rows=step_rows))
+    save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, core_rows=core,
+                                                            step_rows=step_rows))
     with open(os.path.join(command.out, "bench.md"), "w") as f:
-        f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", step_table]) + "\n")
+        f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table, "", step_table]) + "\n")
     plot(os.path.join(command.out, "bench.png"), [
         dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))
         for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),
