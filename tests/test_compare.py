@@ -226,7 +226,7 @@ def test_exact_match_counts_only_examples_with_a_scored_position():
     class Wrong(nn.Module):
         def forward(self, x):   # flip-flop answers are bits 0/1 (ids 3, 4); say 'w' (id 0) everywhere
             return torch.zeros(*x.shape, 5).index_fill_(2, torch.tensor([0]), 1.0)
-    task = tasks.TASKS["flipflop_sparse"]()
+    task = tasks.FlipFlop(p_ignore=0.98)   # the paper's sparse flip-flop
     x, y = task.sample(200, 32, seed=0)
     assert (y != tasks.IGNORE).any(1).float().mean() < 0.9        # the case: some examples score nothing
     m = compare.evaluate(Wrong(), task, 32, n_examples=200)

@@ -45,7 +45,6 @@ def test_runs_go_to_an_untracked_folder_by_default():
                                                       "not --tasks, --seeds"),
     (["--tasks", "babilong_qa1"], "no settings in preset 'smoke'; it has copy"),
     (["--tasks", "babilong_qa1"], "(try --scale)"),
-    (["--tasks", "flipflop_sparse"], "unknown task 'flipflop_sparse'"),       # offered only where a preset has it
     (["--device", ""], "unknown device ''"),                                  # not the default device
     (["--tasks", "recall", "--test-lengths", "64"], "length 64 of recall (--test-lengths, or the preset's): recall:"),
     (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "

@@ -10,7 +10,7 @@ import torch
 import tasks
 from tasks import IGNORE, TASKS, BabiLong, Maze, _canonical, render
 
-LENGTHS = {"copy": 9, "recall": 13, "flipflop": 41, "flipflop_sparse": 41, "babilong": 60, "babilong_qa1": 60,
+LENGTHS = {"copy": 9, "recall": 13, "flipflop": 41, "babilong": 60, "babilong_qa1": 60,
            "babilong_qa2": 60, "maze": 5}
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
@@ -69,7 +69,6 @@ def oracle_babilong(task, x, t):
 
 
 ORACLES = {"copy": oracle_copy, "recall": oracle_recall, "flipflop": oracle_flipflop,
-           "flipflop_sparse": oracle_flipflop,
            "babilong": oracle_babilong, "babilong_qa1": oracle_babilong, "babilong_qa2": oracle_babilong}
 
 
@@ -468,12 +467,13 @@ def test_babilong_pieces_tell_sample_stories():
     assert torch.equal(task.depths(4, 60, seed=5), depth)   # the depths that --scale reads the pieces with
 
 
-@pytest.mark.parametrize("name, length, piece", [("flipflop", 301, 12), ("flipflop_sparse", 300, 30),
-                                                 ("babilong", 301, 16), ("babilong", 60, 7)])
-def test_pieces_make_valid_examples(name, length, piece):
+@pytest.mark.parametrize("name, length, piece, options", [
+    ("flipflop", 301, 12, {}), ("flipflop", 300, 30, dict(p_ignore=0.98)),
+    ("babilong", 301, 16, dict(max_facts=12)), ("babilong", 60, 7, dict(max_facts=12))])
+def test_pieces_make_valid_examples(name, length, piece, options):
     """Streams made piece by piece (the scale run's test sequences): pieces of the asked length, and the whole
     sequence, put together, answers every scored position from its prefix alone, as `sample`'s do."""
-    task = TASKS[name](max_facts=12) if name == "babilong" else TASKS[name]()
+    task = TASKS[name](**options)   # (p_ignore=0.98: the flip-flop paper's sparse test)
     parts = list(task.pieces(8, length, piece, seed=3))
     assert [p[0].shape[1] for p in parts] == [piece] * (length // piece) + ([length % piece] if length % piece else [])
     x, y = (torch.cat(t, dim=1) for t in zip(*parts))
