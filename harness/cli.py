@@ -143,6 +143,10 @@ def parse_args(argv, lab):
                         f"reads at once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")
     if not args.bench and not any(lab.task_models(command, t) for t in command.tasks):
         p.error(f"none of the models {', '.join(command.models)} can run the tasks {', '.join(command.tasks)}")
+    skipped = [f"{m} on {t}" for t in command.tasks for m in command.models
+               if command.chosen_models and not args.bench and m not in lab.task_models(command, t)]
+    if skipped:   # a grid task (the maze) is read bidirectionally: only attention and HRM can
+        print(f"note: not run, since only models that read both ways run a grid task: {', '.join(skipped)}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is a file; expected a folder (new or existing) that this process can write to")
     try:

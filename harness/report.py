@@ -7,6 +7,7 @@ per x, a value per seed. Tables show mean±half the spread; figures the mean. A 
 run, a wall) is counted beside the numbers, never averaged.
 """
 import collections
+import contextlib
 import functools
 import math
 import os
@@ -128,6 +129,7 @@ def plot(path, panels, models, title=None):
 
 ACCURACY = dict(ylim=(-0.03, 1.03))
 BANDS = "the mean over seeds, the band from the lowest seed to the highest"
+FIGURES = ("length", "dial", "tradeoff", "segments", "depth", "streams")   # every figure a report may draw
 CAPTIONS = {   # what a report's figure plots (each line above where its runs were made)
     "length": f"Token accuracy against test length (recall: key-value pairs): {BANDS};\n"
               "dotted: the longest training length; dashed: chance (flip-flop's 0.5)",
@@ -159,8 +161,8 @@ def report(runs, meta, task_names, model_names, lab):
     made_on = sorted({f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs})
     parts = [f"# compare.py, preset `{meta['preset']}`", "", f"Command: `{meta['command']}`  ",
              f"Device: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit']}, "
-             f"wall time {meta.get('wall_time_s', 0):.0f} s; {meta.get('runs_run', 0)} runs trained by this command, "
-             f"{meta.get('runs_reused', 0)} reused from earlier ones; the runs' own times add up to "
+             f"wall time {meta.get('wall_time_s', 0):.0f} s; runs trained by this command: {meta.get('runs_run', 0)}, "
+             f"reused from earlier ones: {meta.get('runs_reused', 0)}; the runs' own times add up to "
              f"{sum(r['wall_time_s'] for r in runs):.0f} s" + (
                  f"; the runs were made on: {'; '.join(made_on)}" if len(made_on) > 1 else ""), ""]
 
@@ -297,11 +299,15 @@ def series(rows, key, **match):
 
 def publish(text, figures, runs, meta, lab):
     """Print the report, save it as <out>/<preset>.md and draw its figures as <out>/<preset>_<name>.png, titled
-    with where the runs were made (and, for --scale's streams, where they were read)."""
+    with where the runs were made (and, for --scale's streams, where they were read). Figures of an earlier report
+    that this one does not draw are removed: they would show runs that this report leaves out."""
     out = os.path.join(os.path.dirname(meta["path"]), meta["preset"])
     with open(out + ".md", "w") as f:
         f.write(text)
-    print(text)
+    print(text + f"\nreport: {out}.md")
+    for name in FIGURES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{out}_{name}.png")
     made = collections.Counter(f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs)
     title = "; ".join(f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common())
     if "streams" in figures:

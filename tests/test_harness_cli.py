@@ -116,3 +116,14 @@ def test_scale_trains_on_streams_longer_than_one_evaluation_batch(capsys):
 def test_the_command_line_is_recorded_as_typed():
     assert cli.parse_args([], compare).line == "python compare.py"
     assert cli.parse_args(["--seeds", "0,1"], compare).line == "python compare.py --seeds 0,1"
+
+
+def test_a_chosen_model_that_cannot_run_a_grid_task_is_named_not_dropped_silently(tmp_path, capsys):
+    parse = lambda *a: cli.parse_args(["--preset", "smoke", "--out", str(tmp_path), *a], compare)  # noqa: E731
+    command = parse("--models", "ssm,attention,rmt", "--tasks", "copy,maze")
+    assert compare.task_models(command, "maze") == ["attention"]
+    assert capsys.readouterr().out == "note: not run, since only models that read both ways run a grid task: " \
+                                      "ssm on maze, rmt on maze\n"
+    parse("--tasks", "copy,maze")   # each task's own models: nothing asked for is left out
+    parse("--bench", "--models", "ssm")
+    assert capsys.readouterr().out == ""

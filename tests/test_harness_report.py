@@ -95,3 +95,19 @@ def test_the_budget_table_gives_each_stage_its_batch_and_names_the_walls():
     assert "| babilong_qa1 | 25 | 128, 128, 32 | 33-64, 2048, 8192 (15, 5, 5 steps) | 512 | - |" in text
     assert "up to 2,048 tokens (20 steps): time: too slow" in text and "| ssm | babilong_qa1 |" in text
     assert [row.split(" | ")[6] for row in text.splitlines() if row.startswith("| ssm | babilong_qa1")] == ["25"]
+
+
+def test_publish_writes_the_report_and_removes_figures_it_does_not_draw(tmp_path, monkeypatch, capsys):
+    """A narrower command on the same --out draws fewer figures: an earlier report's figure that this one does not
+    draw (here the trade-off) is removed, not left beside a report that leaves its runs out."""
+    for name in ("length", "tradeoff"):
+        (tmp_path / f"smoke_{name}.png").write_text("an earlier report's")
+    (tmp_path / "smoke_notes.png").write_text("not a report's")
+    drawn = []
+    monkeypatch.setattr(report, "plot", lambda path, *a: drawn.append(path) or open(path, "w").close())
+    meta = dict(preset="smoke", path=str(tmp_path / "smoke.json"), device_name="CPU", commit="-")
+    report.publish("# the report", {"length": []}, [stored_run()], meta, compare)
+    assert drawn == [str(tmp_path / "smoke_length.png")] and (tmp_path / "smoke_length.png").read_text() == ""
+    assert not (tmp_path / "smoke_tradeoff.png").exists() and (tmp_path / "smoke_notes.png").exists()
+    assert (tmp_path / "smoke.md").read_text() == "# the report"
+    assert capsys.readouterr().out == f"# the report\nreport: {tmp_path / 'smoke.md'}\n"
