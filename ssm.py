@@ -93,16 +93,16 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size=64, initial_state=None):
 # ---------------------------------------------------------------------------------------------------------
 
 def segsum(a):
-    """(..., C) -> (..., C, C): out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
+    """(..., L) -> (..., L, L): out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
 
     Each entry is summed directly over its own segment, so it is <= 0 and exp() of it never overflows;
-    the tempting cumsum[i] - cumsum[j] loses precision by cancellation at long C.
+    the tempting cumsum[i] - cumsum[j] loses precision by cancellation at long L.
     """
-    C = a.shape[-1]
-    z = a[..., :, None].expand(*a.shape, C)                                         # z[..., k, j] = a[k]
-    below = torch.ones(C, C, dtype=torch.bool, device=a.device).tril(-1)            # keep k > j
-    z = z.masked_fill(~below, 0).cumsum(dim=-2)                                     # sum over j < k <= i
-    return z.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+    L = a.shape[-1]
+    s = a[..., :, None].expand(*a.shape, L)                                         # s[..., k, j] = a[k]
+    below = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)            # keep k > j
+    s = s.masked_fill(~below, 0).cumsum(dim=-2)                                     # sum over j < k <= i
+    return s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=a.device).tril(), float("-inf"))
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
@@ -138,13 +138,13 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     to_end = torch.exp(a_cum[..., -1:] - a_cum)[..., None]                          # (B, H, c, Q, 1)
     chunk_states = (xdt * to_end).mT @ B                                            # (B, H, c, K, N)
 
-    # 3. Across chunks: the state entering chunk z = sum over earlier chunks s of their states, decayed by the
-    #    total decay of chunks s+1..z-1; the initial state is chunk "-1". A (c+1) x (c+1) matmul per head: it
+    # 3. Across chunks: the state entering chunk m = sum over earlier chunks p of their states, decayed by the
+    #    total decay of chunks p+1..m-1; the initial state is chunk "-1". A (c+1) x (c+1) matmul per head: it
     #    grows as (T/Q)^2, so a long stream is read in pieces (`Mamba.stream`), each carrying the state on.
     h0 = x.new_zeros(b, H, K, N) if initial_state is None else initial_state
     chunk_states = torch.cat([h0[:, :, None], chunk_states], dim=2).flatten(-2)   # (B, H, c+1, K*N)
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))                 # (B, H, c+1, c+1)
-    states = (chunk_decay @ chunk_states).view(b, H, n_chunks + 1, K, N)           # after chunk z-1
+    states = (chunk_decay @ chunk_states).view(b, H, n_chunks + 1, K, N)           # after chunk m-1
     entering, final_state = states[:, :, :-1], states[:, :, -1]
 
     # 4. What the entering state contributes inside each chunk: y_i += exp(a_1 + ... + a_i) h_entering C_i

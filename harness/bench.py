@@ -107,7 +107,8 @@ def core_rows(models, lengths, device):
             [f"{r['ref_ms']:,.1f}", f"{r['ref_ms'] / r['fast_ms']:,.0f}x"] if "ref_ms" in r else ["-", "-"])
         for r in rows])
     return rows, ("## Each fast core against the reference loop beside it: fwd+bwd of one call, fp32, batch 4, "
-                  "4 heads of 32 (the scan's state N=64, the memory's chunks 16)\n\n" + table)
+                  "4 heads of 32 (the scan's state N=64, the memory's chunks 16); the loop at the shortest length "
+                  "only\n\n" + table)
 
 
 STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
@@ -169,10 +170,12 @@ def bench(command, meta, lab):
     cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
         ["out of memory", "", "", ""] if r.get("oom") else
         [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
-    head = ["# compare.py --bench: cost against length, and the cost of a training step", "",
+    head = ["# compare.py --bench: cost against length, the cores against their loops, the cost of a training step",
+            "",
             f"Command: `{meta['command']}`  ",
             f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}", "",
-            f"## Cost against length: batch 1, model size {size}, median of 3 after a warm-up", "",
+            f"## Cost against length: batch 1, model size {', '.join(f'{k}={v}' for k, v in size.items())}, median of "
+            f"3 after a warm-up{'' if cuda else ' (peak memory is measured on CUDA only)'}", "",
             md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
                       "inference peak MiB"], [])]
     print("\n".join(head))
@@ -194,6 +197,7 @@ def bench(command, meta, lab):
                                                             step_rows=step_rows))
     with open(os.path.join(command.out, "bench.md"), "w") as f:
         f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table, "", step_table]) + "\n")
+    print(f"report: {os.path.join(command.out, 'bench.md')}")
     plot(os.path.join(command.out, "bench.png"), [
         dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))
         for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),

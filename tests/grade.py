@@ -854,6 +854,7 @@ def main():
     sys.path.insert(0, ma.ROOT)                                 # this process: this repository's modules
     parser = argparse.ArgumentParser(description="Grade a submission (or the original solutions) over seeds.",
                                      allow_abbrev=False)
+    parser.error = lambda message: parser.exit(2, f"grade: error: {message}\n")   # one line, as compare.py's
     parser.add_argument("submission", nargs="?", help="a student's copy; none: the original solutions")
     parser.add_argument("--seeds", type=seeds, default=os.environ.get("GRADE_SEED") or "1",
                         help="GRADE_SEED values for the tests: 1234, 0-199 or 1,5,9 (default: $GRADE_SEED or 1); "
@@ -861,6 +862,8 @@ def main():
     parser.add_argument("--jobs", type=positive, default=1, help="seeds graded at once (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and say where it is")
     args = parser.parse_args()
+    if args.submission and not os.path.isdir(args.submission):
+        parser.error(f"{args.submission} is not a folder; a submission is a student's copy of the repository")
     graded = {}
     for module in ma.MODULES:
         with open(os.path.join(ma.ROOT, module + ".py")) as f:

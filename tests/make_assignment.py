@@ -38,8 +38,8 @@ chunks is fine where the docstring has chunks), no (T, T) matrices where it has 
 inputs' device. RMT, Titans and HRM run on `attention.Block`, so write `attention.attention` first. Until a
 core is written, whatever runs its model stops with NotImplementedError naming it: its tests, the tests that train
 models (tests/test_compare.py, tests/test_harness_*.py) and `python compare.py` (one line). The README mentions
-`tests/make_assignment.py`, `tests/grade.py`, `tests/test_assignment.py` and `tests/test_oracles.py`: your
-instructor keeps those.
+`tests/make_assignment.py`, `tests/grade.py`, `tests/test_assignment.py`, `tests/test_oracles.py` and the
+mutation tester's `setup.cfg`: your instructor keeps those.
 """
 
 

@@ -278,7 +278,8 @@ def test_grade_parses_seeds():
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "5-2"], "runs down: nothing to grade"), (["--seeds", "1,"], "is not a seed"),
     (["--jobs", "0"], "is not a whole number >= 1"), (["--job", "2"], "unrecognized arguments: --job"),
-    (["/nonexistent/submission"], "cannot read /nonexistent/submission/attention.py")])
+    (["/nonexistent/submission"], "grade: error: /nonexistent/submission is not a folder"),
+    (["--jobs", "x"], "grade: error: argument --jobs")])
 def test_grade_refuses_bad_input_in_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.setattr(sys, "argv", ["grade.py", *args])
     monkeypatch.setattr(grade.tempfile, "tempdir", str(tmp_path))
@@ -286,6 +287,7 @@ def test_grade_refuses_bad_input_in_one_line_and_leaves_no_folder(tmp_path, monk
         grade.main()
     err = capsys.readouterr().err + str(stop.value.code)
     assert stop.value.code not in (0, None) and message in err and "Traceback" not in err, err
+    assert "usage:" not in err, err   # one line
     assert list(tmp_path.iterdir()) == []
 
 
