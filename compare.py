@@ -20,8 +20,9 @@ How the comparison is made fair, and where each rule lives:
   2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
   3. Each model at its own best learning rate: the same log-spaced grid on the first seed, the best validation
-     accuracy wins (ties: the lower validation loss), never a rate where a run diverged (`make_specs`,
-     `best_runs`); a choice on the edge of the grid is marked, since a better rate may lie outside.
+     accuracy over the last stage's lengths wins (`val_lengths`; ties: the lower validation loss), never a rate
+     where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked, since a better
+     rate may lie outside.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
   6. Cost in the open: parameters, state floats, steps, examples and wall time of every cell (the report's Runs
@@ -55,7 +56,7 @@ import titans
 from harness import bench, cli, report, runner, scale, store
 from harness.graphs import StepGraphs
 
-PROTOCOL = 7   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+PROTOCOL = 8   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
 # Subnormal floats (products of many decays in the recurrent cores) are up to 100x slower on CPUs; zero them.
 torch.set_flush_denormal(True)
 
@@ -72,6 +73,14 @@ def autocast(device, cache=True):
 def stages(train_lengths):
     """[lo, hi] -> [[lo, hi]]; a curriculum [[lo1, hi1], [lo2, hi2], ...] stays as it is."""
     return [list(train_lengths)] if isinstance(train_lengths[0], int) else [list(s) for s in train_lengths]
+
+
+def val_lengths(train_lengths):
+    """The validation lengths: four evenly spaced over the last stage [lo, hi] (one when lo == hi), so that the lr
+    is chosen on what training asked for at the end, not on its hardest length alone (where a model at the floor
+    would leave the choice to noise)."""
+    lo, hi = stages(train_lengths)[-1]
+    return sorted({round(lo + (hi - lo) * i / 3) for i in range(4)})
 
 
 def stage_batches(train_lengths, batch_size, tokens_per_step=None):
@@ -506,7 +515,7 @@ def run_one(spec):
         return {**record, "diverged_at": len(losses), "final_loss": None, "val_token_acc": None, "val_loss": None,
                 "metrics": {}, **times()}
     test = lambda L, **kw: evaluate(model, task, L, spec["eval_examples"], device, **kw)  # noqa: E731
-    val = test(trained, seed=10_000 + spec["seed"])
+    val = [test(L, seed=10_000 + spec["seed"]) for L in val_lengths(spec["train"])]
     metrics, test_seed = {}, 20_000 + spec["seed"]   # the same test examples for every model and lr
     deep = spec.get("test_segments") and (hasattr(model, "segment_logits") or getattr(model.config, "loops", 1) > 1)
     for L in spec["test"]:   # HRM and the looped Transformer: also against test-time depth, on the same examples
@@ -520,7 +529,9 @@ def run_one(spec):
             metrics.update({str(longer): {"wall": "out of memory"} for longer in spec["test"] if longer >= L})
             break
     return {**record, "diverged_at": None, "final_loss": sum(losses[-20:]) / len(losses[-20:]), **times(),
-            "val_token_acc": val["token_acc"], "val_loss": val["loss"], "metrics": metrics}
+            "val_token_acc": fmean(v["token_acc"] for v in val),
+            "val_loss": None if any(v["loss"] is None for v in val) else fmean(v["loss"] for v in val),
+            "metrics": metrics}
 
 
 
@@ -542,7 +553,8 @@ def run_phases(command, runs, save, workers, devices):
         stale = [s for s in todo if run_key(s) in runs]   # stored with other settings: trained again, replaced
         changed = sorted({k for s in stale for k in s if k not in WHERE and runs[run_key(s)].get(k) != s[k]})
         print(f"{phase}: {len(specs) - len(todo)} stored runs reused, {len(todo)} to train now" + (
-            f" ({len(stale)} because their settings differ from the stored ones: {', '.join(changed)})" if stale else ""))
+            f" ({len(stale)} because their settings differ from the stored ones: {', '.join(changed)})"
+            if stale else ""))
         runner.run_all(todo, workers, devices, run_one, save)
         done.update({run_key(s): runs[run_key(s)] for s in specs})
     return list(done.values())

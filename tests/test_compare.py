@@ -354,6 +354,16 @@ def test_a_diverged_run_is_stored_as_such_never_chosen_and_reported(tmp_path):
     assert "| attention | diverged |" in text
 
 
+def test_validation_asks_what_the_last_stage_asked():
+    """The lr is chosen on four lengths evenly spread over the last stage (one if it has one length): a recall
+    that ends on 2-128 pairs is validated at 2, 44, 86 and 128, not at 128 alone, where every small state is at
+    the floor and the choice would be noise."""
+    assert compare.val_lengths([[2, 8], [2, 32], [2, 128]]) == [2, 44, 86, 128]
+    assert compare.val_lengths([2, 6]) == [2, 3, 5, 6]
+    assert compare.val_lengths([[32, 64], [64, 128]]) == [64, 85, 107, 128]
+    assert compare.val_lengths([[33, 64], [4096, 4096]]) == [4096] and compare.val_lengths([2, 3]) == [2, 3]
+
+
 def test_curriculum_draws_lengths_stage_by_stage():
     seen = []
 
@@ -404,7 +414,8 @@ def test_best_lr_is_chosen_on_the_sweep_seed_only():
 def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch):
     """run_one with training and evaluation faked: the record holds the spec, the parameters, the state size at
     each test length (copy's length n is 2n + 1 tokens), the examples seen, the mean of the last 20 losses, the
-    times, the device; validation runs at the longest training length on a seed of its own, the tests at each
+    times, the device; validation runs at four lengths across the last stage on a seed of its own (its accuracy and
+    loss their means), the tests at each
     test length on another, every call with the spec's examples and device; HRM is also tested at each number of
     segments; --scale's weights are kept where the spec says; the spec's thread count is set."""
     calls = []
@@ -437,12 +448,12 @@ def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch)
     assert 0 <= record["train_time_s"] <= record["wall_time_s"] < 60 and record["device_name"] == "CPU"
     assert record["diverged_at"] is None
     assert calls[0] == ("train", copy["steps"], copy["batch_size"], copy["lr"], copy["train"], "cpu", copy["seed"])
-    val, *tested = calls[1:]
-    longest = compare.stages(copy["train"])[-1][1]
-    assert val[:4] == ("evaluate", longest, copy["eval_examples"], "cpu") and val[5] is None
+    val, tested = calls[1:5], calls[5:]
+    assert copy["train"] == [2, 6] and [c[1] for c in val] == [2, 3, 5, 6]
+    assert all(c[2:] == (copy["eval_examples"], "cpu", val[0][4], None) for c in val)
     assert [c[1] for c in tested] == copy["test"] and all(c[2:4] == (copy["eval_examples"], "cpu") for c in tested)
-    assert len({c[4] for c in tested}) == 1 and val[4] != tested[0][4]   # one test seed, not validation's
-    assert record["val_token_acc"] == longest / 100 and record["val_loss"] == val[4]
+    assert len({c[4] for c in tested}) == 1 and val[0][4] != tested[0][4]   # one test seed, not validation's
+    assert record["val_token_acc"] == pytest.approx(0.04) and record["val_loss"] == val[0][4]
     assert record["metrics"] == {str(L): dict(token_acc=L / 100, loss=float(tested[0][4]), exact=None)
                                  for L in copy["test"]}
     model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))   # the trained weights, kept
