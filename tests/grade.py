@@ -12,7 +12,8 @@ the submission's; the rest is ours. Then, once per seed:
   confined child process computes on them with the submission's files: outputs and gradients in float64 on odd
   shapes, float32 and bf16 autocast at lengths past 2,048 drawn anew each time, torch.no_grad(), a sequence in two
   pieces with the state carried, RMT and HRM whole (the order of HRM's updates decides its logits), the operations
-  a core dispatches (no loop over time steps, no (T, T) work where it has chunks), SDPA, and the 'meta' device;
+  a core dispatches at lengths and chunk sizes drawn anew (`chain`: no loop over time steps, no (T, T) work where it
+  has chunks), SDPA, and the 'meta' device;
 - the suite (the five files' tests, tests/test_cores.py and tests/test_oracles.py with GRADE_SEED set, see
   tests/conftest.py) is feedback for the student and a gate: the grader counts its report against the tests it
   collects from its own files, so a failure, a missing test or an early exit fails the seed whatever the exit
@@ -440,17 +441,41 @@ def draw(rng):
     return out
 
 
+def chain(name, rng):
+    """The points (T, options) at which a core's operations are counted, drawn now (tests/test_cores.py counts at
+    fixed ones, which a core could single out), and the pairs the rules compare: [(rule, i, j)].
+    A chunked core: (T, c), (4T, 4c), (4T, c), (16T, 4c), T from 64 to 128, c 8 or 16; rule 2 (the same number of
+    chunks) on points 0-1 and 2-3, rule 3 (the same chunk size) on 0-2 and 1-3. So a core that changes its form at
+    some length, chunk size or number of chunks (a (T, T) form below it, a loop over time steps above) meets a
+    rule on either side: two points in the (T, T) form share a chunk size, two in the loop a number of chunks.
+    Attention (no chunks): T, 4T, 16T from 16 to 512, rule 2 on each step, a window of 3 to 6 where it has one."""
+    import test_cores as tc
+    options = dict(tc.CORES[name][4][0][1])
+    if "window" in options:
+        options["window"] = rng.randint(3, 6)
+    if "chunk_size" not in options:
+        T = rng.randint(16, 32)
+        return [(T * f, options) for f in (1, 4, 16)], [("ops", 0, 1), ("ops", 1, 2)]
+    c = rng.choice([8, 16])
+    T = c * rng.randint(64 // c, 128 // c)
+    points = [(T, c), (4 * T, 4 * c), (4 * T, c), (16 * T, 4 * c)]
+    return [(T, dict(chunk_size=c)) for T, c in points], [("ops", 0, 1), ("ops", 2, 3), ("work", 0, 2), ("work", 1, 3)]
+
+
 def counted(rng):
-    """The cases whose operations are counted (tests/test_cores.py's rules 2 and 3, on inputs drawn from `rng`),
-    and the cases run on the data-free 'meta' device (rule 5), every default argument left to the core."""
+    """The cases whose operations are counted (tests/test_cores.py's rules 2 and 3, at the points and on inputs
+    drawn from `rng`: `chain`), and the cases run on the data-free 'meta' device (rule 5), every default argument
+    left to the core."""
     import test_cores as tc
     out = []
-    for name, (module, core, _, make, pairs, work) in tc.CORES.items():
-        for rule, lengths in (("ops", pairs), ("work", work)):
-            for T, options in lengths or []:
+    for name, (module, core, _, make, _, _) in tc.CORES.items():
+        points, pairs = chain(name, rng)
+        for k, (rule, i, j) in enumerate(pairs):
+            for T, options in (points[i], points[j]):
                 args, kwargs = make(T, "cpu", seed=rng.getrandbits(62), **options)
                 out.append((f"{module.__name__}.{core}(T={T}{tc.described(options)})",
-                            dict(module=module.__name__, call=core, args=list(args), kwargs=kwargs, count=(name, rule))))
+                            dict(module=module.__name__, call=core, args=list(args), kwargs=kwargs,
+                                 count=(name, rule, k))))
     meta = [("attention", dict(window=4)), ("attention", dict(causal=False)), ("attention", {}),
             ("ssm", dict(chunk_size=16, initial_state=None)), ("titans", dict(chunk_size=16))]
     for name, options in meta:
@@ -621,7 +646,7 @@ def compare(cases, wanted, results):
                     close(a, b, f"{what}: the gradient w.r.t. input {i}", rtol=rtol, atol=atol)
         except AssertionError as e:
             failures.append(str(e))
-    for (name, rule), ((what1, a), (what2, b)) in counts.items():
+    for (name, rule, _), ((what1, a), (what2, b)) in counts.items():
         if rule == "ops" and b["ops"] > 2 * a["ops"]:
             failures.append(f"{what1} dispatched {a['ops']} operations and {what2} {b['ops']}: "
                             f"{b['ops'] / a['ops']:.1f}x for 4x the length at the same number of chunks; it loops "
@@ -736,6 +761,19 @@ def child(sealed, scratch):
         p).startswith(ma.ROOT)]
     torch.set_num_threads(1)
     from test_cores import Calls, Trace   # (what the checks use is bound before the submission is imported)
+    # Copies of the profiler's method and of this module's graph_size, which the submission could replace (a red-team
+    # pass), and the operation counts kept again: all out of its reach but through the interpreter's internals.
+    events = profile.events
+    count_graph = types.FunctionType(graph_size.__code__, {"torch": torch, "__builtins__": __builtins__})
+    tally = [0, 0]
+
+    class Tallied(Trace):
+        """Trace, its counts kept again here, where a plain write to the mode's own (a red-team pass) does not reach."""
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops, elements = self.ops, self.elements
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            tally[0], tally[1] = tally[0] + self.ops - ops, tally[1] + self.elements - elements
+            return out
     modules = {}
     for name in REFERENCES.keys() | {"rmt", "hrm"}:
         try:
@@ -749,15 +787,19 @@ def child(sealed, scratch):
                 raise ImportError(module)
             device = case.get("device")
             fn, args, kwargs, leaves = prepared(module, case, device)
-            trace, calls = Trace(device), Calls()
+            trace, calls = Tallied(device), Calls()
+            tally[:] = [0, 0]
             # The counted cases are also profiled: the profiler sees every ATen operation, those run with PyTorch's
             # dispatch modes switched off (which hides them from Trace) included.
             profiler = profile(activities=[ProfilerActivity.CPU]) if "count" in case else nullcontext()
             with profiler, calls, trace:
                 outs = tree_flatten(called(fn, case, args, kwargs))[0]
-            graph = graph_size(outs)        # autograd's record of the work, which no dispatch switch turns off
+            graph = count_graph(outs)        # autograd's record of the work, which no dispatch switch turns off
+            if [trace.ops, trace.elements] != tally:
+                raise RuntimeError(f"the operation counter was written from inside the submission ({trace.ops:,} "
+                                   f"operations shown, {tally[0]:,} counted); refused")
             result = dict(ops=trace.ops, elements=trace.elements, off_device=sorted(set(trace.off_device)),
-                          profiled=sum(e.name.startswith("aten::") for e in profiler.events()) if "count" in case
+                          profiled=sum(e.name.startswith("aten::") for e in events(profiler)) if "count" in case
                           else 0, graph=graph, sdpa="scaled_dot_product_attention" in calls.names,
                           devices=[str(t.device) for t in outs if isinstance(t, torch.Tensor)])
             if not device:
@@ -884,6 +926,7 @@ def main():
     # (the submission so far only read as text;) now the reference, before any of the submission's code runs
     sys.pycache_prefix = tempfile.mkdtemp(prefix="grade-pycache-")     # the reference from its source, never from a
     os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix              # cached .pyc in the repository (a poisoned one)
+    sys.dont_write_bytecode = True     # nor to one there: the solutions' bytecode, where a submission could read it
     import attention, hrm, rmt, ssm, titans, conftest, test_cores      # noqa: E401,F401 -- the reference, first
     before = snapshot()
     work = tempfile.mkdtemp(prefix="grade-")

@@ -291,6 +291,18 @@ def test_grade_refuses_bad_input_in_one_line_and_leaves_no_folder(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_graders_reference_leaves_no_bytecode_for_a_submission_to_read(tmp_path):
+    """The grader imports its solutions from source through a cache folder of its own, which its children are
+    told of; were their bytecode written there, a submission could load the solutions from it (a red-team pass)."""
+    code = ("import os, sys\nsys.argv = ['grade.py']\nimport grade\n"
+            "grade.grade_all = lambda *a: print(sorted(f for _, _, fs in os.walk(sys.pycache_prefix) for f in fs)) or []\n"
+            "grade.main()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ma.ROOT, "tests"), capture_output=True,
+                         text=True, timeout=300, env={**env, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.splitlines()[0] == "[]", (out.stdout[-500:], out.stderr[-2000:])
+
+
 def test_grade_stopped_by_a_signal_leaves_no_folder_and_no_process(tmp_path):
     import signal
     import time
@@ -705,6 +717,87 @@ def test_a_loop_hidden_from_both_counters_fails(done):
     red-team trial's pass): autograd still records every step's operations, and that count grows with T."""
     failures = done(a_loop_hidden_from_both_counters_fails)
     assert any("autograd operations" in f and "it loops over time steps" in f for f in failures), failures[:3]
+
+
+SSM_LOOP = """        h, ys = h0, []
+        for t in range(T):
+            decay = torch.exp(dt[:, t] * A)
+            h = decay[:, :, None, None] * h + torch.einsum("bh,bhk,bn->bhkn", dt[:, t], x[:, t], B[:, t])
+            ys.append(torch.einsum("bhkn,bn->bhk", h, C[:, t]))
+        return torch.stack(ys, dim=1), h
+"""
+SSM_WHOLE = """    a = (dt * A).transpose(1, 2)                            # (b, H, T): one (T, T) matrix, no chunks
+    L = segsum(a).exp()
+    xdt = x * dt[..., None]
+    y = torch.einsum("btn,bsn,bhts,bshk->bthk", C, B, L, xdt)
+    cum = a.cumsum(-1)
+    y = y + torch.einsum("bht,bhkn,btn->bthk", cum.exp(), h0, C)
+    final = cum[..., -1].exp()[..., None, None] * h0 + torch.einsum("bht,bthk,btn->bhkn", (cum[..., -1:] - cum).exp(),
+                                                                    xdt, B)
+    return y, final
+"""
+
+
+@job(ssm_length="T > 300", ssm_chunks="T > 16 * chunk_size", attention="T > 64")
+def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
+    if switch.startswith("T > 64"):   # attention: one call with a (T, T) mask where counted, a loop beyond
+        body = (f"    T = q.shape[-2]\n    if {switch}:\n        import math\n        if True:\n" +
+                "\n".join("    " + line for line in LOOP.splitlines()) + "\n" +
+                "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(T, causal, window, q.device))\n")
+        return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=True)
+    body = ("    b, T, H, K = x.shape\n    h0 = x.new_zeros(b, H, K, B.shape[-1]) if initial_state is None else "
+            f"initial_state\n    if {switch}:\n" + SSM_LOOP + SSM_WHOLE)
+    return isolated(tmp, spliced("ssm", body), module="ssm", counted=True)
+
+
+@pytest.mark.parametrize("switch", ["ssm_length", "ssm_chunks", "attention"])
+def test_a_core_that_changes_its_form_where_it_is_not_counted_fails(done, switch):
+    """A red-team trial's passes against fixed counted lengths: the SSM's whole-sequence (T, T) form up to a length
+    (or a number of chunks) and the loop over time steps beyond; attention's one masked call up to 64 tokens and a
+    loop over queries beyond. The grader draws its counted points at grading time along a chain of lengths and
+    chunk sizes (`grade.chain`), so each form meets the rule it breaks: the loop rule 2, the (T, T) form rule 3."""
+    failures = done(a_core_that_changes_its_form_where_it_is_not_counted_fails, switch)
+    assert any("it loops over time steps" in f or "its work grows like T^2" in f for f in failures), failures[:3]
+
+
+UNCOUNTED = """def _uncounted(run):
+    import sys
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    saved = [(m, m.ops, m.elements) for m in _get_current_dispatch_mode_stack() if hasattr(m, "ops")]
+    if WRITE:
+        out = run()
+        for m, ops, elements in saved:               # the counter put back as it was
+            m.ops, m.elements = ops + 1, elements + 1
+    else:
+        with torch._C._DisableTorchDispatch():       # the counter sees nothing
+            out = run()
+    grader = sys.modules.get("__main__")
+    if hasattr(grader, "graph_size"):                # the grader's child: its autograd-graph count and profiler
+        grader.graph_size = lambda outs: 1
+        torch.profiler.profile.events = lambda self: []
+    return out
+
+
+"""
+
+
+@job(write="True", hide="False")
+def a_core_that_writes_the_counters_fails(tmp, write):
+    body = ("    def loop():\n        b, T, H, K = x.shape\n        h0 = x.new_zeros(b, H, K, B.shape[-1]) if "
+            "initial_state is None else initial_state\n" + SSM_LOOP + "    return _uncounted(loop)\n")
+    return isolated(tmp, spliced("ssm", body, helpers=f"WRITE = {write}\n\n\n" + UNCOUNTED), module="ssm",
+                    counted=True)
+
+
+@pytest.mark.parametrize("write, caught", [
+    ("write", "the operation counter was written from inside the submission"),
+    ("hide", "(PyTorch's profiler)"), ("hide", "autograd operations")])
+def test_a_core_that_writes_the_counters_fails(done, write, caught):
+    """A red-team trial's pass: the loop over time steps, then the dispatch counter's attributes written back (or
+    the loop hidden from it), the grader's graph_size and the profiler's events replaced through plain names. The
+    child keeps the counts again, and copies of the two functions, where plain names do not reach."""
+    failures = done(a_core_that_writes_the_counters_fails, write)
+    assert any(caught in f for f in failures), failures[:3]
 
 
 @job()
