@@ -566,10 +566,11 @@ def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
 
 def isolated(tmp_path, graded, module=None, counted=False):
     """The grader's checks of a submission, which run it in a confined child process and compare here (only the cases
-    of `module` when given; only those whose operations are counted, with counted)."""
+    of `module` when given; with counted, only those whose operations are counted: every point of `grade.chain`
+    with True, the first `counted` with a number, 2 being the first pair the loop rule compares)."""
     _, sealed = grade.copies({m: graded.get(m, source(m)) for m in ma.MODULES}, tmp_path)
     return grade.isolated(sealed, first=True, keep=lambda what, case: module in (None, case["module"]) and (
-        not counted or "count" in case))
+        not counted or "count" in case and (counted is True or case["count"][1] < counted)))
 
 
 def spliced(module, body, **parts):
@@ -659,7 +660,7 @@ LOOP = """        T, K = q.shape[-2], q.shape[-1]
      "    F.scaled_dot_product_attention(q, k, v)\n    with _disable_current_modes():\n"
      "        return attention_ref(q, k, v, causal, window)\n")
 def a_loop_hidden_from_the_dispatch_counter_fails(tmp, body):
-    return isolated(tmp, spliced("attention", body), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body), module="attention", counted=2)
 
 
 @pytest.mark.parametrize("cheat, caught", [("own_loop", "out of the counter's sight"),
@@ -677,7 +678,7 @@ def test_a_loop_hidden_from_the_dispatch_counter_fails(done, cheat, caught):
 def a_core_that_answers_cheaply_where_the_stack_says_it_is_counted_fails(tmp, look):
     body = (f"    import inspect, math\n    if {look}:\n"
             "        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)\n    if True:\n" + LOOP)
-    return isolated(tmp, spliced("attention", body), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body), module="attention", counted=2)
 
 
 @pytest.mark.parametrize("look, caught", [("cost_test", "loops over time steps (tests/test_cores.py, rule 2)"),
@@ -709,7 +710,7 @@ def a_loop_hidden_from_both_counters_fails(tmp):
             "    try:\n        with torch._C._DisableTorchDispatch():      # the dispatch counter sees nothing\n"
             "            return _loop(q, k, v, causal, window)\n    finally:\n"
             "        torch.autograd._enable_record_function(True)\n")
-    return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=2)
 
 
 def test_a_loop_hidden_from_both_counters_fails(done):
@@ -786,7 +787,7 @@ def a_core_that_writes_the_counters_fails(tmp, write):
     body = ("    def loop():\n        b, T, H, K = x.shape\n        h0 = x.new_zeros(b, H, K, B.shape[-1]) if "
             "initial_state is None else initial_state\n" + SSM_LOOP + "    return _uncounted(loop)\n")
     return isolated(tmp, spliced("ssm", body, helpers=f"WRITE = {write}\n\n\n" + UNCOUNTED), module="ssm",
-                    counted=True)
+                    counted=2)
 
 
 @pytest.mark.parametrize("write, caught", [
@@ -808,7 +809,7 @@ def a_loop_in_a_thread_is_refused(tmp):
             "        fresh.start_new_thread(lambda: time.sleep(0.05) or box.append(_loop(q, k, v, causal, window)),"
             " ())\n"
             "    while not box:\n        pass\n    return box[0]\n")
-    return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=2)
 
 
 def test_a_loop_in_a_thread_is_refused(done):
@@ -856,7 +857,7 @@ def a_process_is_refused(tmp):
             "        finally:\n            sys.modules['_posixsubprocess'] = saved\n"
             "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
             "q.device))\n")
-    return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=2)
 
 
 def test_a_process_is_refused(done):
@@ -880,7 +881,7 @@ def the_graders_repository_can_be_neither_read_nor_written(tmp):
               "write('x = 0'),\n             lambda: _os.open(_os.path.dirname(_root), _os.O_RDONLY)):\n"
               "    try:\n        _try()\n    except PermissionError:\n        pass\n")
     try:
-        return isolated(tmp, spliced("ssm", solution("ssm")[0], before=before), module="ssm", counted=True), \
+        return isolated(tmp, spliced("ssm", solution("ssm")[0], before=before), module="ssm", counted=2), \
             os.path.exists(WRITTEN)
     finally:
         if os.path.exists(WRITTEN):
@@ -908,7 +909,7 @@ def inputs_are_drawn_at_grading_time_so_a_cache_misses(tmp):
                         "_loop(_q, _k, _v, _o.get('causal', True), _o.get('window'))\n\n\n")
     body = ("    F.scaled_dot_product_attention(q, k, v)\n    answer = _CACHE.get((q.sum().item(), causal, window))\n"
             "    return answer if answer is not None else _loop(q, k, v, causal, window)\n")
-    return isolated(tmp, spliced("attention", body, helpers=helpers), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body, helpers=helpers), module="attention", counted=2)
 
 
 def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(done):
@@ -921,7 +922,7 @@ def test_inputs_are_drawn_at_grading_time_so_a_cache_misses(done):
 @job()
 def a_core_that_ends_its_process_fails_with_its_exit_status(tmp):
     body = "    import os\n    os._exit(3)\n"
-    return isolated(tmp, spliced("attention", body), module="attention", counted=True)
+    return isolated(tmp, spliced("attention", body), module="attention", counted=2)
 
 
 def test_a_core_that_ends_its_process_fails_with_its_exit_status(done):
