@@ -739,7 +739,7 @@ SSM_WHOLE = """    a = (dt * A).transpose(1, 2)                            # (b,
 """
 
 
-@job(ssm_length="T > 300", ssm_chunks="T > 16 * chunk_size", attention="T > 64")
+@job(ssm="T > 300", attention="T > 64")
 def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
     if switch.startswith("T > 64"):   # attention: one call with a (T, T) mask where counted, a loop beyond
         body = (f"    T = q.shape[-2]\n    if {switch}:\n        import math\n        if True:\n" +
@@ -751,10 +751,10 @@ def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
     return isolated(tmp, spliced("ssm", body), module="ssm", counted=True)
 
 
-@pytest.mark.parametrize("switch", ["ssm_length", "ssm_chunks", "attention"])
+@pytest.mark.parametrize("switch", ["ssm", "attention"])
 def test_a_core_that_changes_its_form_where_it_is_not_counted_fails(done, switch):
     """A red-team trial's passes against fixed counted lengths: the SSM's whole-sequence (T, T) form up to a length
-    (or a number of chunks) and the loop over time steps beyond; attention's one masked call up to 64 tokens and a
+    and the loop over time steps beyond (one that switched at a number of chunks instead was caught too, by hand); attention's one masked call up to 64 tokens and a
     loop over queries beyond. The grader draws its counted points at grading time along a chain of lengths and
     chunk sizes (`grade.chain`), so each form meets the rule it breaks: the loop rule 2, the (T, T) form rule 3."""
     failures = done(a_core_that_changes_its_form_where_it_is_not_counted_fails, switch)
