@@ -47,11 +47,6 @@ def _check(batch_size, length, min_length, what):
         raise ValueError(f"{what}: length {length} is too short, it needs at least {min_length}")
 
 
-def rand_int(n, g):
-    """One integer in [0, n) from generator g."""
-    return int(torch.randint(0, n, (1,), generator=g))
-
-
 def render(task, x, y, b=0):
     """One example as text. A sequence: its tokens, each scored position followed by `->answer`. A grid task
     (`causal = False`: the maze): the rows of its canvas as given (x), and beside them the same rows with each scored
@@ -241,43 +236,9 @@ class BabiLong:
         self.names += names
         return range(first, first + len(names))
 
-    def _story(self, k, g):
-        """Simulate k facts; return the facts as token triples, the question entity, answer, deciding fact.
-        The reference, one story at a time: `_stories` tells the same stories for a whole batch at once with
-        tensor ops (fast), and tests/test_tasks.py checks that the two draw from the same distribution."""
-        rand = partial(rand_int, g=g)
-        where, last_move, holder, obj_at, obj_fact = {}, {}, {}, {}, {}
-        facts = []
-        for f in range(k):
-            free = [o for o in range(self.n_objects) if o not in holder]
-            held = list(holder)
-            kind = rand(3) if where else 0                         # the first fact is always a move
-            if self.qa == 1 or self.qa == 2 and f == 1:
-                kind = 0 if self.qa == 1 else 1                    # qa1: moves only; qa2: a grab second
-            if kind == 1 and free:
-                p, o = list(where)[rand(len(where))], free[rand(len(free))]
-                holder[o], obj_fact[o] = p, f
-                facts.append((self.person[p], self.grab, self.object[o]))
-            elif kind == 2 and held:
-                o = held[rand(len(held))]
-                p = holder.pop(o)
-                obj_at[o], obj_fact[o] = where[p], f
-                facts.append((self.person[p], self.drop, self.object[o]))
-            else:
-                p, place = rand(self.n_persons), rand(self.n_places)
-                where[p], last_move[p] = place, f
-                facts.append((self.person[p], self.move, self.place[place]))
-        if obj_fact and (self.qa == 2 or self.qa is None and rand(2)):   # qa2: where is an object
-            o = list(obj_fact)[rand(len(obj_fact))]
-            if o in holder:
-                p = holder[o]
-                return facts, self.object[o], self.place[where[p]], max(obj_fact[o], last_move[p])
-            return facts, self.object[o], self.place[obj_at[o]], obj_fact[o]
-        p = list(where)[rand(len(where))]                         # qa1: where is a person
-        return facts, self.person[p], self.place[where[p]], last_move[p]
-
     def _stories(self, batch_size, length, g):
-        """`_story` for the whole batch at once, and where each story goes in a stream of `length` tokens.
+        """The stories of a whole batch at once (their plain-Python reference, one story at a time, is `story` in
+        tests/test_tasks.py, which checks that the two draw alike), and where each goes in `length` tokens.
         One step per fact slot (S = max_facts of them) with the batch's state as tensors, so a batch costs a
         few hundred small tensor ops, not a Python loop per example (the sampler is paid at every training
         step). Returns the positions and tokens (B, 3S + 3) of the facts and the question (the slots past an
@@ -308,7 +269,7 @@ class BabiLong:
         for f in range(1, S):
             held = holder >= 0                                    # (B, n_objects)
             grab = try_grab[:, f] & ~held.all(1)                  # a grab needs a free object, a drop a held one;
-            drop = try_drop[:, f] & held.any(1)                   # without one, the fact is a move (as in _story)
+            drop = try_drop[:, f] & held.any(1)                   # without one, the fact is a move
             move = ~(grab | drop)
             o = object_score[:, f].masked_fill(held == grab[:, None], -1).argmax(1)   # a grab's free, else a held one
             grabber = person_score[:, f].masked_fill(~moved, -1).argmax(1)

@@ -15,6 +15,42 @@ LENGTHS = {"copy": 9, "recall": 13, "flipflop": 41, "babilong": 60, "babilong_qa
 SEQUENCE_TASKS = [name for name in TASKS if getattr(TASKS[name], "causal", True)]  # the maze is a grid task
 
 
+def story(task, k, g):
+    """Simulate k facts; return the facts as token triples, the question entity, answer, deciding fact.
+    BabiLong's reference, one story at a time in plain Python: `BabiLong._stories` tells the same stories for a
+    whole batch at once with tensor ops, and the tests below check that the two draw from the same distribution."""
+    rand = lambda n: int(torch.randint(0, n, (1,), generator=g))  # noqa: E731
+    where, last_move, holder, obj_at, obj_fact = {}, {}, {}, {}, {}
+    facts = []
+    for f in range(k):
+        free = [o for o in range(task.n_objects) if o not in holder]
+        held = list(holder)
+        kind = rand(3) if where else 0                         # the first fact is always a move
+        if task.qa == 1 or task.qa == 2 and f == 1:
+            kind = 0 if task.qa == 1 else 1                    # qa1: moves only; qa2: a grab second
+        if kind == 1 and free:
+            p, o = list(where)[rand(len(where))], free[rand(len(free))]
+            holder[o], obj_fact[o] = p, f
+            facts.append((task.person[p], task.grab, task.object[o]))
+        elif kind == 2 and held:
+            o = held[rand(len(held))]
+            p = holder.pop(o)
+            obj_at[o], obj_fact[o] = where[p], f
+            facts.append((task.person[p], task.drop, task.object[o]))
+        else:
+            p, place = rand(task.n_persons), rand(task.n_places)
+            where[p], last_move[p] = place, f
+            facts.append((task.person[p], task.move, task.place[place]))
+    if obj_fact and (task.qa == 2 or task.qa is None and rand(2)):   # qa2: where is an object
+        o = list(obj_fact)[rand(len(obj_fact))]
+        if o in holder:
+            p = holder[o]
+            return facts, task.object[o], task.place[where[p]], max(obj_fact[o], last_move[p])
+        return facts, task.object[o], task.place[obj_at[o]], obj_fact[o]
+    p = list(where)[rand(len(where))]                         # qa1: where is a person
+    return facts, task.person[p], task.place[where[p]], last_move[p]
+
+
 def oracle_copy(task, x, t):
     sep = (x == task.sep).nonzero()[0, 0]
     return x[1 + t - sep]
@@ -31,7 +67,7 @@ def oracle_flipflop(task, x, t):
 
 
 def replay_babilong(task, x, t):
-    """Replay the story read from x[:t+1] in plain Python, the way `BabiLong._story` tells it: persons move, grab
+    """Replay the story read from x[:t+1] in plain Python, the way `story` (below) tells it: persons move, grab
     and drop, the latest fact wins. Every fact must be possible where it stands (the first one a move, a grab
     of a free object by a person who has moved, a drop by the holder). Returns the answer to the question
     that ends at t and the position of the fact that decides it."""
@@ -166,14 +202,14 @@ def test_babilong_replayed_stories_give_the_answer_and_the_depth(seed, batch_siz
 
 
 def test_babilong_batches_tell_the_stories_of_story():
-    """`_story`, one story at a time in plain Python, is the reference; the batched sampler must draw from the
+    """`story`, one story at a time in plain Python, is the reference; the batched sampler must draw from the
     same distribution: the same mean number of facts, of moves, grabs and drops, of object questions and of
     the deciding fact's index, each within 5 standard errors."""
     task, n = BabiLong(), 4000
     g = torch.Generator().manual_seed(0)
     ref = []
     for _ in range(n):
-        facts, entity, _, deciding = task._story(task.min_facts + int(torch.randint(0, 7, (1,), generator=g)), g)
+        facts, entity, _, deciding = story(task, task.min_facts + int(torch.randint(0, 7, (1,), generator=g)), g)
         verbs = [verb for _, verb, _ in facts]
         ref.append([len(facts), *(verbs.count(v) for v in (task.move, task.grab, task.drop)),
                     entity in task.object, deciding])
@@ -190,14 +226,14 @@ def test_babilong_batches_tell_the_stories_of_story():
 @pytest.mark.parametrize("qa", [1, 2])
 def test_babilong_qa1_and_qa2_are_what_they_say_and_story_agrees(qa):
     """qa1: moves only and a person asked about, every time; qa2: an object asked about every time, the second
-    fact its first grab. `_story` tells the same kind of story (the batched sampler's distribution is checked
+    fact its first grab. `story` tells the same kind of story (the batched sampler's distribution is checked
     against it above for the mix; here the facts' kinds and the question)."""
     task = TASKS[f"babilong_qa{qa}"]()
     assert (task.min_facts, task.max_facts) == (2, 10)
     x, y = task.sample(500, 40, seed=qa)
     asked = x[:, -2]
     g = torch.Generator().manual_seed(qa)
-    stories = [task._story(k, g) for k in range(2, 11) for _ in range(20)]
+    stories = [story(task, k, g) for k in range(2, 11) for _ in range(20)]
     if qa == 1:
         assert not ((x == task.grab) | (x == task.drop)).any() and all(a in task.person for a in asked.tolist())
         assert all(v == task.move for facts, *_ in stories for _, v, _ in facts)
@@ -286,8 +322,8 @@ def test_random_tokens_cover_their_whole_range():
     x, y = task.sample(256, 40)
     assert seen(x) == set(range(task.vocab_size)) and seen(y[:, -1]) == set(task.place)
     assert seen(x[:, -2]) == set(task.person) | set(task.object)   # the questions ask about every entity
-    story = task._story(8, torch.Generator().manual_seed(3))
-    assert story == task._story(8, torch.Generator().manual_seed(3)) != task._story(8, torch.Generator().manual_seed(4))
+    told = story(task, 8, torch.Generator().manual_seed(3))
+    assert told == story(task, 8, torch.Generator().manual_seed(3)) != story(task, 8, torch.Generator().manual_seed(4))
 
 
 SPECIMENS = {   # the examples of the docstrings (and of the README's table of tasks), with their options
