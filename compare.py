@@ -491,7 +491,8 @@ def run_one(spec):
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if cuda:
-        torch.cuda.set_device(device)   # streams, graphs and their pools belong to the current GPU: make it the run's
+        torch.cuda.set_device(torch.device(device).index or 0)   # streams, graphs and their pools belong to the
+        # current GPU: make it the run's ("cuda" alone is GPU 0)
     task = tasks.TASKS[spec["task"]](**spec["task_options"])
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"], task.vocab_size, **spec["model_options"])

@@ -95,7 +95,7 @@ def read_cell(spec, lab):
                      wall="every learning rate diverged in training")]
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(torch.device(device).index or 0)   # ("cuda" alone: GPU 0)
     task = tasks.TASKS[t](**run["task_options"])
     model = lab.build_model(m, task.vocab_size, **run["model_options"])
     model.load_state_dict(torch.load(os.path.join(spec["out"], run["weights"]), weights_only=True))

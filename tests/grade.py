@@ -45,6 +45,9 @@ import make_assignment as ma
 TESTS = [f"tests/test_{m}.py" for m in ma.MODULES] + ["tests/test_oracles.py", "tests/test_cores.py"]
 SEEDLESS = ("not trains_on_a_bench_task and not memory_does_not_grow and not dt_init and not state_size "
             "and not bad_config")
+# Grading runs on the CPU, on a GPU machine too: the cases are small, and a CUDA driver starts threads of its own,
+# which the child's watch would take for the submission's (every honest copy refused on an H200).
+ON_A_CPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def seeds(text):
@@ -711,7 +714,7 @@ def isolated(sealed, first, keep=None, rng=None):
             tempfile.TemporaryFile(dir=os.path.dirname(sealed)) as errors:   # (beside sealed: the grader's folder)
         child = spawn([sys.executable, os.path.realpath(__file__), "--child", sealed, scratch], cwd=scratch,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                                 env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,
+                                 env={**os.environ, **ON_A_CPU, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,
                                       "TORCHINDUCTOR_CACHE_DIR": scratch})
         timer = threading.Timer(900, child.kill)
         timer.start()
@@ -844,7 +847,7 @@ def copies(graded, work):
 def collected(tests, only, seed):
     """The test ids pytest collects from this repository's files at this seed."""
     out = finished([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *only, *tests],
-                   cwd=ma.ROOT, env={**os.environ, "GRADE_SEED": str(seed), "PYTHONDONTWRITEBYTECODE": "1"})
+                   cwd=ma.ROOT, env={**os.environ, **ON_A_CPU, "GRADE_SEED": str(seed), "PYTHONDONTWRITEBYTECODE": "1"})
     return {line.strip() for line in out.splitlines() if "::" in line}
 
 
@@ -971,8 +974,8 @@ def grade_all(args, graded, work):
         tests, only = (TESTS, []) if i == 0 else (TESTS[:-1], ["-k", SEEDLESS])
         tmp, report = os.path.join(work, f"pytest-{i}"), os.path.join(work, f"pytest-{i}", "report.xml")
         os.makedirs(tmp)
-        env = {**os.environ, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tmp,
-               "OMP_NUM_THREADS": "1"}          # tiny tensors, and the isolated checks run beside: a thread each
+        env = {**os.environ, **ON_A_CPU, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1",
+               "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}          # tiny tensors, and the isolated checks run beside: a thread each
         with concurrent.futures.ThreadPoolExecutor(1) as side:     # the isolated checks beside the tests
             checks = side.submit(isolated, sealed, i == 0)
             expected_tests = collected(tests, only, seed)
