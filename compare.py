@@ -578,11 +578,7 @@ def main(argv=None):
                 if cuda else "CPU", torch=torch.__version__,
                 commit=store.git_commit(), dtype="bf16 autocast" if cuda else "fp32", lrs=command.lrs)
     if command.bench:
-        try:
-            return bench.bench(command, meta, sys.modules[__name__])
-        except KeyboardInterrupt:
-            print("\nstopped: --bench writes its tables when it ends; nothing was saved")
-            return 130
+        return bench.bench(command, meta, sys.modules[__name__])   # (a stopped bench keeps the rows it measured)
     meta["path"] = path = os.path.join(command.out, f"{command.preset}.json")
     with store.locked(path):                        # one command at a time on a results file
         results = dict(store.load(path, command.preset, command.fresh), meta=meta)

@@ -84,10 +84,10 @@ def core_inputs(core, T, device, b=4, H=4, K=32, N=64):
     return [q, k, v, *gates, memory]   # theta, eta, alpha in [0, 1); the MLP memory's two weights
 
 
-def core_rows(models, lengths, device):
+def core_rows(models, lengths, device, rows, saved):
     """fwd+bwd ms of one call of each fast core and, at the shortest length only (a loop over T takes seconds
-    beyond), of its reference loop: what the vectorised code buys. The cores of `models` only."""
-    rows = []
+    beyond), of its reference loop: what the vectorised code buys. The cores of `models` only, each row appended to
+    `rows`, then saved()."""
     for core, (model, fast, ref) in CORES.items():
         for T in lengths if model in models else []:
             row = dict(core=core, length=T)
@@ -99,16 +99,19 @@ def core_rows(models, lengths, device):
                     (out if core == "attention" else out[0]).sum().backward()   # the others return a state too
                 row[key] = timed(fwd_bwd, device)[0] * 1e3
             rows.append(row)
+            saved()
             print(f"{core:14} T={T:6,}: {row['fast_ms']:9.2f} ms" + (
                 f", reference loop {row['ref_ms']:,.1f} ms ({row['ref_ms'] / row['fast_ms']:,.0f}x)"
                 if "ref_ms" in row else ""), flush=True)
-    table = md_table(["core", "length", "fast ms", "reference loop ms", "speed-up"], [
-        [r["core"], f"{r['length']:,}", f"{r['fast_ms']:.2f}"] + (
-            [f"{r['ref_ms']:,.1f}", f"{r['ref_ms'] / r['fast_ms']:,.0f}x"] if "ref_ms" in r else ["-", "-"])
-        for r in rows])
-    return rows, ("## Each fast core against the reference loop beside it: fwd+bwd of one call, fp32, batch 4, "
-                  "4 heads of 32 (the scan's state N=64, the memory's chunks 16); the loop at the shortest length "
-                  "only\n\n" + table)
+
+
+def core_table(rows):
+    return ("## Each fast core against the reference loop beside it: fwd+bwd of one call, fp32, batch 4, 4 heads of "
+            "32 (the scan's state N=64, the memory's chunks 16); the loop at the shortest length only\n\n" + md_table(
+                ["core", "length", "fast ms", "reference loop ms", "speed-up"], [
+                    [r["core"], f"{r['length']:,}", f"{r['fast_ms']:.2f}"] + (
+                        [f"{r['ref_ms']:,.1f}", f"{r['ref_ms'] / r['fast_ms']:,.0f}x"] if "ref_ms" in r else ["-", "-"])
+                    for r in rows]))
 
 
 STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
@@ -131,37 +134,42 @@ def step_row(lab, name, t, preset, device, graphs, steps=(5, 105)):
                 ms_per_step=(seconds[2] - seconds[1]) * 1e3 / (steps[1] - steps[0]))
 
 
-def step_bench(command, lab):
+def step_bench(command, lab, rows, saved):
     """ms per training step of every model on STEP_TASKS, eager and (on CUDA) from CUDA graphs, each model alone
-    on the device. A GPU measures the full and depth presets' sizes, a CPU the smoke preset's."""
+    on the device, each row appended to `rows`, then saved(). A GPU measures the full and depth presets' sizes, a
+    CPU the smoke preset's."""
     cuda = command.device.startswith("cuda")
     on = {t: lab.PRESETS[("full" if t in lab.PRESETS["full"]["tasks"] else "depth") if cuda else "smoke"]
           for t in STEP_TASKS}
     cells = [(m, t) for t in STEP_TASKS for m in (command.models if command.chosen_models else
                                                    on[t]["tasks"][t].models or on[t]["models"])
              if not lab.is_grid(t) or lab.reads_grids(m)]
-    sizes = "full and depth presets' sizes" if cuda else "smoke preset's sizes"
-    heading = (f"## Training step: ms per optimiser step (batch {on['recall']['batch_size']}, the {sizes}, the task's "
-               "longest training length), each model alone on the device")
     print("training step, ms per optimiser step:")
-    rows = []
     for m, t in cells:
         eager = step_row(lab, m, t, on[t], command.device, graphs=False, steps=(5, 45) if cuda else (2, 8))
         fast = step_row(lab, m, t, on[t], command.device, graphs=True) if cuda else None
         rows.append(dict(eager, graphs_ms_per_step=fast["ms_per_step"] if fast else None))
+        saved()
         print(f"{m:16} {t}@{eager['length']} ({eager['tokens']} tokens): eager {eager['ms_per_step']:.1f} ms"
               + (f", CUDA graphs {fast['ms_per_step']:.2f} ms" if fast else ""), flush=True)
-    table = heading + "\n\n" + md_table(["model", "task", "tokens", "params", "eager ms/step", "CUDA graphs ms/step",
-                                          "speed-up"], [
-        [r["model"], f"{r['task']}@{r['length']}", r["tokens"], f"{r['params']:,}", f"{r['ms_per_step']:.2f}"] + (
-            [f"{r['graphs_ms_per_step']:.2f}", f"{r['ms_per_step'] / r['graphs_ms_per_step']:.1f}x"]
-            if r["graphs_ms_per_step"] else ["-", "-"]) for r in rows])
-    return rows, table
+
+
+def step_table(rows, cuda):
+    sizes = "the full and depth presets' sizes" if cuda else "the smoke preset's sizes"
+    return (f"## Training step: ms per optimiser step (batch {', '.join(sorted({str(r['batch']) for r in rows}))}, "
+            f"{sizes}, the task's longest training length), each model alone on the device\n\n" + md_table(
+                ["model", "task", "tokens", "params", "eager ms/step", "CUDA graphs ms/step", "speed-up"], [
+                    [r["model"], f"{r['task']}@{r['length']}", r["tokens"], f"{r['params']:,}",
+                     f"{r['ms_per_step']:.2f}"] + (
+                        [f"{r['graphs_ms_per_step']:.2f}", f"{r['ms_per_step'] / r['graphs_ms_per_step']:.1f}x"]
+                        if r["graphs_ms_per_step"] else ["-", "-"]) for r in rows]))
 
 
 def bench(command, meta, lab):
-    """--bench: the length table (every model at every length), then the training-step table; printed as they go.
-    The lengths go first so that their peak memory holds nothing left over from the step table's CUDA graphs."""
+    """--bench: the length table (every model at every length), the cores against their loops (at 16,384 tokens at
+    most: the neural memory's core takes 13 s a call at 65,536 on an H200), then the training-step table; printed
+    and saved as they go (a stopped bench keeps its rows). The lengths go first so that their peak memory holds
+    nothing left over from the step table's CUDA graphs."""
     cuda = command.device.startswith("cuda")
     lengths = command.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
     models = command.models if command.chosen_models else lab.PRESETS["full"]["models"]
@@ -178,26 +186,36 @@ def bench(command, meta, lab):
             f"3 after a warm-up{'' if cuda else ' (peak memory is measured on CUDA only)'}", "",
             md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
                       "inference peak MiB"], [])]
+    rows, core, steps, md = [], [], [], os.path.join(command.out, "bench.md")
+
+    def saved(stopped=False):
+        note = ["", "**Stopped before the end: the rows above are those measured.**"] if stopped else []
+        save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, core_rows=core,
+                                                                step_rows=steps, stopped=stopped))
+        with open(md, "w") as f:
+            f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table(core), "",
+                                                                          step_table(steps, cuda)] + note) + "\n")
     print("\n".join(head))
-    rows = []
-    for m in models:
-        for T in lengths:
-            rows.append(bench_row(lab, m, T, command.device, size))
-            if cuda:
-                torch.cuda.empty_cache()
-            print(md_row(cells(rows[-1])), flush=True)
-            if rows[-1].get("oom"):
-                break                    # longer sequences would not fit either
-    print("\ncores against their reference loops:")
-    core, core_table = core_rows(models, lengths, command.device)
-    print()
-    step_rows, step_table = step_bench(command, lab)
-    print(step_table, flush=True)
-    save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, core_rows=core,
-                                                            step_rows=step_rows))
-    with open(os.path.join(command.out, "bench.md"), "w") as f:
-        f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table, "", step_table]) + "\n")
-    print(f"report: {os.path.join(command.out, 'bench.md')}")
+    try:
+        for m in models:
+            for T in lengths:
+                rows.append(bench_row(lab, m, T, command.device, size))
+                saved()
+                if cuda:
+                    torch.cuda.empty_cache()
+                print(md_row(cells(rows[-1])), flush=True)
+                if rows[-1].get("oom"):
+                    break                    # longer sequences would not fit either
+        print("\ncores against their reference loops:")
+        core_rows(models, [T for T in lengths if T <= 16384] or lengths[:1], command.device, core, saved)
+        print()
+        step_bench(command, lab, steps, saved)
+    except KeyboardInterrupt:
+        saved(stopped=True)
+        print(f"\nstopped: the rows measured so far are in {md}")
+        return 130
+    print("\n" + step_table(steps, cuda), flush=True)
+    print(f"report: {md}")
     plot(os.path.join(command.out, "bench.png"), [
         dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))
         for key, label in [("train_ms", "fwd+bwd ms (batch 1)"), ("infer_us_per_token", "inference us / token"),

@@ -32,3 +32,15 @@ def test_each_core_is_timed_against_its_own_reference_on_inputs_they_agree_on(co
     inputs = bench.core_inputs(core, 37, "cpu", b=2, H=2, K=8, N=4)
     first = lambda out: out if core == "attention" else out[0]  # noqa: E731
     torch.testing.assert_close(first(fast(*inputs)), first(ref(*inputs)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_stopped_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C during the training-step table: the length and core rows measured before it are saved and the report
+    says that it stopped; the command exits 130."""
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "step_row", stop)
+    assert compare.main(["--bench", "--models", "ssm", "--test-lengths", "16", "--out", str(tmp_path)]) == 130
+    saved = json.load(open(tmp_path / "bench.json"))
+    assert saved["stopped"] and [r["length"] for r in saved["rows"]] == [16] and len(saved["core_rows"]) == 1
+    assert "| ssm | 16 |" in (tmp_path / "bench.md").read_text() and "Stopped" in (tmp_path / "bench.md").read_text()
