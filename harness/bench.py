@@ -13,7 +13,7 @@ import ssm
 import tasks
 import titans
 from harness.report import md_row, md_table, plot, series
-from harness.store import save_json
+from harness.store import save_json, save_text
 
 
 def peak_mib(device, start=False):
@@ -154,10 +154,10 @@ def step_bench(command, lab, rows, saved):
               + (f", CUDA graphs {fast['ms_per_step']:.2f} ms" if fast else ""), flush=True)
 
 
-def step_table(rows, cuda):
+def step_table(rows, cuda, batch):
     sizes = "the full and depth presets' sizes" if cuda else "the smoke preset's sizes"
-    return (f"## Training step: ms per optimiser step (batch {', '.join(sorted({str(r['batch']) for r in rows}))}, "
-            f"{sizes}, the task's longest training length), each model alone on the device\n\n" + md_table(
+    return (f"## Training step: ms per optimiser step (batch {batch}, {sizes}, the task's longest training length), "
+            "each model alone on the device\n\n" + md_table(
                 ["model", "task", "tokens", "params", "eager ms/step", "CUDA graphs ms/step", "speed-up"], [
                     [r["model"], f"{r['task']}@{r['length']}", r["tokens"], f"{r['params']:,}",
                      f"{r['ms_per_step']:.2f}"] + (
@@ -187,14 +187,14 @@ def bench(command, meta, lab):
             md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
                       "inference peak MiB"], [])]
     rows, core, steps, md = [], [], [], os.path.join(command.out, "bench.md")
+    batch = lab.PRESETS["full" if cuda else "smoke"]["batch_size"]
 
-    def saved(stopped=False):
-        note = ["", "**Stopped before the end: the rows above are those measured.**"] if stopped else []
+    def saved(finished=False):   # after every row: until the last, the files say the bench has not finished
+        note = [] if finished else ["", "**Not finished (stopped, or still running): these are the rows measured.**"]
         save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, core_rows=core,
-                                                                step_rows=steps, stopped=stopped))
-        with open(md, "w") as f:
-            f.write("\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table(core), "",
-                                                                          step_table(steps, cuda)] + note) + "\n")
+                                                                step_rows=steps, finished=finished))
+        save_text(md, "\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table(core), "",
+                                                                         step_table(steps, cuda, batch)] + note))
     print("\n".join(head))
     try:
         for m in models:
@@ -207,14 +207,14 @@ def bench(command, meta, lab):
                 if rows[-1].get("oom"):
                     break                    # longer sequences would not fit either
         print("\ncores against their reference loops:")
-        core_rows(models, [T for T in lengths if T <= 16384] or lengths[:1], command.device, core, saved)
+        core_rows(models, [T for T in sorted(lengths) if T <= 16384] or [min(lengths)], command.device, core, saved)
         print()
         step_bench(command, lab, steps, saved)
     except KeyboardInterrupt:
-        saved(stopped=True)
         print(f"\nstopped: the rows measured so far are in {md}")
         return 130
-    print("\n" + step_table(steps, cuda), flush=True)
+    saved(finished=True)
+    print(step_table(steps, cuda, batch), flush=True)
     print(f"report: {md}")
     plot(os.path.join(command.out, "bench.png"), [
         dict(title=label, xlabel="sequence length", yscale="log", **series(rows, key))

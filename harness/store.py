@@ -31,9 +31,13 @@ def git_commit():
 
 def save_json(path, obj):
     """Write a temporary file, then rename it over `path`: a reader never sees half a file."""
+    save_text(path, json.dumps(obj, indent=1))
+
+
+def save_text(path, text):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text + "\n")
     os.replace(tmp, path)
 
 

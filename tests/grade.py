@@ -974,8 +974,9 @@ def grade_all(args, graded, work):
         tests, only = (TESTS, []) if i == 0 else (TESTS[:-1], ["-k", SEEDLESS])
         tmp, report = os.path.join(work, f"pytest-{i}"), os.path.join(work, f"pytest-{i}", "report.xml")
         os.makedirs(tmp)
+        # OMP_NUM_THREADS: tiny tensors, and the isolated checks run beside: a thread each
         env = {**os.environ, **ON_A_CPU, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1",
-               "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}          # tiny tensors, and the isolated checks run beside: a thread each
+               "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}
         with concurrent.futures.ThreadPoolExecutor(1) as side:     # the isolated checks beside the tests
             checks = side.submit(isolated, sealed, i == 0)
             expected_tests = collected(tests, only, seed)

@@ -9,9 +9,10 @@ The rules, the same for the original solutions and a student's:
    write may grow at most 8x from T to 4T. The chunked algorithms grow about 4x; a form that ignores the
    chunks and builds (T, T) matrices grows 16x, and is slower than the loop it replaces.
 4. `attention.attention` runs on F.scaled_dot_product_attention, as its docstring says.
-5. On the grader's devices: every core runs on 'meta' (a device without data, on any machine) and on 'cuda'
-   when there is one, and every tensor of more than one element that it builds is on its inputs' device (a
-   mask built on the CPU fails); on CUDA the results must also equal the reference's. RMT and HRM run whole.
+5. On other devices: every core runs on 'meta' (a device without data, on any machine) and on 'cuda' when
+   the tests run on a GPU (grade.py hides CUDA: it grades on the CPU), and every tensor of more than one element
+   that it builds is on its inputs' device (a mask built on the CPU fails); on CUDA the results must also equal
+   the reference's. RMT and HRM run whole.
 """
 import pytest
 import torch

@@ -12,6 +12,8 @@ def test_bench_records_cost_and_state_against_length(tmp_path):
     assert compare.main(["--bench", "--models", "attention,ssm,hrm", "--test-lengths", "16,48",
                          "--out", str(tmp_path)]) == 0
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
+    md = (tmp_path / "bench.md").read_text()
+    assert json.load(open(tmp_path / "bench.json"))["finished"] and "Not finished" not in md
     assert [(r["model"], r["length"]) for r in rows] == [(m, L) for m in ("attention", "ssm", "hrm") for L in (16, 48)]
     assert all({"train_ms", "infer_us_per_token"} <= set(r) for r in rows)     # every row measured both
     state = {(r["model"], r["length"]): r["state_floats"] for r in rows}
@@ -34,13 +36,22 @@ def test_each_core_is_timed_against_its_own_reference_on_inputs_they_agree_on(co
     torch.testing.assert_close(first(fast(*inputs)), first(ref(*inputs)), rtol=1e-4, atol=1e-4)
 
 
-def test_a_stopped_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
-    """Ctrl-C during the training-step table: the length and core rows measured before it are saved and the report
-    says that it stopped; the command exits 130."""
+@pytest.mark.parametrize("at", ["step_row", "core_inputs", "bench_row"])
+def test_a_stopped_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch, at):
+    """Stopped in any of its three tables (Ctrl-C; any other stop leaves the files of the last row measured): the
+    rows measured before are saved and the report says that it did not finish; exit 130."""
+    real, calls = getattr(bench, at), []
+
     def stop(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(bench, "step_row", stop)
-    assert compare.main(["--bench", "--models", "ssm", "--test-lengths", "16", "--out", str(tmp_path)]) == 130
+        calls.append(1)
+        if len(calls) > (2 if at == "core_inputs" else 1):   # each table stopped at its second row
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench, at, stop)
+    assert compare.main(["--bench", "--models", "ssm", "--test-lengths", "16,24", "--out", str(tmp_path)]) == 130
     saved = json.load(open(tmp_path / "bench.json"))
-    assert saved["stopped"] and [r["length"] for r in saved["rows"]] == [16] and len(saved["core_rows"]) == 1
-    assert "| ssm | 16 |" in (tmp_path / "bench.md").read_text() and "Stopped" in (tmp_path / "bench.md").read_text()
+    assert not saved["finished"] and [r["length"] for r in saved["rows"]] == [16, 24][:2 if at != "bench_row" else 1]
+    assert len(saved["core_rows"]) == {"bench_row": 0, "core_inputs": 1, "step_row": 2}[at]
+    assert len(saved["step_rows"]) == (at == "step_row")
+    md = (tmp_path / "bench.md").read_text()
+    assert "| ssm | 16 |" in md and "Not finished" in md
