@@ -331,8 +331,11 @@ PRESETS = {
             # 6,000 steps take attention through its phase change at 16 letters
             "copy": Budget(train=[[2, 6], [2, 11], [2, 16]], test=[8, 16, 32, 64], steps=6000,
                            models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS),
-            "recall": Budget(train=[[2, 8], [8, 16], [16, 32]], test=[4, 8, 16, 32], steps=4000, options=HARD_RECALL,
-                             models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
+            # each stage keeps the fewest pairs too (as copy's), and the first (4,000 steps) fits in one RMT segment:
+            # every state size of the dial past its phase change at 4 pairs (RMT's read slots are attention sinks that
+            # delay it); up to 128 pairs, to take the default SSM past its knee
+            "recall": Budget(train=[[2, 8], [2, 32], [2, 128]], test=[4, 8, 16, 32, 64, 128], steps=[4000, 2000, 2000],
+                             options=HARD_RECALL, models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory": ["linear"], "memory_expand": [4]}}),
             "flipflop": Budget(train=CURRICULUM, test=[256, 1024, 4096], steps=500, seeded=SEQUENCE_MODELS + ["hrm"]),

@@ -273,6 +273,18 @@ def test_every_model_of_the_gpu_presets_is_within_10_percent_of_attention(preset
         assert 0.9 <= n / size["attention"] <= 1.1, f"{m} on {task}: {n:,} vs attention {size['attention']:,}"
 
 
+def test_full_recall_keeps_the_fewest_pairs_trained_and_rises_to_its_most():
+    """The dial: every stage of the full preset's recall still draws its smallest test content (a stage without it
+    left 4 pairs to be forgotten), the last stage trains its largest, whose keys the vocabulary holds, and the first
+    4,000 steps stay in one RMT segment (8 pairs, 32 tokens): RMT with 32 slots took 2,000 of them to pass its phase
+    change on a CPU (0.19 at 1,000, 0.91 at 2,000)."""
+    b = compare.PRESETS["full"]["tasks"]["recall"]
+    plan = compare.stages(b.train)
+    assert all(lo <= min(b.test) for lo, _ in plan) and plan[-1][1] == max(b.test)
+    assert tasks.TASKS["recall"](**b.options).sample(1, max(b.test))[0].shape == (1, 4 * max(b.test))
+    assert compare.stage_steps(b.steps, len(plan))[0] >= 4000 and plan[0][1] * 4 <= 32
+
+
 def test_build_model_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown model"):
         compare.build_model("lstm", 10)
