@@ -704,6 +704,21 @@ LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" 
 
 
 @job()
+def the_graded_child_sees_no_gpu(tmp):
+    body = ("    import os\n    if os.environ.get('CUDA_VISIBLE_DEVICES') != '':\n"
+            "        raise RuntimeError('a GPU is visible to the graded child')\n"
+            "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
+            "q.device))\n")
+    return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=2)
+
+
+def test_the_graded_child_sees_no_gpu(done):
+    """The grader grades on the CPU of any machine, with CUDA hidden from its child: on a GPU, the CUDA driver's own
+    threads were taken by the child's watch for the submission's, and every honest copy failed (one H200)."""
+    assert done(the_graded_child_sees_no_gpu) == []
+
+
+@job()
 def a_loop_hidden_from_both_counters_fails(tmp):
     body = ("    import torch\n    F.scaled_dot_product_attention(q, k, v)\n"
             "    torch.autograd._enable_record_function(False)          # the profiler sees nothing\n"
