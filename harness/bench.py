@@ -194,7 +194,7 @@ def bench(command, meta, lab):
         save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, core_rows=core,
                                                                 step_rows=steps, finished=finished))
         save_text(md, "\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table(core), "",
-                                                                         step_table(steps, cuda, batch)] + note))
+                                                                         step_table(steps, cuda, batch)] + note) + "\n")
     print("\n".join(head))
     try:
         for m in models:

@@ -12,6 +12,8 @@ import functools
 import math
 import os
 
+from harness.store import save_text
+
 
 def average(values):
     """The mean of the numbers among the values (skipping None and labels such as "diverged"); nan when none."""
@@ -302,8 +304,7 @@ def publish(text, figures, runs, meta, lab):
     with where the runs were made (and, for --scale's streams, where they were read). Figures of an earlier report
     that this one does not draw are removed: they would show runs that this report leaves out."""
     out = os.path.join(os.path.dirname(meta["path"]), meta["preset"])
-    with open(out + ".md", "w") as f:
-        f.write(text)
+    save_text(out + ".md", text)   # (whole, or not at all: a stop while writing leaves the last one)
     print(text + f"\nreport: {out}.md")
     for name in FIGURES:
         with contextlib.suppress(FileNotFoundError):

@@ -37,7 +37,7 @@ def save_json(path, obj):
 def save_text(path, text):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        f.write(text + "\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
