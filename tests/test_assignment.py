@@ -344,7 +344,11 @@ MASK = ("def _allowed(T, causal, window, device):\n    i = torch.arange(T, devic
 # file also uses), a __future__ import, an annotated module constant, a helper method added to the class, and
 # HRM's update with its two arguments the other way round (the module adds them).
 STYLES = {
-    "attention": submit("attention", "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed("
+    # (it also fails unless the grader hides CUDA from its child: on a GPU machine the CUDA driver's own threads were
+    # taken by the child's watch for the submission's, and every honest copy failed on an H200)
+    "attention": submit("attention", "    import os\n    if os.environ.get('CUDA_VISIBLE_DEVICES') != '':\n"
+                        "        raise RuntimeError('a GPU is visible to the graded child')\n"
+                        "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed("
                         "q.shape[-2], causal, window, q.device))\n",
                         helpers=MASK,
                         before="from __future__ import annotations\n\n"),
@@ -701,21 +705,6 @@ FRESH = ("        import _imp, importlib.machinery as m\n        class S(str):  
          "            fresh = [c.cell_contents for c in getattr(_imp, MAKE).__closure__\n"
          "                     if getattr(c.cell_contents, '__name__', '') == MAKE][0](spec)\n")
 LOOPED = "def _loop(q, k, v, causal, window):\n    import math\n    if True:\n" + LOOP + "\n\n"
-
-
-@job()
-def the_graded_child_sees_no_gpu(tmp):
-    body = ("    import os\n    if os.environ.get('CUDA_VISIBLE_DEVICES') != '':\n"
-            "        raise RuntimeError('a GPU is visible to the graded child')\n"
-            "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(q.shape[-2], causal, window, "
-            "q.device))\n")
-    return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=2)
-
-
-def test_the_graded_child_sees_no_gpu(done):
-    """The grader grades on the CPU of any machine, with CUDA hidden from its child: on a GPU, the CUDA driver's own
-    threads were taken by the child's watch for the submission's, and every honest copy failed (one H200)."""
-    assert done(the_graded_child_sees_no_gpu) == []
 
 
 @job()
