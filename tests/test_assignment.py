@@ -724,12 +724,12 @@ def test_a_loop_hidden_from_both_counters_fails(done):
     assert any("autograd operations" in f and "it loops over time steps" in f for f in failures), failures[:3]
 
 
-SSM_LOOP = """        h, ys = h0, []
-        for t in range(T):
-            decay = torch.exp(dt[:, t] * A)
-            h = decay[:, :, None, None] * h + torch.einsum("bh,bhk,bn->bhkn", dt[:, t], x[:, t], B[:, t])
-            ys.append(torch.einsum("bhkn,bn->bhk", h, C[:, t]))
-        return torch.stack(ys, dim=1), h
+SSM_LOOP = """        decay, inputs = torch.exp(dt * A)[..., None, None], torch.einsum("bth,bthk,btn->bthkn", dt, x, B)
+        h, hs = h0, []
+        for t in range(T):                                  # the recurrence, one time step at a time
+            h = decay[:, t] * h + inputs[:, t]
+            hs.append(h)
+        return torch.einsum("bthkn,btn->bthk", torch.stack(hs, dim=1), C), h
 """
 SSM_WHOLE = """    a = (dt * A).transpose(1, 2)                            # (b, H, T): one (T, T) matrix, no chunks
     L = segsum(a).exp()
@@ -743,13 +743,13 @@ SSM_WHOLE = """    a = (dt * A).transpose(1, 2)                            # (b,
 """
 
 
-@job(ssm="T > 300", attention="T > 64")
+@job(ssm="T > 300", attention="T > 48")
 def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
-    if switch.startswith("T > 64"):   # attention: one call with a (T, T) mask where counted, a loop beyond
+    if switch.startswith("T > 48"):   # attention: one call with a (T, T) mask up to 48 tokens, a loop beyond
         body = (f"    T = q.shape[-2]\n    if {switch}:\n        import math\n        if True:\n" +
                 "\n".join("    " + line for line in LOOP.splitlines()) + "\n" +
                 "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(T, causal, window, q.device))\n")
-        return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=True)
+        return isolated(tmp, spliced("attention", body, helpers=MASK), module="attention", counted=2)  # (T, 4T)
     body = ("    b, T, H, K = x.shape\n    h0 = x.new_zeros(b, H, K, B.shape[-1]) if initial_state is None else "
             f"initial_state\n    if {switch}:\n" + SSM_LOOP + SSM_WHOLE)
     return isolated(tmp, spliced("ssm", body), module="ssm", counted=True)
@@ -758,8 +758,8 @@ def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
 @pytest.mark.parametrize("switch", ["ssm", "attention"])
 def test_a_core_that_changes_its_form_where_it_is_not_counted_fails(done, switch):
     """A red-team trial's passes against fixed counted lengths: the SSM's whole-sequence (T, T) form up to a length
-    and the loop over time steps beyond (one that switched at a number of chunks instead was caught too, by hand); attention's one masked call up to 64 tokens and a
-    loop over queries beyond. The grader draws its counted points at grading time along a chain of lengths and
+    and the loop over time steps beyond (one that switched at a number of chunks instead was caught too, by hand); attention's one masked call up to 48 tokens and a
+    loop over queries beyond (the grader's first two points, T <= 32 and 4T >= 64, meet each side). The grader draws its counted points at grading time along a chain of lengths and
     chunk sizes (`grade.chain`), so each form meets the rule it breaks: the loop rule 2, the (T, T) form rule 3."""
     failures = done(a_core_that_changes_its_form_where_it_is_not_counted_fails, switch)
     assert any("it loops over time steps" in f or "its work grows like T^2" in f for f in failures), failures[:3]
@@ -812,7 +812,7 @@ def a_loop_in_a_thread_is_refused(tmp):
             "    except PermissionError:\n" + FRESH.replace("NAME", "'_thread'").replace("MAKE", "'create_builtin'") +
             "        fresh.start_new_thread(lambda: time.sleep(0.05) or box.append(_loop(q, k, v, causal, window)),"
             " ())\n"
-            "    while not box:\n        pass\n    return box[0]\n")
+            "    while not box:\n        time.sleep(0.001)\n    return box[0]\n")
     return isolated(tmp, spliced("attention", body, helpers=LOOPED), module="attention", counted=2)
 
 
