@@ -142,7 +142,8 @@ def parse_args(argv, lab):
                 p.error(f"--test-lengths {L}: {t} at that length is at least {tokens:,} tokens, more than evaluate "
                         f"reads at once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")
     if not args.bench and not any(lab.task_models(command, t) for t in command.tasks):
-        p.error(f"none of the models {', '.join(command.models)} can run the tasks {', '.join(command.tasks)}")
+        p.error(f"none of {', '.join(command.models)} can run {', '.join(command.tasks)}: a grid task (the maze) is "
+                "read both ways, which only attention (and its variants) and HRM do")
     skipped = [f"{m} on {t}" for t in command.tasks for m in command.models
                if command.chosen_models and not args.bench and m not in lab.task_models(command, t)]
     if skipped:   # a grid task (the maze) is read bidirectionally: only attention and HRM can

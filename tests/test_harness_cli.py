@@ -28,7 +28,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--tasks", "sorting"], "unknown task 'sorting'"),
     (["--test-lengths", "-5"], "--test-lengths: expected comma-separated positive integers"),
     (["--seeds", "1,x"], "expected comma-separated integers"),
-    (["--tasks", "maze", "--models", "ssm"], "none of the models"),
+    (["--tasks", "maze", "--models", "ssm"], "none of ssm can run maze: a grid task (the maze) is read both ways"),
     (["--tasks", "flipflop", "--test-lengths", "3"], "too short"),
     (["--device", "tpu9"], "device"),
     (["--steps", "0"], "--steps"),
