@@ -198,12 +198,12 @@ def streams_report(rows, lab):
     panels = []
     for t in task_names:
         task = tasks.TASKS[t]()   # (the scale preset's tasks have their default options)
-        panel = dict(title=f"{t}, trained <= {upto(t)}", xlabel="test length (tokens)",
+        panel = dict(title=t, xlabel="test length (tokens)",
                      chance=1 / task.n_places if hasattr(task, "n_places") else 0.5,
-                     ylabel="accuracy (band: 95% interval)", marks=[(r["length"], r["model"]) for r in rows
-                                                                   if r["task"] == t and r.get("wall")
-                                                                   and not r.get("at_chance")],
-                     mark_label="wall", **series(rows, "token_acc", task=t), **ACCURACY)
+                     ylabel="accuracy (band: 95% interval)", **series(rows, "token_acc", task=t), **ACCURACY,
+                     marks=list(dict.fromkeys([(r["trained"], r["model"], "trained") for r in rows if r["task"] == t]
+                                              + [(r["length"], r["model"], "wall") for r in rows if r["task"] == t
+                                                 and r.get("wall") and not r.get("at_chance")])))
         read = {(r["model"], r["length"]): r for r in rows if r["task"] == t and not r.get("wall")}
         panel["intervals"] = {m: [wilson(read[m, x]["token_acc"], read[m, x]["scored"]) if (m, x) in read else None
                                   for x in panel["xs"]] for m in panel["lines"]}
