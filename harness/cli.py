@@ -71,8 +71,8 @@ def parse_args(argv, lab):
     p = Parser(description="Train every model on every task and compare them.", allow_abbrev=False)
     p.add_argument("--preset", choices=[name for name in lab.PRESETS if name != "scale"],
                    help="default: full on CUDA, quick otherwise")
-    p.add_argument("--models", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(lab.MODELS)}")
-    p.add_argument("--tasks", type=csv(str, "names"), help=f"comma-separated, from: {', '.join(offered)}")
+    p.add_argument("--models", type=csv(str, "names", bool), help=f"comma-separated, from: {', '.join(lab.MODELS)}")
+    p.add_argument("--tasks", type=csv(str, "names", bool), help=f"comma-separated, from: {', '.join(offered)}")
     p.add_argument("--seeds", type=csv(int, f"integers from 0 to {SEEDS - 1}", lambda v: 0 <= v < SEEDS),
                    help="comma-separated seeds (the first runs the lr sweep)")
     p.add_argument("--lrs", type=csv(float, f"learning rates from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}",
