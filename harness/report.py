@@ -72,8 +72,8 @@ def short(n):
 
 def plot(path, panels, models, title=None):
     """Panels side by side, log x unless a panel says otherwise; a colour and a marker per model of `models` in every
-    figure, other dashes for a model's further lines in a panel; dotted verticals at a panel's `marks` (a wall's
-    dashed)."""
+    figure, other dashes for a model's further lines in a panel; dotted verticals at a panel's `marks`, each
+    labelled."""
     panels = [p for p in panels if any(not math.isnan(average(v)) for values in p["lines"].values() for v in values)]
     plt = pyplot()
     if plt is None or not panels:   # (a panel with nothing to draw: memory on a CPU, say)
@@ -101,9 +101,8 @@ def plot(path, panels, models, title=None):
                 ax.fill_between(*zip(*spread), color=f"C{i}", alpha=0.15, lw=0).set_transform(shift)
             drawn.append(label[0])
         for mark in p.get("marks", []):   # a length, (length, model) in the model's colour, or (length, model, label)
-            x, m, text = (*mark, p.get("mark_label"))[:3] if isinstance(mark, tuple) else (mark, None,
-                                                                                         p.get("mark_label"))
-            ax.axvline(x, color=f"C{list(models).index(m)}" if m else "gray", ls="--" if text == "wall" else ":", lw=1)
+            x, m, text = (*(mark if isinstance(mark, tuple) else (mark, None)), p.get("mark_label"))[:3]
+            ax.axvline(x, color=f"C{list(models).index(m)}" if m else "gray", ls=":", lw=1)
             if text:
                 ax.annotate(text, (x, 0.02), xytext=(3, 0), textcoords="offset points", fontsize=7,
                             color="gray", xycoords=("data", "axes fraction"))
@@ -140,8 +139,8 @@ CAPTIONS = {   # what a report's figure plots (each line above where its runs we
     "dial": f"Token accuracy against content, a line per state size: {BANDS}",
     "segments": f"Exact match against test-time depth: {BANDS}",
     "depth": f"Exact match by path length (maze) or by the depth of the deciding fact (BABILong): {BANDS}",
-    "streams": "Accuracy against the test stream's length, band: its 95% interval; dotted: each model's longest "
-               "training stream, dashed: its wall"}
+    "streams": "Accuracy against the test stream's length, band: its 95% interval; dotted, in each model's colour: "
+               "its longest training stream and its wall"}
 
 
 def report(runs, meta, task_names, model_names, lab):

@@ -743,9 +743,10 @@ SSM_WHOLE = """    a = (dt * A).transpose(1, 2)                            # (b,
 """
 
 
-@job(ssm="T > 300", attention="T > 48")
-def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
-    if switch.startswith("T > 48"):   # attention: one call with a (T, T) mask up to 48 tokens, a loop beyond
+@job(ssm=("ssm", "T > 300"), attention=("attention", "T > 48"))
+def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, form):
+    module, switch = form
+    if module == "attention":   # one call with a (T, T) mask up to 48 tokens, a loop beyond
         body = (f"    T = q.shape[-2]\n    if {switch}:\n        import math\n        if True:\n" +
                 "\n".join("    " + line for line in LOOP.splitlines()) + "\n" +
                 "    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(T, causal, window, q.device))\n")
@@ -758,8 +759,9 @@ def a_core_that_changes_its_form_where_it_is_not_counted_fails(tmp, switch):
 @pytest.mark.parametrize("switch", ["ssm", "attention"])
 def test_a_core_that_changes_its_form_where_it_is_not_counted_fails(done, switch):
     """A red-team trial's passes against fixed counted lengths: the SSM's whole-sequence (T, T) form up to a length
-    and the loop over time steps beyond (one that switched at a number of chunks instead was caught too, by hand); attention's one masked call up to 48 tokens and a
-    loop over queries beyond (the grader's first two points, T <= 32 and 4T >= 64, meet each side). The grader draws its counted points at grading time along a chain of lengths and
+    and the loop over time steps beyond (one that switched at a number of chunks instead was caught too, by hand);
+    attention's one masked call up to 48 tokens and a loop over queries beyond (the grader's first two points, T <= 32
+    and 4T >= 64, meet each side). The grader draws its counted points at grading time along a chain of lengths and
     chunk sizes (`grade.chain`), so each form meets the rule it breaks: the loop rule 2, the (T, T) form rule 3."""
     failures = done(a_core_that_changes_its_form_where_it_is_not_counted_fails, switch)
     assert any("it loops over time steps" in f or "its work grows like T^2" in f for f in failures), failures[:3]
