@@ -584,7 +584,7 @@ def main(argv=None):
         return bench.bench(command, meta, sys.modules[__name__])   # (a stopped bench keeps the rows it measured)
     meta["path"] = path = os.path.join(command.out, f"{command.preset}.json")
     with store.locked(path):                        # one command at a time on a results file
-        results = dict(store.load(path, command.preset, command.fresh), meta=meta)
+        results = dict(store.load(path, command.preset), meta=meta)
         if not command.scale:
             del results["streams"]                  # (only --scale reads streams)
         runs, trained, reading, start = results["runs"], [], False, time.time()
@@ -616,9 +616,9 @@ def main(argv=None):
                      "end"] if reading else []
             if kept:
                 store.save_json(path, results)      # (in case the stop came while a run was being saved)
-            again = f"run the same command{' without --fresh' if command.fresh else ''} to go on from there"
-            print(f"\nstopped{' by SIGTERM' if isinstance(stop, Terminated) else ''}: "
-                  + (f"{' and '.join(kept)} are saved in {path}; {again}" if kept else "nothing new was saved"))
+            print(f"\nstopped{' by SIGTERM' if isinstance(stop, Terminated) else ''}: " + (
+                f"{' and '.join(kept)} are saved in {path}; run the same command to go on from there" if kept
+                else "nothing new was saved"))
             return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
         finally:
             signal.signal(signal.SIGTERM, sigterm)

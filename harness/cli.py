@@ -59,7 +59,6 @@ class Command:
     device: str                 # cpu, cuda (every GPU) or cuda:i
     workers: int | None
     out: str
-    fresh: bool
     bench: bool
     scale: bool
     line: str                   # the command line, as the reports show it
@@ -89,7 +88,6 @@ def parse_args(argv, lab):
                    "a GPU gain little; --scale reads its streams on GPUs in threads instead, up to 8 a GPU")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                   "runs"), help="folder for results and plots (default: runs/)")
-    p.add_argument("--fresh", action="store_true", help="start over; the old results file is kept under a new name")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
     p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, "
                    "BABILong's qa1 and qa2 on streams up to 262,144), then read streams of up to 11M tokens")
@@ -105,7 +103,7 @@ def parse_args(argv, lab):
                 f"{torch.cuda.device_count()} CUDA GPU(s)")
     if args.scale and (args.preset or args.bench):
         p.error("--scale trains its own preset and measures its own costs; leave out --preset and --bench")
-    unused = [f"--{k.replace('_', '-')}" for k in ("tasks", "seeds", "lrs", "steps", "workers", "fresh")
+    unused = [f"--{k.replace('_', '-')}" for k in ("tasks", "seeds", "lrs", "steps", "workers")
               if getattr(args, k) not in (None, False)]
     if args.bench and unused:
         p.error(f"--bench trains nothing and stores no runs: it takes --models, --test-lengths, --preset (the model "
@@ -117,7 +115,7 @@ def parse_args(argv, lab):
         tasks=args.tasks or list(preset["tasks"]), seeds=args.seeds or preset["seeds"], lrs=args.lrs or preset["lrs"],
         steps=args.steps, test_lengths=None if args.scale else args.test_lengths,
         stream_lengths=args.test_lengths if args.scale else None, device="cpu" if device.type == "cpu" else str(device),
-        workers=args.workers, out=args.out, fresh=args.fresh, bench=args.bench, scale=args.scale,
+        workers=args.workers, out=args.out, bench=args.bench, scale=args.scale,
         line=" ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)]))
     for kind, names, known in [("model", command.models, lab.MODELS), ("task", command.tasks, offered)]:
         for n in names:

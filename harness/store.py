@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,21 +69,14 @@ def locked(path):
         lock.close()
 
 
-def load(path, preset, fresh):
-    """What `path` holds: {"runs": {run key: record}, "streams": [rows of --scale's reading]}. With fresh, the old
-    file is kept under a new name and nothing is used. A file that is not a results file of this preset stops the
-    command with one line saying what to do."""
+def load(path, preset):
+    """What `path` holds: {"runs": {run key: record}, "streams": [rows of --scale's reading]}. A file that is not a
+    results file of this preset stops the command with one line saying what to do."""
     if not os.path.exists(path):
-        return {"runs": {}, "streams": []}
-    if fresh:
-        kept = path[:-len(".json")] + time.strftime(".%Y%m%d-%H%M%S.json")
-        os.replace(path, kept)
-        print(f"--fresh: the old runs are kept in {kept}")
         return {"runs": {}, "streams": []}
 
     def stop(why):
-        sys.exit(f"compare.py: error: {path} {why}; move it away, point --out at another folder, or run with --fresh "
-                 "(which keeps it under a new name)")
+        sys.exit(f"compare.py: error: {path} {why}; move it away or point --out at another folder")
     try:
         with open(path) as f:
             results = json.load(f)

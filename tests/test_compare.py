@@ -116,10 +116,6 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch, capsys):
     assert compare.main(argv[:-2] + ["--steps", "4", "--out", str(tmp_path)]) == 0
     assert len(calls) == 3 and "3 because their settings differ from the stored ones: steps" in capsys.readouterr().out
 
-    calls.clear()   # --fresh starts over and keeps the old file under a new name
-    assert compare.main(argv + ["--fresh"]) == 0
-    assert len(calls) == 3 and len(list(tmp_path.glob("smoke.*.json"))) == 1
-
 
 def test_interrupt_before_any_run_finished_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
     def interrupted(spec):
@@ -529,7 +525,7 @@ def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, mon
                                     "ssm[d_state=4]/recall/lr=0.003/seed=0"])
 
     first = json.load(open(tmp_path / "smoke.json"))["runs"]
-    assert compare.main(argv + ["--fresh", "--out", str(tmp_path / "again")]) == 0
+    assert compare.main(argv + ["--out", str(tmp_path / "again")]) == 0
     again = json.load(open(tmp_path / "again" / "smoke.json"))["runs"]
     assert {k: r["metrics"] for k, r in first.items()} == {k: r["metrics"] for k, r in again.items()}  # CPU: exact
 

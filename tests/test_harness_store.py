@@ -28,7 +28,7 @@ def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, m
     (tmp_path / "smoke.json").write_text(content)
     with pytest.raises(SystemExit) as exit:
         compare.main(["--preset", "smoke", "--out", str(tmp_path)])
-    assert exit.value.code not in (0, None) and message in str(exit.value) and "--fresh" in str(exit.value)
+    assert exit.value.code not in (0, None) and message in str(exit.value) and "move it away" in str(exit.value)
     assert "\n" not in str(exit.value) and (tmp_path / "smoke.json").read_text() == content
 
 
@@ -75,13 +75,10 @@ def test_a_lock_left_by_a_killed_command_does_not_block(tmp_path):
     assert not (tmp_path / "smoke.json.lock").exists()
 
 
-def test_load_keeps_the_old_file_with_fresh_and_refuses_streams_that_are_not_rows(tmp_path, capsys):
+def test_load_reads_streams_and_refuses_streams_that_are_not_rows(tmp_path):
     path = tmp_path / "scale.json"
-    content = json.dumps({"meta": {"preset": "scale"}, "runs": {}, "streams": [{"model": "ssm"}]})
-    path.write_text(content)
-    assert store.load(str(path), "scale", False) == {"runs": {}, "streams": [{"model": "ssm"}]}
-    assert store.load(str(path), "scale", True) == {"runs": {}, "streams": []} and not path.exists()
-    assert [p.read_text() for p in tmp_path.glob("scale.*.json")] == [content]
+    path.write_text(json.dumps({"meta": {"preset": "scale"}, "runs": {}, "streams": [{"model": "ssm"}]}))
+    assert store.load(str(path), "scale") == {"runs": {}, "streams": [{"model": "ssm"}]}
     path.write_text(json.dumps({"meta": {"preset": "scale"}, "runs": {}, "streams": {"a": 1}}))
     with pytest.raises(SystemExit, match="does not hold --scale's streams as a list of rows"):
-        store.load(str(path), "scale", False)
+        store.load(str(path), "scale")
