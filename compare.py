@@ -106,7 +106,6 @@ def all_logits(model, x):
     return model.segment_logits(x) if hasattr(model, "segment_logits") else [model(x)]
 
 
-
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200, tokens_per_step=None, restarts=False):
     """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
@@ -536,8 +535,6 @@ def run_one(spec):
             "val_token_acc": fmean(v["token_acc"] for v in val),
             "val_loss": None if any(v["loss"] is None for v in val) else fmean(v["loss"] for v in val),
             "metrics": metrics}
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------

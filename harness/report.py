@@ -301,7 +301,6 @@ def series(rows, key, **match):
                                    is not None] for x in xs] for m in dict.fromkeys(r["model"] for r in rows)})
 
 
-
 def publish(text, figures, runs, meta, lab):
     """Print the report, save it as <out>/<preset>.md and draw its figures as <out>/<preset>_<name>.png, titled
     with where the runs were made (and, for --scale's streams, where they were read). Figures of an earlier report
