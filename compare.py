@@ -109,11 +109,10 @@ def all_logits(model, x):
 def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=0, weight_decay=0.1,
           warmup=0.1, clip=1.0, progress=False, graphs=True, check_every=200, tokens_per_step=None, restarts=False):
     """AdamW, the lower of a linear warm-up (10% of the steps) and a cosine decay (with `restarts`, each stage's
-    own, as if it were a training of its own from the last one's weights; before dd9cb6f a restart came every
-    steps // stages steps, the same when they divide), gradient clipping. Each batch
-    draws its length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that
-    the step falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`:
-    fewer streams once they are long).
+    own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch draws its
+    length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that the step
+    falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`: fewer
+    streams once they are long).
     HRM: one loss per segment (deep supervision), one step on their mean.
     On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
     are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
