@@ -110,13 +110,13 @@ def parse_args(argv, lab):
                 f"size), --device and --out, not {', '.join(unused)}")
     name = "scale" if args.scale else args.preset or ("full" if device.type == "cuda" else "quick")
     preset = lab.PRESETS[name]
+    lengths = sorted(args.test_lengths) if args.test_lengths else None   # a wall at one length is a wall beyond it
     command = Command(   # with --scale the test lengths are the streams': the runs test at their training length
         preset=name, models=args.models or preset["models"], chosen_models=args.models is not None,
         tasks=args.tasks or list(preset["tasks"]), seeds=args.seeds or preset["seeds"], lrs=args.lrs or preset["lrs"],
-        steps=args.steps, test_lengths=None if args.scale else args.test_lengths,
-        stream_lengths=args.test_lengths if args.scale else None, device="cpu" if device.type == "cpu" else str(device),
-        workers=args.workers, out=args.out, bench=args.bench, scale=args.scale,
-        line=" ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)]))
+        steps=args.steps, test_lengths=None if args.scale else lengths, stream_lengths=lengths if args.scale else None,
+        device="cpu" if device.type == "cpu" else str(device), workers=args.workers, out=args.out, bench=args.bench,
+        scale=args.scale, line=" ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)]))
     for kind, names, known in [("model", command.models, lab.MODELS), ("task", command.tasks, offered)]:
         for n in names:
             if n not in known:

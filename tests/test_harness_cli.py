@@ -102,6 +102,17 @@ def test_a_test_length_past_one_evaluation_batch_is_refused_before_training(tmp_
     assert parse(["--preset", "smoke", "--tasks", "flipflop", "--test-lengths", "65536"]).test_lengths == [65536]
 
 
+def test_test_lengths_are_read_shortest_first():
+    """A wall (out of memory, a time cap, chance twice) at one length ends the lengths after it, so they go shortest
+    first whatever order they are given in, as every preset lists them; a report's lines and its dial's largest
+    content read them in that order too."""
+    assert parse(["--preset", "smoke", "--tasks", "flipflop", "--test-lengths", "128,32,64"]).test_lengths == [32, 64,
+                                                                                                            128]
+    assert parse(["--scale", "--tasks", "babilong_qa1", "--test-lengths", "1048576,16384"]).stream_lengths == [
+        16384, 1048576]
+    assert all(b.test == sorted(b.test) for p in compare.PRESETS.values() for b in p["tasks"].values())
+
+
 def test_scale_trains_on_streams_longer_than_one_evaluation_batch(capsys):
     """--scale's BABILong stages reach past cli.MAX_TEST_TOKENS (a batch of one such stream trains); its stream
     lengths may be shorter than its longest training stream, but not shorter than a task can make."""
