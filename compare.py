@@ -407,7 +407,9 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
                 train = [s for s in stages(b.train) if s[1] <= b.walls[m][0]]
                 steps, extra["train_wall"] = stage_steps(steps, len(stages(b.train)))[:len(train)], b.walls[m][1]
             if b.tokens_per_step:
-                extra.update(tokens_per_step=b.tokens_per_step, restarts=b.restarts)
+                extra["tokens_per_step"] = b.tokens_per_step
+            if b.restarts:
+                extra["restarts"] = True
             if b.segments:
                 extra["test_segments"] = b.segments
             base = dict(model=m, task=t, task_options=b.options, model_options=options, train=train,
@@ -425,10 +427,20 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
     return specs
 
 
+OPTIONAL = ("dial", "train_wall", "tokens_per_step", "restarts", "test_segments")   # keys only some specs have
+
+
+def spec_changes(saved, spec):
+    """What keeps a stored run from being reused for `spec`: each key that defines a run and differs (one that only
+    one of the two has, too), and "weights" when the weights it kept are gone. [] when it may be reused."""
+    changed = [k for k in sorted({*spec, *OPTIONAL} - set(WHERE)) if saved.get(k) != spec.get(k)]
+    gone = "weights" in spec and not os.path.exists(os.path.join(spec["out"], spec["weights"]))
+    return changed + ["weights (the file is gone)"] * gone
+
+
 def same_spec(saved, spec):
     """A stored run is reused only if all that defines it is unchanged, and the weights it kept, if any, still exist."""
-    return (saved is not None and all(saved.get(k) == v for k, v in spec.items() if k not in WHERE)
-            and ("weights" not in spec or os.path.exists(os.path.join(spec["out"], spec["weights"]))))
+    return saved is not None and not spec_changes(saved, spec)
 
 
 DIVERGED = "diverged"   # what a diverged run shows in place of a metric
@@ -551,10 +563,9 @@ def run_phases(command, runs, save, workers, devices):
         specs = make_specs(command, phase, chosen)
         todo = [s for s in specs if not same_spec(runs.get(run_key(s)), s)]
         stale = [s for s in todo if run_key(s) in runs]   # stored with other settings: trained again, replaced
-        changed = sorted({k for s in stale for k in s if k not in WHERE and runs[run_key(s)].get(k) != s[k]})
+        changed = sorted({k for s in stale for k in spec_changes(runs[run_key(s)], s)})
         print(f"{phase}: {len(specs) - len(todo)} stored runs reused, {len(todo)} to train now" + (
-            f" ({len(stale)} because their settings differ from the stored ones: {', '.join(changed)})"
-            if stale else ""))
+            f" ({len(stale)} because of what changed since they were stored: {', '.join(changed)})" if stale else ""))
         runner.run_all(todo, workers, devices, run_one, save)
         done.update({run_key(s): runs[run_key(s)] for s in specs})
     return list(done.values())

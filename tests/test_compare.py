@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch, capsys):
 
     calls.clear()   # a changed setting re-runs what it changes, and says so
     assert compare.main(argv[:-2] + ["--steps", "4", "--out", str(tmp_path)]) == 0
-    assert len(calls) == 3 and "3 because their settings differ from the stored ones: steps" in capsys.readouterr().out
+    assert len(calls) == 3 and "3 because of what changed since they were stored: steps" in capsys.readouterr().out
 
 
 def test_interrupt_before_any_run_finished_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
@@ -395,8 +395,12 @@ def test_a_stored_run_is_reused_only_while_what_defines_it_is_unchanged(tmp_path
     assert compare.same_spec(saved, spec) and not compare.same_spec(None, spec)
     assert not compare.same_spec(dict(saved, steps=11), spec)
     assert not compare.same_spec({k: v for k, v in saved.items() if k != "dial"}, spec)
+    for key in compare.OPTIONAL:   # a key the record has and the spec lacks: made some other way (a long stage's
+        # smaller batch, say), so not the run asked for now
+        assert not compare.same_spec(dict(saved, **{key: 1}), {k: v for k, v in spec.items() if k != key})
     kept = dict(spec, weights="w.pt")
     assert not compare.same_spec(dict(saved, weights="w.pt"), kept)    # its weights are gone
+    assert compare.spec_changes(dict(saved, weights="w.pt", steps=11), kept) == ["steps", "weights (the file is gone)"]
     (tmp_path / "w.pt").write_bytes(b"")
     assert compare.same_spec(dict(saved, weights="w.pt"), kept)
     assert compare.spec_hash(spec) == compare.spec_hash(dict(reversed(spec.items()), device="cuda:1", out="elsewhere"))
@@ -655,6 +659,16 @@ def test_make_specs_keeps_each_models_own_options_and_seeds_every_cell():
     seeds = compare.make_specs(command, "seeds", {cell: 1e-3 for cell in options})
     assert sorted((s["model"], s["task"]) for s in seeds) == sorted(
         (m, t) for t, b in compare.PRESETS["depth"]["tasks"].items() for m in b.seeded)
+
+
+def test_a_budgets_restarts_and_tokens_per_step_each_reach_the_runs(monkeypatch):
+    """Each of the two is a setting of its own: a Budget with one and not the other trains with what it asked for."""
+    for setting in (dict(restarts=True), dict(tokens_per_step=64)):
+        monkeypatch.setitem(compare.PRESETS["smoke"]["tasks"], "copy", compare.Budget(
+            train=[[2, 4], [4, 6]], test=[6], steps=10, **setting))
+        spec = compare.make_specs(parse(["--preset", "smoke", "--tasks", "copy", "--models", "ssm"]))[0]
+        assert {k: spec.get(k) for k in ("restarts", "tokens_per_step")} == dict(dict.fromkeys(
+            ("restarts", "tokens_per_step")), **setting)
 
 
 def test_the_scale_curriculum_rises_to_long_streams_at_about_the_same_tokens_a_step():
