@@ -143,7 +143,10 @@ def read_streams(best, lengths, devices, out, rows, save, lab, stored=()):
     stream is read one small segment or chunk after another, too little to fill a GPU); a cell's rows join `rows`
     as it ends, then save(). A cell whose rows an earlier command stored (`stored`: the same weights and training
     time, streams and lengths, read to the end or to a wall) is not read again; the rows of cells not read now stay."""
-    order = {cell: i for i, cell in enumerate(sorted(best, key=lambda c: (c[1], list(lab.MODELS).index(c[0]))))}
+    rank = {m: i for i, m in enumerate(lab.MODELS)}   # the cells read now and those of earlier commands kept
+    cells = sorted({*best, *((r.get("model"), r.get("task")) for r in stored)},
+                   key=lambda c: (str(c[1]), rank.get(c[0], len(rank)), str(c[0])))
+    order = {cell: i for i, cell in enumerate(cells)}
 
     def done(cell_rows):   # the rows kept by task, then model, then length, whichever cell ends first
         rows.extend(cell_rows)

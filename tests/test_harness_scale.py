@@ -220,8 +220,8 @@ def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path
     def row(m, L, weights=None, wall=None, b=batch, trained_in=1.5):
         return dict(model=m, task="flipflop", length=L, batch=b, weights=weights or f"{m}.pt", token_acc=0.25,
                     scored=4, trained_in=trained_in, **({"wall": wall} if wall else {}))
-    other = dict(row("ssm", 1000), task="babilong_qa1")                       # a cell not read now: kept
-    stored = [other, row("ssm", 1000), row("ssm", 2000), row("ssm", 4000),     # all read: reused
+    others = [dict(row(m, L), task="babilong_qa1") for m in ("ssm", "attention") for L in (1000, 2000)]  # not read
+    stored = [*others, row("ssm", 1000), row("ssm", 2000), row("ssm", 4000),     # all read: reused
               row("attention", 1000), row("attention", 2000, wall="out of memory"),   # read to a wall: reused
               row("rmt", 1000), row("rmt", 2000)]                              # not to the last length: read
     read = []
@@ -233,8 +233,9 @@ def test_read_streams_resumes_reusing_the_cells_an_earlier_command_read(tmp_path
     rows = []
     scale.read_streams(cells, [1000, 2000, 4000], ["cpu"], str(tmp_path), rows, lambda: None, compare, stored)
     assert {name for name, _ in read} == {"RMT"}
-    kept = [r for m in ("attention", "ssm") for r in stored[1:] if r["model"] == m]  # (rows go by model, length)
-    assert [r for r in rows if r["model"] != "rmt" and r is not other] == kept and other in rows
+    kept = [r for m in ("attention", "ssm") for r in stored[4:] if r["model"] == m]  # (rows go by model, length)
+    assert rows[:4] == [others[2], others[3], others[0], others[1]]   # the cells not read now kept, in that order too
+    assert [r for r in rows[4:] if r["model"] != "rmt"] == kept
     assert [(r["length"], r["token_acc"]) for r in rows if r["model"] == "rmt"] == [(L, 1.0) for L in (1000, 2000,
                                                                                                        4000)]
     for changed in ([row("ssm", L, weights="other.pt") for L in (1000, 2000, 4000)],   # another training
