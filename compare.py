@@ -474,11 +474,11 @@ def best_runs(runs, dial=False):
 
 
 def edge_cells(runs, best):
-    """The cells whose chosen lr is the smallest or largest of a grid of several: a better one may lie outside."""
+    """The cells (or the dial's sizes, with `best` of best_runs(runs, dial=True)) whose chosen lr is the smallest or
+    largest of their own grid of several: a better one may lie outside."""
     grids = collections.defaultdict(set)
     for r in runs:
-        if not r.get("dial"):
-            grids[r["model"], r["task"]].add(r["lr"])
+        grids[dial_cell(r)].add(r["lr"])
     return {cell for cell, rs in best.items()
             if len(grids[cell]) > 1 and rs[0]["lr"] in (min(grids[cell]), max(grids[cell]))}
 

@@ -202,9 +202,11 @@ def report(runs, meta, task_names, model_names, lab):
                   "## Exact match: every scored position of an example right", "",
                   table([by_length(t, "exact") for t in sequence_tasks]), ""]
     for t in [t for t in sequence_tasks if any(r.get("dial") and r["task"] == t for r in runs)]:
+        sizes = best_runs(runs, dial=True)
         points = [(m, "default", rs) for m, rs in cells[t]] + [
             (m, ", ".join(f"{k}={v}" for k, v in size), rs)
-            for (m, task, size), rs in best_runs(runs, dial=True).items() if task == t and m in model_names]
+            for (m, task, size), rs in sizes.items() if task == t and m in model_names]
+        size_edges = lab.edge_cells(runs, sizes)
 
         def state(rs):   # the state floats at the largest content
             return rs[0]["state_size"][str(first[t]["test"][-1])]
@@ -213,7 +215,8 @@ def report(runs, meta, task_names, model_names, lab):
             return [at(rs, L, "token_acc") for L in first[t]["test"]]
         points.sort(key=lambda p: (model_names.index(p[0]), state(p[2])))
         dial = dict(by_length(t, "token_acc"), lines={   # a dial size's row names the rate its own sweep chose
-            (m, size if size == "default" else f"{size} (lr {rs[0]['lr']:g})", f"{state(rs):,}"): accuracy(rs)
+            (m, size if size == "default" else f"{size} (lr {rs[0]['lr']:g}"
+             + (", edge)" if lab.dial_cell(rs[0]) in size_edges else ")"), f"{state(rs):,}"): accuracy(rs)
             for m, size, rs in points})
         figures.setdefault("dial", []).append(dict(dial, title=f"the dial: {t}, accuracy against content"))
         if t == "recall" and "flipflop" in first:   # the trade-off in one picture: the dial beside a long stream

@@ -493,6 +493,7 @@ def test_the_lr_choice_and_its_edges_leave_the_dial_out():
     assert {cell: [r["lr"] for r in rs] for cell, rs in dial.items()} == {
         ("m", "t", (("n_mem", 2),)): [1e-2], ("m", "t", (("n_mem", 8),)): [1e-4]}
     assert compare.edge_cells(runs, best) == {("m", "t")}            # the smallest of its grid, not the dial's
+    assert compare.edge_cells(runs, dial) == set(dial)               # each size's own grid: two rates, both edges
     runs[0]["val_token_acc"] = 0.3
     best = compare.best_runs(runs)
     assert best["m", "t"][0]["lr"] == 3e-3 and compare.edge_cells(runs, best) == set()
@@ -527,6 +528,7 @@ def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, mon
     lr = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())[("ssm", "recall")][0]["lr"]
     assert sorted(calls) == sorted([f"ssm/recall/lr={lr:g}/seed=1", "ssm[d_state=4]/recall/lr=0.001/seed=0",
                                     "ssm[d_state=4]/recall/lr=0.003/seed=0"])
+    assert re.search(r"\| ssm \| d_state=4 \(lr 0\.00[13], edge\) \|", open(tmp_path / "smoke.md").read())  # 2 rates
 
     first = json.load(open(tmp_path / "smoke.json"))["runs"]
     assert compare.main(argv + ["--out", str(tmp_path / "again")]) == 0
