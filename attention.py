@@ -246,9 +246,10 @@ class Transformer(nn.Module):
 
     def state_size(self, seq_len):
         """Floats per sequence kept at inference: the key/value cache, 2 * D per layer (and per pass through the
-        layers: a looped model's passes each have their own keys and values) per cached token."""
+        layers: a looped model's passes each have their own keys and values) per cached token; with a window of w,
+        the last w - 1 tokens (the next token's own key and value complete its window)."""
         c = self.config
-        cached = seq_len if c.window is None else min(seq_len, c.window)
+        cached = seq_len if c.window is None else min(seq_len, c.window - 1)
         return 2 * c.d_model * c.n_layers * c.loops * cached
 
 

@@ -179,11 +179,12 @@ class HRM(nn.Module):
 
     def state_size(self, seq_len):
         """Floats per sequence kept at inference on a causal task: a key/value cache of 2 * D per token for
-        every Block call of every segment (each call attends over its own input), plus the two states."""
+        every Block call of every segment (each call attends over its own input). Nothing more: a new token's two
+        states start from their initial values, and it reads the earlier tokens' only through those keys and values."""
         c = self.config
         n_low, n_high = c.n_layers - c.n_layers // 2, c.n_layers // 2
         calls = (n_low * c.L_cycles + n_high) * c.H_cycles * (c.eval_segments or c.segments)
-        return 2 * c.d_model * seq_len * (calls + 1)
+        return 2 * c.d_model * seq_len * calls
 
 
 if __name__ == "__main__":

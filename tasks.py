@@ -161,9 +161,10 @@ class FlipFlop:
         return next(self.pieces(batch_size, length, length, seed, device))
 
     def pieces(self, batch_size, length, piece, seed=0, device="cpu"):
-        """The batch of `sample`, made and yielded `piece` tokens at a time, so that a stream of millions of
+        """A batch like `sample`'s, made and yielded `piece` tokens at a time, so that a stream of millions of
         tokens never sits whole on the host: (x, y) pieces of (B, piece), the last one shorter. The bit of the
-        latest write is carried from piece to piece. One piece of the whole length is `sample`'s batch."""
+        latest write is carried from piece to piece. Each piece draws its own numbers, so only one piece of the
+        whole length is `sample`'s batch itself."""
         _check(batch_size, length, self.min_length, "flipflop")
         if piece < length and (piece < 2 or piece % 2):
             raise ValueError(f"flipflop: pieces must hold whole (instruction, bit) pairs, got piece={piece}")

@@ -190,7 +190,7 @@ def test_bidirectional_model_sees_the_future():
 def test_state_size_is_the_kv_cache():
     """Without a window, state_size(T) is the keys and values that the layers compute for T tokens (counted from
     the outputs of their qkv projections, two thirds of which are keys and values); with a window of w it stops
-    growing at w tokens."""
+    growing at w - 1 tokens, which with the next token's own make its window."""
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2)).eval()
     counted = []
@@ -202,7 +202,7 @@ def test_state_size_is_the_kv_cache():
             model(torch.randint(0, 11, (2, T)))
         assert len(counted) == 3 and sum(counted) == model.state_size(T), T
     windowed = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2, window=5))
-    assert windowed.state_size(4) == model.state_size(4) and windowed.state_size(100) == model.state_size(5)
+    assert windowed.state_size(4) == model.state_size(4) == windowed.state_size(100) < model.state_size(5)
     looped = Transformer(TransformerConfig(vocab_size=11, d_model=12, n_layers=3, n_heads=2, loops=2)).eval()
     for block in looped.blocks:            # each pass through the layers makes keys and values of its own
         block.attn.qkv.register_forward_hook(lambda m, args, out: counted.append(out[0].numel() * 2 // 3))
