@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention import MLP, RMSNorm
+
 
 @dataclass
 class MambaConfig:
@@ -157,26 +159,6 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
 # ---------------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
-        self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
-
-    def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
-
 
 class SSMMixer(nn.Module):
     """The Mamba-2 mixer: in_proj -> causal conv on (x, B, C) -> SiLU -> SSD scan (+ D skip) -> gated norm."""
