@@ -291,4 +291,3 @@ if __name__ == "__main__":
     tokens = torch.randint(0, 32, (2, 50))
     print(f"Mamba: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)}, "
           f"state {model.state_size():,} floats per sequence at any length")
-

@@ -1,17 +1,12 @@
 """--bench: what each model costs. First the time and memory of one untrained model against sequence length (a
-training step's forward and backward, and a no-grad forward over the whole sequence), then each model file's fast
-core against the reference loop beside it, then the milliseconds of one optimiser step of compare.train, eagerly
-and (on CUDA) replayed from CUDA graphs. Saved as bench.json/.md/.png."""
+training step's forward and backward, and a no-grad forward over the whole sequence), then the milliseconds of one
+optimiser step of compare.train, eagerly and (on CUDA) replayed from CUDA graphs. Saved as bench.json/.md/.png."""
 import os
 import time
 
 import torch
-import torch.nn.functional as F
 
-import attention
-import ssm
 import tasks
-import titans
 from harness.report import md_row, md_table, plot, series
 from harness.store import save_json, save_text
 
@@ -61,57 +56,6 @@ def bench_row(lab, name, T, device, size, vocab_size=32, batch=1):
     except torch.OutOfMemoryError:
         row["oom"] = True
     return row
-
-
-CORES = {"attention": ("attention", attention.attention, attention.attention_ref),   # core -> its model, the two
-         "ssd_scan": ("ssm", ssm.ssd_scan, ssm.ssd_scan_ref),
-         "neural_memory": ("titans", titans.neural_memory, titans.neural_memory_ref)}
-
-
-def core_inputs(core, T, device, b=4, H=4, K=32, N=64):
-    """Random fp32 inputs of one call of a core on T tokens, every tensor a leaf that wants its gradient."""
-    g = torch.Generator(device).manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
-    if core == "ssd_scan":   # x, dt > 0, A < 0, B, C
-        return [t.requires_grad_() for t in (r(b, T, H, K), F.softplus(r(b, T, H) - 3), -0.5 - r(H).abs(),
-                                              r(b, T, N), r(b, T, N))]
-    q, k, v = (F.normalize(r(b, H, T, K), dim=-1).requires_grad_() for _ in range(3))
-    if core == "attention":
-        return [q, k, v]
-    gates = [(torch.rand(b, H, T, device=device, generator=g) * s).requires_grad_() for s in (0.1, 0.9, 0.01)]
-    memory = ((r(b, H, K, 2 * K) / K ** 0.5).requires_grad_(), torch.zeros(b, H, 2 * K, K, device=device,
-                                                                           requires_grad=True))
-    return [q, k, v, *gates, memory]   # theta, eta, alpha in [0, 1); the MLP memory's two weights
-
-
-def core_rows(models, lengths, device, rows, saved):
-    """fwd+bwd ms of one call of each fast core and, at the shortest length only (a loop over T takes seconds
-    beyond), of its reference loop: what the vectorised code buys. The cores of `models` only, each row appended to
-    `rows`, then saved()."""
-    for core, (model, fast, ref) in CORES.items():
-        for T in lengths if model in models else []:
-            row = dict(core=core, length=T)
-            for key, fn in [("fast_ms", fast)] + ([("ref_ms", ref)] if T == lengths[0] else []):
-                inputs = core_inputs(core, T, device)
-
-                def fwd_bwd():
-                    out = fn(*inputs)
-                    (out if core == "attention" else out[0]).sum().backward()   # the others return a state too
-                row[key] = timed(fwd_bwd, device)[0] * 1e3
-            rows.append(row)
-            saved()
-            print(f"{core:14} T={T:6,}: {row['fast_ms']:9.2f} ms" + (
-                f", reference loop {row['ref_ms']:,.1f} ms ({row['ref_ms'] / row['fast_ms']:,.0f}x)"
-                if "ref_ms" in row else ""), flush=True)
-
-
-def core_table(rows):
-    return ("## Each fast core against the reference loop beside it: fwd+bwd of one call, fp32, batch 4, 4 heads of "
-            "32 (the scan's state N=64, the memory's chunks 16); the loop at the shortest length only\n\n" + md_table(
-                ["core", "length", "fast ms", "reference loop ms", "speed-up"], [
-                    [r["core"], f"{r['length']:,}", f"{r['fast_ms']:.2f}"] + (
-                        [f"{r['ref_ms']:,.1f}", f"{r['ref_ms'] / r['fast_ms']:,.0f}x"] if "ref_ms" in r else ["-", "-"])
-                    for r in rows]))
 
 
 STEP_TASKS = ["recall", "flipflop", "maze"]   # the training-step benchmark: a task of each kind, at its longest
@@ -166,9 +110,8 @@ def step_table(rows, cuda, batch):
 
 
 def bench(command, meta, lab):
-    """--bench: the length table (every model at every length), the cores against their loops (at 16,384 tokens at
-    most: the neural memory's core takes 13 s a call at 65,536 on an H200), then the training-step table; printed
-    and saved as they go (a stopped bench keeps its rows). The lengths go first so that their peak memory holds
+    """--bench: the length table (every model at every length), then the training-step table; printed and saved as
+    they go (a stopped bench keeps its rows). The lengths go first so that their peak memory holds
     nothing left over from the step table's CUDA graphs."""
     cuda = command.device.startswith("cuda")
     lengths = command.test_lengths or ([1024, 4096, 16384, 65536] if cuda else [256, 1024, 4096])
@@ -178,7 +121,7 @@ def bench(command, meta, lab):
     cells = lambda r: [r["model"], f"{r['length']:,}", f"{r['state_floats']:,}"] + (  # noqa: E731
         ["out of memory", "", "", ""] if r.get("oom") else
         [f"{r['train_ms']:,.1f}", mib(r["train_mib"]), f"{r['infer_us_per_token']:.2f}", mib(r["infer_mib"])])
-    head = ["# compare.py --bench: cost against length, the cores against their loops, the cost of a training step",
+    head = ["# compare.py --bench: cost against length, and the cost of a training step",
             "",
             f"Command: `{meta['command']}`  ",
             f"Device: {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, commit {meta['commit']}", "",
@@ -186,15 +129,15 @@ def bench(command, meta, lab):
             f"3 after a warm-up{'' if cuda else ' (peak memory is measured on CUDA only)'}", "",
             md_table(["model", "length", "state floats", "fwd+bwd ms", "fwd+bwd peak MiB", "inference us/token",
                       "inference peak MiB"], [])]
-    rows, core, steps, md = [], [], [], os.path.join(command.out, "bench.md")
+    rows, steps, md = [], [], os.path.join(command.out, "bench.md")
     batch = lab.PRESETS["full" if cuda else "smoke"]["batch_size"]
 
     def saved(finished=False):   # after every row: until the last, the files say the bench has not finished
         note = [] if finished else ["", "**Not finished (stopped, or still running): these are the rows measured.**"]
-        save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, core_rows=core,
-                                                                step_rows=steps, finished=finished))
-        save_text(md, "\n".join(head + [md_row(cells(r)) for r in rows] + ["", core_table(core), "",
-                                                                         step_table(steps, cuda, batch)] + note) + "\n")
+        save_json(os.path.join(command.out, "bench.json"), dict(meta, size=size, rows=rows, step_rows=steps,
+                                                                finished=finished))
+        save_text(md, "\n".join(head + [md_row(cells(r)) for r in rows] + ["", step_table(steps, cuda, batch)] + note)
+                  + "\n")
     print("\n".join(head))
     try:
         for m in models:
@@ -206,8 +149,6 @@ def bench(command, meta, lab):
                 print(md_row(cells(rows[-1])), flush=True)
                 if rows[-1].get("oom"):
                     break                    # longer sequences would not fit either
-        print("\ncores against their reference loops:")
-        core_rows(models, [T for T in sorted(lengths) if T <= 16384] or [min(lengths)], command.device, core, saved)
         print()
         step_bench(command, lab, steps, saved)
     except KeyboardInterrupt:

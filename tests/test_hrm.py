@@ -217,7 +217,7 @@ def test_bad_config_raises():
     with pytest.raises(ValueError, match="gradient"):
         HRMConfig(gradient="full")
     for bad in (dict(H_cycles=0), dict(L_cycles=0), dict(segments=0)):     # each count checked, and 1 allowed
-        with pytest.raises(ValueError, match=rf"^H_cycles, L_cycles and segments must be >= 1$"):
+        with pytest.raises(ValueError, match=r"^H_cycles, L_cycles and segments must be >= 1$"):
             HRMConfig(**bad)
     assert make(H_cycles=1, L_cycles=1, segments=1)(torch.randint(0, 7, (1, 4))).shape == (1, 4, 7)
     HRMConfig(d_model=6, n_heads=2, pos="none")       # head dim 3: odd is fine without RoPE (refused with it)
