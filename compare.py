@@ -5,7 +5,7 @@ compare.py: train every model on every task at matched size, and show when filte
     python compare.py --preset smoke     # every model and task for a few steps: checks the plumbing
     python compare.py --preset depth     # mazes: recurrent depth (HRM) against a fixed-depth Transformer
     python compare.py --models attention,ssm --tasks copy,recall --seeds 0,1,2
-    python compare.py --bench            # cost against length (untrained), and the cost of a training step
+    python compare.py --bench            # time and memory against length (untrained models)
     python compare.py --scale            # train BABILong on streams up to 262,144 tokens, then read up to 11M
 
 This file is the lesson: how a fair comparison is made. It reads top to bottom: training, evaluation, the models,

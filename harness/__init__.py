@@ -5,7 +5,7 @@
     runner.py   runs in worker processes (or threads) side by side, stopped cleanly
     cli.py      the command line, every flag checked before any training
     report.py   the markdown tables and the figures
-    bench.py    --bench: time and memory against length, and the cost of a training step
+    bench.py    --bench: time and memory against length
     scale.py    --scale: the trained models read streams of up to 11M tokens
 
 Imports go one way: compare.py imports these files, never the reverse. Where a file needs the bench's models,

@@ -1,7 +1,5 @@
-"""harness/bench.py: --bench's cost against length and its training-step table."""
+"""harness/bench.py: --bench's cost against length."""
 import json
-
-import pytest
 
 import compare
 from harness import bench
@@ -21,21 +19,19 @@ def test_bench_records_cost_and_state_against_length(tmp_path):
     assert "| ssm | 48 |" in (tmp_path / "bench.md").read_text()
 
 
-@pytest.mark.parametrize("at", ["step_row", "bench_row"])
-def test_a_stopped_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch, at):
-    """Stopped in either of its two tables (Ctrl-C; any other stop leaves the files of the last row measured): the
-    rows measured before are saved and the report says that it did not finish; exit 130."""
-    real, calls = getattr(bench, at), []
+def test_a_stopped_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Stopped (Ctrl-C; any other stop leaves the files of the last row measured): the rows measured before are
+    saved and the report says that it did not finish; exit 130."""
+    real, calls = bench.bench_row, []
 
     def stop(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 1:   # each table stopped at its second row
+        if len(calls) > 1:   # stopped at its second row
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-    monkeypatch.setattr(bench, at, stop)
+    monkeypatch.setattr(bench, "bench_row", stop)
     assert compare.main(["--bench", "--models", "ssm", "--test-lengths", "16,24", "--out", str(tmp_path)]) == 130
     saved = json.load(open(tmp_path / "bench.json"))
-    assert not saved["finished"] and [r["length"] for r in saved["rows"]] == [16, 24][:2 if at != "bench_row" else 1]
-    assert len(saved["step_rows"]) == (at == "step_row")
+    assert not saved["finished"] and [r["length"] for r in saved["rows"]] == [16]
     md = (tmp_path / "bench.md").read_text()
     assert "| ssm | 16 |" in md and "Not finished" in md
