@@ -231,6 +231,13 @@ def finished(command, **options):
     return out
 
 
+def outside(paths, root):
+    """The entries of `paths` (sys.path) that lie outside the folder `root`: a sibling whose name only begins with
+    root's (a virtual environment at <root>-venv, say) is outside it."""
+    root = os.path.realpath(root)
+    return [p for p in paths if p and os.path.commonpath([os.path.realpath(p), root]) != root]
+
+
 def confine(writable, hidden, refused, readable=(), strict=False):
     """Confine this process before a submission's code runs in it, with an audit hook (which nothing can remove)
     and the thread starters replaced: no file written or changed outside `writable` (folders), nothing under
@@ -765,8 +772,7 @@ def child(sealed, scratch):
     with profile(activities=[ProfilerActivity.CPU]):   # the profiler's thread started before the watch's first look
         torch.ones(1).add(1)
     confine(writable=[scratch], hidden=[ma.ROOT], refused=refused, readable=[sealed], strict=True)
-    sys.path[:] = [sealed, os.path.join(sealed, "tests")] + [p for p in sys.path if p and not os.path.realpath(
-        p).startswith(ma.ROOT)]
+    sys.path[:] = [sealed, os.path.join(sealed, "tests")] + outside(sys.path, ma.ROOT)
     torch.set_num_threads(1)
     from test_cores import Calls, Trace   # (what the checks use is bound before the submission is imported)
     # Copies of the profiler's method and of this module's graph_size, which the submission could replace (a red-team
@@ -891,8 +897,7 @@ def run_tests(work, repo, args):
     os.chdir(repo)
     confine(writable=[os.path.join(work, d) for d in os.listdir(work) if d.startswith("pytest-")],
             hidden=[ma.ROOT], refused=refused, readable=[repo])
-    sys.path[:] = [repo, os.path.join(repo, "tests")] + [p for p in sys.path if p and not os.path.realpath(
-        p).startswith(ma.ROOT)]
+    sys.path[:] = [repo, os.path.join(repo, "tests")] + outside(sys.path, ma.ROOT)
     sys.exit(pytest.main(args))
 
 

@@ -271,6 +271,17 @@ def test_student_readme_has_no_instructor_notes_and_no_dead_links(tmp_path):
         assert "://" in target or (dest / target).exists(), f"the student README links {target}, not shipped"
 
 
+def test_the_grader_drops_the_repository_from_the_path_and_keeps_a_sibling_folder(tmp_path):
+    """The grader hides this repository from a submission's imports, but a folder beside it whose name begins with
+    the repository's (a virtual environment at <repo>-venv holding pytest and torch) stays on the path."""
+    root = tmp_path / "repo"
+    inside, sibling = root / "tests", tmp_path / "repo-venv" / "site-packages"
+    for folder in (inside, sibling):
+        folder.mkdir(parents=True)
+    assert grade.outside([str(root), str(inside), "", str(sibling), "/usr/lib"], str(root)) == [str(sibling),
+                                                                                             "/usr/lib"]
+
+
 def test_grade_parses_seeds():
     assert grade.seeds("0-3,7") == [0, 1, 2, 3, 7] and grade.seeds("12") == [12]
 
