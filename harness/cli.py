@@ -96,7 +96,7 @@ def parse_args(argv, lab):
         default = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(default if args.device is None else args.device)
     except RuntimeError:
-        p.error(f"unknown device {args.device!r}")
+        p.error(f"unknown device {args.device!r}; expected cpu, cuda or cuda:N")
     if not (device.type == "cpu" and not device.index
             or device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()):
         p.error(f"device {args.device!r} is not available here; this machine has cpu and "

@@ -46,6 +46,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
                                                       "not --tasks, --seeds"),
     (["--tasks", "babilong_qa1"], "no settings in preset 'smoke'; it has copy"),
     (["--tasks", "babilong_qa1"], "(try --scale)"),
+    (["--device", "gpu"], "unknown device 'gpu'; expected cpu, cuda or cuda:N"),
     (["--device", ""], "unknown device ''"),                                  # not the default device
     (["--tasks", "recall", "--test-lengths", "64"], "length 64 of recall (--test-lengths, or the preset's): recall:"),
     (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
