@@ -4,6 +4,7 @@ back restores the original files; no line of a solution ships, nor the instructo
 --only lists and unsafe destinations (a link into the repository too) are refused."""
 import concurrent.futures
 import contextlib
+import importlib.machinery
 import os
 import pathlib
 import pickle
@@ -883,6 +884,8 @@ def test_a_process_is_refused(done):
     holds is seen by the child's watch."""
     failures = done(a_process_is_refused)
     assert failures and all("tried to start a process;" in f for f in failures), failures[:3]
+    if importlib.machinery.PathFinder.find_spec("_posixsubprocess") is None:
+        return   # built into this Python (not a file to load again): there is no fresh copy to make
     assert any("to load a fresh copy of _posixsubprocess" in f and "start a process (seen by the grader's watch)" in f
                for f in failures), failures[-3:]
 
