@@ -231,11 +231,15 @@ def finished(command, **options):
     return out
 
 
+def under(path, roots):
+    """Whether `path` is one of the folders `roots` or inside one (by whole names: <root>-venv is not under root)."""
+    return any(path == r.rstrip(os.sep) or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
 def outside(paths, root):
-    """The entries of `paths` (sys.path) that lie outside the folder `root`: a sibling whose name only begins with
-    root's (a virtual environment at <root>-venv, say) is outside it."""
-    root = os.path.realpath(root)
-    return [p for p in paths if p and os.path.commonpath([os.path.realpath(p), root]) != root]
+    """The entries of `paths` (sys.path) that lie outside the folder `root`, such as a virtual environment beside
+    it at <root>-venv."""
+    return [p for p in paths if p and not under(os.path.realpath(p), [os.path.realpath(root)])]
 
 
 def confine(writable, hidden, refused, readable=(), strict=False):
@@ -260,8 +264,6 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     def refuse(what):
         refused.append(what)
         raise PermissionError(f"grade: the submission's process may not {what}")
-    def under(path, roots):
-        return any(path == r.rstrip(os.sep) or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
     def hook(event, args):
         if event in REFUSED:
             refuse(REFUSED[event])
