@@ -90,7 +90,7 @@ def parse_args(argv, lab):
                                                   "runs"), help="folder for results and plots (default: runs/)")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
     p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, "
-                   "BABILong's qa1 and qa2 on streams up to 262,144), then read streams of up to 11M tokens")
+                   "BABILong's qa1 and qa2 on streams up to 524,288), then read streams of up to 11M tokens")
     args = p.parse_args(argv)
     try:
         default = "cuda" if torch.cuda.is_available() else "cpu"
