@@ -297,8 +297,7 @@ CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream t
 # fact about as far as training asked (trained to 262,144, the SSM recalled half the facts further back in 1M).
 # A model trains a stage only while its step takes <= 0.3 s (graphed, alone on one GPU; results/README.md, Scale):
 # at 1,048,576 the SSM's would take 0.41 s and 89 GiB, attention's 4.8 s, so the curriculum ends at 524,288.
-BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[L, L] for L in (2 ** 12, 2 ** 14, 2 ** 16,
-                                                                                       2 ** 18, 2 ** 19)]
+BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[2 ** k] * 2 for k in (12, 14, 16, 18, 19)]
 BABI_STEPS = [1000] * 4 + [250] * 5
 SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
     "attention": (262144, "a step at 524,288 tokens takes about 1 s (time ~ T^2: 0.25 s at 262,144), over the 0.3 s "
