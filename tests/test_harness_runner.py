@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -82,11 +83,11 @@ def test_workers_end_with_the_main_process_however_it_is_stopped(tmp_path):
 def test_threads_of_run_all_stop_when_it_is_stopped():
     """Threads cannot be killed like worker processes: when one run raises (Ctrl-C reaches the main thread), run_all
     sets STOP, which the others see at their next piece, waits for them, and clears it for the next command."""
-    seen = []
+    seen, started = [], threading.Barrier(3)
 
     def work(spec):
+        started.wait(timeout=10)                      # all three running (a loaded machine may start one late)
         if spec["i"] == 0:
-            time.sleep(0.1)
             raise KeyboardInterrupt
         for _ in range(3000):                         # 30 s unless told to stop
             if runner.STOP.is_set():
