@@ -443,8 +443,8 @@ def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch)
     monkeypatch.setattr(compare, "train", fake_train)
     monkeypatch.setattr(compare, "evaluate", fake_evaluate)
     threads = torch.get_num_threads()
-    args = parse(["--preset", "smoke", "--models", "attention,hrm", "--tasks", "copy,maze",
-                               "--out", str(tmp_path)])
+    args = parse(["--preset", "smoke", "--models", "attention,hrm", "--tasks", "copy,maze", "--device", "cpu",
+                  "--out", str(tmp_path)])
     copy, maze = (next(s for s in compare.make_specs(args) if s["model"] == m and s["task"] == t)
                   for m, t in [("attention", "copy"), ("hrm", "maze")])
     try:
