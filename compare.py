@@ -640,8 +640,8 @@ def main(argv=None):
     models = list(dict.fromkeys(m for t in command.tasks for m in task_models(command, t)))
     text, figures = report.report(chosen, meta, command.tasks, models, sys.modules[__name__])
     if command.scale:   # its figure is the streams'; the runs' own test is only at the training length
-        streams_text, panels = scale.streams_report(results["streams"], sys.modules[__name__])
-        text, figures = text + "\n" + streams_text, {"streams": panels}
+        streams_text, figures = scale.streams_report(results["streams"], sys.modules[__name__])
+        text += "\n" + streams_text
     report.publish(text, figures, chosen, meta, sys.modules[__name__])
     return 0
 

@@ -132,7 +132,7 @@ def plot(path, panels, models, title=None):
 
 ACCURACY = dict(ylim=(-0.03, 1.03))
 BANDS = "the mean over seeds, the band from the lowest seed to the highest"
-FIGURES = ("length", "dial", "tradeoff", "segments", "depth", "streams")   # every figure a report may draw
+FIGURES = ("length", "dial", "tradeoff", "segments", "depth", "streams", "gap")   # every figure a report may draw
 CAPTIONS = {   # what a report's figure plots (each line above where its runs were made)
     "length": f"Token accuracy against test length (recall: key-value pairs): {BANDS};\n"
               "dotted: the longest training length; dashed: chance (flip-flop's 0.5)",
@@ -316,7 +316,7 @@ def publish(text, figures, runs, meta, lab):
             os.remove(f"{out}_{name}.png")
     made = collections.Counter(f"{r.get('device_name')}, commit {r.get('commit')}" for r in runs)
     title = "; ".join(f"{where} ({n} runs)" if len(made) > 1 else where for where, n in made.most_common())
-    if "streams" in figures:
+    if "streams" in figures:   # (and "gap", its first BABILong panel)
         title = f"trained on {title}; read on {meta['device_name']}, commit {meta['commit']}"
     for name, panels in figures.items():
         plot(f"{out}_{name}.png", panels, lab.MODELS, "\n".join(filter(None, [CAPTIONS.get(name), title])))

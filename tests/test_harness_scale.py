@@ -105,7 +105,7 @@ def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_pa
     assert read == [1000, 1000]                                     # the warm-up, then the first length only
     assert [r["length"] for r in rows] == [1000, 100_000] and rows[0]["seconds"] == 0.0
     assert "40 s predicted" in rows[1]["wall"]
-    marks = scale.streams_report(rows, compare)[1][0]["marks"]   # the figure: where it trained, where it stopped
+    marks = scale.streams_report(rows, compare)[1]["streams"][0]["marks"]   # the figure: where it trained, where it stopped
     assert marks == [(64, "attention", "trained"), (100_000, "attention", "wall")]
 
 
@@ -199,7 +199,9 @@ def test_a_babilong_cell_stops_reading_once_it_answers_at_chance_twice(tmp_path,
         stopped = [r for r in rows if r.get("wall")]
         assert all(r.get("at_chance") and "not read: at or below chance" in r["wall"] for r in stopped)
         assert len(stopped) == (want[-1] == 4000)
-        assert scale.streams_report(rows, compare)[1][0]["marks"] == [(64, "ssm", "trained")]   # no wall drawn
+        figures = scale.streams_report(rows, compare)[1]
+        assert figures["streams"][0]["marks"] == [(64, "ssm", "trained")]   # no wall drawn
+        assert [p["lines"] for p in figures["gap"]] == ([figures["streams"][0]["lines"]] if t != "flipflop" else [])
         read.clear()   # stored, the rows are the cell's whole reading: nothing is read again
         again = []
         scale.read_streams({("ssm", t): [run]}, lengths, ["cpu"], str(tmp_path), again, lambda: None, compare, rows)
