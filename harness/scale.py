@@ -183,7 +183,8 @@ def read_streams(best, lengths, devices, out, rows, save, lab, stored=()):
 
 def streams_report(rows, lab):
     """The tables of --scale's reading, and its figures: accuracy (with its 95% interval) per task and peak memory
-    against length; the first BABILong task's panel alone. BABILong scores one answer per stream, so its interval is over the streams read."""
+    against length; the first BABILong task's panel alone. BABILong scores one answer per stream, so its interval
+    is over the streams read."""
     def accuracy(r):
         low, high = wilson(r["token_acc"], r["scored"])
         return f"{r['token_acc']:.3f} [{low:.3f}, {high:.3f}]"
@@ -236,4 +237,5 @@ def streams_report(rows, lab):
         "stable; BABILong's deciding fact lies at a uniform depth, so its accuracy by that depth (below) tests how far "
         "a fact is carried.", "",
         md_table(["model", "task", "trained to", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s",
-                  "peak MiB", "state floats"], [cells(r) for r in rows]), ""] + depth_table), dict(streams=panels, gap=gap)
+                  "peak MiB", "state floats"], [cells(r) for r in rows]), ""] + depth_table), dict(
+        streams=panels, gap=gap)

@@ -105,7 +105,7 @@ def test_attention_stops_at_the_predicted_time_cap_even_after_a_fast_read(tmp_pa
     assert read == [1000, 1000]                                     # the warm-up, then the first length only
     assert [r["length"] for r in rows] == [1000, 100_000] and rows[0]["seconds"] == 0.0
     assert "40 s predicted" in rows[1]["wall"]
-    marks = scale.streams_report(rows, compare)[1]["streams"][0]["marks"]   # the figure: where it trained, where it stopped
+    marks = scale.streams_report(rows, compare)[1]["streams"][0]["marks"]   # the figure: where it trained, stopped
     assert marks == [(64, "attention", "trained"), (100_000, "attention", "wall")]
 
 
