@@ -580,7 +580,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill PID`), raised in the main process so that it stops the command as Ctrl-C does."""
 
 
-def terminated(signum, frame):
+def terminated(signum, frame):   # once: `timeout` signals the process and then its group, so it comes twice
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 
@@ -632,8 +633,9 @@ def main(argv=None):
                 f"{' and '.join(kept)} are saved in {path}; run the same command to go on from there" if kept
                 else "nothing new was saved"))
             return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
+        finally:   # (once stopped by SIGTERM, a second one is ignored until the process ends)
+            if signal.getsignal(signal.SIGTERM) is terminated:
+                signal.signal(signal.SIGTERM, sigterm)
         meta.update(wall_time_s=round(time.time() - start, 1), runs_run=len(trained),
                     runs_reused=len(chosen) - len(trained))
         store.save_json(path, results)
