@@ -54,8 +54,8 @@ def still_running(pids, seconds=15):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process table from /proc (Linux)")
 def test_workers_end_with_the_main_process_however_it_is_stopped(tmp_path):
-    """Two commands with two workers each, stopped mid-run. `kill PID` (SIGTERM) stops one as Ctrl-C does: a
-    message, the finished runs kept, exit status 143 (128 + SIGTERM), its workers ended, however many come. `kill -9` cannot be
+    """Two commands with two workers each, stopped mid-run. `kill PID` (SIGTERM, however many) stops one as Ctrl-C
+    does: a message, the finished runs kept, exit status 143 (128 + SIGTERM), its workers ended. `kill -9` cannot be
     caught: the other's workers notice that their parent is gone and end within seconds, mid-run."""
     jobs = {sig: smoke_command(tmp_path / sig.name, "--models", "attention,ssm", "--tasks", "copy,flipflop",
                                "--workers", "2", steps=300) for sig in (signal.SIGTERM, signal.SIGKILL)}
