@@ -222,7 +222,8 @@ def streams_report(rows, lab):
                                                          for v, n in zip(r["by_depth"], r["depth_counts"])]
          for r in deep]), ""] if deep else []
     gap = [dict(p, legend=2, title=f"Filtering across a long gap: {p['title']}, one answer a stream",
-                xlabel="stream length in tokens (log scale); dotted: trained to, wall")
+                marks=[m[:2] for m in p["marks"]], xlabel="stream length in tokens; dotted: each model's longest "
+                "training stream or its wall")
            for p in panels if p["title"].startswith("babilong")][:1]   # the README's opening figure, beside recall
     return "\n".join([
         "## Streams: read with the weights trained above (" + "; ".join(
