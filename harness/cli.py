@@ -125,8 +125,10 @@ def parse_args(argv, lab):
         if t not in preset["tasks"] and not args.bench:
             has = [f"--preset {n}" if n != "scale" else "--scale" for n, pr in lab.PRESETS.items()
                    if t in pr["tasks"] and n != name]
-            p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}"
-                    + (f" (try {' or '.join(has)})" if has else ""))
+            blind = command.chosen_models and lab.is_grid(t) and not any(map(lab.reads_grids, command.models))
+            p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}" + (
+                f", and none of {', '.join(command.models)} can run it: a grid task is read both ways, which only "
+                "attention (and its variants) and HRM do" if blind else f" (try {' or '.join(has)})" if has else ""))
     for t in [] if args.bench else command.tasks:  # ask each task whether it can make what we will ask of it
         b = preset["tasks"][t]
         task = tasks.TASKS[t](**b.options)   # (one task: the maze makes its training set once per size)
