@@ -9,7 +9,9 @@ import math
 import os
 import re
 import runpy
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -745,3 +747,23 @@ def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
     assert [b for b, _ in drawn] == [16, 2, 2, 1, 1, 1] and compare.stage_steps([1, 2, 3], 3) == [1, 2, 3]
     compare.train(model, task, 7, 16, 1e-3, plan, tokens_per_step=2048, restarts=True)   # 7 steps: 3, 2 and 2
     assert [round(r / 1e-3, 2) for r in rates[-7:]] == [1, 0.75, 0.25, 1, 0.5, 1, 0.5]
+
+
+def test_a_stop_by_sigterm_gives_the_callers_handler_back(tmp_path, monkeypatch, capsys):
+    """In-process, main() stopped by SIGTERM returns 143 with the caller's SIGTERM handler in place again (during
+    the stop, later SIGTERMs are ignored: `timeout` sends two)."""
+    def stopped(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                                 # (the handler raises before this ends)
+
+    def callers(signum, frame):
+        raise AssertionError("the caller's handler ran")
+    monkeypatch.setattr(compare, "run_phases", stopped)
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy", "--out",
+                             str(tmp_path)]) == 143
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "stopped by SIGTERM: nothing new was saved" in capsys.readouterr().out
