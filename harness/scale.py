@@ -235,8 +235,8 @@ def streams_report(rows, lab):
         "Accuracy is over scored positions: one per BABILong stream, so its 95% Wilson interval is over the streams; "
         "flip-flop's reads in one stream are not independent, so its interval is too narrow. What each task tests: "
         "flip-flop's last write is ~20 tokens back at any length, so a long stream tests that a recurrence stays "
-        "stable; BABILong's deciding fact lies at a uniform depth, so its accuracy by that depth (below) tests how far "
-        "a fact is carried.", "",
+        "stable; BABILong's facts are scattered through the stream, so its accuracy by the deciding fact's depth "
+        "(below) tests how far a fact is carried.", "",
         md_table(["model", "task", "trained to", "length", "batch", "accuracy [95% interval]", "scored", "tokens/s",
                   "peak MiB", "state floats"], [cells(r) for r in rows]), ""] + depth_table), dict(
         streams=panels, gap=gap)
