@@ -13,6 +13,7 @@ import tasks
 SEEDS = 2 ** 32         # seeds are 0 .. 2**32 - 1, so every generator seed made from one fits
 LR_RANGE = (1e-6, 1.0)  # AdamW moves a weight by about lr a step: below, nothing is learnt; above, steps outgrow it
 MAX_TEST_TOKENS = 2 ** 16   # evaluate's batch (max_tokens): a longer test sequence is --scale's to read in pieces
+BOTH_WAYS = "a grid task (the maze) is read both ways, which only attention (and its variants) and HRM do"
 
 
 class Parser(argparse.ArgumentParser):
@@ -127,8 +128,8 @@ def parse_args(argv, lab):
                    if t in pr["tasks"] and n != name]
             blind = command.chosen_models and lab.is_grid(t) and not any(map(lab.reads_grids, command.models))
             p.error(f"task {t!r} has no settings in preset {name!r}; it has {', '.join(preset['tasks'])}" + (
-                f", and none of {', '.join(command.models)} can run it: a grid task is read both ways, which only "
-                "attention (and its variants) and HRM do" if blind else f" (try {' or '.join(has)})" if has else ""))
+                f", and none of {', '.join(command.models)} can run it: {BOTH_WAYS}" if blind
+                else f" (try {' or '.join(has)})" if has else ""))
     for t in [] if args.bench else command.tasks:  # ask each task whether it can make what we will ask of it
         b = preset["tasks"][t]
         task = tasks.TASKS[t](**b.options)   # (one task: the maze makes its training set once per size)
@@ -142,8 +143,7 @@ def parse_args(argv, lab):
                 p.error(f"--test-lengths {L}: {t} at that length is at least {tokens:,} tokens, more than evaluate "
                         f"reads at once ({MAX_TEST_TOKENS:,}); longer streams are read in pieces by --scale")
     if not args.bench and not any(lab.task_models(command, t) for t in command.tasks):
-        p.error(f"none of {', '.join(command.models)} can run {', '.join(command.tasks)}: a grid task (the maze) is "
-                "read both ways, which only attention (and its variants) and HRM do")
+        p.error(f"none of {', '.join(command.models)} can run {', '.join(command.tasks)}: {BOTH_WAYS}")
     skipped = [f"{m} on {t}" for t in command.tasks for m in command.models
                if command.chosen_models and not args.bench and m not in lab.task_models(command, t)]
     if skipped:   # a grid task (the maze) is read bidirectionally: only attention and HRM can

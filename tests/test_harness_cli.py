@@ -52,7 +52,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--preset", "quick", "--tasks", "maze"], "no settings in preset 'quick'; it has copy, flipflop (try --preset "
                                                "smoke or --preset depth)"),
     (["--preset", "quick", "--tasks", "maze", "--models", "ssm"], "no settings in preset 'quick'; it has copy, "
-     "flipflop, and none of ssm can run it: a grid task is read both ways"),   # (no preset to try: none would do)
+     "flipflop, and none of ssm can run it: a grid task (the maze) is read both ways"),   # (no preset to try: none would do)
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
