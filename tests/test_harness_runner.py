@@ -67,10 +67,9 @@ def test_workers_end_with_the_main_process_however_it_is_stopped(tmp_path):
                     sig == signal.SIGKILL or (tmp_path / sig.name / "smoke.json").exists()):
                 workers[sig] = workers_of(job.pid)
                 job.send_signal(sig)
-                if sig == signal.SIGTERM:   # twice at once, as `timeout` does (the process, then its group), and
-                    job.send_signal(sig)    # once more while it stops: each later one is ignored
-                    time.sleep(0.3)
-                    job.send_signal(sig)
+                while sig == signal.SIGTERM and job.poll() is None:   # twice at once, as `timeout` does (the
+                    job.send_signal(sig)    # process, then its group), then every 1 ms until it has ended: each
+                    time.sleep(0.001)       # later one is ignored
         time.sleep(0.1)
     out, err = jobs[signal.SIGTERM].communicate(timeout=120)
     assert jobs[signal.SIGTERM].returncode == 143, err[-1500:]
