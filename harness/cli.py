@@ -148,13 +148,11 @@ def parse_args(argv, lab):
                if command.chosen_models and not args.bench and m not in lab.task_models(command, t)]
     if skipped:   # a grid task (the maze) is read bidirectionally: only attention and HRM can
         print(f"note: not run, since only models that read both ways run a grid task: {', '.join(skipped)}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out!r} is a file; expected a folder (new or existing) that this process can write to")
-    try:
+    try:   # a folder (new or existing) that this process can write to
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f".write-test.{os.getpid()}"), "w"):
-            pass
-        os.remove(os.path.join(args.out, f".write-test.{os.getpid()}"))
+        probe = os.path.join(args.out, f".write-test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
         p.error(f"--out {args.out!r}: {e.strerror.lower()}; expected a folder (new or existing) that this process can "
                 "write to")

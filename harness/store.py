@@ -43,30 +43,19 @@ def save_text(path, text):
 @contextlib.contextmanager
 def locked(path):
     """Hold <path>.lock (fcntl.flock, which the kernel releases however the holder ends) for the whole block, or stop
-    at once with one line naming the process that holds it. The lock file is removed when the block ends."""
-    lock_path = path + ".lock"
-    while True:
-        lock = open(lock_path, "a+")
+    at once with one line naming the process that holds it. The file stays (removing it would let a third command
+    lock a new file while a second still waits on the old one); only the lock on it says who holds it."""
+    with open(path + ".lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             sys.exit(f"compare.py: error: {path} is in use by compare.py, pid {lock.read().strip() or '?'}; wait for "
                      "it or use another --out")
-        try:   # the file we locked may have been removed by its last holder meanwhile: then lock the new one
-            if os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path)):
-                break
-        except FileNotFoundError:
-            pass
-        lock.close()
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    try:
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
         yield
-    finally:
-        os.remove(lock_path)
-        lock.close()
 
 
 def load(path, preset):

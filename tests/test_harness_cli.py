@@ -74,7 +74,7 @@ def test_a_maze_size_with_no_fresh_test_maze_is_one_line(monkeypatch, capsys):
 
 def test_out_must_be_a_writable_folder(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    cases = [(tmp_path / "a_file", "is a file;"), (tmp_path / "a_file" / "below", ": not a directory;")]
+    cases = [(tmp_path / "a_file", ": file exists;"), (tmp_path / "a_file" / "below", ": not a directory;")]
     if os.path.isdir("/proc"):                      # a folder where no file can be made (Linux)
         cases.append(("/proc", ": "))
     for out, why in cases:
