@@ -43,8 +43,8 @@ def save_text(path, text):
 @contextlib.contextmanager
 def locked(path):
     """Hold <path>.lock (fcntl.flock, which the kernel releases however the holder ends) for the whole block, or stop
-    at once with one line naming the process that holds it. The file stays (removing it would let a third command
-    lock a new file while a second still waits on the old one); only the lock on it says who holds it."""
+    at once with one line naming the process that holds it. The file stays (removing it would let a later command
+    lock a new file of that name while another still holds the old one); only the lock on it says who holds it."""
     with open(path + ".lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
