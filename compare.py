@@ -56,7 +56,7 @@ import titans
 from harness import bench, cli, report, runner, scale, store
 from harness.graphs import StepGraphs
 
-PROTOCOL = 8   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+PROTOCOL = 9   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
 # Subnormal floats (products of many decays in the recurrent cores) are up to 100x slower on CPUs; zero them.
 torch.set_flush_denormal(True)
 
@@ -112,7 +112,8 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
     own, as if it were a training of its own from the last one's weights), gradient clipping. Each batch draws its
     length uniformly from train_lengths = [lo, hi], or from the stage of a curriculum [[lo, hi], ...] that the step
     falls in (`stage_steps`: equal shares, or a count a stage), with that stage's batch (`stage_batches`: fewer
-    streams once they are long).
+    streams once they are long) and a rate scaled by the square root of its share of batch_size, since a gradient
+    over fewer examples is noisier (the rate of Adam's square-root scaling rule, Malladi et al. arXiv 2205.10287).
     HRM: one loss per segment (deep supervision), one step on their mean.
     On CUDA with graphs=True every step is replayed from a CUDA graph (`StepGraphs`). Losses stay on the device and
     are read every `check_every` steps. Returns the losses, ending at the first non-finite one if it diverged."""
@@ -132,7 +133,8 @@ def train(model, task, steps, batch_size, lr, train_lengths, device="cpu", seed=
 
     def schedule(s):   # the lr's factor at step s: its place in the schedule it belongs to, and that one's length
         at, span = (s - first[stage_of[s]], counts[stage_of[s]]) if restarts else (s, steps)
-        return min((at + 1) / max(1, int(warmup * span)), 0.5 * (1 + math.cos(math.pi * at / span)))
+        return min((at + 1) / max(1, int(warmup * span)), 0.5 * (1 + math.cos(math.pi * at / span))) * math.sqrt(
+            batches[stage_of[s]] / batch_size)
 
     def step(x, y):
         with autocast(device, cache=not fast):

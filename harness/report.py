@@ -181,9 +181,10 @@ def report(runs, meta, task_names, model_names, lab):
     def total(r):   # a run's steps in all (a curriculum may give each stage its own count)
         return sum(r["steps"]) if isinstance(r["steps"], list) else r["steps"]
 
-    def batches(r):   # "128", or a batch per stage when long stages take fewer streams
+    def batches(r):   # "128", or a batch per stage when long stages take fewer streams (and a lower rate)
         sizes = lab.stage_batches(r["train"], r["batch_size"], r.get("tokens_per_step"))
-        return str(sizes[0]) if len(set(sizes)) == 1 else ", ".join(map(str, sizes))
+        return str(sizes[0]) if len(set(sizes)) == 1 else ", ".join(map(str, sizes)) + (
+            f" (a stage's lr x sqrt(batch / {r['batch_size']}))")
     walls = [f"- {m} on {t} stops at its wall, after the stages up to {stages(rs[0]['train'])[-1][1]:,} tokens "
              f"({total(rs[0])} steps): {rs[0]['train_wall']}" for t, cs in cells.items() for m, rs in cs
              if rs[0].get("train_wall")]

@@ -724,13 +724,14 @@ def test_scale_runs_keep_their_weights_in_files_of_their_own_and_a_wall_keeps_a_
 def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
     """A curriculum's long stages at a tiny size: each step draws its stage's batch (16 streams of <= 64 tokens, then
     2 of 1,024 and 1 of 4,096 at 2,048 tokens a step), and the SSM and RMT (truncated BPTT) train on them; with
-    `restarts` the lr's warm-up and cosine start again at each stage."""
+    `restarts` the lr's warm-up and cosine start again at each stage; a stage's rate is scaled by the square root of
+    its share of the batch (1, 2/16, 1/16)."""
     task = tasks.TASKS["babilong_qa1"]()
     drawn, real = [], task.sample
     monkeypatch.setattr(task, "sample", lambda b, L, g, device: drawn.append((b, L)) or real(b, L, g, device))
     plan = [[33, 64], [1024, 1024], [4096, 4096]]
     assert compare.stage_batches(plan, 16, 2048) == [16, 2, 1] and compare.stage_batches(plan, 16) == [16] * 3
-    rates, step = [], torch.optim.AdamW.step
+    rates, step, root = [], torch.optim.AdamW.step, [1, math.sqrt(2 / 16), math.sqrt(1 / 16)]
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda opt, *a: rates.append(opt.param_groups[0]["lr"]) or step(opt))
     for name, options in [("ssm", {}), ("rmt", dict(bptt_depth=4))]:
         drawn.clear()
@@ -738,15 +739,17 @@ def test_a_long_stage_trains_on_a_cpu_with_fewer_streams_a_step(monkeypatch):
         losses = compare.train(model, task, 6, 16, 1e-3, plan, tokens_per_step=2048, restarts=name == "rmt")
         assert len(losses) == 6 and all(map(math.isfinite, losses))
         cosine = [1, 0.5] * 3 if name == "rmt" else [1, .93, .75, .5, .25, .07]   # rmt: restarts, a stage each
-        assert [round(r / 1e-3, 2) for r in rates[-6:]] == cosine
+        assert rates[-6:] == pytest.approx([1e-3 * c * root[k] for c, k in zip(cosine, [0, 0, 1, 1, 2, 2])], abs=1e-5)
         assert [b for b, _ in drawn] == [16, 16, 2, 2, 1, 1] and [L for _, L in drawn[2:]] == [1024] * 2 + [4096] * 2
     drawn.clear()                                  # a count of steps a stage: 1, 2 and 3 steps, each its own schedule
     model = compare.build_model("ssm", task.vocab_size, d_model=16, n_layers=1)
     assert len(compare.train(model, task, [1, 2, 3], 16, 1e-3, plan, tokens_per_step=2048, restarts=True)) == 6
-    assert [round(r / 1e-3, 2) for r in rates[-6:]] == [1, 1, 0.5, 1, 0.75, 0.25]
+    assert rates[-6:] == pytest.approx([1e-3 * c * root[k] for c, k in zip([1, 1, 0.5, 1, 0.75, 0.25],
+                                                                             [0, 1, 1, 2, 2, 2])], abs=1e-5)
     assert [b for b, _ in drawn] == [16, 2, 2, 1, 1, 1] and compare.stage_steps([1, 2, 3], 3) == [1, 2, 3]
     compare.train(model, task, 7, 16, 1e-3, plan, tokens_per_step=2048, restarts=True)   # 7 steps: 3, 2 and 2
-    assert [round(r / 1e-3, 2) for r in rates[-7:]] == [1, 0.75, 0.25, 1, 0.5, 1, 0.5]
+    assert rates[-7:] == pytest.approx([1e-3 * c * root[k] for c, k in zip([1, 0.75, 0.25, 1, 0.5, 1, 0.5],
+                                                                             [0, 0, 0, 1, 1, 2, 2])], abs=1e-5)
 
 
 def test_a_stop_by_sigterm_gives_the_callers_handler_back(tmp_path, monkeypatch, capsys):

@@ -86,13 +86,15 @@ def test_the_budget_table_gives_each_stage_its_batch_and_names_the_walls():
             stored_run(model="ssm", train=plan, steps=30, **common)]
     meta = dict(preset="scale", command="test", device_name="CPU", torch="-", commit="-", lrs=[0.003])
     text, _ = report.report(runs, meta, ["babilong_qa1"], ["rmt", "ssm"], compare)
-    assert "| babilong_qa1 | 30 | 128, 128, 32 | 33-64, 2048, 8192 (a third of the steps each) | 512 | - |" in text
+    assert ("| babilong_qa1 | 30 | 128, 128, 32 (a stage's lr x sqrt(batch / 128)) | 33-64, 2048, 8192 (a third of the "
+            "steps each) | 512 | - |") in text
     assert "- rmt on babilong_qa1 stops at its wall, after the stages up to 2,048 tokens (20 steps): time: too slow" \
         in text
     runs = [stored_run(model="rmt", train=plan[:2], steps=[15, 5], train_wall="time: too slow", **common),
             stored_run(model="ssm", train=plan, steps=[15, 5, 5], **common)]   # a count of steps a stage: in all
     text, _ = report.report(runs, meta, ["babilong_qa1"], ["rmt", "ssm"], compare)
-    assert "| babilong_qa1 | 25 | 128, 128, 32 | 33-64, 2048, 8192 (15, 5, 5 steps) | 512 | - |" in text
+    assert ("| babilong_qa1 | 25 | 128, 128, 32 (a stage's lr x sqrt(batch / 128)) | 33-64, 2048, 8192 (15, 5, 5 "
+            "steps) | 512 | - |") in text
     assert "up to 2,048 tokens (20 steps): time: too slow" in text and "| ssm | babilong_qa1 |" in text
     assert [row.split(" | ")[6] for row in text.splitlines() if row.startswith("| ssm | babilong_qa1")] == ["25"]
 
