@@ -587,6 +587,10 @@ def terminated(signum, frame):   # once: `timeout` signals the process and then 
     raise Terminated
 
 
+def quiet(hook):   # the unraisable-error hook, but silent on a SIGTERM that arrived while the handler turned to SIG_IGN
+    return lambda error: None if "ignored due to race condition" in str(error.exc_value) else hook(error)
+
+
 def main(argv=None):
     command = cli.parse_args(argv, sys.modules[__name__])
     cuda = command.device.startswith("cuda")
@@ -618,7 +622,8 @@ def main(argv=None):
             trained.append(record)
             meta.update(wall_time_s=round(time.time() - start, 1), runs_run=len(trained))
             store.save_json(path, results)
-        sigterm = signal.signal(signal.SIGTERM, terminated)
+        sigterm, unraisable = signal.signal(signal.SIGTERM, terminated), sys.unraisablehook
+        sys.unraisablehook = quiet(unraisable)      # (CPython reports it with a traceback; it is one to ignore)
         try:
             chosen = run_phases(command, runs, save, workers, devices)
             if command.scale:                       # read the long streams with the weights of the chosen runs
@@ -638,6 +643,7 @@ def main(argv=None):
         finally:   # the caller's handler back; where it was SIGTERM's default, a stopping process ignores more
             stopping = sigterm == signal.SIG_DFL and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
             signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else sigterm)
+            sys.unraisablehook = unraisable
         meta.update(wall_time_s=round(time.time() - start, 1), runs_run=len(trained),
                     runs_reused=len(chosen) - len(trained))
         store.save_json(path, results)
