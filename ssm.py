@@ -6,8 +6,8 @@ decays the state by a data-dependent amount and writes the token into it, h_t = 
 dt_t x_t B_t^T, then reads it out with y_t = h_t C_t. Because dt, B and C depend on the token ("selection"),
 it can ignore noise and hold on to what matters, for any length, at constant cost per token: this is why it
 should win on long noisy streams (flipflop, babilong; the README's claim C2). Because the state has a fixed size
-(H * K * N floats per layer), it cannot copy or recall more than that state holds (copy, recall; C1). N is the
-dial of that trade-off.
+(H * K * N floats per layer, plus the short convolution's last inputs: `state_size`), it cannot copy or recall
+more than that state holds (copy, recall; C1). N is the dial of that trade-off.
 
 A loop over time is slow on a GPU (T small kernel launches). Mamba-2's SSD algorithm computes the same thing
 in chunks of Q tokens with a handful of matrix multiplications: inside a chunk it is a masked attention-like
@@ -283,7 +283,7 @@ class Mamba(nn.Module):
 
 if __name__ == "__main__":
     argparse.ArgumentParser(description="A smoke run of Mamba: parameters, the logits' shape, the state "
-                                        "size. (compare.py --bench times ssd_scan against ssd_scan_ref.)").parse_args()
+                                        "size.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.manual_seed(0)

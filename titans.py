@@ -395,8 +395,7 @@ class Titans(nn.Module):
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description="A smoke run of Titans: parameters, the logits' shape, the state size. "
-                                        "(compare.py --bench times neural_memory against neural_memory_ref.)"
+    argparse.ArgumentParser(description="A smoke run of Titans: parameters, the logits' shape, the state size."
                             ).parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
