@@ -41,6 +41,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--models", "attention,"], "--models: expected comma-separated names, got 'attention,'"),
     (["--lrs", "1e-3,"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e-3,'"),
     (["--model", "ssm"], "unrecognized arguments: --model ssm"),      # no prefix of --models is taken for it
+    (["--preset", "scale"], "--preset: expected one of smoke, quick, full, depth, got 'scale' (--scale and --bench"),
     (["--bench", "--tasks", "copy", "--seeds", "1"], "--bench trains nothing and stores no runs: it takes --models, "
                                                       "--test-lengths, --preset (the model size), --device and --out, "
                                                       "not --tasks, --seeds"),
