@@ -588,7 +588,8 @@ def terminated(signum, frame):   # once: `timeout` signals the process and then 
 
 
 def quiet(hook):   # the unraisable-error hook, but silent on a SIGTERM that arrived while the handler turned to SIG_IGN
-    return lambda error: None if "ignored due to race condition" in str(error.exc_value) else hook(error)
+    race = f"Signal {int(signal.SIGTERM)} ignored due to race condition"
+    return lambda error: None if isinstance(error.exc_value, OSError) and str(error.exc_value) == race else hook(error)
 
 
 def main(argv=None):
@@ -622,9 +623,10 @@ def main(argv=None):
             trained.append(record)
             meta.update(wall_time_s=round(time.time() - start, 1), runs_run=len(trained))
             store.save_json(path, results)
-        sigterm, unraisable = signal.signal(signal.SIGTERM, terminated), sys.unraisablehook
-        sys.unraisablehook = quiet(unraisable)      # (CPython reports it with a traceback; it is one to ignore)
+        sigterm, unraisable = signal.getsignal(signal.SIGTERM), sys.unraisablehook
         try:
+            signal.signal(signal.SIGTERM, terminated)
+            sys.unraisablehook = quiet(unraisable)  # (CPython reports it with a traceback; it is one to ignore)
             chosen = run_phases(command, runs, save, workers, devices)
             if command.scale:                       # read the long streams with the weights of the chosen runs
                 stored, results["streams"], reading = results["streams"], [], True   # (stored rows come back if reused)

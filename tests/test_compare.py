@@ -757,13 +757,14 @@ def test_a_stop_by_sigterm_gives_the_callers_handler_back(tmp_path, monkeypatch,
     """In-process, main() stopped by SIGTERM returns 143 with the caller's SIGTERM handler in place again (during
     the stop, later SIGTERMs are ignored: `timeout` sends two). One caught as the handler turns to SIG_IGN, which
     CPython reports as an unraisable error with a traceback, is kept quiet while main runs; other errors are not."""
-    race, other = (types.SimpleNamespace(exc_value=OSError(m)) for m in ("Signal 15 ignored due to race condition",
-                                                                        "another"))
+    race, other, alike = (types.SimpleNamespace(exc_value=e) for e in (
+        OSError("Signal 15 ignored due to race condition"), OSError("Signal 2 ignored due to race condition"),
+        ValueError("Signal 15 ignored due to race condition")))
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
 
     def stopped(*args):
-        sys.unraisablehook(race), sys.unraisablehook(other)
+        sys.unraisablehook(race), sys.unraisablehook(other), sys.unraisablehook(alike)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)                                 # (the handler raises before this ends)
 
@@ -774,7 +775,8 @@ def test_a_stop_by_sigterm_gives_the_callers_handler_back(tmp_path, monkeypatch,
     try:
         assert compare.main(["--preset", "smoke", "--models", "attention", "--tasks", "copy", "--out",
                              str(tmp_path)]) == 143
-        assert signal.getsignal(signal.SIGTERM) is callers and sys.unraisablehook == seen.append and seen == [other]
+        assert signal.getsignal(signal.SIGTERM) is callers and sys.unraisablehook == seen.append
+        assert seen == [other, alike]
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "stopped by SIGTERM: nothing new was saved" in capsys.readouterr().out
