@@ -135,18 +135,24 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     y = ((C @ B.mT) * decay) @ xdt                                                  # (B, H, c, Q, K)
 
     # 2. The state each chunk leaves behind, from its own tokens only: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
-    #    Steps 2 and 4 take a log decay as a difference of cumsums, which `segsum` warns against; here it is
-    #    fine: a_cum restarts at each chunk, so the cancellation error is at most ~Q * max|a| * 1e-7 in fp32.
+    #    (Steps 2 and 4 use cumsums, which `segsum` warns against: fine, a_cum restarts each chunk: <= Q max|a| 1e-7)
     to_end = torch.exp(a_cum[..., -1:] - a_cum)[..., None]                          # (B, H, c, Q, 1)
     chunk_states = (xdt * to_end).mT @ B                                            # (B, H, c, K, N)
 
-    # 3. Across chunks: the state entering chunk m = sum over earlier chunks p of their states, decayed by the
-    #    total decay of chunks p+1..m-1; the initial state is chunk "-1". A (c+1) x (c+1) matmul per head: it
-    #    grows as (T/Q)^2, so a long stream is read in pieces (`Mamba.stream`), each carrying the state on.
+    # 3. Across chunks: h entering chunk m = h entering m-1, decayed by its total, + the state it left (h0: chunk -1).
+    #    The tokens' recurrence one level up: `carry` does steps 1-4 on groups of Q chunks, itself carrying the groups.
+    def carry(s, a):   # s (B, H, n, D), a (B, H, n) -> h (B, H, n, D): h_m = exp(a_m) h_(m-1) + s_m, h_(-1) = 0
+        n, G = a.shape[-1], max(Q, 2)
+        if n <= G:
+            return torch.exp(segsum(a)) @ s
+        s, a = (F.pad(t, (0, 0) * (t.dim() - 3) + (0, (-n) % G)).unflatten(2, (-1, G)) for t in (s, a))   # pads: a=s=0
+        inside, a_cum = torch.exp(segsum(a)) @ s, a.cumsum(dim=-1)               # each group from its own chunks
+        before = F.pad(carry(inside[..., -1, :], a_cum[..., -1]), (0, 0, 1, 0))[:, :, :-1]   # entering each group
+        return (inside + torch.exp(a_cum)[..., None] * before[..., None, :]).flatten(2, 3)[:, :, :n]
+
     h0 = x.new_zeros(b, H, K, N) if initial_state is None else initial_state
     chunk_states = torch.cat([h0[:, :, None], chunk_states], dim=2).flatten(-2)   # (B, H, c+1, K*N)
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))                 # (B, H, c+1, c+1)
-    states = (chunk_decay @ chunk_states).view(b, H, n_chunks + 1, K, N)           # after chunk m-1
+    states = carry(chunk_states, F.pad(a_cum[..., -1], (1, 0))).view(b, H, n_chunks + 1, K, N)   # after chunk m-1
     entering, final_state = states[:, :, :-1], states[:, :, -1]
 
     # 4. What the entering state contributes inside each chunk: y_i += exp(a_1 + ... + a_i) h_entering C_i
