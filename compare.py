@@ -298,7 +298,8 @@ CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream t
 # task by 512 tokens), then 4,096 to 524,288 tokens at about 2**17 tokens a step, 250 steps each: a gate keeps a
 # fact about as far as training asked (trained to 262,144, the SSM recalled half the facts further back in 1M).
 # A model trains a stage only while its step takes <= 0.3 s (graphed, alone on one GPU; results/README.md, Scale):
-# at 1,048,576 the SSM's would take 0.41 s and 89 GiB, attention's 4.8 s, so the curriculum ends at 524,288.
+# at 1,048,576 attention's would take 4.8 s and the SSM's 0.41 s and 89 GiB (timed before `ssd_scan` carried its
+# chunk states in linear time; not timed on a GPU since), so the curriculum ends at 524,288.
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[2 ** k] * 2 for k in (12, 14, 16, 18, 19)]
 BABI_STEPS = [1000] * 4 + [250] * 5
 SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
