@@ -142,7 +142,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     # 3. Across chunks: h entering chunk m = h entering m-1, decayed by its total, + the state it left (h0: chunk -1).
     #    The tokens' recurrence one level up: `carry` does steps 1-4 on groups of Q chunks, itself carrying the groups.
     def carry(s, a):   # s (B, H, n, D), a (B, H, n) -> h (B, H, n, D): h_m = exp(a_m) h_(m-1) + s_m, h_(-1) = 0
-        n, G = a.shape[-1], max(Q, 2)
+        n, G = a.shape[-1], max(Q, 2)                # groups of G >= 2 chunks: each level is shorter
         if n <= G:
             return torch.exp(segsum(a)) @ s
         s, a = (F.pad(t, (0, 0) * (t.dim() - 3) + (0, (-n) % G)).unflatten(2, (-1, G)) for t in (s, a))   # pads: a=s=0
