@@ -135,20 +135,20 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     y = ((C @ B.mT) * decay) @ xdt                                                  # (B, H, c, Q, K)
 
     # 2. The state each chunk leaves behind, from its own tokens only: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
-    #    (Steps 2 and 4 use cumsums, which `segsum` warns against: fine, a_cum restarts each chunk: <= Q max|a| 1e-7)
+    #    (Steps 2 and 4 subtract cumsums, as `segsum` warns not to: a_cum restarts per chunk, fp32 error ~Q max|a| 1e-7)
     to_end = torch.exp(a_cum[..., -1:] - a_cum)[..., None]                          # (B, H, c, Q, 1)
     chunk_states = (xdt * to_end).mT @ B                                            # (B, H, c, K, N)
 
     # 3. Across chunks: h entering chunk m = h entering m-1, decayed by its total, + the state it left (h0: chunk -1).
-    #    The tokens' recurrence one level up: `carry` does steps 1-4 on groups of Q chunks, itself carrying the groups.
-    def carry(s, a):   # s (B, H, n, D), a (B, H, n) -> h (B, H, n, D): h_m = exp(a_m) h_(m-1) + s_m, h_(-1) = 0
-        n, G = a.shape[-1], max(Q, 2)                # groups of G >= 2 chunks: each level is shorter
+    #    The tokens' recurrence one level up: `carry` scans it in groups of G chunks (step 1's matmul), recursively.
+    def carry(s, d):   # s (B, H, n, K*N), log decays d (B, H, n) -> h_m = exp(d_m) h_(m-1) + s_m, from h = 0
+        n, G = d.shape[-1], max(Q, 2)                # groups of G >= 2 chunks: each level is shorter
         if n <= G:
-            return torch.exp(segsum(a)) @ s
-        s, a = (F.pad(t, (0, 0) * (t.dim() - 3) + (0, (-n) % G)).unflatten(2, (-1, G)) for t in (s, a))   # pads: a=s=0
-        inside, a_cum = torch.exp(segsum(a)) @ s, a.cumsum(dim=-1)               # each group from its own chunks
-        before = F.pad(carry(inside[..., -1, :], a_cum[..., -1]), (0, 0, 1, 0))[:, :, :-1]   # entering each group
-        return (inside + torch.exp(a_cum)[..., None] * before[..., None, :]).flatten(2, 3)[:, :, :n]
+            return torch.exp(segsum(d)) @ s
+        s, d = (F.pad(t, (0, 0) * (t.dim() - 3) + (0, (-n) % G)).unflatten(2, (-1, G)) for t in (s, d))   # pads: 0
+        inside, d_cum = torch.exp(segsum(d)) @ s, d.cumsum(dim=-1)               # each group from its own chunks
+        before = F.pad(carry(inside[..., -1, :], d_cum[..., -1]), (0, 0, 1, 0))[:, :, :-1]   # entering each group
+        return (inside + torch.exp(d_cum)[..., None] * before[..., None, :]).flatten(2, 3)[:, :, :n]   # as step 4
 
     h0 = x.new_zeros(b, H, K, N) if initial_state is None else initial_state
     chunk_states = torch.cat([h0[:, :, None], chunk_states], dim=2).flatten(-2)   # (B, H, c+1, K*N)
