@@ -69,10 +69,10 @@ def parse_args(argv, lab):
     """The Command that argv asks for; `lab` is compare.py (its presets, models and protocol)."""
     offered = list(dict.fromkeys(t for p in lab.PRESETS.values() for t in p["tasks"]))
     p = Parser(description="Train every model on every task and compare them.", allow_abbrev=False)
-    presets = ", ".join(name for name in lab.PRESETS if name != "scale")
-    p.add_argument("--preset", type=lambda s: s if s in presets.split(", ") else p.error(
-        f"argument --preset: expected one of {presets}, got {s!r} (--scale and --bench are flags of their own)"),
-        help=f"{presets}; default: full on CUDA, quick otherwise")
+    presets = [name for name in lab.PRESETS if name != "scale"]
+    p.add_argument("--preset", type=lambda s: s if s in presets else p.error(f"argument --preset: expected one of "
+                   f"{', '.join(presets)}, got {s!r} (--scale and --bench are flags of their own)"),
+                   help=f"{', '.join(presets)}; default: full on CUDA, quick otherwise")
     p.add_argument("--models", type=csv(str, "names", bool), help=f"comma-separated, from: {', '.join(lab.MODELS)}")
     p.add_argument("--tasks", type=csv(str, "names", bool), help=f"comma-separated, from: {', '.join(offered)}")
     p.add_argument("--seeds", type=csv(int, f"integers from 0 to {SEEDS - 1}", lambda v: 0 <= v < SEEDS),
