@@ -16,7 +16,7 @@ Reading list
   5. Dehghani et al., "Universal Transformers", arXiv 1807.03819 (the same Blocks applied again and again:
      `loops`, the bench's control for HRM's recurrent depth).
 
-Glossary (the same letters are used in all five files)
+Glossary (the other files keep these letters; each one's own glossary names where it cannot)
   B batch, T time (sequence length), D model width, H heads, K head dim (D = H*K), V vocabulary.
   q, k, v    queries, keys, values, each (B, H, T, K)
   window w   with a window, query i sees keys j with i - w < j <= i (causal) or |i - j| < w (bidirectional)

@@ -1,8 +1,8 @@
 """
 HRM: the Hierarchical Reasoning Model, the "depth" end of the bench.
 
-Some inputs are small but need many sequential steps of computation: finding the one path through a maze,
-solving a Sudoku. A fixed stack of layers can only do as many steps as it has layers. HRM re-uses a few
+Some inputs are small but need many sequential steps of computation: finding the one path through a maze
+(the bench's `maze` task). A fixed stack of layers can only do as many steps as it has layers. HRM re-uses a few
 layers many times instead: a fast low-level module updates its state several times for every update of a
 slow high-level module, and the pair runs again and again over the same input, so the depth grows with
 compute, not with parameters; at test time it can simply run longer. It pays in compute per example, and on

@@ -6,8 +6,9 @@ decays the state by a data-dependent amount and writes the token into it, h_t = 
 dt_t x_t B_t^T, then reads it out with y_t = h_t C_t. Because dt, B and C depend on the token ("selection"),
 it can ignore noise and hold on to what matters, for any length, at constant cost per token: this is why it
 should win on long noisy streams (flipflop, babilong; the README's claim C2). Because the state has a fixed size
-(H * K * N floats per layer, plus the short convolution's last inputs: `state_size`), it cannot copy or recall
-more than that state holds (copy, recall; C1). N is the dial of that trade-off.
+(H * K * N floats per layer, plus the last few inputs of the short causal convolution that feeds the scan:
+`state_size`), it cannot copy or recall more than that state holds (copy, recall; C1). N is the dial of that
+trade-off.
 
 A loop over time is slow on a GPU (T small kernel launches). Mamba-2's SSD algorithm computes the same thing
 in chunks of Q tokens with a handful of matrix multiplications: inside a chunk it is a masked attention-like
@@ -27,7 +28,7 @@ Glossary (paper -> here)
   this file leaves to the readout C_t), c the chunk axis in shape comments (n_chunks chunks).
   x_t (B, T, H, K)  input per head          dt_t (B, T, H) step size > 0 (softplus)
   A (H,) < 0        decay rate per head      a_t = dt_t * A <= 0, the log of the decay at step t
-  B_t, C_t (B, T, N) input and output maps, shared by all heads (one group)
+  B_t, C_t (B, T, N) input and output maps, shared by all heads (one group); in a shape, B is the batch
   h_t (B, H, K, N)  the state: h_t = exp(a_t) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t   (Mamba-2 Eq. 2)
   segsum(a)[i, j] = a_{j+1} + ... + a_i for j <= i (else -inf): the log of the decay from step j to i.
   We discretise B with an Euler step (dt * B), as Mamba-2 does; A's step is exact (exp(dt * A)).

@@ -11,16 +11,17 @@ model beyond it (the README's claim C4).
 
 Training needs a parallel form. Following the paper (§3.2), the sequence is cut into chunks of C tokens and
 every gradient inside a chunk is taken at the weights of the chunk start; then the whole chunk is a few
-batched matmuls (the "dual form", as in TTT) and the loop runs over chunks only. C = 1 is exact online
-gradient descent; a larger C is a different, cheaper model (the surprise of a token ignores what earlier
-tokens of its chunk wrote). `neural_memory_ref` is the same computation token by token, with the gradients
+batched matmuls (the "dual form", as in test-time training, TTT) and the loop runs over chunks only. C = 1 is
+exact online gradient descent; a larger C is a different, cheaper model (the surprise of a token ignores what
+earlier tokens of its chunk wrote). `neural_memory_ref` is the same computation token by token, with the gradients
 taken by autograd: the spec that `neural_memory` is tested against.
 
-One addition to the paper: each token's inner gradient is clipped to norm `max_grad_norm` before it enters the
-momentum (as `max_grad_norm` in lucidrains/titans-pytorch). A step on the MLP memory's second layer is theta ||z||^2
-long, and z grows with the first layer's weights, so unclipped the inner loop can run away (the weights reached
-1e15 and the loss NaN at an outer lr of 1e-2); clipped, without forgetting (alpha = 0) the memory moves at most
-T theta c / (1 - eta) in T tokens, and forgetting only pulls it back towards 0.
+One addition to the paper: each token's inner gradient is clipped to norm c = `max_grad_norm` before it enters
+the momentum (as in lucidrains/titans-pytorch). With inner learning rate theta, a step on the MLP memory's second
+layer moves its output by theta ||z||^2 times the error, z being the hidden activation (the first layer's output),
+and z grows with the first layer's weights, so unclipped the inner loop can run away (the weights reached 1e15 and
+the loss NaN at an outer lr of 1e-2); clipped, and without forgetting (alpha = 0), momentum eta lets the memory
+move at most T theta c / (1 - eta) in T tokens, and forgetting only pulls it back towards 0.
 
 Not included: the paper's persistent memory (Eq. 19), a few learnable, data-independent tokens prepended to
 every sequence (MAG runs both of its branches on them, Eq. 26), meant to hold task knowledge and to give
@@ -37,7 +38,7 @@ Glossary (paper -> here)
   B batch, T time, D model width, H heads, K head dim, C chunk size, V vocabulary.
   q, k, v (B, H, T, K)      queries, keys, values per head; q and k have unit norm
   weights                   the memory M: (W,) for a linear map, (W1, W2) for an MLP, each (B, H, in, out)
-  momentum S                the same shapes: S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)   (Eq. 10)
+  momentum S                the same shapes: S_t = eta_t S_{t-1} - theta_t grad l(M_{t'-1}; k_t, v_t) (Eq. 10)
   M_t = (1 - alpha_t) M_{t-1} + S_t                                                                    (Eq. 13)
   theta, eta, alpha (B, H, T) per-token inner learning rate, momentum decay, forgetting gate, all in [0, 1)
   t'                        the first token of t's chunk: gradients are taken at M_{t'-1}              (Eq. 16)
