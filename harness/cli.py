@@ -89,8 +89,8 @@ def parse_args(argv, lab):
     p.add_argument("--workers", type=positive, help="runs at once, each in its own process (default: 4 per GPU, up "
                    "to 4 on a CPU; never more than the CPU cores). Processes take turns on a GPU, so more than a few "
                    "a GPU gain little; --scale reads its streams on GPUs in threads instead, up to 8 a GPU")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                  "runs"), help="folder for results and plots, made with its parents if missing (default: runs/)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs"),
+                   help="folder for results and plots, made with its parents if missing (default: runs/)")
     p.add_argument("--bench", action="store_true", help="measure time and memory against length instead of training")
     p.add_argument("--scale", action="store_true", help="train the scale preset (flip-flop at <= 256 tokens, "
                    "BABILong's qa1 and qa2 on streams up to 524,288), then read streams of up to 11M tokens")
