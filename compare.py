@@ -666,3 +666,6 @@ if __name__ == "__main__":
         if not str(blank).endswith(": see the docstring"):   # (torch's own: an operation missing on a device)
             raise
         sys.exit(f"compare.py: error: a core is not written yet ({blank}; pytest tests/test_<file>.py checks it)")
+    except torch.OutOfMemoryError as full:         # a run too big for its GPU even alone (harness/runner.py)
+        sys.exit(f"compare.py: error: {str(full).splitlines()[0]}; the runs finished are saved, and the same "
+                 "command goes on from there")

@@ -4,7 +4,12 @@ A graphed training step keeps a GPU busy on its own (processes time-slice a GPU:
 few workers a GPU are enough to overlap one run's host work with another's kernels. Reading long streams is the
 exception: there the cells run as threads of one process, each on a CUDA stream of its own, so their kernels do
 overlap (harness/scale.py). Ctrl-C stops the workers; every run that finished has been stored by then.
+
+Runs that share a GPU share its memory: a run that runs out of it beside others goes back in the queue, and from
+then on fewer run at once. A run out of memory alone is a real error and stops the command.
 """
+import functools
+import gc
 import os
 import signal
 import sys
@@ -33,6 +38,10 @@ def slow_first(spec):
     return spec["task"] != "maze", spec["model"] not in ("titans", "titans_lmm", "hrm", "hrm_last_cycle")
 
 
+def describe(spec):
+    return " ".join(f"{k}={spec[k]}" for k in ("model", "task", "lr", "seed") if k in spec) or "a run"
+
+
 def worker_start(parent):
     """Each worker process ignores Ctrl-C (the main process stops the workers and keeps every finished run), and
     ends as soon as the main process is gone, however it ended (kill -9 included)."""
@@ -45,6 +54,22 @@ def worker_start(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
+OUT_OF_MEMORY = "out of memory"
+
+
+def freeing(work, spec, empty_cache=True):
+    """work(spec), then this process's cached GPU memory handed back, so that the runs in other processes can have
+    it (each process keeps what its last run freed otherwise). Out of memory comes back as OUT_OF_MEMORY."""
+    try:
+        result = work(spec)
+    except torch.OutOfMemoryError:
+        result = OUT_OF_MEMORY            # (the failed run's tensors are freed with the error, after this block)
+    if empty_cache and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
 STOP = threading.Event()   # set when run_all is stopped: its threads (not processes) must see it and return
 
 
@@ -52,8 +77,10 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     """work(spec) for every spec, `workers` at a time: here (one worker) or in a pool of processes (or threads),
     each on the device with the fewest in flight; on_done(result) as each one ends, in this process."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
-    queue, running = sorted(specs, key=slow_first), {}           # running: future -> its device
+    queue, running = sorted(specs, key=slow_first), {}           # running: future -> (its device, its spec)
+    shared = {}                                                   # future -> whether another ran on its device
     cpu = None if threads else cpu_threads(workers)              # (threads share this process's torch threads)
+    run = functools.partial(freeing, work, empty_cache=not threads)   # (threads: never under another's graph capture)
     pool = None
     if workers > 1 and threads:
         pool = ThreadPoolExecutor(workers)
@@ -65,18 +92,30 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     try:
         while queue or running:
             while queue and len(running) < workers:
-                device = min(devices, key=list(running.values()).count)
-                spec = dict(queue.pop(0), device=device, threads=cpu)
+                devices_busy = [d for d, _ in running.values()]
+                device = min(devices, key=devices_busy.count)
+                spec = queue.pop(0)
+                for other, (d, _) in running.items():
+                    shared[other] = shared[other] or d == device
                 if pool:
-                    future = pool.submit(work, spec)
+                    future = pool.submit(run, dict(spec, device=device, threads=cpu))
                 else:                                             # one worker: run it here and now
                     future = Future()
-                    future.set_result(work(spec))
-                running[future] = device
+                    future.set_result(run(dict(spec, device=device, threads=cpu)))
+                running[future], shared[future] = (device, spec), device in devices_busy
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                del running[future]
-                on_done(future.result())
+                (device, spec), result = running.pop(future), future.result()
+                if isinstance(result, str) and result == OUT_OF_MEMORY:
+                    if not shared.pop(future):
+                        raise torch.OutOfMemoryError(f"{describe(spec)} ran out of memory on {device}, alone on it")
+                    workers = max(1, workers - 1)
+                    queue.insert(0, spec)
+                    tqdm.write(f"{describe(spec)} ran out of memory on {device} beside other runs: it goes back in "
+                               f"the queue, and at most {workers} run at once from now")
+                    continue
+                shared.pop(future)
+                on_done(result)
                 bar.update()
     except BaseException:
         STOP.set()                                                 # threads: each stops at its next piece

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from harness import runner
 
@@ -103,3 +104,37 @@ def test_threads_of_run_all_stop_when_it_is_stopped():
         runner.run_all([dict(i=i, task="flipflop", model="ssm") for i in range(3)], 3, ["cpu"], work, print,
                        threads=True)
     assert sorted(seen) == [1, 2] and not runner.STOP.is_set()
+
+
+def test_a_run_out_of_memory_beside_others_goes_back_in_the_queue_and_fewer_run_at_once():
+    """Runs share a GPU's memory: one that runs out of it while others run is not lost but queued again, and from then
+    on fewer run at once (here: one, so it runs alone and fits). Out of memory alone stops the command."""
+    active, most, lock, attempts = [0], {}, threading.Lock(), []
+    both_started = threading.Barrier(2)
+
+    def work(spec):
+        with lock:
+            active[0] += 1
+        try:
+            attempts.append(spec["i"])
+            if spec["i"] < 2 and attempts.count(spec["i"]) == 1:
+                both_started.wait(timeout=10)         # the first two start side by side
+            alongside = active[0]
+            if spec["model"] == "big" and alongside > 1:
+                raise torch.OutOfMemoryError("fake: CUDA out of memory")
+            time.sleep(0.05)
+            most[spec["i"]] = alongside
+            return {"i": spec["i"]}
+        finally:
+            with lock:
+                active[0] -= 1
+
+    done = []
+    specs = [dict(i=0, model="big", task="recall"), dict(i=1, model="small", task="recall"),
+             dict(i=2, model="small", task="copy")]
+    runner.run_all(specs, 2, ["cpu"], work, done.append, threads=True)
+    assert sorted(r["i"] for r in done) == [0, 1, 2]        # nothing lost, each stored once
+    assert attempts.count(0) == 2 and most[0] == 1          # the big run, once more, alone
+    with pytest.raises(torch.OutOfMemoryError, match="alone"):
+        runner.run_all([dict(i=5, model="big", task="recall")], 1, ["cpu"],
+                       lambda spec: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")), print)
