@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -665,7 +666,10 @@ if __name__ == "__main__":
     except NotImplementedError as blank:            # a student copy (tests/make_assignment.py): a core not written
         if not str(blank).endswith(": see the docstring"):   # (torch's own: an operation missing on a device)
             raise
-        sys.exit(f"compare.py: error: a core is not written yet ({blank}; pytest tests/test_<file>.py checks it)")
+        blanks = [name for module in (attention, ssm, rmt, titans, hrm) for name in   # every one, in the lesson's order
+                  re.findall(r'NotImplementedError\("([\w.]+): see the docstring"\)', open(module.__file__).read())]
+        sys.exit(f"compare.py: error: a core is not written yet ({blank}; pytest tests/test_<file>.py checks it)" + (
+            f"; not written yet, in the lesson's order: {', '.join(blanks)}" if len(blanks) > 1 else ""))
     except torch.OutOfMemoryError as full:         # a run too big for its GPU even alone (harness/runner.py)
         sys.exit(f"compare.py: error: {str(full).splitlines()[0]}; the runs finished are saved, and the same "
                  "command goes on from there")

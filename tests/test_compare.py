@@ -48,12 +48,16 @@ def test_a_core_not_written_yet_stops_with_one_line(argv, tmp_path, monkeypatch)
     def blank(*args, **kwargs):
         raise NotImplementedError("ssm.ssd_scan: see the docstring")
     monkeypatch.setattr(compare.ssm, "ssd_scan", blank)
+    for module, core in [(compare.ssm, "ssm.ssd_scan"), (compare.attention, "attention.attention")]:
+        (tmp_path / f"{core}.py").write_text(f'    raise NotImplementedError("{core}: see the docstring")\n')
+        monkeypatch.setattr(module, "__file__", str(tmp_path / f"{core}.py"))   # its source, as in a student copy
     monkeypatch.setattr(sys, "argv", ["compare.py", *argv, "--models", "ssm", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(ROOT, "compare.py"), run_name="__main__")
     message = str(stop.value)
     assert "\n" not in message and message.startswith("compare.py: error: a core is not written yet (ssm.ssd_scan: see "
                                                       "the docstring; ")
+    assert "; not written yet, in the lesson's order: attention.attention, ssm.ssd_scan" in message   # every one
 
 
 @pytest.mark.slow
