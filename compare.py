@@ -666,10 +666,12 @@ if __name__ == "__main__":
     except NotImplementedError as blank:            # a student copy (tests/make_assignment.py): a core not written
         if not str(blank).endswith(": see the docstring"):   # (torch's own: an operation missing on a device)
             raise
-        blanks = [name for module in (attention, ssm, rmt, titans, hrm) for name in   # every one, in the lesson's order
-                  re.findall(r'NotImplementedError\("([\w.]+): see the docstring"\)', open(module.__file__).read())]
+        blanks = []                                  # every one, in the lesson's order
+        for module in (attention, ssm, rmt, titans, hrm):
+            with open(module.__file__) as source:
+                blanks += re.findall(r'NotImplementedError\("([\w.]+): see the docstring"\)', source.read())
         sys.exit(f"compare.py: error: a core is not written yet ({blank}; pytest tests/test_<file>.py checks it)" + (
             f"; not written yet, in the lesson's order: {', '.join(blanks)}" if len(blanks) > 1 else ""))
     except torch.OutOfMemoryError as full:         # a run too big for its GPU even alone (harness/runner.py)
-        sys.exit(f"compare.py: error: {str(full).splitlines()[0]}; the runs finished are saved, and the same "
-                 "command goes on from there")
+        sys.exit(f"compare.py: error: {str(full).splitlines()[0]}: it needs a GPU with more free memory (the runs "
+                 "that finished are saved)")

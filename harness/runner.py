@@ -39,6 +39,7 @@ def slow_first(spec):
 
 
 def describe(spec):
+    """A run in a line of output: its model, task, rate and seed."""
     return " ".join(f"{k}={spec[k]}" for k in ("model", "task", "lr", "seed") if k in spec) or "a run"
 
 
@@ -54,16 +55,17 @@ def worker_start(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-OUT_OF_MEMORY = "out of memory"
+class OutOfMemory:
+    """What a run that ran out of GPU memory returns from its worker in place of its record."""
 
 
 def freeing(work, spec, empty_cache=True):
     """work(spec), then this process's cached GPU memory handed back, so that the runs in other processes can have
-    it (each process keeps what its last run freed otherwise). Out of memory comes back as OUT_OF_MEMORY."""
+    it (each process keeps what its last run freed otherwise). Out of memory comes back as an OutOfMemory."""
     try:
         result = work(spec)
     except torch.OutOfMemoryError:
-        result = OUT_OF_MEMORY            # (the failed run's tensors are freed with the error, after this block)
+        result = OutOfMemory()            # (the failed run's tensors are freed with the error, after this block)
     if empty_cache and torch.cuda.is_initialized():
         gc.collect()
         torch.cuda.empty_cache()
@@ -78,9 +80,10 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     each on the device with the fewest in flight; on_done(result) as each one ends, in this process."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> (its device, its spec)
-    shared = {}                                                   # future -> whether another ran on its device
+    shared = {}                             # future -> whether another run was on its device at any time while it ran
     cpu = None if threads else cpu_threads(workers)              # (threads share this process's torch threads)
-    run = functools.partial(freeing, work, empty_cache=not threads)   # (threads: never under another's graph capture)
+    # threads share one allocator: emptying it while another thread captures a CUDA graph would break that capture
+    run = functools.partial(freeing, work, empty_cache=not threads)
     pool = None
     if workers > 1 and threads:
         pool = ThreadPoolExecutor(workers)
@@ -106,7 +109,7 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 (device, spec), result = running.pop(future), future.result()
-                if isinstance(result, str) and result == OUT_OF_MEMORY:
+                if isinstance(result, OutOfMemory):
                     if not shared.pop(future):
                         raise torch.OutOfMemoryError(f"{describe(spec)} ran out of memory on {device}, alone on it")
                     workers = max(1, workers - 1)

@@ -129,12 +129,28 @@ def test_a_run_out_of_memory_beside_others_goes_back_in_the_queue_and_fewer_run_
             with lock:
                 active[0] -= 1
 
+    def within(seconds, *args, **kwargs):   # run_all, failing (not hanging) if it does not end in time
+        outcome = []
+
+        def call():
+            try:
+                outcome.append(runner.run_all(*args, **kwargs))
+            except BaseException as error:
+                outcome.append(error)
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(seconds)
+        assert outcome, f"run_all did not end in {seconds} s"
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+
     done = []
     specs = [dict(i=0, model="big", task="recall"), dict(i=1, model="small", task="recall"),
              dict(i=2, model="small", task="copy")]
-    runner.run_all(specs, 2, ["cpu"], work, done.append, threads=True)
+    within(20, specs, 2, ["cpu"], work, done.append, threads=True)
     assert sorted(r["i"] for r in done) == [0, 1, 2]        # nothing lost, each stored once
     assert attempts.count(0) == 2 and most[0] == 1          # the big run, once more, alone
-    with pytest.raises(torch.OutOfMemoryError, match="alone"):
-        runner.run_all([dict(i=5, model="big", task="recall")], 1, ["cpu"],
-                       lambda spec: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")), print)
+    oom = lambda spec: (_ for _ in ()).throw(torch.OutOfMemoryError("fake"))   # noqa: E731
+    for workers in (1, 2):                                  # here, and alone in a pool of two
+        with pytest.raises(torch.OutOfMemoryError, match="alone"):
+            within(20, [dict(i=5, model="big", task="recall")], workers, ["cpu"], oom, print, threads=True)
