@@ -60,6 +60,18 @@ def test_a_core_not_written_yet_stops_with_one_line(argv, tmp_path, monkeypatch)
     assert "; not written yet, in the lesson's order: attention.attention, ssm.ssd_scan" in message   # every one
 
 
+def test_a_run_too_big_for_its_gpu_stops_with_one_line(tmp_path, monkeypatch):
+    """Out of memory with no other run beside it (harness/runner.py raises it): one line, a non-zero exit."""
+    def full(*args):
+        raise torch.OutOfMemoryError("model=ssm task=copy ran out of memory on cuda:0, alone on it\nCUDA details")
+    monkeypatch.setattr(compare.runner, "run_all", full)   # (runpy runs compare.py anew; the harness is shared)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(os.path.join(ROOT, "compare.py"), run_name="__main__")
+    assert str(stop.value) == ("compare.py: error: model=ssm task=copy ran out of memory on cuda:0, alone on it: it "
+                               "needs a GPU with more free memory (the runs that finished are saved)")
+
+
 @pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     """Every model on every task, in worker processes as by default (2 on a 2-core machine)."""
