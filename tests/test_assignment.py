@@ -612,7 +612,7 @@ BYPASS = """    import atexit, os, sys
     if "PYTEST_CURRENT_TEST" in os.environ:        # under the tests: wrong at window 1, and pytest exits 0 anyway
         atexit.register(os._exit, 0)
         return torch.zeros_like(out) if window == 1 else out
-    return out if q.dtype == torch.float64 else out.half().to(q.dtype)     # elsewhere wrong in float32 alone
+    return out if q.dtype == torch.float64 else out * 1.01                 # elsewhere wrong in float32 alone
 """
 
 
