@@ -81,6 +81,7 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     queue, running = sorted(specs, key=slow_first), {}           # running: future -> (its device, its spec)
     shared = {}                             # future -> whether another run was on its device at any time while it ran
+    limit = {}                              # future -> how many could run at once when it started
     cpu = None if threads else cpu_threads(workers)              # (threads share this process's torch threads)
     # threads share one allocator: emptying it while another thread captures a CUDA graph would break that capture
     run = functools.partial(freeing, work, empty_cache=not threads)
@@ -105,14 +106,16 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
                 else:                                             # one worker: run it here and now
                     future = Future()
                     future.set_result(run(dict(spec, device=device, threads=cpu)))
-                running[future], shared[future] = (device, spec), device in devices_busy
+                running[future], shared[future], limit[future] = (device, spec), device in devices_busy, workers
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 (device, spec), result = running.pop(future), future.result()
+                started_under = limit.pop(future)
                 if isinstance(result, OutOfMemory):
                     if not shared.pop(future):
                         raise torch.OutOfMemoryError(f"{describe(spec)} ran out of memory on {device}, alone on it")
-                    workers = max(1, workers - 1)
+                    if started_under == workers:      # runs started side by side that fail together lower it once
+                        workers = max(1, workers - 1)
                     queue.insert(0, spec)
                     tqdm.write(f"{describe(spec)} ran out of memory on {device} beside other runs: it goes back in "
                                f"the queue, and at most {workers} run at once from now")

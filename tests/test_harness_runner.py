@@ -154,3 +154,37 @@ def test_a_run_out_of_memory_beside_others_goes_back_in_the_queue_and_fewer_run_
     for workers in (1, 2):                                  # here, and alone in a pool of two
         with pytest.raises(torch.OutOfMemoryError, match="alone"):
             within(20, [dict(i=5, model="big", task="recall")], workers, ["cpu"], oom, print, threads=True)
+
+
+def test_runs_that_run_out_of_memory_together_lower_the_limit_once():
+    """Four runs that start side by side and all run out of memory are one event: at most three run at once from
+    then on (not one: lowering it once per failed run would leave a GPU mostly idle for the rest of the command)."""
+    active, most, lock, attempts = [0], [], threading.Lock(), []
+    four_started = threading.Barrier(4)
+
+    def work(spec):
+        with lock:
+            active[0] += 1
+            attempts.append(spec["i"])
+            first = attempts.count(spec["i"]) == 1
+        try:
+            if first:
+                four_started.wait(timeout=10)
+            alongside = active[0]
+            if first:
+                four_started.wait(timeout=10)          # each has counted the four before any fails
+            if alongside > 3:
+                raise torch.OutOfMemoryError("fake: CUDA out of memory")
+            time.sleep(0.2)                             # long enough for the runs started together to overlap
+            with lock:
+                most.append(active[0])
+            return {"i": spec["i"]}
+        finally:
+            with lock:
+                active[0] -= 1
+
+    done = []
+    runner.run_all([dict(i=i, model="big", task="recall") for i in range(4)], 4, ["cpu"], work, done.append,
+                   threads=True)
+    assert sorted(r["i"] for r in done) == [0, 1, 2, 3] and len(attempts) == 8
+    assert max(most) == 3
