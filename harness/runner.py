@@ -6,7 +6,8 @@ exception: there the cells run as threads of one process, each on a CUDA stream 
 overlap (harness/scale.py). Ctrl-C stops the workers; every run that finished has been stored by then.
 
 Runs that share a GPU share its memory: a run that runs out of it beside others goes back in the queue, and from
-then on fewer run at once. A run out of memory alone is a real error and stops the command.
+then on fewer run at once. A run out of memory alone is a real error and stops the command, as does a worker process
+that dies (the system kills one that takes more host memory than there is).
 """
 import functools
 import gc
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 import torch
@@ -109,7 +111,14 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
                 running[future], shared[future], limit[future] = (device, spec), device in devices_busy, workers
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                (device, spec), result = running.pop(future), future.result()
+                (device, spec) = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    in_flight = "; ".join(describe(s) for s in [spec] + [s for _, s in running.values()])
+                    sys.exit(f"compare.py: error: a worker process died (the system kills one that takes more memory "
+                             f"than there is: try fewer --workers or shorter lengths) with these runs in flight: "
+                             f"{in_flight}; the runs that finished are saved")
                 started_under = limit.pop(future)
                 if isinstance(result, OutOfMemory):
                     if not shared.pop(future):

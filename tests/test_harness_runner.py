@@ -188,3 +188,19 @@ def test_runs_that_run_out_of_memory_together_lower_the_limit_once():
                    threads=True)
     assert sorted(r["i"] for r in done) == [0, 1, 2, 3] and len(attempts) == 8
     assert max(most) == 3
+
+
+def test_a_worker_process_that_dies_stops_the_command_with_one_line(tmp_path, monkeypatch):
+    """The system kills a worker that takes more host memory than there is: the command says so in one line and
+    names the runs in flight, instead of a BrokenProcessPool traceback; a run that finished first is kept."""
+    (tmp_path / "dying.py").write_text("import os, time\n\n\ndef work(spec):\n    if spec['i'] == 1:\n"
+                                       "        time.sleep(0.5)\n        os._exit(9)\n    return {'i': spec['i']}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))                # (the spawned workers import it from there)
+    import dying
+    done = []
+    with pytest.raises(SystemExit) as stop:
+        runner.run_all([dict(i=i, model="ssm", task="copy") for i in range(2)], 2, ["cpu"], dying.work,
+                       done.append)
+    message = str(stop.value.code)
+    assert message.startswith("compare.py: error: a worker process died") and "\n" not in message
+    assert "model=ssm task=copy" in message and done == [{"i": 0}]
