@@ -58,6 +58,10 @@ def locked(path):
         yield
 
 
+READ = {"model", "task", "lr", "seed", "metrics", "test", "train", "steps", "batch_size", "task_options",
+        "model_options", "val_token_acc", "val_loss", "params", "state_size", "examples_seen", "wall_time_s"}
+
+
 def load(path, preset):
     """What `path` holds: {"runs": {run key: record}, "streams": [rows of --scale's reading]}. A file that is not a
     results file of this preset stops the command with one line saying what to do."""
@@ -77,8 +81,10 @@ def load(path, preset):
         stop("does not hold compare.py runs")
     if not isinstance(results.get("meta"), dict) or results["meta"].get("preset") != preset:
         stop(f"holds runs of preset {(results.get('meta') or {}).get('preset')!r}, not {preset!r}")
-    for key, r in runs.items():   # what the report reads: each test length's scores (a diverged run has none)
-        m, lengths = r["metrics"], r.get("test") if r.get("diverged_at") is None else []
+    for key, r in runs.items():   # what choosing a rate and the report read, and each test length's scores
+        if missing := READ - set(r):
+            stop(f"holds a damaged run, {key} (no {', '.join(sorted(missing))})")
+        m, lengths = r["metrics"], r["test"] if r.get("diverged_at") is None else []   # (a diverged run has none)
         if not isinstance(m, dict) or not isinstance(lengths, list) or not all(
                 isinstance(m.get(str(L)), dict) and isinstance(m[str(L)].get("token_acc", 0.0), (int, float))
                 for L in lengths):

@@ -14,15 +14,23 @@ from harness import store
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+RECORD = dict(model="attention", task="copy", lr=3e-3, seed=0, test=[6, 12], train=[2, 6], steps=15, batch_size=16,
+              task_options={}, model_options={}, val_token_acc=0.5, val_loss=1.0, params=1000, examples_seen=240,
+              state_size={"6": 10, "12": 20}, wall_time_s=1.0, diverged_at=None,
+              metrics={"6": {"token_acc": 1.0}, "12": {"token_acc": 0.5}})
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not a readable results file"),
     ("", "is not a readable results file"),
     ('{"runs": [1, 2]}', "does not hold compare.py runs"),
     ('{"meta": {"preset": "quick"}, "runs": {}}', "holds runs of preset 'quick', not 'smoke'"),
     *[(json.dumps({"meta": {"preset": "smoke"}, "runs": {"attention/copy/lr=0.003/seed=0": dict(
-        model="attention", task="copy", lr=3e-3, seed=0, test=[6, 12], diverged_at=None, metrics=metrics)}}),
-       "holds a damaged run, attention/copy/lr=0.003/seed=0")            # valid JSON, but scores the report can't read
+        RECORD, metrics=metrics)}}), "holds a damaged run, attention/copy/lr=0.003/seed=0")   # scores it can't read
       for metrics in ["high", {"6": {"token_acc": 1.0}}, {"6": {"token_acc": "high"}, "12": {"token_acc": 0.5}}]],
+    *[(json.dumps({"meta": {"preset": "smoke"}, "runs": {"attention/copy/lr=0.003/seed=0": {
+        k: v for k, v in RECORD.items() if k != gone}}}), f"holds a damaged run, attention/copy/lr=0.003/seed=0 (no "
+       f"{gone})") for gone in ["val_token_acc", "params", "state_size"]],   # read by best_runs, by the report
 ])
 def test_a_bad_results_file_stops_with_one_line_and_is_kept(tmp_path, content, message, capsys):
     (tmp_path / "smoke.json").write_text(content)
