@@ -83,7 +83,8 @@ def attention_ref(q, k, v, causal=True, window=None):
         first = 0 if window is None else max(0, i - window + 1)
         last = i + 1 if causal else T if window is None else min(T, i + window)
         scores = q[..., i:i + 1, :] @ k[..., first:last, :].transpose(-2, -1) / math.sqrt(K)   # (B, H, 1, keys)
-        out.append(torch.softmax(scores, dim=-1) @ v[..., first:last, :])
+        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()                # softmax: shifted, exp, sum
+        out.append(weights / weights.sum(dim=-1, keepdim=True) @ v[..., first:last, :])
     return torch.cat(out, dim=-2)
 
 
@@ -127,10 +128,13 @@ def attention(q, k, v, causal=True, window=None):
 # ---------------------------------------------------------------------------------------------------------
 
 def rotary(positions, head_dim, base=10000.0):
-    """cos and sin tables for the given integer positions (T,), each (T, K/2)."""
-    theta = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * theta[None, :]
-    return angles.cos(), angles.sin()
+    """cos and sin tables for the given integer positions (T,), each (T, K/2), in float32. The angles are formed in
+    float64: in float32, position x frequency is rounded by up to ~1e-2 radians at a position of 1M (Apple's MPS has
+    no float64, so float32 there)."""
+    wide = torch.float32 if positions.device.type == "mps" else torch.float64
+    theta = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=wide) / head_dim)
+    angles = positions.to(wide)[:, None] * theta[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x, cos, sin):
