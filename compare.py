@@ -308,7 +308,7 @@ SCALE_WALLS = {   # model -> (its longest stage, why it stops there)
                   "limit"),
     "rmt": (4096, "a step at 16,384 tokens takes 0.33 s (its loop over 32-token segments), over the 0.3 s limit"),
     "titans": (512, "a step at 4,096 tokens takes 0.32 s (its loop over 16-token chunks), over the 0.3 s limit")}
-HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # Zoology's harder settings
+HARD_RECALL = dict(vocab_size=512, random_non_queries=True, distinct_values=True)   # as Zoology's own MQAR
 SEQUENCE_MODELS = ["attention", "ssm", "rmt", "titans"]
 HRM_SEGMENTS = {"hrm": dict(segments=4), "hrm_last_cycle": dict(segments=4)}   # the depth preset's training depth
 PRESETS = {

@@ -27,7 +27,7 @@ Reading list
   1. Wang et al., "Hierarchical Reasoning Model", arXiv 2506.21734 (§2: the modules, the one-step gradient,
      deep supervision; §3.1: Maze-Hard).
   2. Jolicoeur-Martineau, "Less is More: Recursive Reasoning with Tiny Networks" (TRM), arXiv 2510.04871
-     (§2.3 and §4: the fixed point is not reached; back-propagate through the last whole cycle).
+     (§2.3, §3.1: the fixed point is not reached; §4: back-propagate through the last whole cycle).
   3. sapientinc/HRM `models/hrm/hrm_act_v1.py` (official); SamsungSAILMontreal/TinyRecursiveModels.
   4. ARC Prize, "The Hidden Drivers of HRM's Performance on ARC-AGI" (2025): the outer loop of supervised
      segments, not the high/low hierarchy, carries most of the gain.

@@ -136,7 +136,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     y = ((C @ B.mT) * decay) @ xdt                                                  # (B, H, c, Q, K)
 
     # 2. The state each chunk leaves behind, from its own tokens only: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
-    #    (Steps 2 and 4 subtract cumsums, as `segsum` warns not to: a_cum restarts per chunk, fp32 error ~Q max|a| 1e-7)
+    #    (This step subtracts cumsums, as `segsum` warns not to: a_cum restarts per chunk, fp32 error ~Q max|a| 1e-7)
     to_end = torch.exp(a_cum[..., -1:] - a_cum)[..., None]                          # (B, H, c, Q, 1)
     chunk_states = (xdt * to_end).mT @ B                                            # (B, H, c, K, N)
 

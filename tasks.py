@@ -93,9 +93,10 @@ class Recall:
     [1, V/2), so P <= V/2 - 1; values come from [V/2, V). length = P, the number of pairs, in a sequence of 4P
     tokens. Trained on a mixture of P (each batch draws its own), tested at each P, it asks how much a model can
     hold: a KV cache grows with P, a fixed recurrent state does not (the dial in compare.py).
-    Zoology's harder settings: `random_non_queries` puts random tokens of the whole vocabulary after the queries
-    instead of zeros (a query no longer stands out, and the noise must not be stored), and `distinct_values` draws
-    the values without replacement, as the keys are. The queries' order comes from Zoology's draw of query gaps (a
+    Zoology's own task has both of these (its `multiquery_ar` always; off here by default, an easier variant):
+    `random_non_queries` puts random tokens of the whole vocabulary after the queries instead of zeros (a query no
+    longer stands out, and the noise must not be stored), and `distinct_values` draws the values without
+    replacement, as the keys are. The queries' order comes from Zoology's draw of query gaps (a
     power law, power_a): at 4P tokens every slot holds a query, and the draw tends to ask the pairs in the order
     they were given (the first pair first 37% of the time at P = 8, against 12.5% for a shuffle).
 

@@ -184,7 +184,8 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     update run in the loop over chunks, and the read follows it, for all chunks at once.
 
     Args:
-        q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1)
+        q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1), eta > 0 (its log is taken: at 0 the
+            values hold but eta's gradient is not finite; `NeuralMemory` keeps the gates in [1e-6, 1 - 1e-6])
         weights: tuple of (B, H, in, out), the memory at the start; momentum: the same shapes, or None (zeros)
         chunk_size: C; gradients for tokens t' .. t'+C-1 are taken at the weights before token t'
         max_grad_norm: None, or each token's gradient (all weights together) is scaled down to at most this norm
