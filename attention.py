@@ -128,13 +128,12 @@ def attention(q, k, v, causal=True, window=None):
 # ---------------------------------------------------------------------------------------------------------
 
 def rotary(positions, head_dim, base=10000.0):
-    """cos and sin tables for the given integer positions (T,), each (T, K/2), in float32. The angles are formed in
-    float64: in float32, position x frequency is rounded by up to ~1e-2 radians at a position of 1M (Apple's MPS has
-    no float64, so float32 there)."""
-    wide = torch.float32 if positions.device.type == "mps" else torch.float64
-    theta = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=wide) / head_dim)
-    angles = positions.to(wide)[:, None] * theta[None, :]
-    return angles.cos().float(), angles.sin().float()
+    """cos and sin tables for the given integer positions (T,), each (T, K/2). In float32, so far into a stream they
+    drift from the exact values: by up to 0.01 at positions below 262,144 and 0.04 below 1M (K = 32), where attention
+    here is at chance anyway (forming them in float64 would change every trained digit of the committed runs)."""
+    theta = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * theta[None, :]
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
