@@ -81,9 +81,9 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     """work(spec) for every spec, `workers` at a time: here (one worker) or in a pool of processes (or threads),
     each on the device with the fewest in flight; on_done(result) as each one ends, in this process."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
-    queue, running = sorted(specs, key=slow_first), {}           # running: future -> (its device, its spec)
-    shared = {}                             # future -> whether another run was on its device at any time while it ran
-    limit = {}                              # future -> how many could run at once when it started
+    # running: future -> its run: the spec, its device, whether another run was on that device at any time while it
+    # ran ("shared"), and how many could run at once when it started ("limit")
+    queue, running = sorted(specs, key=slow_first), {}
     cpu = None if threads else cpu_threads(workers)              # (threads share this process's torch threads)
     # threads share one allocator: emptying it while another thread captures a CUDA graph would break that capture
     run = functools.partial(freeing, work, empty_cache=not threads)
@@ -98,38 +98,37 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     try:
         while queue or running:
             while queue and len(running) < workers:
-                devices_busy = [d for d, _ in running.values()]
-                device = min(devices, key=devices_busy.count)
+                busy = [r["device"] for r in running.values()]
+                device = min(devices, key=busy.count)
                 spec = queue.pop(0)
-                for other, (d, _) in running.items():
-                    shared[other] = shared[other] or d == device
+                for other in running.values():
+                    other["shared"] |= other["device"] == device
                 if pool:
                     future = pool.submit(run, dict(spec, device=device, threads=cpu))
                 else:                                             # one worker: run it here and now
                     future = Future()
                     future.set_result(run(dict(spec, device=device, threads=cpu)))
-                running[future], shared[future], limit[future] = (device, spec), device in devices_busy, workers
+                running[future] = dict(spec=spec, device=device, shared=device in busy, limit=workers)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                (device, spec) = running.pop(future)
+                done = running.pop(future)
+                spec, device = done["spec"], done["device"]
                 try:
                     result = future.result()
                 except BrokenProcessPool:
-                    in_flight = "; ".join(describe(s) for s in [spec] + [s for _, s in running.values()])
+                    in_flight = "; ".join(describe(r["spec"]) for r in [done, *running.values()])
                     sys.exit(f"compare.py: error: a worker process died (the system kills one that takes more memory "
                              f"than there is: try fewer --workers or shorter lengths) with these runs in flight: "
                              f"{in_flight}; the runs that finished are saved")
-                started_under = limit.pop(future)
                 if isinstance(result, OutOfMemory):
-                    if not shared.pop(future):
+                    if not done["shared"]:
                         raise torch.OutOfMemoryError(f"{describe(spec)} ran out of memory on {device}, alone on it")
-                    if started_under == workers:      # runs started side by side that fail together lower it once
+                    if done["limit"] == workers:      # runs started side by side that fail together lower it once
                         workers = max(1, workers - 1)
                     queue.insert(0, spec)
                     tqdm.write(f"{describe(spec)} ran out of memory on {device} beside other runs: it goes back in "
                                f"the queue, and at most {workers} run at once from now")
                     continue
-                shared.pop(future)
                 on_done(result)
                 bar.update()
     except BaseException:
