@@ -8,6 +8,8 @@
    gradient cut in code both paths share (a `.detach()` in attention.Block or in a model's recurrence), which the
    first oracle cannot see: a detach changes no value, only the gradient.
 Each config uses every parameter, so every gradient must also be there and not all zeros.
+The second oracle is then turned on itself: a gradient cut by half on any one parameter, in any model, must fail
+it (148 parameters in all).
 
 HRM's gradient is the one-step approximation by design (hrm.py's docstring): in each segment only the last low
 and high update are on the graph, and the carry between segments is detached. So it is not the derivative of the
@@ -161,3 +163,32 @@ def test_every_gradient_equals_finite_differences(name):
     assert not wrong, (f"{what}: along a random direction, the gradients of {len(wrong)} parameters disagree with "
                        f"finite differences of the {'one-step ' if name == 'hrm' else ''}loss, so a gradient is cut or "
                        f"wrong on the way to them: {'; '.join(wrong)}")
+
+
+class HalfCut(torch.nn.Module):
+    """A parameter seen as 0.5 p + 0.5 p.detach(): the same value, half its true gradient (a detach on one of two
+    paths, the commonest way a gradient is cut in part)."""
+    def forward(self, p):
+        return 0.5 * p + 0.5 * p.detach()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_finite_differences_catch_a_cut_on_any_one_parameter(name):
+    """The oracle above, turned on itself: for each parameter in turn, half of its gradient is cut, and the finite
+    difference along a random direction must disagree with the (now wrong) gradient by more than it allows."""
+    import torch.nn.utils.parametrize as parametrize
+    missed = []
+    for i, n in enumerate(n for n, _ in setup(name)[0].named_parameters()):
+        model, tokens, projection = setup(name)
+        *path, leaf = n.split(".")
+        module = model.get_submodule(".".join(path))
+        parametrize.register_parametrization(module, leaf, HalfCut(), unsafe=True)
+        p = module.parametrizations[leaf].original
+        grad = gradients(model, tokens, projection)[".".join([*path, "parametrizations", leaf, "original"])]
+        f = hrm_one_step_loss(model, tokens, projection) if name == "hrm" else lambda: loss(model, tokens, projection)
+        u = torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype)
+        with torch.no_grad():
+            along, fd = (grad * u).sum().item(), directional_derivative(f, p, u).item()
+        if abs(along - fd) <= 1e-6 * (grad * u).abs().sum().item():
+            missed.append(n)
+    assert not missed, f"{name}: a gradient cut by half on {', '.join(missed)} passes the finite-difference check"
