@@ -103,11 +103,12 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
                 spec = queue.pop(0)
                 for other in running.values():
                     other["shared"] |= other["device"] == device
+                job = dict(spec, device=device, threads=cpu)
                 if pool:
-                    future = pool.submit(run, dict(spec, device=device, threads=cpu))
+                    future = pool.submit(run, job)
                 else:                                             # one worker: run it here and now
                     future = Future()
-                    future.set_result(run(dict(spec, device=device, threads=cpu)))
+                    future.set_result(run(job))
                 running[future] = dict(spec=spec, device=device, shared=device in busy, limit=workers)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
