@@ -106,6 +106,20 @@ def test_threads_of_run_all_stop_when_it_is_stopped():
     assert sorted(seen) == [1, 2] and not runner.STOP.is_set()
 
 
+def test_each_run_goes_to_the_device_with_the_fewest_in_flight():
+    """Two GPUs, four runs at once: two on each (names only: the work here touches no device)."""
+    started = threading.Barrier(4)
+
+    def work(spec):
+        started.wait(timeout=10)                      # all four in flight together
+        return spec["device"]
+
+    done = []
+    runner.run_all([dict(i=i, task="copy", model="ssm") for i in range(4)], 4, ["cuda:0", "cuda:1"], work,
+                   done.append, threads=True)
+    assert sorted(done) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+
+
 def test_a_run_out_of_memory_beside_others_goes_back_in_the_queue_and_fewer_run_at_once():
     """Runs share a GPU's memory: one that runs out of it while others run is not lost but queued again, and from then
     on fewer run at once (here: one, so it runs alone and fits). Out of memory alone stops the command."""
