@@ -41,8 +41,10 @@ def slow_first(spec):
 
 
 def describe(spec):
-    """A run in a line of output: its model, task, rate and seed."""
-    return " ".join(f"{k}={spec[k]}" for k in ("model", "task", "lr", "seed") if k in spec) or "a run"
+    """A run in a line of output: its model, its state size if the dial's, task, rate and seed."""
+    fields = [f"{k}={spec[k]}" for k in ("model", "task", "lr", "seed") if k in spec]
+    fields[1:1] = [f"{k}={v}" for k, v in spec.get("dial", {}).items()]
+    return " ".join(fields) or "a run"
 
 
 def worker_start(parent):

@@ -231,3 +231,11 @@ def test_a_finished_run_hands_its_cached_gpu_memory_back(monkeypatch):
     assert isinstance(runner.freeing(oom, dict(i=4)), runner.OutOfMemory) and emptied == [1, 1]
     runner.freeing(lambda spec: spec["i"], dict(i=5), empty_cache=False)
     assert emptied == [1, 1]
+
+
+def test_a_run_in_a_line_names_its_state_size():
+    """Two dial sizes of one model at one rate are two runs: the line that says one ran out of memory tells which."""
+    spec = dict(model="titans", task="recall", lr=5e-3, seed=0, steps=10)
+    assert runner.describe(spec) == "model=titans task=recall lr=0.005 seed=0"
+    assert runner.describe(dict(spec, dial={"memory_expand": 4})) == \
+        "model=titans memory_expand=4 task=recall lr=0.005 seed=0"
