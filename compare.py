@@ -20,9 +20,9 @@ How the comparison is made fair, and where each rule lives:
   2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
   3. Each model at its own best learning rate: the same log-spaced grid on the first seed, the best validation
-     accuracy over the last stage's lengths wins (`val_lengths`; ties: the lower validation loss), never a rate
-     where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked, since a better
-     rate may lie outside.
+     accuracy over the last stage's lengths, log-spaced too, wins (`val_lengths`; ties: the lower validation loss),
+     never a rate where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked,
+     since a better rate may lie outside.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
   6. Cost in the open: parameters, state floats, steps, examples and wall time of every cell (the report's Runs
@@ -57,7 +57,7 @@ import titans
 from harness import bench, cli, report, runner, scale, store
 from harness.graphs import StepGraphs
 
-PROTOCOL = 9   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
+PROTOCOL = 10   # bumped when training or scoring changes meaning: stored runs of another protocol are re-run
 # Subnormal floats (products of many decays in the recurrent cores) are up to 100x slower on CPUs; zero them.
 torch.set_flush_denormal(True)
 
@@ -77,11 +77,13 @@ def stages(train_lengths):
 
 
 def val_lengths(train_lengths):
-    """The validation lengths: four evenly spaced over the last stage [lo, hi] (one when lo == hi), so that the lr
-    is chosen on what training asked for at the end, not on its hardest length alone (where a model at the floor
-    would leave the choice to noise)."""
+    """The validation lengths: four spread evenly on a log scale over the last stage [lo, hi] (one when lo == hi),
+    so that the lr is chosen on what training asked for at the end, not on its hardest length alone, where a model
+    at the floor would leave the choice to noise. Log, not linear: recall's last stage spans 2-255 pairs, and a small
+    state's knee lies in its first decade (evenly spaced, 2 / 86 / 171 / 255 pairs, every rate of Titans and RMT
+    scored 0.25-0.26: right at 2 pairs, at the floor beyond)."""
     lo, hi = stages(train_lengths)[-1]
-    return sorted({round(lo + (hi - lo) * i / 3) for i in range(4)})
+    return sorted({round(lo * (hi / lo) ** (i / 3)) for i in range(4)})
 
 
 def stage_batches(train_lengths, batch_size, tokens_per_step=None):

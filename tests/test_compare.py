@@ -382,12 +382,13 @@ def test_a_diverged_run_is_stored_as_such_never_chosen_and_reported(tmp_path):
 
 
 def test_validation_asks_what_the_last_stage_asked():
-    """The lr is chosen on four lengths evenly spread over the last stage (one if it has one length): a recall
-    that ends on 2-128 pairs is validated at 2, 44, 86 and 128, not at 128 alone, where every small state is at
-    the floor and the choice would be noise."""
-    assert compare.val_lengths([[2, 8], [2, 32], [2, 128]]) == [2, 44, 86, 128]
-    assert compare.val_lengths([2, 6]) == [2, 3, 5, 6]
-    assert compare.val_lengths([[32, 64], [64, 128]]) == [64, 85, 107, 128]
+    """The lr is chosen on four lengths spread on a log scale over the last stage (one if it has one length): a
+    recall that ends on 2-255 pairs is validated at 2, 10, 51 and 255, where a small state's knee (in the first
+    decade) tells the rates apart; at 255 alone, or at 2, 86, 171 and 255, every rate of a small state scores the
+    same (right at 2, at the floor beyond) and the choice would be noise."""
+    assert compare.val_lengths([[2, 8], [2, 32], [2, 255]]) == [2, 10, 51, 255]
+    assert compare.val_lengths([2, 6]) == [2, 3, 4, 6]
+    assert compare.val_lengths([[32, 64], [64, 128]]) == [64, 81, 102, 128]
     assert compare.val_lengths([[33, 64], [4096, 4096]]) == [4096] and compare.val_lengths([2, 3]) == [2, 3]
 
 
@@ -480,11 +481,11 @@ def test_run_one_records_its_spec_its_costs_and_its_tests(tmp_path, monkeypatch)
     assert record["diverged_at"] is None
     assert calls[0] == ("train", copy["steps"], copy["batch_size"], copy["lr"], copy["train"], "cpu", copy["seed"])
     val, tested = calls[1:5], calls[5:]
-    assert copy["train"] == [2, 6] and [c[1] for c in val] == [2, 3, 5, 6]
+    assert copy["train"] == [2, 6] and [c[1] for c in val] == [2, 3, 4, 6]
     assert all(c[2:] == (copy["eval_examples"], "cpu", val[0][4], None) for c in val)
     assert [c[1] for c in tested] == copy["test"] and all(c[2:4] == (copy["eval_examples"], "cpu") for c in tested)
     assert len({c[4] for c in tested}) == 1 and val[0][4] != tested[0][4]   # one test seed, not validation's
-    assert record["val_token_acc"] == pytest.approx(0.04) and record["val_loss"] == val[0][4]
+    assert record["val_token_acc"] == pytest.approx(0.0375) and record["val_loss"] == val[0][4]   # mean of 2-6 / 100
     assert record["metrics"] == {str(L): dict(token_acc=L / 100, loss=float(tested[0][4]), exact=None)
                                  for L in copy["test"]}
     model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))   # the trained weights, kept
