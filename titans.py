@@ -181,7 +181,10 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     with D_beta[i, m] = beta_i / beta_m and D_eta[m, j] = a_m / a_j (exp of segment sums, never a division).
     Reading x W_i then needs only (x inp^T) * G, a masked (C, C) product, never W_i itself. The gate matrices
     do not depend on the memory, so they are built for all chunks at once; only the gradients and the state
-    update run in the loop over chunks, and the read follows it, for all chunks at once.
+    update run in the loop over chunks, and the read follows it, for all chunks at once. The loop takes chunk c's
+    pieces from lists split once (`unbind`): indexed inside it (`k[:, :, c]`), each piece's backward would build a
+    zero tensor of the whole input, work quadratic in the chunks (a forward and backward at 1,024 tokens, 64 chunks,
+    batch 32, MLP memory, on a CPU: 1.86 s so, 1.62 s unbound, the fastest of six each).
 
     Args:
         q, k, v: (B, H, T, K); theta, eta, alpha: (B, H, T) in [0, 1), eta > 0 (its log is taken: at 0 the
@@ -207,17 +210,19 @@ def neural_memory(q, k, v, theta, eta, alpha, weights, momentum=None, chunk_size
     beta, a = torch.exp(log_keep.cumsum(-1))[..., None], torch.exp(log_eta.cumsum(-1))[..., None]
     G = (D_beta @ D_eta) * theta[..., None, :]                                    # lower triangular
     f = D_beta @ a                                                                # (B, H, n, C, 1)
+    chunk, last = torch.arange(n, device=q.device), torch.full((n,), C - 1, device=q.device)
+    last[-1] = (T - 1) % C                                                        # each chunk's last real row
+    g_end = G[:, :, chunk, last, :, None]                                         # (B, H, n, C, 1)
+    c_end = theta[..., None] * D_eta[:, :, chunk, last, :, None]                  # theta_j a_last / a_j
+    b_end, f_end, a_end = (z[:, :, chunk, last, None] for z in (beta, f, a))      # (B, H, n, 1, 1)
+    chunks = zip(*(z.unbind(2) for z in (k, v, g_end, c_end, b_end, f_end, a_end)))   # split once: see above
     starts = []                                   # per chunk: its start state and its gradients' factors
-    for c in range(n):                                                            # the only loop: over chunks
-        last = C - 1 if c < n - 1 else (T - 1) % C
-        factors = memory_gradients(weights, k[:, :, c], v[:, :, c], max_grad_norm)
+    for k_c, v_c, g_c, c_c, b_c, f_c, a_c in chunks:                              # the only loop: over chunks
+        factors = memory_gradients(weights, k_c, v_c, max_grad_norm)
         starts.append((weights, momentum, factors))
-        g_end = G[:, :, c, last, :, None]                                         # (B, H, C, 1)
-        c_end = theta[:, :, c, :, None] * D_eta[:, :, c, last, :, None]           # theta_j a_last / a_j
-        b_end, f_end, a_end = (z[:, :, c, last:last + 1] for z in (beta, f, a))   # (B, H, 1, 1)
-        weights = tuple(b_end * W0 + f_end * S0 - inp.mT @ (g_end * err)
+        weights = tuple(b_c * W0 + f_c * S0 - inp.mT @ (g_c * err)
                         for W0, S0, (inp, err) in zip(weights, momentum, factors))
-        momentum = tuple(a_end * S0 - inp.mT @ (c_end * err) for S0, (inp, err) in zip(momentum, factors))
+        momentum = tuple(a_c * S0 - inp.mT @ (c_c * err) for S0, (inp, err) in zip(momentum, factors))
     # The read needs only each chunk's start state and factors, so it runs after the loop, for every chunk at
     # once, layer by layer (the loop then carries the state alone: fewer, larger kernels).
     x = q                                                                         # (B, H, n, C, K)
