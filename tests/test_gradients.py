@@ -199,7 +199,7 @@ def test_finite_differences_catch_a_cut_on_any_one_parameter(name):
 def test_titans_backward_work_is_linear_in_the_chunks():
     """neural_memory loops over chunks. Indexing the whole inputs inside that loop (`k[:, :, c]`) gives the same
     values and gradients, but each index's backward builds a zero tensor of the whole input to put one chunk's
-    gradient in: work quadratic in the chunks (on a CPU, 1,024 tokens, batch 32: 1.86 s a step against 1.62 s).
+    gradient in: work quadratic in the chunks (on a CPU, 1,024 tokens, batch 32: 1.25 s a step against 1.08 s).
     The tensor elements the backward writes (tests/test_cores.py's count) may grow at most 12x from 4 to 32
     chunks: unbinding once grows 8.3x, indexing in the loop 19.8x."""
     from test_cores import Trace, titans_inputs
