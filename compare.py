@@ -80,8 +80,8 @@ def val_lengths(train_lengths):
     """The validation lengths: four spread evenly on a log scale over the last stage [lo, hi] (one when lo == hi),
     so that the lr is chosen on what training asked for at the end, not on its hardest length alone, where a model
     at the floor would leave the choice to noise. Log, not linear: recall's last stage spans 2-255 pairs, and a small
-    state's knee lies in its first decade (evenly spaced, 2 / 86 / 171 / 255 pairs, every rate of Titans and RMT
-    scored 0.25-0.26: right at 2 pairs, at the floor beyond)."""
+    state's knee lies in its first decade (evenly spaced, 2 / 86 / 171 / 255 pairs, every rate of Titans' MLP
+    memories and of RMT scored 0.25-0.26 in full runs at protocol 9: right at 2 pairs, at the floor beyond)."""
     lo, hi = stages(train_lengths)[-1]
     return sorted({round(lo * (hi / lo) ** (i / 3)) for i in range(4)})
 

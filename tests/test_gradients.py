@@ -200,11 +200,12 @@ def test_titans_backward_work_is_linear_in_the_chunks():
     """neural_memory loops over chunks. Indexing the whole inputs inside that loop (`k[:, :, c]`) gives the same
     values and gradients, but each index's backward builds a zero tensor of the whole input to put one chunk's
     gradient in: work quadratic in the chunks (on a CPU, 1,024 tokens, batch 32: 1.25 s a step against 1.08 s).
-    The tensor elements the backward writes (tests/test_cores.py's count) may grow at most 12x from 4 to 32
-    chunks: unbinding once grows 8.3x, indexing in the loop 19.8x."""
+    The tensor elements the backward writes (tests/test_cores.py's count) may grow at most 20x from 4 to 64
+    chunks: unbinding once grows 16.6x, indexing k and v alone in the loop 25.9x, indexing everything 65.9x.
+    (Not a grading rule: grade.py leaves this file out, and an indexed loop is right, only slower.)"""
     from test_cores import Trace, titans_inputs
     written = []
-    for T in (64, 512):
+    for T in (64, 1024):
         args, options = titans_inputs(T, chunk_size=16)
         args = [tuple(w.requires_grad_() for w in a) if isinstance(a, tuple) else a.requires_grad_() for a in args]
         y, _ = titans.neural_memory(*args, **options)
@@ -212,6 +213,6 @@ def test_titans_backward_work_is_linear_in_the_chunks():
         with trace:
             y.sum().backward()
         written.append(trace.elements)
-    assert written[1] <= 12 * written[0], (
-        f"the backward of neural_memory wrote {written[0]:,} elements at 4 chunks and {written[1]:,} at 32: "
-        f"{written[1] / written[0]:.1f}x for 8x the chunks; take each chunk's pieces once, before the loop")
+    assert written[1] <= 20 * written[0], (
+        f"the backward of neural_memory wrote {written[0]:,} elements at 4 chunks and {written[1]:,} at 64: "
+        f"{written[1] / written[0]:.1f}x for 16x the chunks; take each chunk's pieces once, before the loop")
