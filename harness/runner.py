@@ -1,13 +1,14 @@
 """Many runs at once: worker processes that share the GPU (tiny models leave it mostly idle) or the CPU's cores.
 
-A graphed training step keeps a GPU busy on its own (processes time-slice a GPU: their kernels never overlap), so a
-few workers a GPU are enough to overlap one run's host work with another's kernels. Reading long streams is the
-exception: there the cells run as threads of one process, each on a CUDA stream of its own, so their kernels do
-overlap (harness/scale.py). Ctrl-C stops the workers; every run that finished has been stored by then.
+A graphed training step keeps a GPU busy on its own (processes time-slice a GPU, their kernels never overlapping
+unless NVIDIA's MPS daemon runs), so a few workers a GPU overlap one run's host work with another's kernels. Reading
+long streams is the exception: there the cells run as threads of one process, each on a CUDA stream of its own, so
+their kernels do overlap (harness/scale.py). Ctrl-C stops the workers; every run that finished has been stored by then.
 
-Runs that share a GPU share its memory: a run that runs out of it beside others goes back in the queue, and from
-then on fewer run at once. A run out of memory alone is a real error and stops the command, as does a worker process
-that dies (the system kills one that takes more host memory than there is).
+Runs that share a GPU share its memory: a run that runs out of it beside others goes back in the queue, and fewer run
+at once until it has finished (a few heavy runs started together need not slow the rest). A run out of memory alone
+is a real error and stops the command, as does a worker process that dies (the system kills one that takes more host
+memory than there is).
 """
 import functools
 import gc
@@ -84,8 +85,9 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
     each on the device with the fewest in flight; on_done(result) as each one ends, in this process."""
     bar = tqdm(total=len(specs), desc="runs", disable=not specs)
     # running: future -> its run: the spec, its device, whether another run was on that device at any time while it
-    # ran ("shared"), and how many could run at once when it started ("limit")
+    # ran ("shared"), and how many times the limit of runs at once had changed when it started ("turn")
     queue, running = sorted(specs, key=slow_first), {}
+    asked, changes, squeezed = workers, 0, {}   # squeezed: id -> a run that ran out of memory, not yet finished
     cpu = None if threads else cpu_threads(workers)              # (threads share this process's torch threads)
     # threads share one allocator: emptying it while another thread captures a CUDA graph would break that capture
     run = functools.partial(freeing, work, empty_cache=not threads)
@@ -111,7 +113,7 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
                 else:                                             # one worker: run it here and now
                     future = Future()
                     future.set_result(run(job))
-                running[future] = dict(spec=spec, device=device, shared=device in busy, limit=workers)
+                running[future] = dict(spec=spec, device=device, shared=device in busy, turn=changes)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 done = running.pop(future)
@@ -126,12 +128,15 @@ def run_all(specs, workers, devices, work, on_done, threads=False):
                 if isinstance(result, OutOfMemory):
                     if not done["shared"]:
                         raise torch.OutOfMemoryError(f"{describe(spec)} ran out of memory on {device}, alone on it")
-                    if done["limit"] == workers:      # runs started side by side that fail together lower it once
-                        workers = max(1, workers - 1)
+                    if done["turn"] == changes:       # runs started side by side that fail together lower it once
+                        workers, changes = max(1, workers - 1), changes + 1
                     queue.insert(0, spec)
+                    squeezed[id(spec)] = spec
                     tqdm.write(f"{describe(spec)} ran out of memory on {device} beside other runs: it goes back in "
-                               f"the queue, and at most {workers} run at once from now")
+                               f"the queue, and at most {workers} run at once until it has finished")
                     continue
+                if squeezed.pop(id(spec), None) is not None and not squeezed:   # they are done: as many as asked
+                    workers, changes = asked, changes + 1
                 on_done(result)
                 bar.update()
     except BaseException:

@@ -239,3 +239,43 @@ def test_a_run_in_a_line_names_its_state_size():
     assert runner.describe(spec) == "model=titans task=recall lr=0.005 seed=0"
     assert runner.describe(dict(spec, dial={"memory_expand": 4})) == \
         "model=titans memory_expand=4 task=recall lr=0.005 seed=0"
+
+
+def test_the_limit_comes_back_once_the_runs_out_of_memory_have_finished():
+    """Two heavy runs that start together and run out of memory run again one at a time; once both are done, the
+    light runs after them run two at once again, as asked (each pair waits for its partner: with the limit left at
+    one, the wait times out and the test fails); not before both are done: the second runs alone too."""
+    lock, heavy, active, attempts, again = threading.Lock(), [0], [0], [], []
+    heavy_started, pairs = threading.Barrier(2), threading.Barrier(2)
+
+    def work(spec):
+        with lock:
+            attempts.append(spec["i"])
+            first = attempts.count(spec["i"]) == 1
+            heavy[0] += spec["model"] == "big"
+            active[0] += 1
+        try:
+            if spec["model"] == "big":
+                if first:
+                    heavy_started.wait(timeout=10)     # both heavy runs in flight...
+                    alongside = heavy[0]
+                    heavy_started.wait(timeout=10)     # ...and counted before either fails
+                    if alongside > 1:
+                        raise torch.OutOfMemoryError("fake: CUDA out of memory")
+                else:
+                    time.sleep(0.3)
+                    again.append(active[0])             # what ran beside it meanwhile
+            else:
+                pairs.wait(timeout=5)                  # two light runs in flight together
+            return {"i": spec["i"]}
+        finally:
+            with lock:
+                heavy[0] -= spec["model"] == "big"
+                active[0] -= 1
+
+    done = []
+    specs = [dict(i=0, model="big", task="maze"), dict(i=1, model="big", task="maze"),
+             *[dict(i=i, model="small", task="copy") for i in range(2, 6)]]
+    runner.run_all(specs, 2, ["cpu"], work, done.append, threads=True)
+    assert sorted(r["i"] for r in done) == list(range(6)) and sorted(attempts) == [0, 0, 1, 1, 2, 3, 4, 5]
+    assert again == [1, 1]                              # each heavy run, the second time, alone
