@@ -924,7 +924,7 @@ def main():
     args = parser.parse_args()
     if args.submission and not os.path.isdir(args.submission):
         parser.error(f"{args.submission} is not a folder; a submission is a student's copy of the repository")
-    graded = {}
+    graded, unchanged = {}, []
     for module in ma.MODULES:
         with open(os.path.join(ma.ROOT, module + ".py")) as f:
             graded[module] = original = f.read()
@@ -941,6 +941,9 @@ def main():
             sys.exit(f"grade: {path} cannot be graded{where}: {getattr(e, 'msg', e)}")
         if carried:
             print(f"{module}.py: graded with the submission's own {', '.join(carried)} (added or changed)")
+        unchanged += [module] * (graded[module] == original)
+    if unchanged:        # (a copy made with --only hands the other cores out written: their pass is not the student's)
+        print(f"as handed out, the same as this repository's: {', '.join(m + '.py' for m in unchanged)}")
     # (the submission so far only read as text;) now the reference, before any of the submission's code runs
     sys.pycache_prefix = tempfile.mkdtemp(prefix="grade-pycache-")     # the reference from its source, never from a
     os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix              # cached .pyc in the repository (a poisoned one)
@@ -958,7 +961,7 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        failed = grade_all(args, graded, work)
+        failed = grade_all(args, graded, work, unchanged)
         changed = sorted(k for k in before.keys() | snapshot().keys() if before.get(k) != snapshot().get(k))
         if changed:
             print(f"grade: the grader's repository changed while grading ({', '.join(changed[:5])}): nothing passes; "
@@ -975,7 +978,7 @@ def main():
     sys.exit(1 if failed else 0)
 
 
-def grade_all(args, graded, work):
+def grade_all(args, graded, work, unchanged=()):
     """Grade every seed (args.jobs at once): the gate and the isolated checks; print a line per seed and what failed.
     Returns the seeds that failed."""
     repo, sealed = copies(graded, work)
@@ -1013,7 +1016,7 @@ def grade_all(args, graded, work):
                 loose = [f for f in failures if f.split(".")[0] not in by_core]    # (the child ended early, say)
                 print("  the isolated checks, core by core: " + ", ".join(
                     f"{m} {len(fs)} failed" if fs else f"{m} {'not all run' if loose else 'passed'}"
-                    for m, fs in by_core.items()))
+                    + " (as handed out)" * (m in unchanged) for m, fs in by_core.items()))
                 for fs in [loose, *by_core.values()]:
                     for line in fs[:6]:                     # a few of each core's, so that every core shows
                         print("  ISOLATED " + line[:600])

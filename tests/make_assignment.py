@@ -5,15 +5,15 @@ Make a student copy of this repository, with the vectorised cores blanked: the c
     python tests/make_assignment.py DIR --only ssm,rmt  # blank only these files' cores
 
 Each region between a line `### BEGIN SOLUTION` and a line `### END SOLUTION` (nbgrader's markers, each alone on
-its line) becomes `raise NotImplementedError("<file>.<function>: see the docstring")`, indented like the
-marker. Signatures, docstrings, the reference loops, the configs, the tasks, the harness and the results stay,
-so in the copy `pytest` checks the students' work: every test that runs a blanked core (its own tests, and those
-that train its model: compare.py's and the harness's) fails with NotImplementedError until it is written, and
-everything else passes. The copy's README is the students': its "For instructors" section becomes "The
-assignment". Left out: this script, tests/grade.py, and the tests that would hand an answer
-out (tests/test_oracles.py spells the RMT step and HRM's cycles out); `python tests/grade.py SUBMISSION` grades
-with them. Nothing is written in place (nor through a link into this repository), and nested or unmatched
-markers stop it with one line before anything is written.
+its line) becomes `raise NotImplementedError("<file>.<function>: see the docstring, and the reading list at the top
+of <file>.py")`, indented like the marker. Signatures, docstrings, the reference loops, the configs, the tasks, the
+harness and the results stay, so in the copy `pytest` checks the students' work: every test that runs a blanked
+core (its own tests, and those that train its model: compare.py's and the harness's) fails with NotImplementedError
+until it is written, and everything else passes. The copy's README is the students': its "For instructors" section
+becomes "The assignment". Left out: this script, tests/grade.py, and the tests that would hand an answer out
+(tests/test_oracles.py spells the RMT step and HRM's cycles out); `python tests/grade.py SUBMISSION` grades with
+them. Nothing is written in place (nor through a link into this repository), and nested or unmatched markers stop
+it with one line before anything is written.
 """
 import argparse
 import glob
@@ -85,7 +85,8 @@ def blank(text, module):
     lines = text.splitlines(keepends=True)
     for begin, end, name in reversed(regions(lines, module)):
         indent = lines[begin][:len(lines[begin]) - len(lines[begin].lstrip())]
-        lines[begin:end + 1] = [f'{indent}raise NotImplementedError("{name}: see the docstring")\n']
+        why = f"{name}: see the docstring, and the reading list at the top of {module}.py"
+        lines[begin:end + 1] = [f'{indent}raise NotImplementedError("{why}")\n']
     return "".join(lines)
 
 
@@ -167,8 +168,10 @@ def main(argv=None):
         sys.exit(f"make_assignment: cannot write the copy in {args.dest} ({e.strerror}: {e.filename}); choose a new "
                  "folder that you can write to")
     print(f"student copy in {os.path.realpath(args.dest)}; blanked: {', '.join(names)}")
-    print(f"students check it with: cd {args.dest} && pytest; grade a submission (a copy with the cores written) from "
-          "this repository: python tests/grade.py SUBMISSION")
+    files = " ".join(f"tests/test_{m}.py" for m in MODULES if any(n.startswith(f"{m}.") for n in names))
+    print(f"students check their cores with: cd {args.dest} && pytest {files} tests/test_cores.py (the whole suite: "
+          "pytest, a few minutes); grade a submission (a copy with the cores written) from this repository: "
+          "python tests/grade.py SUBMISSION")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def test_blank_keeps_indentation_and_names_the_method():
     text = "class A:\n    def f(self, x):\n        \"\"\"doc\"\"\"\n        ### BEGIN SOLUTION\n        return x\n" \
            "        ### END SOLUTION\n"
     assert ma.blank(text, "m") == ("class A:\n    def f(self, x):\n        \"\"\"doc\"\"\"\n"
-                                   "        raise NotImplementedError(\"m.A.f: see the docstring\")\n")
+                                   "        raise NotImplementedError(\"m.A.f: see the docstring, and the reading list "
+                                   "at the top of m.py\")\n")
 
 
 def test_never_writes_in_place_or_over_a_folder(tmp_path):
@@ -160,6 +161,7 @@ def test_only_takes_a_list_with_or_without_spaces(tmp_path):
     run = subprocess.run([sys.executable, script, str(tmp_path / "b"), "--only", "ssm, rmt"], capture_output=True,
                          text=True)
     assert run.returncode == 0 and "blanked: rmt.RMT.segment_step, ssm.ssd_scan" in run.stdout, run.stderr
+    assert "&& pytest tests/test_ssm.py tests/test_rmt.py tests/test_cores.py " in run.stdout, run.stdout
 
 
 def test_help_is_help_and_an_unwritable_destination_is_one_line(tmp_path):
@@ -313,6 +315,20 @@ def test_the_graders_reference_leaves_no_bytecode_for_a_submission_to_read(tmp_p
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ma.ROOT, "tests"), capture_output=True,
                          text=True, timeout=300, env={**env, "TMPDIR": str(tmp_path)})
     assert out.returncode == 0 and out.stdout.splitlines()[0] == "[]", (out.stdout[-500:], out.stderr[-2000:])
+
+
+def test_the_grader_names_the_files_handed_out_unchanged(tmp_path):
+    """A copy made with --only hands the other cores out written: the grader says which files are as handed out
+    (their passing is not the student's), and the core-by-core line marks them."""
+    ma.make_assignment(tmp_path / "s", only={"ssm"})               # ssm left blank: changed; the other four not
+    code = ("import sys\nsys.argv = ['grade.py', sys.argv[1]]\nimport grade\n"
+            "grade.grade_all = lambda args, graded, work, unchanged: print('unchanged', unchanged) or []\n"
+            "grade.main()\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], cwd=os.path.join(ma.ROOT, "tests"),
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "as handed out, the same as this repository's: attention.py, rmt.py, titans.py, hrm.py\n" in out.stdout
+    assert "unchanged ['attention', 'rmt', 'titans', 'hrm']" in out.stdout, out.stdout
 
 
 def test_grade_stopped_by_a_signal_leaves_no_folder_and_no_process(tmp_path):
