@@ -978,6 +978,16 @@ def main():
     sys.exit(1 if failed else 0)
 
 
+def by_core_line(failures, unchanged=()):
+    """The isolated checks' failures by core, those of no core, and the line that counts them core by core (a file
+    handed out unchanged is marked so: its pass is not the student's)."""
+    by_core = {m: [f for f in failures if f.startswith(m + ".")] for m in ma.MODULES}
+    loose = [f for f in failures if f.split(".")[0] not in by_core]    # (the child ended early, say)
+    return by_core, loose, "  the isolated checks, core by core: " + ", ".join(
+        f"{m} {len(fs)} failed" if fs else f"{m} {'not all run' if loose else 'passed'}"
+        + " (as handed out)" * (m in unchanged) for m, fs in by_core.items())
+
+
 def grade_all(args, graded, work, unchanged=()):
     """Grade every seed (args.jobs at once): the gate and the isolated checks; print a line per seed and what failed.
     Returns the seeds that failed."""
@@ -1012,11 +1022,8 @@ def grade_all(args, graded, work, unchanged=()):
                 for line in out.splitlines():
                     if line.startswith("FAILED"):
                         print("  " + line[:600])
-                by_core = {m: [f for f in failures if f.startswith(m + ".")] for m in ma.MODULES}
-                loose = [f for f in failures if f.split(".")[0] not in by_core]    # (the child ended early, say)
-                print("  the isolated checks, core by core: " + ", ".join(
-                    f"{m} {len(fs)} failed" if fs else f"{m} {'not all run' if loose else 'passed'}"
-                    + " (as handed out)" * (m in unchanged) for m, fs in by_core.items()))
+                by_core, loose, line = by_core_line(failures, unchanged)
+                print(line)
                 for fs in [loose, *by_core.values()]:
                     for line in fs[:6]:                     # a few of each core's, so that every core shows
                         print("  ISOLATED " + line[:600])

@@ -329,6 +329,9 @@ def test_the_grader_names_the_files_handed_out_unchanged(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "as handed out, the same as this repository's: attention.py, rmt.py, titans.py, hrm.py\n" in out.stdout
     assert "unchanged ['attention', 'rmt', 'titans', 'hrm']" in out.stdout, out.stdout
+    _, _, line = grade.by_core_line(["ssm.ssd_scan(T=7): output 0 differs"], ["attention", "rmt", "titans", "hrm"])
+    assert line.endswith("core by core: attention passed (as handed out), ssm 1 failed, rmt passed (as handed out), "
+                         "titans passed (as handed out), hrm passed (as handed out)"), line
 
 
 def test_grade_stopped_by_a_signal_leaves_no_folder_and_no_process(tmp_path):
