@@ -563,21 +563,32 @@ def run_one(spec):
 # Running the two phases, and main
 # ---------------------------------------------------------------------------------------------------------
 
+def chosen_rates(runs):
+    """Each cell's chosen lr among these runs; none for a cell where every rate diverged."""
+    return {cell: rs[0]["lr"] for cell, rs in best_runs(runs).items() if rs[0].get("diverged_at") is None}
+
+
 def run_phases(command, runs, save, workers, devices):
     """The protocol's two phases in order, each run stored by save(record) as it finishes: the lr sweep (every rate
-    on the first seed, for every cell and dial size), then the other seeds at each cell's chosen rate (none where
-    every rate diverged). A stored run whose spec equals the one asked for is reused. Returns the runs of both."""
+    on the first seed, for every cell and dial size), then the other seeds at each cell's chosen rate. A stored run
+    whose spec equals the one asked for is reused; a cell whose sweep is stored whole has its rate chosen already,
+    so its other seeds start with the rest of the sweep (a resumed command's long runs wait for nothing). Returns
+    the runs of both."""
     done = {}
     for phase in ("lr sweep", "seeds"):
-        chosen = {cell: rs[0]["lr"] for cell, rs in best_runs(done.values()).items()
-                  if rs[0].get("diverged_at") is None}
-        specs = make_specs(command, phase, chosen)
-        todo = [s for s in specs if not same_spec(runs.get(run_key(s)), s)]
-        stale = [s for s in todo if run_key(s) in runs]   # stored with other settings: trained again, replaced
+        specs = make_specs(command, phase, chosen_rates(done.values()))
+        todo, early = [s for s in specs if not same_spec(runs.get(run_key(s)), s)], []
+        if phase == "lr sweep":   # the cells whose sweep is stored whole (the dial's sizes aside): rates chosen
+            owed = {(s["model"], s["task"]) for s in todo if not s.get("dial")}
+            whole = chosen_rates([runs[run_key(s)] for s in specs if s not in todo])
+            early = [s for s in make_specs(command, "seeds", {c: lr for c, lr in whole.items() if c not in owed})
+                     if not same_spec(runs.get(run_key(s)), s)]
+        stale = [s for s in todo + early if run_key(s) in runs]   # stored with other settings: trained again
         changed = sorted({k for s in stale for k in spec_changes(runs[run_key(s)], s)})
         print(f"{phase}: {len(specs) - len(todo)} stored runs reused, {len(todo)} to train now" + (
+            f", with {len(early)} of the other seeds (their cells' sweeps are stored whole)" if early else "") + (
             f" ({len(stale)} because of what changed since they were stored: {', '.join(changed)})" if stale else ""))
-        runner.run_all(todo, workers, devices, run_one, save)
+        runner.run_all(todo + early, workers, devices, run_one, save)
         done.update({run_key(s): runs[run_key(s)] for s in specs})
     return list(done.values())
 

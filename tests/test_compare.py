@@ -525,6 +525,26 @@ def test_the_lr_choice_and_its_edges_leave_the_dial_out():
 
 
 @pytest.mark.slow
+def test_a_cell_swept_whole_starts_its_other_seeds_with_the_rest_of_the_sweep(tmp_path, monkeypatch, capsys):
+    """Resumed with the SSM's sweep stored whole and attention's half: the first batch holds attention's owed rate
+    and the SSM's other seed (its rate chosen already, as the whole store later chooses it); attention's other seed
+    waits for its sweep."""
+    argv = ["--preset", "smoke", "--tasks", "flipflop", "--steps", "3", "--workers", "1", "--out", str(tmp_path)]
+    assert compare.main(argv + ["--models", "ssm", "--seeds", "0", "--lrs", "1e-3,3e-3"]) == 0
+    assert compare.main(argv + ["--models", "attention", "--seeds", "0", "--lrs", "1e-3"]) == 0
+    batches, real = [], runner.run_all
+    monkeypatch.setattr(runner, "run_all", lambda specs, *a: batches.append(sorted(map(compare.run_key, specs)))
+                        or real(specs, *a))
+    capsys.readouterr()
+    assert compare.main(argv + ["--models", "attention,ssm", "--seeds", "0,1", "--lrs", "1e-3,3e-3"]) == 0
+    assert "3 stored runs reused, 1 to train now, with 1 of the other seeds" in capsys.readouterr().out
+    best = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())
+    lr = {m: best[m, "flipflop"][0]["lr"] for m in ("attention", "ssm")}
+    assert batches == [["attention/flipflop/lr=0.003/seed=0", f"ssm/flipflop/lr={lr['ssm']:g}/seed=1"],
+                       [f"attention/flipflop/lr={lr['attention']:g}/seed=1"]]
+
+
+@pytest.mark.slow
 def test_restart_after_the_sweep_runs_only_the_owed_seeds_and_dial(tmp_path, monkeypatch):
     """Interrupted after a cell's lr sweep finished but before its extra seed and the dial's sweep ran: the restart
     runs exactly those (the seed at the chosen lr, the dial size at every lr), and the same command with the same
