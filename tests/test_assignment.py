@@ -1029,7 +1029,6 @@ def test_the_gate_counts_the_report_itself(tmp_path):
     assert "early exit" in grade.gate(str(tmp_path / "none.xml"), expected)
 
 
-
 def test_a_models_gradients_are_compared_at_their_own_scale():
     """A whole model's rounding grows with its gradients (RoPE tables spelled two correct ways differ in the last
     bit): 2e-5 off beside gradients of 20 passes, 1e-3 off fails; a float64 core keeps its absolute 1e-10."""
@@ -1041,6 +1040,7 @@ def test_a_models_gradients_are_compared_at_their_own_scale():
     assert grade.compare([model], wanted, got(2e-5)) == []
     assert "the gradient w.r.t. input 0" in grade.compare([model], wanted, got(1e-3))[0]
     assert grade.compare([("ssm.ssd_scan", dict(module="ssm", call="ssd_scan"))], wanted, got(1e-9)) != []
+
 
 if __name__ == "__main__":          # the background process that conftest.py starts
     sys.path.insert(0, ma.ROOT)
