@@ -418,26 +418,26 @@ if __name__ == "__main__":
     print(f"Titans (MAG): {sum(p.numel() for p in model.parameters()):,} parameters, logits "
           f"{tuple(model(tokens).shape)}, state {model.state_size(50):,} floats per sequence")
 
-    # The memory's capacity before any training: N random unit pairs written by the update rule (no momentum, no
+    # The memory's capacity before any training: P random unit pairs written by the update rule (no momentum, no
     # forgetting, the chunks and clipping of the default config), then each key read again with theta 0; a read is
-    # right when its nearest stored value is the pair's. The best of five inner rates theta, for each memory and N.
+    # right when its nearest stored value is the pair's. The best of five inner rates theta, for each memory and P.
     B = 64
-    print("share of N random pairs recalled untrained, N = 4 / 32 / 64:")
+    print("share of P random pairs recalled untrained, P = 4 / 32 / 64:")
     for memory, expand in (("linear", 1), ("mlp", 1), ("mlp", 4)):
         c = TitansConfig(memory=memory, memory_expand=expand)
         mem = NeuralMemory(c)
         mem.reset_memory_parameters()
         weights = tuple(W[:1].detach().expand(B, 1, *W.shape[1:]) for W in mem.memory_init)   # head 0's init
         shares = []
-        for N in (4, 32, 64):
-            gate = torch.cat([torch.ones(B, 1, N), torch.zeros(B, 1, N)], 2)   # 1 while writing, 0 while reading
+        for P in (4, 32, 64):
+            gate = torch.cat([torch.ones(B, 1, P), torch.zeros(B, 1, P)], 2)   # 1 while writing, 0 while reading
             best = 0.0
             for theta in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
-                k, v = (F.normalize(torch.randn(B, 1, N, c.head_dim), dim=-1) for _ in range(2))
+                k, v = (F.normalize(torch.randn(B, 1, P, c.head_dim), dim=-1) for _ in range(2))
                 kk, vv = torch.cat([k, k], 2), torch.cat([v, v], 2)
                 y, _ = neural_memory(kk, kk, vv, theta * gate, torch.full_like(gate, 1e-6), torch.full_like(gate, 1e-6),
                                      weights, chunk_size=c.chunk_size, max_grad_norm=c.max_grad_norm)
-                right = (y[:, :, N:] @ v.transpose(-1, -2)).argmax(-1) == torch.arange(N)
+                right = (y[:, :, P:] @ v.transpose(-1, -2)).argmax(-1) == torch.arange(P)
                 best = max(best, right.float().mean().item())
             shares.append(f"{best:.3f}")
         print(f"  memory {memory}{f' x{expand}' if memory == 'mlp' else ''} ({sum(W[0].numel() for W in weights):,} "
