@@ -407,8 +407,8 @@ class Titans(nn.Module):
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description="A smoke run of Titans (parameters, the logits' shape, the state size), "
-                            "then how many pairs each memory holds, untrained, written by its own rule.").parse_args()
+    argparse.ArgumentParser(description="A smoke run of Titans: parameters, the logits' shape, the state size."
+                            ).parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
     torch.set_flush_denormal(True)  # CPU: products of many decays underflow to subnormals, which are very slow
@@ -417,28 +417,3 @@ if __name__ == "__main__":
     tokens = torch.randint(0, 32, (2, 50))
     print(f"Titans (MAG): {sum(p.numel() for p in model.parameters()):,} parameters, logits "
           f"{tuple(model(tokens).shape)}, state {model.state_size(50):,} floats per sequence")
-
-    # The memory's capacity before any training: P random unit pairs written by the update rule (no momentum, no
-    # forgetting, the chunks and clipping of the default config), then each key read again with theta 0; a read is
-    # right when its nearest stored value is the pair's. The best of five inner rates theta, for each memory and P.
-    B = 64
-    print("share of P random pairs recalled untrained, P = 4 / 32 / 64:")
-    for memory, expand in (("linear", 1), ("mlp", 1), ("mlp", 4)):
-        c = TitansConfig(memory=memory, memory_expand=expand)
-        mem = NeuralMemory(c)
-        mem.reset_memory_parameters()
-        weights = tuple(W[:1].detach().expand(B, 1, *W.shape[1:]) for W in mem.memory_init)   # head 0's init
-        shares = []
-        for P in (4, 32, 64):
-            gate = torch.cat([torch.ones(B, 1, P), torch.zeros(B, 1, P)], 2)   # 1 while writing, 0 while reading
-            best = 0.0
-            for theta in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
-                k, v = (F.normalize(torch.randn(B, 1, P, c.head_dim), dim=-1) for _ in range(2))
-                kk, vv = torch.cat([k, k], 2), torch.cat([v, v], 2)
-                y, _ = neural_memory(kk, kk, vv, theta * gate, torch.full_like(gate, 1e-6), torch.full_like(gate, 1e-6),
-                                     weights, chunk_size=c.chunk_size, max_grad_norm=c.max_grad_norm)
-                right = (y[:, :, P:] @ v.transpose(-1, -2)).argmax(-1) == torch.arange(P)
-                best = max(best, right.float().mean().item())
-            shares.append(f"{best:.3f}")
-        print(f"  memory {memory}{f' x{expand}' if memory == 'mlp' else ''} ({sum(W[0].numel() for W in weights):,} "
-              f"floats a head): {' / '.join(shares)}")

@@ -250,6 +250,39 @@ def titans_by_hand(model, tokens):
     return rms_norm(x, model.norm.weight) @ model.head.weight.T, states
 
 
+
+def recalled_untrained(memory, expand, P, B=64):
+    """The share of P random unit pairs that a fresh memory (Titans' init: an MLP's last layer zero) recalls when
+    written by its own rule, no momentum, no forgetting, the default chunks and clipping; then each key read again
+    with theta 0, right when its nearest stored value is the pair's. The best of five inner rates theta."""
+    torch.manual_seed(0)
+    c = TitansConfig(memory=memory, memory_expand=expand)
+    mem = NeuralMemory(c)
+    mem.reset_memory_parameters()
+    weights = tuple(W[:1].detach().expand(B, 1, *W.shape[1:]) for W in mem.memory_init)   # head 0's init
+    write = torch.cat([torch.ones(B, 1, P), torch.zeros(B, 1, P)], 2)
+    best = 0.0
+    for theta in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
+        k, v = (F.normalize(torch.randn(B, 1, P, c.head_dim), dim=-1) for _ in range(2))
+        kk, vv = torch.cat([k, k], 2), torch.cat([v, v], 2)
+        tiny = torch.full_like(write, 1e-6)
+        y, _ = neural_memory(kk, kk, vv, theta * write, tiny, tiny, weights, chunk_size=c.chunk_size,
+                             max_grad_norm=c.max_grad_norm)
+        best = max(best, ((y[:, :, P:] @ v.transpose(-1, -2)).argmax(-1) == torch.arange(P)).float().mean().item())
+    return best
+
+
+def test_every_memory_holds_the_pairs_its_own_rule_writes():
+    """Untrained, each memory recalls 4 random pairs whole and most of 32: the write rule stores through an MLP
+    whose last layer starts at zero. It also measures what the README says of Titans' dial (`pytest -s -k
+    own_rule tests/test_titans.py` prints it): at 32 pairs the 1x MLP holds fewer than the smaller linear memory."""
+    shares = {(m, e): [recalled_untrained(m, e, P) for P in (4, 32, 64)]
+              for m, e in (("linear", 1), ("mlp", 1), ("mlp", 4))}
+    print("\nshare of P random pairs recalled untrained, P = 4 / 32 / 64: " + "; ".join(
+        f"{m}{f' x{e}' if m == 'mlp' else ''} {' / '.join(f'{s:.3f}' for s in v)}" for (m, e), v in shares.items()))
+    assert all(v[0] == 1.0 for v in shares.values())
+    assert min(v[1] for v in shares.values()) > 0.7
+
 @pytest.mark.parametrize("options", [dict(memory="mlp", memory_expand=2), dict(use_attention=False, memory="linear")])
 @pytest.mark.parametrize("T", [1, 11])
 def test_model_is_titans_spelled_out(options, T):
