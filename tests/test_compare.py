@@ -44,19 +44,24 @@ def test_a_gpu_preset_on_a_cpu_says_so_before_it_starts(argv, warned, tmp_path, 
 def test_a_core_not_written_yet_stops_with_one_line(argv, tmp_path, monkeypatch):
     """A student copy (tests/make_assignment.py) raises NotImplementedError in each blanked core: `python compare.py`
     names it in one line and exits non-zero, training or --bench. (Only the SSM runs, so that the test reads the
-    same in a copy with blank cores.)"""
+    same in a copy with blank cores: its sources and messages are make_assignment's own.)"""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import make_assignment
+    for module in (compare.ssm, compare.attention):
+        with open(module.__file__) as f:
+            text = make_assignment.blank(f.read(), module.__name__)        # as a student copy has it
+        (tmp_path / f"{module.__name__}.py").write_text(text)
+        monkeypatch.setattr(module, "__file__", str(tmp_path / f"{module.__name__}.py"))
+    why = re.search(r'NotImplementedError\("(ssm\.ssd_scan: [^"]*)"', (tmp_path / "ssm.py").read_text()).group(1)
+
     def blank(*args, **kwargs):
-        raise NotImplementedError("ssm.ssd_scan: see the docstring")
+        raise NotImplementedError(why)
     monkeypatch.setattr(compare.ssm, "ssd_scan", blank)
-    for module, core in [(compare.ssm, "ssm.ssd_scan"), (compare.attention, "attention.attention")]:
-        (tmp_path / f"{core}.py").write_text(f'    raise NotImplementedError("{core}: see the docstring")\n')
-        monkeypatch.setattr(module, "__file__", str(tmp_path / f"{core}.py"))   # its source, as in a student copy
     monkeypatch.setattr(sys, "argv", ["compare.py", *argv, "--models", "ssm", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(ROOT, "compare.py"), run_name="__main__")
     message = str(stop.value)
-    assert "\n" not in message and message.startswith("compare.py: error: a core is not written yet (ssm.ssd_scan: see "
-                                                      "the docstring; ")
+    assert "\n" not in message and message.startswith(f"compare.py: error: a core is not written yet ({why}; ")
     assert "; not written yet, in the lesson's order: attention.attention, ssm.ssd_scan" in message   # every one
 
 
