@@ -27,7 +27,8 @@ Reading list
 Glossary (paper -> here)
   B batch, T time, D model width, E = expand*D inner width, H heads, K head dim (E = H*K; the paper's P),
   N state size (d_state), Q chunk length (the paper's Q, `chunk_size`; the other files call it C, a letter
-  this file leaves to the readout C_t), c the chunk axis in shape comments (n_chunks chunks).
+  this file leaves to the readout C_t), c the chunk axis in shape comments (n_chunks chunks); the mixer's
+  `self.D` (Mamba's name) is not a width but the skip's weight per head, y_t += D x_t.
   x_t (B, T, H, K)  input per head          dt_t (B, T, H) step size > 0 (softplus)
   A (H,) < 0        decay rate per head      a_t = dt_t * A <= 0, the log of the decay at step t
   B_t, C_t (B, T, N) input and output maps, shared by all heads (one group); in a shape, B is the batch
@@ -100,7 +101,8 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size=64, initial_state=None):
 def segsum(a):
     """(..., L) -> (..., L, L): out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
 
-    Each entry is summed directly over its own segment, so it is <= 0 and exp() of it never overflows;
+    Each entry is summed directly over its own segment, so for a <= 0 (a log decay) it is <= 0 and exp() of it
+    never overflows;
     the tempting cumsum[i] - cumsum[j] loses precision by cancellation at long L.
     """
     L = a.shape[-1]
@@ -145,13 +147,13 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, initial_state=None):
     # 3. Across chunks: h entering chunk m = h entering m-1, decayed by its total, + the state it left (h0: chunk -1).
     #    The tokens' recurrence one level up: `carry` scans it in groups of G chunks (step 1's matmul), recursively.
     def carry(s, d):   # s (B, H, n, K*N), log decays d (B, H, n) -> h_m = exp(d_m) h_(m-1) + s_m, from h = 0
-        n, G = d.shape[-1], max(Q, 2)                # groups of G >= 2 chunks: each level is shorter
+        n, G = d.shape[-1], max(Q, 2)   # groups of G chunks, G = Q as in step 1 (>= 2: each level shorter)
         if n <= G:
             return torch.exp(segsum(d)) @ s
         s, d = (F.pad(t, (0, 0) * (t.dim() - 3) + (0, (-n) % G)).unflatten(2, (-1, G)) for t in (s, d))   # pads: 0
         inside, d_cum = torch.exp(segsum(d)) @ s, d.cumsum(dim=-1)               # each group from its own chunks
         before = F.pad(carry(inside[..., -1, :], d_cum[..., -1]), (0, 0, 1, 0))[:, :, :-1]   # entering each group
-        return (inside + torch.exp(d_cum)[..., None] * before[..., None, :]).flatten(2, 3)[:, :, :n]   # as step 4
+        return (inside + torch.exp(d_cum)[..., None] * before[..., None, :]).flatten(2, 3)[:, :, :n]   # step 4, up
 
     h0 = x.new_zeros(b, H, K, N) if initial_state is None else initial_state
     chunk_states = torch.cat([h0[:, :, None], chunk_states], dim=2).flatten(-2)   # (B, H, c+1, K*N)

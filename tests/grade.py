@@ -943,7 +943,8 @@ def main():
             print(f"{module}.py: graded with the submission's own {', '.join(carried)} (added or changed)")
         unchanged += [module] * (graded[module] == original)
     if unchanged:        # (a copy made with --only hands the other cores out written: their pass is not the student's)
-        print(f"as handed out, the same as this repository's: {', '.join(m + '.py' for m in unchanged)}")
+        print(f"the same as this repository's (handed out written by --only, or copied): "
+              f"{', '.join(m + '.py' for m in unchanged)}")
     # (the submission so far only read as text;) now the reference, before any of the submission's code runs
     sys.pycache_prefix = tempfile.mkdtemp(prefix="grade-pycache-")     # the reference from its source, never from a
     os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix              # cached .pyc in the repository (a poisoned one)
@@ -980,12 +981,12 @@ def main():
 
 def by_core_line(failures, unchanged=()):
     """The isolated checks' failures by core, those of no core, and the line that counts them core by core (a file
-    handed out unchanged is marked so: its pass is not the student's)."""
+    the same as this repository's is marked so: its pass is not the student's)."""
     by_core = {m: [f for f in failures if f.startswith(m + ".")] for m in ma.MODULES}
     loose = [f for f in failures if f.split(".")[0] not in by_core]    # (the child ended early, say)
     return by_core, loose, "  the isolated checks, core by core: " + ", ".join(
         f"{m} {len(fs)} failed" if fs else f"{m} {'not all run' if loose else 'passed'}"
-        + " (as handed out)" * (m in unchanged) for m, fs in by_core.items())
+        + " (this repository's own)" * (m in unchanged) for m, fs in by_core.items())
 
 
 def grade_all(args, graded, work, unchanged=()):

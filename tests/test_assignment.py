@@ -318,8 +318,8 @@ def test_the_graders_reference_leaves_no_bytecode_for_a_submission_to_read(tmp_p
 
 
 def test_the_grader_names_the_files_handed_out_unchanged(tmp_path):
-    """A copy made with --only hands the other cores out written: the grader says which files are as handed out
-    (their passing is not the student's), and the core-by-core line marks them."""
+    """A copy made with --only hands the other cores out written: the grader says which files are the same as this
+    repository's (their passing is not the student's), and the core-by-core line marks them."""
     ma.make_assignment(tmp_path / "s", only={"ssm"})               # ssm left blank: changed; the other four not
     code = ("import sys\nsys.argv = ['grade.py', sys.argv[1]]\nimport grade\n"
             "grade.grade_all = lambda args, graded, work, unchanged: print('unchanged', unchanged) or []\n"
@@ -327,11 +327,12 @@ def test_the_grader_names_the_files_handed_out_unchanged(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], cwd=os.path.join(ma.ROOT, "tests"),
                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "as handed out, the same as this repository's: attention.py, rmt.py, titans.py, hrm.py\n" in out.stdout
+    assert ("the same as this repository's (handed out written by --only, or copied): attention.py, rmt.py, "
+            "titans.py, hrm.py\n") in out.stdout
     assert "unchanged ['attention', 'rmt', 'titans', 'hrm']" in out.stdout, out.stdout
     _, _, line = grade.by_core_line(["ssm.ssd_scan(T=7): output 0 differs"], ["attention", "rmt", "titans", "hrm"])
-    assert line.endswith("core by core: attention passed (as handed out), ssm 1 failed, rmt passed (as handed out), "
-                         "titans passed (as handed out), hrm passed (as handed out)"), line
+    own = "passed (this repository's own)"
+    assert line.endswith(f"core by core: attention {own}, ssm 1 failed, rmt {own}, titans {own}, hrm {own}"), line
 
 
 def test_grade_stopped_by_a_signal_leaves_no_folder_and_no_process(tmp_path):
