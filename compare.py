@@ -574,10 +574,11 @@ def run_phases(command, runs, save, workers, devices):
     whose spec equals the one asked for is reused; a cell whose sweep is stored whole has its rate chosen already,
     so its other seeds start with the rest of the sweep (a resumed command's long runs wait for nothing). Returns
     the runs of both."""
-    done = {}
+    done, ran = {}, set()
     for phase in ("lr sweep", "seeds"):
         specs = make_specs(command, phase, chosen_rates(done.values()))
         todo, early = [s for s in specs if not same_spec(runs.get(run_key(s)), s)], []
+        above = sum(run_key(s) in ran for s in specs)   # the other seeds this command trained with the sweep
         if phase == "lr sweep":   # the cells whose sweep is stored whole (the dial's sizes aside): rates chosen
             owed = {(s["model"], s["task"]) for s in todo if not s.get("dial")}
             whole = chosen_rates([runs[run_key(s)] for s in specs if s not in todo])
@@ -585,10 +586,12 @@ def run_phases(command, runs, save, workers, devices):
                      if not same_spec(runs.get(run_key(s)), s)]
         stale = [s for s in todo + early if run_key(s) in runs]   # stored with other settings: trained again
         changed = sorted({k for s in stale for k in spec_changes(runs[run_key(s)], s)})
-        print(f"{phase}: {len(specs) - len(todo)} stored runs reused, {len(todo)} to train now" + (
+        print(f"{phase}: {len(specs) - len(todo) - above} stored runs reused, {len(todo)} to train now" + (
+            f" ({above} trained above, with the sweep)" if above else "") + (
             f", with {len(early)} of the other seeds (their cells' sweeps are stored whole)" if early else "") + (
             f" ({len(stale)} because of what changed since they were stored: {', '.join(changed)})" if stale else ""))
         runner.run_all(todo + early, workers, devices, run_one, save)
+        ran.update(run_key(s) for s in todo + early)
         done.update({run_key(s): runs[run_key(s)] for s in specs})
     return list(done.values())
 

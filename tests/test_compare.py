@@ -544,7 +544,9 @@ def test_a_cell_swept_whole_starts_its_other_seeds_with_the_rest_of_the_sweep(tm
                         or real(specs, *a))
     capsys.readouterr()
     assert compare.main(argv + ["--models", "attention,ssm", "--seeds", "0,1", "--lrs", "1e-3,3e-3"]) == 0
-    assert "3 stored runs reused, 1 to train now, with 1 of the other seeds" in capsys.readouterr().out
+    out = capsys.readouterr().out        # the SSM's other seed, trained with the sweep, is not counted as reused
+    assert "3 stored runs reused, 1 to train now, with 1 of the other seeds" in out
+    assert "seeds: 0 stored runs reused, 1 to train now (1 trained above, with the sweep)" in out, out
     best = compare.best_runs(json.load(open(tmp_path / "smoke.json"))["runs"].values())
     lr = {m: best[m, "flipflop"][0]["lr"] for m in ("attention", "ssm")}
     assert batches == [["attention/flipflop/lr=0.003/seed=0", f"ssm/flipflop/lr={lr['ssm']:g}/seed=1"],
