@@ -250,7 +250,6 @@ def titans_by_hand(model, tokens):
     return rms_norm(x, model.norm.weight) @ model.head.weight.T, states
 
 
-
 def recalled_untrained(memory, expand, P, B=64):
     """The share of P random unit pairs that a fresh memory (Titans' init: an MLP's last layer zero) recalls when
     written by its own rule, no momentum, no forgetting, the default chunks and clipping; then each key read again
@@ -282,6 +281,7 @@ def test_every_memory_holds_the_pairs_its_own_rule_writes():
         f"{m}{f' x{e}' if m == 'mlp' else ''} {' / '.join(f'{s:.3f}' for s in v)}" for (m, e), v in shares.items()))
     assert all(v[0] == 1.0 for v in shares.values())
     assert min(v[1] for v in shares.values()) > 0.7
+
 
 @pytest.mark.parametrize("options", [dict(memory="mlp", memory_expand=2), dict(use_attention=False, memory="linear")])
 @pytest.mark.parametrize("T", [1, 11])
