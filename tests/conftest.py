@@ -1,4 +1,5 @@
-"""Grading on unseen cases, for instructors (README, "For instructors"), and the tests' one comparison helper.
+"""Grading on unseen cases, for instructors (README, "For instructors"), the tests' one comparison helper, and the
+operation counters of tests/test_cores.py (here, so that grade.py binds them before a submission's code runs).
 
     GRADE_SEED=<int> pytest
 
@@ -12,6 +13,9 @@ import random
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 try:
     GRADE_SEED = int(os.environ.get("GRADE_SEED") or 0)
@@ -76,3 +80,33 @@ def causal_logits(a, b, t, what, atol=1e-7):
     moved = (a[:, t + 1:] - b[:, t + 1:]).abs().max().item()
     assert moved > 1e-6, (f"{what}: the logits after position {t} moved by at most {moved:.3g} when the tokens there "
                           "changed: the model ignores its later tokens")
+
+
+class Trace(TorchDispatchMode):
+    """Counts the operations dispatched and the tensor elements they write; notes tensors off `device`."""
+
+    def __init__(self, device=None):
+        super().__init__()
+        self.device, self.ops, self.elements, self.off_device = device, 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.elements += t.numel()
+                if self.device is not None and t.device.type != self.device and t.numel() > 1:
+                    self.off_device.append(f"{func.overloadpacket.__name__} -> {t.device.type} {tuple(t.shape)}")
+        return out
+
+
+class Calls(TorchFunctionMode):
+    """The names of the torch functions called."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))

@@ -208,11 +208,13 @@ REFUSED = {"subprocess.Popen": "start a process", "os.system": "start a process"
            "ctypes.dlopen": "load C code", "ctypes.dlsym": "call C code", "ctypes.dlsym/handle": "call C code",
            "ctypes.call_function": "call C code", "ctypes.addressof": "read memory by address",
            "ctypes.string_at": "read memory by address", "gc.get_objects": "search the process's objects",
-           "gc.get_referrers": "search the process's objects", "gc.get_referents": "search the process's objects"}
+           "gc.get_referrers": "search the process's objects", "gc.get_referents": "search the process's objects",
+           "socket.__new__": "open a socket"}
 CHANGES = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown", "os.link", "os.symlink",
            "os.truncate", "os.utime", "os.chflags", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
            "shutil.copytree", "shutil.move", "shutil.rmtree"}
 WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+CASE_SECONDS = 120   # one case takes a correct core a second or two (the first, with the child's imports, a few)
 LIVE = set()   # the processes this grader started and has not yet seen end: killed on the way out (main)
 
 
@@ -245,15 +247,17 @@ def outside(paths, root):
 def confine(writable, hidden, refused, readable=(), strict=False):
     """Confine this process before a submission's code runs in it, with an audit hook (which nothing can remove)
     and the thread starters replaced: no file written or changed outside `writable` (folders), nothing under
-    `hidden` (the grader's repository: the solutions) read or listed, no other process's /proc entries, no
-    thread or process started (nor a fresh copy of their starters' modules loaded), no C code loaded or called, no
-    search of the objects in memory, no folder opened outside `readable` and `writable` (a folder's descriptor
-    opens files by relative names); with `strict` (the child), no change of the working folder either, and a
+    `hidden` (the grader's repository, the solutions; its working folder) read or listed but what lies in `readable`
+    or `writable`, no other process's /proc entries, no thread or process started (nor a fresh copy of their
+    starters' modules loaded), no socket or shared memory (a channel to another process), no C code loaded or
+    called, no search of the objects in memory, no folder opened outside `readable` and `writable` (a folder's
+    descriptor opens files by relative names); with `strict` (the child), no change of the working folder either, and a
     thread of its own looks for threads that slipped through. Each refusal raises PermissionError and is noted in
     `refused` (a list), which the child hands back with every case.
     What Python alone cannot stop (code that rewrites this process's memory, or a compiled extension already
     loaded) needs an operating-system sandbox; README, "For instructors"."""
     import _imp
+    import _posixshmem
     import _posixsubprocess
     import _thread
     import threading
@@ -283,8 +287,9 @@ def confine(writable, hidden, refused, readable=(), strict=False):
             where = real(path)
             if event == "open" and os.path.isdir(where) and not under(where, readable):   # a folder's descriptor
                 refuse(f"open the folder {os.fsdecode(path)} (its descriptor would reach around these checks)")
-            if under(where, hidden):
-                refuse(f"{'write' if write else 'read'} {os.fsdecode(path)} (the grader's repository)")
+            if under(where, hidden) and not under(where, readable):
+                refuse(f"{'write' if write else 'read'} {os.fsdecode(path)} (the grader's "
+                       f"{'repository' if under(where, hidden[:1]) else 'working folder'})")
             if where.startswith("/proc/") and where.split("/")[2].isdigit() and not under(where, [mine]):
                 refuse(f"read {os.fsdecode(path)} (another process)")
             if write and not under(where, writable):
@@ -320,9 +325,12 @@ def confine(writable, hidden, refused, readable=(), strict=False):
     def no_process(*args, **kwargs):
         refuse("start a process")
     _posixsubprocess.fork_exec = subprocess._fork_exec = no_process   # what subprocess and multiprocessing use
+    def no_shared_memory(*args, **kwargs):
+        refuse("open shared memory (a channel to another process)")
+    _posixshmem.shm_open = no_shared_memory                             # (it raises no audit event)
     # A fresh copy of _thread, _posixsubprocess or _imp would bring the starters (or the loaders) back: every module
     # that _imp's loaders make or run is looked at, whatever its name says, and one with a starter is refused.
-    starters = {"start_new_thread", "start_new", "fork_exec", "create_builtin", "create_dynamic"}
+    starters = {"start_new_thread", "start_new", "fork_exec", "shm_open", "create_builtin", "create_dynamic"}
     def guarded(real):
         def load(arg, *rest):
             out = real(arg, *rest)
@@ -707,10 +715,11 @@ def receive(pipe):
     return torch.load(io.BytesIO(pipe.read(int.from_bytes(head, "little"))), weights_only=True)
 
 
-def isolated(sealed, first, keep=None, rng=None):
+def isolated(sealed, first, keep=None, rng=None, seconds=CASE_SECONDS):
     """Grade the submission in `sealed` by the checks above, on cases drawn now (from `rng`, else the operating
     system's randomness); the counted and 'meta' cases too when `first`; only those for which keep(what, case) holds
-    when given (the tests' shortcut). Returns the failures, one line each."""
+    when given (the tests' shortcut); the child is stopped when one case takes more than `seconds`. Returns the
+    failures, one line each."""
     rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
     cases = [(what, case) for what, case in draw(rng) + (counted(rng) if first else [])
              if keep is None or keep(what, case)]
@@ -728,13 +737,14 @@ def isolated(sealed, first, keep=None, rng=None):
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
                                  env={**os.environ, **ON_A_CPU, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch,
                                       "TORCHINDUCTOR_CACHE_DIR": scratch})
-        timer = threading.Timer(900, child.kill)
-        timer.start()
-        results = []
+        results, late, timer = [], [], None
         try:
             for _, case in cases:                  # one case at a time: the next exists only once this one is back
+                timer = threading.Timer(seconds, lambda: late.append(True) or child.kill())
+                timer.start()
                 send(child.stdin, case)
                 results.append(receive(child.stdout))
+                timer.cancel()
                 if results[-1] is None:
                     break
         except (BrokenPipeError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
@@ -744,7 +754,8 @@ def isolated(sealed, first, keep=None, rng=None):
                     f"({cases[len(results) - 1][0] if results else cases[0][0]}); a tensor subclass or a result "
                     "it wrote itself is refused"]
         finally:
-            timer.cancel()
+            if timer:
+                timer.cancel()
             for pipe in (child.stdin, child.stdout):
                 pipe.close()
             child.kill()    # nothing it does now counts (its own exit took 0.7 s); one that ended keeps its status
@@ -754,7 +765,8 @@ def isolated(sealed, first, keep=None, rng=None):
             errors.seek(0)
             tail = errors.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
             return [f"the submission's process ended after {len([r for r in results if r])} of {len(cases)} cases "
-                    f"(exit status {child.returncode}) {tail[0][:300]}"]
+                    + (f"(stopped: one case ran past {seconds} s)" if late else
+                       f"(exit status {child.returncode}) {tail[0][:300]}")]
     bad = [what for (what, _), got in zip(cases, results) for t in got.get("outputs", []) + [
         g for g in got.get("grads", []) if g is not None] if type(t) is not torch.Tensor]
     if bad:
@@ -776,10 +788,13 @@ def child(sealed, scratch):
     refused = []
     with profile(activities=[ProfilerActivity.CPU]):   # the profiler's thread started before the watch's first look
         torch.ones(1).add(1)
-    confine(writable=[scratch], hidden=[ma.ROOT], refused=refused, readable=[sealed], strict=True)
+    # hidden: the grader's repository, and the rest of its working folder (the test process's folders and the
+    # unsealed copy there: a red-team pass answered the child's cases from the test process through them)
+    confine(writable=[scratch], hidden=[ma.ROOT, os.path.dirname(sealed)], refused=refused, readable=[sealed],
+            strict=True)
     sys.path[:] = [sealed, os.path.join(sealed, "tests")] + outside(sys.path, ma.ROOT)
     torch.set_num_threads(1)
-    from test_cores import Calls, Trace   # (what the checks use is bound before the submission is imported)
+    from conftest import Calls, Trace   # bound before the submission is imported (test_cores.py imports it)
     # Copies of the profiler's method and of this module's graph_size, which the submission could replace (a red-team
     # pass), and the operation counts kept again: all out of its reach but through the interpreter's internals.
     events = profile.events
@@ -793,6 +808,22 @@ def child(sealed, scratch):
             out = super().__torch_dispatch__(func, types, args, kwargs)
             tally[0], tally[1] = tally[0] + self.ops - ops, tally[1] + self.elements - elements
             return out
+
+    def canary():
+        """What the three counters and Calls make of a fixed computation. Taken before the submission is imported and
+        again after each case: a difference means that its code changed PyTorch's machinery under them (a red-team
+        pass replaced the dispatch modes' __enter__ and the profiler's events at import, and every count read 0)."""
+        try:
+            tally[:] = [0, 0]
+            trace, calls, profiler = Tallied(), Calls(), profile(activities=[ProfilerActivity.CPU])
+            with profiler, calls, trace:
+                out = (torch.ones(3, dtype=torch.float64, requires_grad=True) * 2).exp().sum()
+            return (f"dispatched {trace.ops} operations writing {trace.elements} elements (kept again: {tally[0]}, "
+                    f"{tally[1]}), called {' '.join(sorted(calls.names))}, {count_graph([out])} autograd nodes, "
+                    f"{sum(e.name.startswith('aten::') for e in events(profiler))} profiled")
+        except Exception as e:                                          # noqa: BLE001 -- the submission's doing
+            return f"{type(e).__name__}: {str(e)[:200]}"
+    untouched = canary()
     modules = {}
     for name in REFERENCES.keys() | {"rmt", "hrm"}:
         try:
@@ -827,6 +858,9 @@ def child(sealed, scratch):
                 result["outputs"], result["grads"] = [o.detach() for o in outs], gradients(outs, case, leaves)
         except Exception as e:                                          # noqa: BLE001 -- the submission's error
             result = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        if (now := canary()) != untouched:
+            refused.append(f"change what PyTorch's counters see (a fixed computation: {untouched} before its import; "
+                           f"{now} after this case)")
         result["refused"] = list(refused)
         send(results, result)
 
@@ -901,7 +935,7 @@ def run_tests(work, repo, args):
     refused = []
     os.chdir(repo)
     confine(writable=[os.path.join(work, d) for d in os.listdir(work) if d.startswith("pytest-")],
-            hidden=[ma.ROOT], refused=refused, readable=[repo])
+            hidden=[ma.ROOT, work], refused=refused, readable=[repo])
     sys.path[:] = [repo, os.path.join(repo, "tests")] + outside(sys.path, ma.ROOT)
     sys.exit(pytest.main(args))
 
@@ -996,8 +1030,11 @@ def grade_all(args, graded, work, unchanged=()):
     def grade(i):
         seed = args.seeds[i]
         tests, only = (TESTS, []) if i == 0 else (TESTS[:-1], ["-k", SEEDLESS])
-        tmp, report = os.path.join(work, f"pytest-{i}"), os.path.join(work, f"pytest-{i}", "report.xml")
-        os.makedirs(tmp)
+        # a name nobody can guess (the child may not list this folder): a red-team pass answered the child's cases
+        # from the test process through files there, and a file's existence alone, which no audit event shows,
+        # could carry them from a folder whose name is known
+        tmp = tempfile.mkdtemp(prefix=f"pytest-{i}-", dir=work)
+        report = os.path.join(tmp, "report.xml")
         # OMP_NUM_THREADS: tiny tensors, and the isolated checks run beside: a thread each
         env = {**os.environ, **ON_A_CPU, "GRADE_SEED": str(seed), "COLUMNS": "400", "PYTHONDONTWRITEBYTECODE": "1",
                "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}

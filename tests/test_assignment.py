@@ -600,13 +600,13 @@ def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
         run.stderr
 
 
-def isolated(tmp_path, graded, module=None, counted=False):
+def isolated(tmp_path, graded, module=None, counted=False, seconds=grade.CASE_SECONDS):
     """The grader's checks of a submission, which run it in a confined child process and compare here (only the cases
     of `module` when given; with counted, only those whose operations are counted: every point of `grade.chain`
     with True, the first `counted` with a number, 2 being the first pair the loop rule compares)."""
     _, sealed = grade.copies({m: graded.get(m, source(m)) for m in ma.MODULES}, tmp_path)
-    return grade.isolated(sealed, first=True, keep=lambda what, case: module in (None, case["module"]) and (
-        not counted or "count" in case and (counted is True or case["count"][1] < counted)))
+    return grade.isolated(sealed, first=True, seconds=seconds, keep=lambda what, case: module in (None, case["module"])
+                          and (not counted or "count" in case and (counted is True or case["count"][1] < counted)))
 
 
 def spliced(module, body, **parts):
@@ -668,15 +668,15 @@ def test_a_submission_that_bypasses_the_test_process_fails(done):
 def calling_the_reference_in_any_spelling_fails(tmp):
     alias = submit("attention", "    F.scaled_dot_product_attention(q, k, v)\n"
                                 "    return _fast(q, k, v, causal, window)\n")
-    alias = alias.replace("\n\n\n# ---", "\n\n\n_fast = attention_ref\n\n\n# ---", 2)
+    at = alias.index("\n\n\n# ---", alias.index("def attention_ref("))     # after the reference's definition
+    alias = alias[:at] + "\n\n\n_fast = attention_ref" + alias[at:]
     return isolated(tmp, {"attention": grade.splice(source("attention"), alias, "attention")[0]}, module="attention")
 
 
 def test_calling_the_reference_in_any_spelling_fails(done):
     """An alias of attention_ref made at import, plus a dummy SDPA call: the reference raises in the child."""
     failures = done(calling_the_reference_in_any_spelling_fails)
-    assert failures and all("attention_ref is the reference loop" in f for f in failures
-                            if f.startswith("attention.attention(")), failures[:3]
+    assert failures and all("attention_ref is the reference loop" in f for f in failures), failures[:3]
 
 
 LOOP = """        T, K = q.shape[-2], q.shape[-1]
@@ -837,6 +837,77 @@ def test_a_core_that_writes_the_counters_fails(done, write, caught):
     child keeps the counts again, and copies of the two functions, where plain names do not reach."""
     failures = done(a_core_that_writes_the_counters_fails, write)
     assert any(caught in f for f in failures), failures[:3]
+
+
+BLIND = """def _blind():                     # at import: every dispatch mode entered does nothing, and the profiler
+    import sys                      # and the grader's graph count read nothing
+    import torch.profiler
+    import torch.utils._python_dispatch as dispatch
+    dispatch.TorchDispatchMode.__enter__ = lambda self: self
+    dispatch.TorchDispatchMode.__exit__ = lambda self, *exc: None
+    torch.profiler.profile.events = lambda self: []
+    if hasattr(sys.modules.get("__main__"), "graph_size"):
+        sys.modules["__main__"].graph_size = lambda outs: 0
+
+
+_blind()
+
+
+"""
+
+
+@job(loop="loop", whole="whole")
+def counters_blinded_at_import_fail(tmp, form):
+    body = "    b, T, H, K = x.shape\n    h0 = x.new_zeros(b, H, K, B.shape[-1]) if initial_state is None else " \
+        "initial_state\n" + ("    if True:\n" + SSM_LOOP if form == "loop" else SSM_WHOLE)
+    return isolated(tmp, spliced("ssm", body, helpers=BLIND), module="ssm", counted=True)
+
+
+@pytest.mark.parametrize("form", ["loop", "whole"])
+def test_counters_blinded_at_import_fail(done, form):
+    """A red-team trial's pass: the loop over time steps, and at import the dispatch modes' __enter__ and __exit__
+    made empty, the profiler's events and the grader's graph_size replaced (every count read 0, and 0 is not more
+    than 2 x 0). The child binds its counters before the submission is imported, so the profiler and the graph
+    still count the loop; the dispatch counter alone counts the elements written, which the (T, T) form multiplies
+    by 16 (rule 3). So the child also counts a fixed computation before the import and after every case: what
+    changed is named, and the seed fails."""
+    failures = done(counters_blinded_at_import_fail, form)
+    assert failures and all("tried to change what PyTorch's counters see" in f for f in failures), failures[:3]
+
+
+@job()
+def a_channel_to_the_test_process_is_refused(tmp):
+    before = ("import multiprocessing.shared_memory as _shm, os as _os, socket as _socket\n"
+              "_work = _os.path.dirname(_os.getcwd())       # the child's scratch folder lies in the grader's work\n"
+              "for _try in (lambda: _os.listdir(_work), lambda: open(_os.path.join(_work, 'repo', 'tests', "
+              "'test_oracles.py')).read(),\n             lambda: _socket.socket(), lambda: _shm.SharedMemory("
+              "create=True, size=8)):\n    try:\n        _try()\n    except PermissionError:\n        pass\n")
+    return isolated(tmp, spliced("ssm", solution("ssm")[0], before=before), module="ssm", counted=2)
+
+
+def test_a_channel_to_the_test_process_is_refused(done):
+    """A red-team trial's pass: the test process (where the reference loops are intact) answered the child's cases
+    through files in the grader's working folder; another read the grader-only tests/test_oracles.py there. From
+    the child, that folder (but for its own scratch and the sealed files), a socket and shared memory are each
+    refused, and graded as failed."""
+    failures = done(a_channel_to_the_test_process_is_refused)
+    assert failures and all("test_oracles.py (the grader's working folder)" in f and "to open a socket" in f and
+                            "to open shared memory" in f for f in failures), failures[:3]
+
+
+@job()
+def a_case_that_never_ends_stops_the_child(tmp):
+    body = ("    import time\n    if x.shape[1] > 1:              # (the first cases, at T = 1, end: the child's imports "
+            "too)\n        time.sleep(600)                 # waiting for an answer that never comes\n"
+            + solution("ssm")[0])
+    return isolated(tmp, spliced("ssm", body), module="ssm", seconds=10)
+
+
+def test_a_case_that_never_ends_stops_the_child(done):
+    """A core that waits forever (a red-team pass's channel, once closed, polled for answers that never came) is
+    stopped after `seconds` on one case, and the seed fails with a line that says so, instead of a hang."""
+    failures = done(a_case_that_never_ends_stops_the_child)
+    assert len(failures) == 1 and "(stopped: one case ran past 10 s)" in failures[0], failures
 
 
 @job()
