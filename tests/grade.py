@@ -215,6 +215,7 @@ CHANGES = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.cho
            "shutil.copytree", "shutil.move", "shutil.rmtree"}
 WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 CASE_SECONDS = 120   # one case takes a correct core a second or two (the first, with the child's imports, a few)
+TEST_SECONDS = 1200  # the suite, the gate, takes a minute or two: a submission that hangs it fails the seed
 LIVE = set()   # the processes this grader started and has not yet seen end: killed on the way out (main)
 
 
@@ -225,12 +226,17 @@ def spawn(command, **options):
     return process
 
 
-def finished(command, **options):
-    """Run a command to its end; its stdout and stderr together, as text."""
+def finished(command, seconds=None, **options):
+    """Run a command to its end, or stop it after `seconds`; its stdout and stderr together, as text, and whether
+    it was stopped."""
     process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options)
-    out = process.communicate()[0]
+    try:
+        out, late = process.communicate(timeout=seconds)[0], False
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, late = process.communicate()[0], True
     LIVE.discard(process)
-    return out
+    return out, late
 
 
 def under(path, roots):
@@ -891,8 +897,9 @@ def copies(graded, work):
 
 def collected(tests, only, seed):
     """The test ids pytest collects from this repository's files at this seed."""
-    out = finished([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *only, *tests],
-                   cwd=ma.ROOT, env={**os.environ, **ON_A_CPU, "GRADE_SEED": str(seed), "PYTHONDONTWRITEBYTECODE": "1"})
+    out, _ = finished([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *only,
+                       *tests], cwd=ma.ROOT, env={**os.environ, **ON_A_CPU, "GRADE_SEED": str(seed),
+                                                  "PYTHONDONTWRITEBYTECODE": "1"})
     return {line.strip() for line in out.splitlines() if "::" in line}
 
 
@@ -1041,14 +1048,15 @@ def grade_all(args, graded, work, unchanged=()):
         with concurrent.futures.ThreadPoolExecutor(1) as side:     # the isolated checks beside the tests
             checks = side.submit(isolated, sealed, i == 0)
             expected_tests = collected(tests, only, seed)
-            out = finished([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
-                            "no:cacheprovider", "--tb=line", "-rf", f"--basetemp={tmp}/t", f"--junitxml={report}",
-                            *only, *tests], cwd=repo, env=env)
+            out, late = finished([sys.executable, os.path.realpath(__file__), "--pytest", work, repo, "-p",
+                                  "no:cacheprovider", "--tb=line", "-rf", f"--basetemp={tmp}/t",
+                                  f"--junitxml={report}", *only, *tests], TEST_SECONDS, cwd=repo, env=env)
             try:
                 failures = checks.result()
             except Exception as e:                              # noqa: BLE001 -- results the grader cannot read
                 failures = [f"the submission's results could not be compared: {type(e).__name__}: {e}"]
-        return out, gate(report, expected_tests), failures
+        return out, f"stopped after {TEST_SECONDS} s (an honest run takes a minute or two)" if late else \
+            gate(report, expected_tests), failures
     failed = []
     torch.set_num_threads(1)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

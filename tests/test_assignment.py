@@ -897,8 +897,8 @@ def test_a_channel_to_the_test_process_is_refused(done):
 
 @job()
 def a_case_that_never_ends_stops_the_child(tmp):
-    body = ("    import time\n    if x.shape[1] > 1:              # (the first cases, at T = 1, end: the child's imports "
-            "too)\n        time.sleep(600)                 # waiting for an answer that never comes\n"
+    body = ("    import time\n    if x.shape[1] > 1:              # (the cases at T = 1 end: the imports too)\n"
+            "        time.sleep(600)                 # waiting for an answer that never comes\n"
             + solution("ssm")[0])
     return isolated(tmp, spliced("ssm", body), module="ssm", seconds=10)
 
@@ -908,6 +908,15 @@ def test_a_case_that_never_ends_stops_the_child(done):
     stopped after `seconds` on one case, and the seed fails with a line that says so, instead of a hang."""
     failures = done(a_case_that_never_ends_stops_the_child)
     assert len(failures) == 1 and "(stopped: one case ran past 10 s)" in failures[0], failures
+
+
+def test_a_test_run_that_never_ends_is_stopped():
+    """The gate's pytest run is stopped after its limit (a submission that loops at import under pytest would hang
+    the grader otherwise), and the seed fails with a line that says so."""
+    start = time.time()
+    out, late = grade.finished([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"], 2)
+    assert late and out == "started\n" and time.time() - start < 30
+    assert grade.finished([sys.executable, "-c", "print('done')"], 30) == ("done\n", False)
 
 
 @job()
