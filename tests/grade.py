@@ -699,6 +699,12 @@ def compare(cases, wanted, results):
                 failures.append(f"{what1} wrote {a['elements']:,} tensor elements and {what2} {b['elements']:,}: "
                                 f"{b['elements'] / a['elements']:.1f}x for 4x the length; its work grows like T^2 "
                                 "(tests/test_cores.py, rule 3)")
+            elif rule == "work" and b["allocated"] > 8 * max(a["allocated"], 1):
+                failures.append(f"{what1} allocated {a['allocated']:,} bytes and {what2} {b['allocated']:,} "
+                                f"(PyTorch's profiler): {b['allocated'] / max(a['allocated'], 1):.1f}x for 4x the "
+                                f"length, while the dispatch counter saw {a['elements']:,} and {b['elements']:,} "
+                                "elements written; its work grows like T^2 out of the counter's sight (tests/"
+                                "test_cores.py, rule 3)")
     return failures
 
 
@@ -845,18 +851,20 @@ def child(sealed, scratch):
             fn, args, kwargs, leaves = prepared(module, case, device)
             trace, calls = Tallied(device), Calls()
             tally[:] = [0, 0]
-            # The counted cases are also profiled: the profiler sees every ATen operation, those run with PyTorch's
-            # dispatch modes switched off (which hides them from Trace) included.
-            profiler = profile(activities=[ProfilerActivity.CPU]) if "count" in case else nullcontext()
+            # The counted cases are also profiled: the profiler sees every ATen operation and the memory it allocates,
+            # those run with PyTorch's dispatch modes switched off (which hides them from Trace) included.
+            profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if "count" in case else \
+                nullcontext()
             with profiler, calls, trace:
                 outs = tree_flatten(called(fn, case, args, kwargs))[0]
             graph = count_graph(outs)        # autograd's record of the work, which no dispatch switch turns off
             if [trace.ops, trace.elements] != tally:
                 raise RuntimeError(f"the operation counter was written from inside the submission ({trace.ops:,} "
                                    f"operations shown, {tally[0]:,} counted); refused")
+            seen = [e for e in events(profiler) if e.name.startswith("aten::")] if "count" in case else []
             result = dict(ops=trace.ops, elements=trace.elements, off_device=sorted(set(trace.off_device)),
-                          profiled=sum(e.name.startswith("aten::") for e in events(profiler)) if "count" in case
-                          else 0, graph=graph, sdpa="scaled_dot_product_attention" in calls.names,
+                          profiled=len(seen), allocated=sum(max(e.self_cpu_memory_usage, 0) for e in seen),
+                          graph=graph, sdpa="scaled_dot_product_attention" in calls.names,
                           devices=[str(t.device) for t in outs if isinstance(t, torch.Tensor)])
             if not device:
                 outs = [t for t in outs if isinstance(t, torch.Tensor)]

@@ -799,6 +799,24 @@ def test_a_core_that_changes_its_form_where_it_is_not_counted_fails(done, switch
     assert any("it loops over time steps" in f or "its work grows like T^2" in f for f in failures), failures[:3]
 
 
+@job()
+def a_whole_form_hidden_from_the_dispatch_counter_fails(tmp):
+    whole = "".join("    " + line if line.strip() else line for line in SSM_WHOLE.splitlines(keepends=True))
+    body = ("    b, T, H, K = x.shape\n    h0 = x.new_zeros(b, H, K, B.shape[-1]) if initial_state is None else "
+            "initial_state\n    with torch._C._DisableTorchDispatch():      # the dispatch counter sees nothing\n"
+            + whole)
+    return isolated(tmp, spliced("ssm", body), module="ssm", counted=True)
+
+
+def test_a_whole_form_hidden_from_the_dispatch_counter_fails(done):
+    """The SSM's whole-sequence (T, T) form, its values right, with PyTorch's dispatch modes switched off around it
+    (found after the third red-team trial): its operations and autograd graph do not grow with T, and the elements
+    it writes, which only the dispatch counter counted, read 0. The profiler also counts the memory each operation
+    allocates, which grows 16x for 4x the length."""
+    failures = done(a_whole_form_hidden_from_the_dispatch_counter_fails)
+    assert failures and all("its work grows like T^2 out of the counter's sight" in f for f in failures), failures[:3]
+
+
 UNCOUNTED = """def _uncounted(run):
     import sys
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
