@@ -630,10 +630,16 @@ def compare(cases, wanted, results):
     operation-count rules of tests/test_cores.py, SDPA, and the device."""
     from conftest import close
     failures, counts, rules = [], {}, {}
+    refusal, later, again = None, 0, []
     for (what, case), want, got in zip(cases, wanted, results):
-        if got.get("refused"):
-            failures.append(f"{what}: the submission tried to {'; to '.join(dict.fromkeys(got['refused']))}; refused, "
-                            "and graded as failed")
+        if refusal:             # once refused, the process is not trusted: the later cases are not graded (nor
+            later += 1          # counted against their cores, which the student may have written well)
+            again += got.get("refused", [])
+            continue
+        if got.get("refused"):  # what it was refused in this case (on the first, while its files were imported too)
+            refusal = "importing the submission's files" if got.get("at_import") else what
+            failures.append(f"{refusal}: the submission tried to {'; to '.join(dict.fromkeys(got['refused']))}; "
+                            "refused, and graded as failed")
             continue
         if case.get("device") == "meta" and "error" in got and "see the docstring" not in got["error"] and (
                 got["error"].startswith("NotImplementedError") or "device" not in got["error"]):
@@ -705,6 +711,9 @@ def compare(cases, wanted, results):
                                 f"length, while the dispatch counter saw {a['elements']:,} and {b['elements']:,} "
                                 "elements written; its work grows like T^2 out of the counter's sight (tests/"
                                 "test_cores.py, rule 3)")
+    if later:
+        failures.append(f"{later} later case(s) not graded (after the refusal in {refusal})" + (
+            f"; refused again: to {'; to '.join(list(dict.fromkeys(again))[:3])}" if again else ""))
     return failures
 
 
@@ -836,12 +845,13 @@ def child(sealed, scratch):
         except Exception as e:                                          # noqa: BLE001 -- the submission's doing
             return f"{type(e).__name__}: {str(e)[:200]}"
     untouched = canary()
-    modules = {}
+    modules, shown = {}, 0
     for name in REFERENCES.keys() | {"rmt", "hrm"}:
         try:
             modules[name] = importlib.import_module(name)
         except Exception as e:                                          # noqa: BLE001 -- the submission's error
             modules[name] = f"importing {name}.py: {type(e).__name__}: {str(e)[:300]}"
+    imported = len(refused)
     while (case := receive(cases)) is not None:
         try:
             module = modules[case["module"]]
@@ -875,7 +885,8 @@ def child(sealed, scratch):
         if (now := canary()) != untouched:
             refused.append(f"change what PyTorch's counters see (a fixed computation: {untouched} before its import; "
                            f"{now} after this case)")
-        result["refused"] = list(refused)
+        result["refused"], result["at_import"] = refused[shown:], shown == 0 and imported > 0
+        shown = len(refused)                                       # each case hands back what is new since the last
         send(results, result)
 
 

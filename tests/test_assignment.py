@@ -600,6 +600,14 @@ def test_grade_refuses_what_cannot_be_spliced_in_one_line(tmp_path):
         run.stderr
 
 
+def refusal(failures):
+    """The line of a refused submission's first refusal: its later cases are not graded (a refusal taints the
+    process), and one line says so, instead of a failure each counted against its core."""
+    assert failures and not any("not graded" in f for f in failures[:1]), failures[:3]
+    assert all(re.match(r"\d+ later case\(s\) not graded \(after the refusal in ", f) for f in failures[1:]), failures
+    return failures[0]
+
+
 def isolated(tmp_path, graded, module=None, counted=False, seconds=grade.CASE_SECONDS):
     """The grader's checks of a submission, which run it in a confined child process and compare here (only the cases
     of `module` when given; with counted, only those whose operations are counted: every point of `grade.chain`
@@ -890,7 +898,7 @@ def test_counters_blinded_at_import_fail(done, form):
     by 16 (rule 3). So the child also counts a fixed computation before the import and after every case: what
     changed is named, and the seed fails."""
     failures = done(counters_blinded_at_import_fail, form)
-    assert failures and all("tried to change what PyTorch's counters see" in f for f in failures), failures[:3]
+    assert "tried to change what PyTorch's counters see" in refusal(failures), failures[:3]
 
 
 @job()
@@ -909,8 +917,9 @@ def test_a_channel_to_the_test_process_is_refused(done):
     the child, that folder (but for its own scratch and the sealed files), a socket and shared memory are each
     refused, and graded as failed."""
     failures = done(a_channel_to_the_test_process_is_refused)
-    assert failures and all("test_oracles.py (the grader's working folder)" in f and "to open a socket" in f and
-                            "to open shared memory" in f for f in failures), failures[:3]
+    first = refusal(failures)
+    assert first.startswith("importing the submission's files: ") and "test_oracles.py (the grader's working " \
+        "folder)" in first and "to open a socket" in first and "to open shared memory" in first, failures[:3]
 
 
 @job()
@@ -954,7 +963,7 @@ def test_a_loop_in_a_thread_is_refused(done):
     one made through the real loader that the guard holds is seen running by the child's watch (it looks every
     millisecond; this thread lives 50 ms at least: a briefer one can slip between two looks on a busy CPU)."""
     failures = done(a_loop_in_a_thread_is_refused)
-    assert failures and all("tried to start a thread" in f for f in failures), failures[:3]
+    assert "tried to start a thread" in refusal(failures), failures[:3]
     assert any("to load a fresh copy of _thread" in f and "to run another thread (seen by the grader's watch)" in f
                for f in failures), failures[-3:]
 
@@ -1001,7 +1010,7 @@ def test_a_process_is_refused(done):
     and so is a fresh copy of _posixsubprocess, by any name; one started through the real loader that the guard
     holds is seen by the child's watch."""
     failures = done(a_process_is_refused)
-    assert failures and all("tried to start a process;" in f for f in failures), failures[:3]
+    assert "tried to start a process;" in refusal(failures), failures[:3]
     if importlib.machinery.PathFinder.find_spec("_posixsubprocess") is None:
         return   # built into this Python (not a file to load again): there is no fresh copy to make
     assert any("to load a fresh copy of _posixsubprocess" in f and "start a process (seen by the grader's watch)" in f
@@ -1032,9 +1041,8 @@ def test_the_graders_repository_can_be_neither_read_nor_written(done):
     descriptor would open the solution by a relative name) are each refused, and graded as failed."""
     failures, written = done(the_graders_repository_can_be_neither_read_nor_written)
     assert not written, "the submission wrote into the grader's repository"
-    assert failures and all(f"tried to read {os.path.join(ma.ROOT, 'ssm.py')} (the grader's repository); to write "
-                            f"{WRITTEN} (the grader's repository); to open the folder {os.path.dirname(ma.ROOT)}" in f
-                            for f in failures), failures[:3]
+    assert f"tried to read {os.path.join(ma.ROOT, 'ssm.py')} (the grader's repository); to write {WRITTEN} (the " \
+        f"grader's repository); to open the folder {os.path.dirname(ma.ROOT)}" in refusal(failures), failures[:3]
 
 
 @job()
@@ -1140,6 +1148,29 @@ def test_a_models_gradients_are_compared_at_their_own_scale():
     assert "the gradient w.r.t. input 0" in grade.compare([model], wanted, got(1e-3))[0]
     assert grade.compare([("ssm.ssd_scan", dict(module="ssm", call="ssd_scan"))], wanted, got(1e-9)) != []
 
+
+
+def test_after_a_refusal_the_later_cases_are_neither_graded_nor_counted_against_their_cores():
+    """A refused process is not trusted, so its later cases are one line, not a failure each: the cores the student
+    wrote well (titans here) are not charged with the refusal of another (ssm), and one refused while the files were
+    imported is charged to no core."""
+    import torch
+    fine = ([torch.zeros(1, dtype=torch.float64)], [])
+    cases = [("attention.attention(T=3)", dict(module="attention", call="attention")),
+             ("ssm.ssd_scan(T=5)", dict(module="ssm", call="ssd_scan")),
+             ("titans.neural_memory(T=5)", dict(module="titans", call="neural_memory"))]
+    got = [dict(outputs=fine[0], grads=[], sdpa=True, refused=[]), dict(refused=["start a thread"]),
+           dict(outputs=fine[0], grads=[], refused=["start a thread", "open a socket"])]
+    failures = grade.compare(cases, [fine] * 3, got)
+    assert failures == ["ssm.ssd_scan(T=5): the submission tried to start a thread; refused, and graded as failed",
+                        "1 later case(s) not graded (after the refusal in ssm.ssd_scan(T=5)); refused again: to start "
+                        "a thread; to open a socket"], failures
+    assert "core by core: attention not all run, ssm 1 failed, rmt not all run, titans not all run, hrm not all run" \
+        in grade.by_core_line(failures)[2]
+    got[0].update(refused=["open shared memory"], at_import=True)
+    failures = grade.compare(cases, [fine] * 3, got)
+    assert failures[0].startswith("importing the submission's files: the submission tried to open shared memory")
+    assert grade.by_core_line(failures)[0] == {m: [] for m in ma.MODULES} and len(failures) == 2
 
 if __name__ == "__main__":          # the background process that conftest.py starts
     sys.path.insert(0, ma.ROOT)
