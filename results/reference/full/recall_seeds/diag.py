@@ -21,7 +21,8 @@ def one(cfg):
                 eval_examples=full["eval_examples"], protocol=compare.PROTOCOL, device="cuda", lr=lr, seed=seed)
     if os.environ.get("SMOKE"):
         spec.update(steps=[4, 2, 2], test=[4, 8], device="cpu", eval_examples=64)
-    if draw == "log":   # remap each uniform draw L in [lo, hi] to a log-uniform one; the stage from the call count
+    if draw in ("log", "mix"):   # remap each uniform draw L in [lo, hi] to a log-uniform one (mix: every other
+        # batch, by a coin from the same stream); the stage from the call count
         plan, calls = [tuple(st) for st, n in zip(spec["train"], spec["steps"]) for _ in range(n)], [0]
         Task = tasks.TASKS["recall"]
         orig = Task.sample
@@ -31,7 +32,8 @@ def one(cfg):
                 lo, hi = plan[calls[0]]
                 calls[0] += 1
                 u = (L - lo + torch.rand(1, generator=seed).item()) / (hi - lo + 1)
-                L = min(hi, max(lo, int(math.exp(math.log(lo) + u * math.log((hi + 1) / lo)))))
+                if draw == "log" or torch.rand(1, generator=seed).item() < 0.5:
+                    L = min(hi, max(lo, int(math.exp(math.log(lo) + u * math.log((hi + 1) / lo)))))
             return orig(self, b, L, seed, device)
         Task.sample = sample
     Ls, caught, prev, prev_train = [], [], tasks.TASKS["recall"].sample, compare.train
