@@ -343,7 +343,7 @@ PRESETS = {
             # delay it); up to 255 pairs (the most a vocabulary of 512 has keys for), to take the default SSM past its
             # knee: trained to 128, it still recalled 0.57 there
             "recall": Budget(train=[[2, 8], [2, 32], [2, 255]], test=[4, 8, 16, 32, 64, 128, 255],
-                             steps=[4000, 2000, 2000],
+                             steps=[4000, 4000, 2000],
                              options=HARD_RECALL, models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory": ["linear"], "memory_expand": [4]}}),
