@@ -341,7 +341,9 @@ PRESETS = {
             # each stage keeps the fewest pairs too (as copy's), and the first (4,000 steps) fits in one RMT segment:
             # every state size of the dial past its phase change at 4 pairs (RMT's read slots are attention sinks that
             # delay it); up to 255 pairs (the most a vocabulary of 512 has keys for), to take the default SSM past its
-            # knee: trained to 128, it still recalled 0.57 there
+            # knee: trained to 128, it still recalled 0.57 there. The middle stage is long because a run that starts
+            # the last one unsettled on 32 pairs can lose even the short contents there (one SSM seed in seven did
+            # at 2,000 steps; at 4,000 it kept them)
             "recall": Budget(train=[[2, 8], [2, 32], [2, 255]], test=[4, 8, 16, 32, 64, 128, 255],
                              steps=[4000, 4000, 2000],
                              options=HARD_RECALL, models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
