@@ -299,12 +299,14 @@ def test_full_recall_keeps_the_fewest_pairs_trained_and_rises_to_its_most():
     """The dial: every stage of the full preset's recall still draws its smallest test content (a stage without it
     left 4 pairs to be forgotten), the last stage trains its largest, whose keys the vocabulary holds, and the first
     4,000 steps stay in one RMT segment (8 pairs, 32 tokens): RMT with 32 slots took 2,000 of them to pass its phase
-    change on a CPU (0.19 at 1,000, 0.91 at 2,000)."""
+    change on a CPU (0.19 at 1,000, 0.91 at 2,000). The middle stage is as long: at 2,000 steps one SSM seed in seven
+    entered the last stage unsettled on 32 pairs and lost even 4 (0.00); at 4,000 it read 0.99 there."""
     b = compare.PRESETS["full"]["tasks"]["recall"]
     plan = compare.stages(b.train)
     assert all(lo <= min(b.test) for lo, _ in plan) and plan[-1][1] == max(b.test)
     assert tasks.TASKS["recall"](**b.options).sample(1, max(b.test))[0].shape == (1, 4 * max(b.test))
-    assert compare.stage_steps(b.steps, len(plan))[0] >= 4000 and plan[0][1] * 4 <= 32
+    steps = compare.stage_steps(b.steps, len(plan))
+    assert steps[0] >= 4000 and steps[1] >= 4000 and plan[0][1] * 4 <= 32
 
 
 def test_build_model_rejects_unknown_names_and_options():
