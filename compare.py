@@ -19,10 +19,10 @@ How the comparison is made fair, and where each rule lives:
      (`Budget.walls`, `make_specs`).
   2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
-  3. Each model at its own best learning rate: the same log-spaced grid on the first seed, the best validation
-     accuracy over the last stage's lengths, log-spaced too, wins (`val_lengths`; ties: the lower validation loss),
-     never a rate where a run diverged (`make_specs`, `best_runs`); a choice on the edge of the grid is marked,
-     since a better rate may lie outside.
+  3. Each model at its own best learning rate: the same log-spaced grid on the first seed (on recall, on every
+     seed: `sweep_seeds`), the best mean validation accuracy over the last stage's lengths, log-spaced too, wins
+     (`val_lengths`; ties: the lower validation loss), never a rate where a run diverged (`make_specs`,
+     `best_runs`); a choice on the edge of the grid is marked, since a better rate may lie outside.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
   6. Cost in the open: parameters, state floats, steps, examples and wall time of every cell (the report's Runs
@@ -293,6 +293,7 @@ class Budget:
     tokens_per_step: int = None  # long stages take fewer streams a step, about this many tokens (`stage_batches`)
     restarts: bool = False      # each stage its own warm-up and cosine decay (`train`)
     walls: dict = field(default_factory=dict)          # model -> (length, why): it trains the stages up to there
+    sweep_seeds: int = 1        # seeds the lr sweep runs on, the choice made on their mean; the rest run at it
 
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
@@ -343,9 +344,11 @@ PRESETS = {
             # delay it); up to 255 pairs (the most a vocabulary of 512 has keys for), to take the default SSM past its
             # knee: trained to 128, it still recalled 0.57 there. The middle stage is long because a run that starts
             # the last one unsettled on 32 pairs can lose even the short contents there (one SSM seed in seven did
-            # at 2,000 steps; at 4,000 it kept them)
+            # at 2,000 steps; at 4,000 it kept them). The sweep runs every seed: a phase change makes a rate a coin
+            # flip (at 2.5e-2 RMT recalled 4 pairs on seeds 0, 2, 4, 5 and stayed at chance, 0.26, on 1, 3, 6; at
+            # 5e-3 it learnt on each seed tried), and a rate chosen on one seed's luck reports the others at chance
             "recall": Budget(train=[[2, 8], [2, 32], [2, 255]], test=[4, 8, 16, 32, 64, 128, 255],
-                             steps=[4000, 4000, 2000],
+                             steps=[4000, 4000, 2000], sweep_seeds=3,
                              options=HARD_RECALL, models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
                              dial={"ssm": {"d_state": [4, 64]}, "rmt": {"n_mem": [2, 32]},
                                    "titans": {"memory": ["linear"], "memory_expand": [4]}}),
@@ -406,9 +409,10 @@ def spec_hash(spec):
 
 
 def make_specs(command, phase="lr sweep", lr_by_cell=None):
-    """The runs of one phase: the "lr sweep" on the first seed, of each cell and of each of the dial's other state
-    sizes (a size may want a rate of its own); then the "seeds": the other seeds at each cell's chosen lr, on the
-    task's `seeded` models. --scale's runs also keep their weights, to read the long streams with."""
+    """The runs of one phase: the "lr sweep" on the task's sweep seeds (the first, or the first `sweep_seeds`) for
+    each cell, and on the first for each of the dial's other state sizes (a size may want a rate of its own); then
+    the "seeds": the other seeds at each cell's chosen lr, on the task's `seeded` models. --scale's runs also keep
+    their weights, to read the long streams with."""
     preset, seeds, specs = PRESETS[command.preset], command.seeds, []
     for t in command.tasks:
         b = preset["tasks"][t]
@@ -429,11 +433,11 @@ def make_specs(command, phase="lr sweep", lr_by_cell=None):
                         test=command.test_lengths or b.test, steps=steps, batch_size=preset["batch_size"],
                         eval_examples=preset["eval_examples"], protocol=PROTOCOL, device=command.device, **extra)
             if phase == "lr sweep":
-                specs += [dict(base, lr=lr, seed=seeds[0]) for lr in command.lrs]
+                specs += [dict(base, lr=lr, seed=s) for lr in command.lrs for s in seeds[:b.sweep_seeds]]
                 specs += [dict(base, lr=lr, seed=seeds[0], dial={option: v}, model_options={**options, option: v})
                           for option, values in b.dial.get(m, {}).items() for v in values for lr in command.lrs]
             elif phase == "seeds" and (command.chosen_models or m in b.seeded):
-                specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[1:]]
+                specs += [dict(base, lr=lr_by_cell[(m, t)], seed=s) for s in seeds[b.sweep_seeds:]]
     if command.scale:   # weights named by all that defines the run: other settings never read them
         specs = [dict(s, out=command.out, weights=f"scale_weights/{s['model']}_{s['task']}_{spec_hash(s)}.pt")
                  for s in specs]
@@ -572,7 +576,7 @@ def chosen_rates(runs):
 
 def run_phases(command, runs, save, workers, devices):
     """The protocol's two phases in order, each run stored by save(record) as it finishes: the lr sweep (every rate
-    on the first seed, for every cell and dial size), then the other seeds at each cell's chosen rate. A stored run
+    on the sweep seeds, for every cell and dial size), then the other seeds at each cell's chosen rate. A stored run
     whose spec equals the one asked for is reused; a cell whose sweep is stored whole has its rate chosen already,
     so its other seeds start with the rest of the sweep (a resumed command's long runs wait for nothing). Returns
     the runs of both."""

@@ -4,6 +4,7 @@ choice, seeds, the dial, one run), and main end to end (the smoke preset, resump
 The end-to-end tests train real (tiny) models and are marked `slow`: `pytest -m "not slow"` skips them."""
 import ast
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -641,6 +642,24 @@ def test_make_specs_sweeps_every_cell_and_dial_size_then_seeds_at_the_chosen_rat
     expected = [("ssm", 3e-3, 1), ("ssm", 3e-3, 2)] if chosen else []
     assert [(s["model"], s["lr"], s["seed"]) for s in seeds] == expected
     assert all(s["model_options"] == base["ssm"]["model_options"] and not s.get("dial") for s in seeds)
+
+
+def test_a_task_that_sweeps_every_seed_chooses_on_their_mean(monkeypatch):
+    """A Budget's sweep_seeds: the sweep runs every lr on that many seeds, the seeds phase only the rest, and the
+    rate with the best mean over the sweep seeds wins, not the one that was best on the first seed alone. The full
+    preset's recall sweeps all three of its seeds (at one rate a phase change came on some seeds and not others)."""
+    assert compare.PRESETS["full"]["tasks"]["recall"].sweep_seeds == len(compare.PRESETS["full"]["seeds"]) == 3
+    smoke = compare.PRESETS["smoke"]["tasks"]["recall"]
+    monkeypatch.setitem(compare.PRESETS["smoke"]["tasks"], "recall", dataclasses.replace(smoke, sweep_seeds=2))
+    command = parse(["--preset", "smoke", "--tasks", "recall", "--models", "attention", "--lrs", "1e-3,3e-3",
+                     "--seeds", "0,1,2"])
+    assert sorted((s["lr"], s["seed"]) for s in compare.make_specs(command)) == [
+        (1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
+    assert [s["seed"] for s in compare.make_specs(command, "seeds", {("attention", "recall"): 3e-3})] == [2]
+    acc = {(1e-3, 0): 0.8, (1e-3, 1): 0.8, (3e-3, 0): 0.9, (3e-3, 1): 0.2, (3e-3, 2): 0.9}   # 3e-3: a coin flip
+    runs = [dict(model="attention", task="recall", lr=lr, seed=s, val_token_acc=a, val_loss=1.0)
+            for (lr, s), a in acc.items()]
+    assert [(r["lr"], r["seed"]) for r in compare.best_runs(runs)["attention", "recall"]] == [(1e-3, 0), (1e-3, 1)]
 
 
 def test_a_grid_of_two_rates_has_edges():
