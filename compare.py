@@ -683,6 +683,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout = cli.Unread(sys.stdout)             # `python compare.py | head` finishes, its plots drawn
     try:
         sys.exit(main())
     except NotImplementedError as blank:            # a student copy (tests/make_assignment.py): a core not written

@@ -159,3 +159,27 @@ def parse_args(argv, lab):
         p.error(f"--out {args.out!r}: {e.strerror.lower()}; expected a folder (new or existing) that this process can "
                 "write to")
     return command
+
+
+class Unread:
+    """sys.stdout for `python compare.py | head`: once the reader has gone, what is printed goes to /dev/null instead
+    of raising BrokenPipeError, and the command finishes (its runs, report and plots are files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def _write(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:   # the buffer, too, drains to /dev/null from now on
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            return getattr(self.stream, method)(*args)
+
+    def write(self, text):
+        return self._write("write", text)
+
+    def flush(self):
+        return self._write("flush")

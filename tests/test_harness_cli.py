@@ -92,6 +92,19 @@ def test_bad_input_from_the_shell_has_no_traceback():
     assert out.returncode == 2 and "Traceback" not in out.stderr and "unknown model" in out.stderr
 
 
+def test_a_reader_that_leaves_early_stops_nothing(tmp_path):
+    """`python compare.py | head -1`: the pipe closes after the first line; the command still finishes, its report
+    written, with exit status 0 and no BrokenPipeError (which came after the old plots were removed, losing them)."""
+    run = subprocess.Popen([sys.executable, "compare.py", "--preset", "smoke", "--models", "attention", "--tasks",
+                            "copy", "--steps", "2", "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().startswith("preset 'smoke'")
+    run.stdout.close()
+    err = run.stderr.read()
+    assert run.wait(timeout=120) == 0 and "Traceback" not in err and "Broken pipe" not in err, err[-2000:]
+    assert (tmp_path / "smoke.md").exists()
+
+
 def test_a_test_length_past_one_evaluation_batch_is_refused_before_training(tmp_path, monkeypatch, capsys):
     """evaluate reads at most cli.MAX_TEST_TOKENS tokens at once; a longer test sequence is --scale's to read in
     pieces. Refused before any training (and without making the sequence), the --out folder not made."""
