@@ -32,8 +32,8 @@ ASSIGNMENT = """## The assignment
 
 In this copy the vectorised cores raise NotImplementedError: {names}.
 Write each one from its docstring (shapes, equations, the reference loop beside it). `pytest
-tests/test_<file>.py` checks it against that loop in float64 on several shapes; `pytest tests/test_cores.py`
-checks that it does the vectorised work itself: no call of the reference, no loop over time steps (a loop over
+tests/test_<file>.py` checks it against that loop in float64 on several shapes; `pytest tests/test_cores.py -k
+<file>` checks that it does the vectorised work itself: no call of the reference, no loop over time steps (a loop over
 chunks is fine where the docstring has chunks), no (T, T) matrices where it has chunks, and every tensor on the
 inputs' device. RMT, Titans and HRM run on `attention.Block`, so write `attention.attention` first. Until a
 core is written, whatever runs its model stops with NotImplementedError naming it: its tests, the tests that train
@@ -91,10 +91,13 @@ def blank(text, module):
 
 
 def student_readme(text, names, shipped):
-    """The README of the copy: the "For instructors" section replaced by the assignment, and the links to files
-    that the copy does not ship turned into plain text."""
+    """The README of the copy: a line under its title saying so, the "For instructors" section replaced by the
+    assignment, and the links to files that the copy does not ship turned into plain text."""
     assignment = ASSIGNMENT.format(names=", ".join(f"`{n}`" for n in names) or "none of the cores") + "\n"
     text = re.sub(r"^## For instructors\n.*?(?=^## |\Z)", lambda m: assignment, text, flags=re.S | re.M)
+    title, rest = text.split("\n", 1)   # first, what differs from the repository the README describes
+    text = f"{title}\n\n> A student copy: until the cores of [The assignment](#the-assignment) are written, " \
+           f"what runs them (their tests, `python compare.py`, a model's own file) stops at the first one.\n{rest}"
     def link(m):
         target = m.group(2).split("#")[0]
         return m.group(0) if not target or "://" in target or target in shipped else m.group(1)
@@ -168,8 +171,10 @@ def main(argv=None):
         sys.exit(f"make_assignment: cannot write the copy in {args.dest} ({e.strerror}: {e.filename}); choose a new "
                  "folder that you can write to")
     print(f"student copy in {os.path.realpath(args.dest)}; blanked: {', '.join(names)}")
-    files = " ".join(f"tests/test_{m}.py" for m in MODULES if any(n.startswith(f"{m}.") for n in names))
-    print(f"students check their cores with: cd {args.dest} && pytest {files} tests/test_cores.py (the whole suite: "
+    blank = [m for m in MODULES if any(n.startswith(f"{m}.") for n in names)]
+    files = " ".join(f"tests/test_{m}.py" for m in blank)   # -k: test_cores.py's checks of these cores, not the rest
+    print(f"students check their cores with: cd {args.dest} && pytest {files} tests/test_cores.py -k "
+          f"'{' or '.join(blank)}' (the whole suite: "
           "pytest, a few minutes); grade a submission (a copy with the cores written) from this repository: "
           "python tests/grade.py SUBMISSION")
 

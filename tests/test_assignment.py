@@ -161,7 +161,8 @@ def test_only_takes_a_list_with_or_without_spaces(tmp_path):
     run = subprocess.run([sys.executable, script, str(tmp_path / "b"), "--only", "ssm, rmt"], capture_output=True,
                          text=True)
     assert run.returncode == 0 and "blanked: rmt.RMT.segment_step, ssm.ssd_scan" in run.stdout, run.stderr
-    assert "&& pytest tests/test_ssm.py tests/test_rmt.py tests/test_cores.py " in run.stdout, run.stdout
+    assert "&& pytest tests/test_ssm.py tests/test_rmt.py tests/test_cores.py -k 'ssm or rmt' " in run.stdout, \
+        run.stdout
 
 
 def test_help_is_help_and_an_unwritable_destination_is_one_line(tmp_path):
@@ -270,6 +271,7 @@ def test_student_readme_has_no_instructor_notes_and_no_dead_links(tmp_path):
     readme = (dest / "README.md").read_text()
     assert "## For instructors" not in readme and "## The assignment" in readme and "`ssm.ssd_scan`" in readme
     assert "GRADE_SEED" not in readme and "make_assignment.py DIR" not in readme
+    assert "A student copy" in readme.split("\n\n")[1] and "(#the-assignment)" in readme   # said before Quick start
     for target in re.findall(r"\]\(([^)\s#]+)", readme):
         assert "://" in target or (dest / target).exists(), f"the student README links {target}, not shipped"
 
