@@ -29,7 +29,9 @@ def csv(kind, what, ok=lambda v: True):
         except ValueError:
             values = []
         if not values or not all(map(ok, values)):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}" + (
+                " (a space after a comma splits the list: write them without spaces, or quote them)"
+                if s.rstrip().endswith(",") else ""))
         twice = [v for i, v in enumerate(values) if v in values[:i]]
         if twice:
             raise argparse.ArgumentTypeError(f"{twice[0]} is given twice in {s!r}; expected comma-separated {what}, "

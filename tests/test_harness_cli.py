@@ -38,7 +38,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--seeds", "0,0"], "--seeds: 0 is given twice in '0,0'; expected comma-separated integers from 0 to 4294967295"),
     (["--seeds", "99999999999999999999"], "--seeds: expected comma-separated integers from 0 to 4294967295, got"),
     (["--models", "ssm,ssm"], "--models: ssm is given twice"),
-    (["--models", "attention,"], "--models: expected comma-separated names, got 'attention,'"),
+    (["--models", "attention,", "ssm"], "got 'attention,' (a space after a comma splits the list: write them"),
     (["--lrs", "1e-3,"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e-3,'"),
     (["--model", "ssm"], "unrecognized arguments: --model ssm"),      # no prefix of --models is taken for it
     (["--preset", "scale"], "--preset: expected one of smoke, quick, full, depth, got 'scale' (--scale and --bench"),
