@@ -1084,11 +1084,11 @@ def grade_all(args, graded, work, unchanged=()):
                   f"checks: {len(failures) or 'no'} failure(s)", flush=True)
             if verdict or failures:
                 failed.append(seed)
+                by_core, loose, summary = by_core_line(failures, unchanged)
+                print(summary)                              # first: a blank copy fails some 300 tests
                 for line in out.splitlines():
                     if line.startswith("FAILED"):
                         print("  " + line[:600])
-                by_core, loose, line = by_core_line(failures, unchanged)
-                print(line)
                 for fs in [loose, *by_core.values()]:
                     for line in fs[:6]:                     # a few of each core's, so that every core shows
                         print("  ISOLATED " + line[:600])
