@@ -97,7 +97,8 @@ def test_a_reader_that_leaves_early_stops_nothing(tmp_path):
     """`python compare.py | head -1`: the pipe closes after the first line; the command still finishes, its report
     written, with exit status 0 and no BrokenPipeError (which came after the old plots were removed, losing them)."""
     run = subprocess.Popen([sys.executable, "compare.py", "--preset", "smoke", "--models", "attention", "--tasks",
-                            "copy", "--steps", "2", "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            "copy", "--steps", "2", "--lrs", "1e-3", "--seeds", "0", "--workers", "1", "--out",
+                            str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     assert run.stdout.readline().startswith("preset 'smoke'")
     run.stdout.close()
