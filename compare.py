@@ -19,10 +19,10 @@ How the comparison is made fair, and where each rule lives:
      (`Budget.walls`, `make_specs`).
   2. Matched size: one width and depth per task, parameter counts within +-10% of the Transformer's
      (`PRESETS[...]["size"]`; tests/test_compare.py checks every model on every task of the full and depth presets).
-  3. Each model at its own best learning rate: the same log-spaced grid on the first seed (on recall, on every
-     seed: `sweep_seeds`), the best mean validation accuracy over the last stage's lengths, log-spaced too, wins
-     (`val_lengths`; ties: the lower validation loss), never a rate where a run diverged (`make_specs`,
-     `best_runs`); a choice on the edge of the grid is marked, since a better rate may lie outside.
+  3. Each model at its own best learning rate: the same log-spaced grid on the first seed (the full preset's recall:
+     all three, `sweep_seeds`), the best mean validation accuracy over the last stage's lengths, log-spaced too,
+     wins (`val_lengths`; ties: the lower validation loss), never a rate with a diverged run while another has none
+     (`make_specs`, `best_runs`); a choice on the edge of the grid is marked, since a better rate may lie outside.
   4. Several seeds on the headline cells, at the chosen rate, reported as mean +- half the spread (`seeded`).
   5. The same questions for everyone: test sets are drawn from fixed seeds (`run_one`, `evaluate`).
   6. Cost in the open: parameters, state floats, steps, examples and wall time of every cell (the report's Runs
@@ -293,7 +293,7 @@ class Budget:
     tokens_per_step: int = None  # long stages take fewer streams a step, about this many tokens (`stage_batches`)
     restarts: bool = False      # each stage its own warm-up and cosine decay (`train`)
     walls: dict = field(default_factory=dict)          # model -> (length, why): it trains the stages up to there
-    sweep_seeds: int = 1        # seeds the lr sweep runs on, the choice made on their mean; the rest run at it
+    sweep_seeds: int = 1        # seeds the lr sweep runs on (every model), choosing on their mean; the rest run at it
 
 
 LRS = [2e-4, 1e-3, 5e-3, 2.5e-2]   # the sweep: four rates 5x apart (two decades), the same for every model
@@ -342,11 +342,10 @@ PRESETS = {
             # each stage keeps the fewest pairs too (as copy's), and the first (4,000 steps) fits in one RMT segment:
             # every state size of the dial past its phase change at 4 pairs (RMT's read slots are attention sinks that
             # delay it); up to 255 pairs (the most a vocabulary of 512 has keys for), to take the default SSM past its
-            # knee: trained to 128, it still recalled 0.57 there. The middle stage is long because a run that starts
-            # the last one unsettled on 32 pairs can lose even the short contents there (one SSM seed in seven did
-            # at 2,000 steps; at 4,000 it kept them). The sweep runs every seed: a phase change makes a rate a coin
-            # flip (at 2.5e-2 RMT recalled 4 pairs on seeds 0, 2, 4, 5 and stayed at chance, 0.26, on 1, 3, 6; at
-            # 5e-3 it learnt on each seed tried), and a rate chosen on one seed's luck reports the others at chance
+            # knee: trained to 128, it still recalled 0.57 there. The middle stage is long: a run that starts the
+            # last one unsettled on 32 pairs can lose even the short contents (one SSM seed in seven did at 2,000
+            # steps). The sweep runs every seed: at 2.5e-2 RMT recalled 4 pairs on seeds 0, 2, 4, 5 and on 1, 3, 6
+            # stayed at chance (0.26), so a rate chosen on one seed's luck would report the others at chance
             "recall": Budget(train=[[2, 8], [2, 32], [2, 255]], test=[4, 8, 16, 32, 64, 128, 255],
                              steps=[4000, 4000, 2000], sweep_seeds=3,
                              options=HARD_RECALL, models=SEQUENCE_MODELS, seeded=SEQUENCE_MODELS,
@@ -409,10 +408,9 @@ def spec_hash(spec):
 
 
 def make_specs(command, phase="lr sweep", lr_by_cell=None):
-    """The runs of one phase: the "lr sweep" on the task's sweep seeds (the first, or the first `sweep_seeds`) for
-    each cell, and on the first for each of the dial's other state sizes (a size may want a rate of its own); then
-    the "seeds": the other seeds at each cell's chosen lr, on the task's `seeded` models. --scale's runs also keep
-    their weights, to read the long streams with."""
+    """The runs of one phase: the "lr sweep" on the task's first `sweep_seeds` seeds for each cell, and on the first
+    for each of the dial's other sizes (a size may want a rate of its own); then the "seeds": the other seeds at each
+    cell's chosen lr, on the task's `seeded` models. --scale's runs also keep their weights, to read streams with."""
     preset, seeds, specs = PRESETS[command.preset], command.seeds, []
     for t in command.tasks:
         b = preset["tasks"][t]
@@ -471,7 +469,8 @@ def dial_cell(run):
 def best_runs(runs, dial=False):
     """For each (model, task): its runs at the lr chosen on the sweep seeds (those run at every lr): the best mean
     validation accuracy, ties broken by the lower validation loss; an lr where a sweep run diverged only if every
-    lr did. Seeds added later never change the choice. dial=True: the same for each (model, task, size) of the dial."""
+    lr had one (then the one with the fewest). Seeds added later never change the choice. dial=True: the same for
+    each (model, task, size) of the dial."""
     by_cell = {}
     for r in runs:
         if bool(r.get("dial")) == dial:
@@ -482,9 +481,9 @@ def best_runs(runs, dial=False):
 
         def score(lr):
             rs = [r for r in by_lr[lr] if r["seed"] in sweep]
-            if any(r.get("diverged_at") is not None for r in rs):
-                return -math.inf, -math.inf
-            return fmean(r["val_token_acc"] for r in rs), -fmean(math.inf if r["val_loss"] is None else r["val_loss"]
+            if diverged := sum(r.get("diverged_at") is not None for r in rs):   # (chosen only if every rate has one)
+                return -diverged, -math.inf, -math.inf
+            return 0, fmean(r["val_token_acc"] for r in rs), -fmean(math.inf if r["val_loss"] is None else r["val_loss"]
                                                                   for r in rs)   # None: an overflowed loss, the worst
         best[cell] = sorted(by_lr[max(sorted(by_lr), key=score)], key=lambda r: r["seed"])
     return best
@@ -570,8 +569,9 @@ def run_one(spec):
 # ---------------------------------------------------------------------------------------------------------
 
 def chosen_rates(runs):
-    """Each cell's chosen lr among these runs; none for a cell where every rate diverged."""
-    return {cell: rs[0]["lr"] for cell, rs in best_runs(runs).items() if rs[0].get("diverged_at") is None}
+    """Each cell's chosen lr among these runs; none for a cell where every run of every rate diverged."""
+    return {cell: rs[0]["lr"] for cell, rs in best_runs(runs).items()
+            if any(r.get("diverged_at") is None for r in rs)}
 
 
 def run_phases(command, runs, save, workers, devices):
@@ -683,7 +683,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout = cli.Unread(sys.stdout)             # `python compare.py | head` finishes, its plots drawn
+    sys.stdout, sys.stderr = (s and cli.Unread(s) for s in (sys.stdout, sys.stderr))   # `| head` finishes (None: >&-)
     try:
         sys.exit(main())
     except NotImplementedError as blank:            # a student copy (tests/make_assignment.py): a core not written

@@ -191,7 +191,7 @@ if __name__ == "__main__":
     argparse.ArgumentParser(description="A smoke run of HRM: parameters, the logits' shape.").parse_args()
     if "OMP_NUM_THREADS" not in os.environ:   # README, "Threads": one thread unless told otherwise; on a machine
         torch.set_num_threads(1)              # with other work, threads waiting for busy cores run many times slower
-    model = HRM(HRMConfig(vocab_size=5, n_layers=4, causal=False))   # as on the mazes (a 7x7 grid of 5 kinds of
-    tokens = torch.randint(0, 5, (2, 49))                             # cell, read both ways): 2 layers a module
+    model = HRM(HRMConfig(vocab_size=5, n_layers=4, causal=False))   # as on a maze (here a 7x7 grid of 5 kinds
+    tokens = torch.randint(0, 5, (2, 49))                             # of cell, read both ways): 2 layers a module
     print(f"HRM: {sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(model(tokens).shape)} "
           f"for tokens {tuple(tokens.shape)}")

@@ -30,7 +30,7 @@ def csv(kind, what, ok=lambda v: True):
             values = []
         if not values or not all(map(ok, values)):
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}" + (
-                " (a space after a comma splits the list: write them without spaces, or quote them)"
+                " (if a space followed the comma, it cut the list there: write it without spaces, or quote it)"
                 if s.rstrip().endswith(",") else ""))
         twice = [v for i, v in enumerate(values) if v in values[:i]]
         if twice:
@@ -78,7 +78,7 @@ def parse_args(argv, lab):
     p.add_argument("--models", type=csv(str, "names", bool), help=f"comma-separated, from: {', '.join(lab.MODELS)}")
     p.add_argument("--tasks", type=csv(str, "names", bool), help=f"comma-separated, from: {', '.join(offered)}")
     p.add_argument("--seeds", type=csv(int, f"integers from 0 to {SEEDS - 1}", lambda v: 0 <= v < SEEDS),
-                   help="comma-separated seeds (the first runs the lr sweep)")
+                   help="comma-separated seeds (the lr sweep runs on the first, or a task's first few: `sweep_seeds`)")
     p.add_argument("--lrs", type=csv(float, f"learning rates from {LR_RANGE[0]:g} to {LR_RANGE[1]:g}",
                                      lambda v: LR_RANGE[0] <= v <= LR_RANGE[1]),
                    help="comma-separated learning rates to sweep")
@@ -164,8 +164,9 @@ def parse_args(argv, lab):
 
 
 class Unread:
-    """sys.stdout for `python compare.py | head`: once the reader has gone, what is printed goes to /dev/null instead
-    of raising BrokenPipeError, and the command finishes (its runs, report and plots are files)."""
+    """sys.stdout (or stderr, where tqdm draws) for `python compare.py | head`: once the reader has gone, what is
+    printed goes to /dev/null instead of raising BrokenPipeError, and the command finishes (its runs, report and
+    plots are files)."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -177,7 +178,9 @@ class Unread:
         try:
             return getattr(self.stream, method)(*args)
         except BrokenPipeError:   # the buffer, too, drains to /dev/null from now on
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
             return getattr(self.stream, method)(*args)
 
     def write(self, text):

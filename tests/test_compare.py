@@ -61,6 +61,8 @@ def test_a_core_not_written_yet_stops_with_one_line(argv, tmp_path, monkeypatch)
         raise NotImplementedError(why)
     monkeypatch.setattr(compare.ssm, "ssd_scan", blank)
     monkeypatch.setattr(sys, "argv", ["compare.py", *argv, "--models", "ssm", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)          # (compare.py's __main__ wraps both; put back after)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(ROOT, "compare.py"), run_name="__main__")
     message = str(stop.value)
@@ -74,6 +76,8 @@ def test_a_run_too_big_for_its_gpu_stops_with_one_line(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("model=ssm task=copy ran out of memory on cuda:0, alone on it\nCUDA details")
     monkeypatch.setattr(compare.runner, "run_all", full)   # (runpy runs compare.py anew; the harness is shared)
     monkeypatch.setattr(sys, "argv", ["compare.py", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)          # (compare.py's __main__ wraps both; put back after)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(ROOT, "compare.py"), run_name="__main__")
     assert str(stop.value) == ("compare.py: error: model=ssm task=copy ran out of memory on cuda:0, alone on it: it "
@@ -660,6 +664,14 @@ def test_a_task_that_sweeps_every_seed_chooses_on_their_mean(monkeypatch):
     runs = [dict(model="attention", task="recall", lr=lr, seed=s, val_token_acc=a, val_loss=1.0)
             for (lr, s), a in acc.items()]
     assert [(r["lr"], r["seed"]) for r in compare.best_runs(runs)["attention", "recall"]] == [(1e-3, 0), (1e-3, 1)]
+    # a diverged run at every rate (1e-3 on one seed of two, 3e-3 on both): the fewest wins, and the cell keeps a rate
+    # (its other seeds run), which it loses only where every run diverged
+    diverged = [dict(r, diverged_at=None if (r["lr"], r["seed"]) in ((1e-3, 1), (3e-3, 2)) else 5, val_token_acc=0.0)
+                for r in runs]
+    assert compare.chosen_rates(diverged) == {("attention", "recall"): 1e-3}
+    fewest = [dict(r, diverged_at=None if (r["lr"], r["seed"]) == (3e-3, 0) else 5) for r in runs]   # 1e-3 on both
+    assert compare.chosen_rates(fewest) == {("attention", "recall"): 3e-3}
+    assert compare.chosen_rates([dict(r, diverged_at=5) for r in runs]) == {}
 
 
 def test_a_grid_of_two_rates_has_edges():

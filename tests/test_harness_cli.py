@@ -38,7 +38,7 @@ def test_runs_go_to_an_untracked_folder_by_default():
     (["--seeds", "0,0"], "--seeds: 0 is given twice in '0,0'; expected comma-separated integers from 0 to 4294967295"),
     (["--seeds", "99999999999999999999"], "--seeds: expected comma-separated integers from 0 to 4294967295, got"),
     (["--models", "ssm,ssm"], "--models: ssm is given twice"),
-    (["--models", "attention,", "ssm"], "got 'attention,' (a space after a comma splits the list: write them"),
+    (["--models", "attention,", "ssm"], "got 'attention,' (if a space followed the comma, it cut the list there"),
     (["--lrs", "1e-3,"], "--lrs: expected comma-separated learning rates from 1e-06 to 1, got '1e-3,'"),
     (["--model", "ssm"], "unrecognized arguments: --model ssm"),      # no prefix of --models is taken for it
     (["--preset", "scale"], "--preset: expected one of smoke, quick, full, depth, got 'scale' (--scale and --bench"),
@@ -94,17 +94,15 @@ def test_bad_input_from_the_shell_has_no_traceback():
 
 @pytest.mark.slow   # (it trains: in a student copy, it stops at a blank core like the other end-to-end runs)
 def test_a_reader_that_leaves_early_stops_nothing(tmp_path):
-    """`python compare.py | head -1`: the pipe closes after the first line; the command still finishes, its report
-    written, with exit status 0 and no BrokenPipeError (which came after the old plots were removed, losing them)."""
+    """`python compare.py 2>&1 | head -1`: the pipe closes after the first line; the command still finishes, its
+    report written, with exit status 0 (it died on BrokenPipeError: in the progress bar, on stderr, or after the old
+    plots were removed, losing them)."""
     run = subprocess.Popen([sys.executable, "compare.py", "--preset", "smoke", "--models", "attention", "--tasks",
                             "copy", "--steps", "2", "--lrs", "1e-3", "--seeds", "0", "--workers", "1", "--out",
-                            str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    assert run.stdout.readline().startswith("preset 'smoke'")
+                            str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run.stdout.readline()
     run.stdout.close()
-    err = run.stderr.read()
-    assert run.wait(timeout=120) == 0 and "Traceback" not in err and "Broken pipe" not in err, err[-2000:]
-    assert (tmp_path / "smoke.md").exists()
+    assert run.wait(timeout=120) == 0 and (tmp_path / "smoke.md").exists()
 
 
 def test_a_test_length_past_one_evaluation_batch_is_refused_before_training(tmp_path, monkeypatch, capsys):
