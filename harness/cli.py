@@ -174,17 +174,17 @@ class Unread:
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
-    def _write(self, method, *args):
+    def write(self, text):
+        return self._unless_gone(self.stream.write, text)
+
+    def flush(self):
+        return self._unless_gone(self.stream.flush)
+
+    def _unless_gone(self, call, *args):
         try:
-            return getattr(self.stream, method)(*args)
+            return call(*args)
         except BrokenPipeError:   # the buffer, too, drains to /dev/null from now on
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, self.stream.fileno())
             os.close(null)
-            return getattr(self.stream, method)(*args)
-
-    def write(self, text):
-        return self._write("write", text)
-
-    def flush(self):
-        return self._write("flush")
+            return call(*args)

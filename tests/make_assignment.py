@@ -171,10 +171,10 @@ def main(argv=None):
         sys.exit(f"make_assignment: cannot write the copy in {args.dest} ({e.strerror}: {e.filename}); choose a new "
                  "folder that you can write to")
     print(f"student copy in {os.path.realpath(args.dest)}; blanked: {', '.join(names)}")
-    blank = [m for m in MODULES if any(n.startswith(f"{m}.") for n in names)]
-    files = " ".join(f"tests/test_{m}.py" for m in blank)   # -k: test_cores.py's checks of these cores, not the rest
+    modules = [m for m in MODULES if any(n.startswith(f"{m}.") for n in names)]
+    files = " ".join(f"tests/test_{m}.py" for m in modules)   # -k: test_cores.py's checks of these cores alone
     print(f"students check their cores with: cd {args.dest} && pytest {files} tests/test_cores.py -k "
-          f"'{' or '.join(blank)}' (the whole suite: "
+          f"'{' or '.join(modules)}' (the whole suite: "
           "pytest, a few minutes); grade a submission (a copy with the cores written) from this repository: "
           "python tests/grade.py SUBMISSION")
 
