@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import os
+import textwrap
 
 from harness.store import save_text
 
@@ -116,8 +117,6 @@ def plot(path, panels, models, title=None):
                                                   if k in p})
         ax.xaxis.minorticks_off()   # (a log y axis spanning less than a decade needs its minor ticks' labels)
         ax.set_xticks(p["xs"], [short(x) for x in p["xs"]], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
     if any(p.get("legend") for p in panels):   # the axes keep their size; the saved image takes the legends in
         fig.subplots_adjust(wspace=0.2)
     else:   # the panels laid out first, then every line's label beside them (the saved image takes it in)
@@ -125,6 +124,10 @@ def plot(path, panels, models, title=None):
         labelled = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
         axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1),
                            ncol=1 + len(labelled) // 16, frameon=False)
+    if title:   # wrapped to the figure's width (an 8-point character is about 4.4 points wide), set above
+        # the laid-out panels (the saved image takes it in)
+        wrap = functools.partial(textwrap.fill, width=int(fig.get_figwidth() * 72 / 4.4))
+        fig.suptitle("\n".join(map(wrap, title.split("\n"))), fontsize=8, y=1, va="bottom")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"plot: {path}")

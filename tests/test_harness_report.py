@@ -1,6 +1,8 @@
 """harness/report.py: the tables' cells and the report's tables from stored runs."""
 import math
 
+import pytest
+
 import compare
 from harness import report
 
@@ -73,6 +75,28 @@ def test_equal_lines_show_side_by_side_and_the_legend_covers_no_panel(tmp_path, 
     legend = axes[-1].get_legend().get_window_extent()
     assert not any(legend.overlaps(ax.get_window_extent()) for ax in axes)
     assert "band" in fig._suptitle.get_text() and "chance" in fig._suptitle.get_text()
+
+
+def test_a_long_title_wraps_above_the_panels_and_widens_no_figure(tmp_path, monkeypatch):
+    """Where the runs were made can take several hundred characters (five commits): the title wraps to the figure's
+    width instead of widening the saved image (which the README shows at a fixed width, shrinking the panels), and
+    sits above the panels and their titles, over none of them."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    figures = []
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)   # keeps each figure to look at
+    panel = dict(title="flipflop", xs=[32, 256], lines={"ssm": [[1.0], [0.9]], "titans": [[1.0], [0.8]]}, ylim=(0, 1))
+    widths = {}
+    for name, title in (("short", "one GPU"), ("long", "; ".join(f"one GPU, commit {i:07x} (9 runs)" for i in range(12)))):
+        report.plot(str(tmp_path / f"{name}.png"), [panel, dict(panel, title="again")], compare.MODELS, title)
+        widths[name] = matplotlib.image.imread(tmp_path / f"{name}.png").shape[1]
+    assert abs(widths["long"] - widths["short"]) <= 4, widths
+    short, long = (f.axes[0].get_position().height for f in figures)
+    assert long == pytest.approx(short), "the title took room from the panels"
+    fig = figures[-1]
+    renderer = fig.canvas.get_renderer()
+    top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)   # the panels with their titles
+    assert "\n" in fig._suptitle.get_text() and fig._suptitle.get_window_extent(renderer).y0 >= top
 
 
 def test_the_budget_table_gives_each_stage_its_batch_and_names_the_walls():
